@@ -12,7 +12,8 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors,
+                        trainers)
 from tokenizers.models import WordPiece
 
 from bertscale.errors import UserError
@@ -54,6 +55,11 @@ def _assemble(vocab: dict[str, int] | None, lowercase: bool) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     if vocab:
+        # As BertTokenizerFast does: the specials are added tokens, matched verbatim in the raw
+        # text before normalisation ("[MASK]" in a fill-mask query is the mask id) and skipped
+        # by decode().
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in SPECIAL_TOKENS if t in vocab])
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])

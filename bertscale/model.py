@@ -1,0 +1,459 @@
+"""BERT (Devlin et al. 2018) as Google's release defines it, in single-device PyTorch.
+
+Post-LayerNorm Transformer encoder, exact erf GELU, learned absolute position and token type
+embeddings, every weight matrix and embedding drawn from a normal(0, 0.02) truncated at two
+standard deviations (TensorFlow's `truncated_normal_initializer`), biases zero, LayerNorm 1/0.
+Module names equal Hugging Face's `BertForPreTraining`, so converting weights is a key map
+(see `bertscale.hf`).
+
+Limits, stated honestly:
+- Parallelism (DeepSpeed ZeRO, data parallel) is applied from outside; nothing here knows about
+  it. The MLM decoder shares its weight Parameter with the word embeddings (a tie by object, as
+  Hugging Face does), which ZeRO-3 gathers per module like any other parameter.
+- Attention goes through `scaled_dot_product_attention` with an additive key-padding mask of
+  shape (B, 1, 1, T). With padding the flash kernel cannot be used (it takes no mask) and PyTorch
+  picks the memory-efficient or math kernel; with `attention_mask=None` every kernel is eligible.
+  A row whose keys are all padding gets uniform attention (finite, as in Hugging Face), never NaN.
+- Only absolute position embeddings; no cross-attention, no decoder / KV cache.
+- The [PAD] embedding row is an ordinary row (Google's release neither zeroes nor freezes it;
+  Hugging Face zeroes it at init). Padded positions never reach a real token through attention.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bertscale.config import ModelConfig
+from bertscale.errors import UserError
+
+__all__ = [
+    "BertOutput", "PreTrainingOutput", "LossParts", "BertModel", "BertForPreTraining",
+    "BertForSequenceClassification", "BertForQuestionAnswering", "BertForMultipleChoice",
+    "BertForTokenClassification", "pretraining_loss", "init_weights", "count_parameters",
+    "load_pretrained",
+]
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,                                       # exact erf form, Google's "gelu"
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
+    "relu": F.relu,
+}
+
+
+def _activation(name: str):
+    if name not in _ACTIVATIONS:
+        raise UserError(f"model.hidden_act {name!r} is not supported; choose one of "
+                        f"{', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+# ---------------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class BertOutput:
+    last_hidden_state: Tensor                      # (B, T, H)
+    pooler_output: Tensor | None = None            # (B, H): tanh(dense(h[CLS]))
+    hidden_states: tuple[Tensor, ...] | None = None  # L + 1 of (B, T, H); [0] = embeddings
+
+
+@dataclass
+class PreTrainingOutput:
+    mlm_logits: Tensor   # (B, P, V) at masked_positions, else (B, T, V)
+    nsp_logits: Tensor   # (B, 2): 0 = B follows A, 1 = B is random (Google's convention)
+
+
+@dataclass
+class LossParts:
+    total: Tensor        # mlm + nsp, scalar
+    mlm: Tensor          # mean cross-entropy over predicted tokens (0 when there are none)
+    nsp: Tensor          # mean cross-entropy over labelled pairs (0 for the MLM-only objective)
+    mlm_correct: Tensor  # int64 scalars: argmax hits and counts, for accuracy across ranks
+    mlm_count: Tensor
+    nsp_correct: Tensor
+    nsp_count: Tensor
+
+
+# ------------------------------------------------------------------------------- the encoder
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
+        T = input_ids.shape[1]
+        if T > self.position_embeddings.num_embeddings:
+            raise UserError(f"sequence length {T} exceeds model.max_position_embeddings "
+                            f"{self.position_embeddings.num_embeddings}")
+        positions = torch.arange(T, device=input_ids.device)                  # (T,)
+        x = (self.word_embeddings(input_ids)                                  # (B, T, H)
+             + self.token_type_embeddings(token_type_ids)                     # (B, T, H)
+             + self.position_embeddings(positions))                           # (T, H) broadcast
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        B, T, H = x.shape
+
+        def heads(t: Tensor) -> Tensor:                                       # (B, A, T, D)
+            return t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        y = F.scaled_dot_product_attention(                                   # (B, A, T, D)
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
+        return y.transpose(1, 2).reshape(B, T, H)                             # (B, T, H)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, y: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(y)) + residual)         # post-LN
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        return self.output(self.self(x, mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = _activation(config.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.dense(x))                                        # (B, T, 4H)
+
+
+class BertFFNOutput(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)         # post-LN
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertFFNOutput(config)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        a = self.attention(x, mask)                                           # (B, T, H)
+        return self.output(self.intermediate(a), a)                           # (B, T, H)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.tanh(self.dense(h[:, 0]))                                # (B, H) from [CLS]
+
+
+class BertModel(nn.Module):
+    """The encoder: embeddings, L post-LN Transformer layers, optional [CLS] pooler."""
+
+    def __init__(self, config: ModelConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.apply(lambda m: init_weights(m, config))
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None,
+                output_hidden_states: bool = False) -> BertOutput:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids)                        # (B, T, H)
+        mask = None
+        if attention_mask is not None:
+            # Built once, broadcast over heads and query rows: 0 where a key is a real token,
+            # the dtype's minimum where it is padding (finite, so an all-padding row stays finite).
+            keep = attention_mask.to(torch.bool)[:, None, None, :]            # (B, 1, 1, T)
+            mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
+            mask.masked_fill_(~keep, torch.finfo(x.dtype).min)
+        hidden: list[Tensor] = [x]
+        for layer in self.encoder.layer:
+            x = layer(x, mask)                                                # (B, T, H)
+            if output_hidden_states:
+                hidden.append(x)
+        pooled = self.pooler(x) if self.pooler is not None else None          # (B, H)
+        return BertOutput(x, pooled, tuple(hidden) if output_hidden_states else None)
+
+
+# ------------------------------------------------------------------------ pretraining heads
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = _activation(config.hidden_act)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.LayerNorm(self.act(self.dense(h)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: ModelConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        # Tied to the input embeddings (the same Parameter object); the bias is the head's own.
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
+        self.decoder.weight = word_embeddings.weight
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.decoder(self.transform(h)) + self.bias                    # (..., V)
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config: ModelConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config, word_embeddings)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+class BertForPreTraining(nn.Module):
+    """Masked LM + next sentence prediction, the paper's pretraining model."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config, self.bert.embeddings.word_embeddings)
+        # Not cls.apply(init): that would redraw the word embeddings through the tied decoder.
+        self.cls.predictions.transform.apply(lambda m: init_weights(m, config))
+        init_weights(self.cls.seq_relationship, config)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None,
+                masked_positions: Tensor | None = None) -> PreTrainingOutput:
+        out = self.bert(input_ids, token_type_ids, attention_mask)
+        h = out.last_hidden_state                                             # (B, T, H)
+        if masked_positions is not None:
+            # Sparse head: the V-wide decoder runs only at the P masked positions per sequence
+            # (Google's gather_indexes), not at all T; padded positions gather index 0 and
+            # carry label -100.
+            idx = masked_positions.unsqueeze(-1).expand(-1, -1, h.shape[-1])  # (B, P, H)
+            h = torch.gather(h, 1, idx)                                       # (B, P, H)
+        mlm_logits = self.cls.predictions(h)                                  # (B, P|T, V)
+        nsp_logits = self.cls.seq_relationship(out.pooler_output)             # (B, 2)
+        return PreTrainingOutput(mlm_logits, nsp_logits)
+
+
+def pretraining_loss(out: PreTrainingOutput, masked_labels: Tensor,
+                     next_sentence_label: Tensor) -> LossParts:
+    """Google's pretraining loss: mean MLM cross-entropy over predicted tokens plus mean NSP
+    cross-entropy, computed in fp32 whatever the logits' dtype. Labels of -100 are ignored;
+    an all-ignored term is 0 (not NaN), so the MLM-only objective needs no special case."""
+    V = out.mlm_logits.shape[-1]
+    mlm_logits = out.mlm_logits.reshape(-1, V).float()                        # (B*P, V)
+    mlm_labels = masked_labels.reshape(-1)                                    # (B*P,)
+    mlm_valid = mlm_labels != -100
+    mlm_count = mlm_valid.sum()
+    mlm = (F.cross_entropy(mlm_logits, mlm_labels, ignore_index=-100, reduction="sum")
+           / mlm_count.clamp(min=1))
+    mlm_correct = ((mlm_logits.argmax(-1) == mlm_labels) & mlm_valid).sum()
+
+    nsp_logits = out.nsp_logits.float()                                       # (B, 2)
+    nsp_valid = next_sentence_label != -100
+    nsp_count = nsp_valid.sum()
+    nsp = (F.cross_entropy(nsp_logits, next_sentence_label, ignore_index=-100, reduction="sum")
+           / nsp_count.clamp(min=1))
+    nsp_correct = ((nsp_logits.argmax(-1) == next_sentence_label) & nsp_valid).sum()
+    return LossParts(mlm + nsp, mlm, nsp, mlm_correct, mlm_count, nsp_correct, nsp_count)
+
+
+# ------------------------------------------------------------------------ fine-tuning heads
+
+
+class BertForSequenceClassification(nn.Module):
+    """[CLS] pooler -> dropout -> linear. num_labels == 1 is regression (STS-B)."""
+
+    def __init__(self, config: ModelConfig, num_labels: int):
+        super().__init__()
+        self.config, self.num_labels = config, num_labels
+        self.bert = BertModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        init_weights(self.classifier, config)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:
+        pooled = self.bert(input_ids, token_type_ids, attention_mask).pooler_output  # (B, H)
+        return self.classifier(self.dropout(pooled))                           # (B, num_labels)
+
+
+class BertForQuestionAnswering(nn.Module):
+    """SQuAD span head: a linear map of each token to (start, end) logits."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        init_weights(self.qa_outputs, config)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        h = self.bert(input_ids, token_type_ids, attention_mask).last_hidden_state  # (B, T, H)
+        start, end = self.qa_outputs(h).unbind(-1)                            # (B, T) each
+        return start, end
+
+
+class BertForMultipleChoice(nn.Module):
+    """SWAG: every (context, choice) pair is encoded; one score per choice from the pooler."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        init_weights(self.classifier, config)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:
+        B, C, T = input_ids.shape
+
+        def flat(t: Tensor | None) -> Tensor | None:                           # (B*C, T)
+            return None if t is None else t.reshape(B * C, T)
+
+        pooled = self.bert(flat(input_ids), flat(token_type_ids),
+                           flat(attention_mask)).pooler_output                # (B*C, H)
+        return self.classifier(self.dropout(pooled)).view(B, C)                # (B, C)
+
+
+class BertForTokenClassification(nn.Module):
+    """NER: a label per token (the paper tags the first sub-token of each word)."""
+
+    def __init__(self, config: ModelConfig, num_labels: int):
+        super().__init__()
+        self.config, self.num_labels = config, num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        init_weights(self.classifier, config)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:
+        h = self.bert(input_ids, token_type_ids, attention_mask).last_hidden_state  # (B, T, H)
+        return self.classifier(self.dropout(h))                               # (B, T, labels)
+
+
+# ---------------------------------------------------------------------------- init, loading
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, config: ModelConfig) -> None:
+    """Google's initialisation for one module (use with `model.apply`): weights of Linear and
+    Embedding ~ normal(0, initializer_range) truncated at +-2 std, biases 0, LayerNorm 1 / 0."""
+    std = config.initializer_range
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of distinct parameters (the tied decoder / embedding matrix counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def load_pretrained(model: nn.Module, state_dict: Mapping[str, Tensor], source: str,
+                    warn: bool = True) -> list[str]:
+    """Load pretrained weights (BertForPreTraining keys, as `bertscale.hf.import_state_dict` and
+    `bertscale.checkpoint.load_consolidated` give them) into any model of this module.
+
+    Every shape must match and the encoder layers must be complete, else UserError naming
+    `source`. Weights the checkpoint lacks keep their fresh initialisation and are returned:
+    a fine-tuning head (expected, silent), or a pretrained part such as the MLM / NSP heads or
+    the pooler of an encoder-only checkpoint (a warning names them). Weights the model has no
+    place for (the pretraining heads when fine-tuning) are ignored. The tied decoder weight
+    follows the word embeddings.
+    """
+    if not hasattr(model, "bert"):  # a bare BertModel: its keys are the "bert." ones
+        state_dict = {k[len("bert."):]: v for k, v in state_dict.items() if k.startswith("bert.")}
+    def is_pretrained_part(key: str) -> bool:  # as opposed to a fine-tuning head
+        return key.startswith(("bert.", "cls.")) or not hasattr(model, "bert")
+
+    tied = "cls.predictions.decoder.weight"
+    fresh: list[str] = []
+    to_load: dict[str, Tensor] = {}
+    for key, param in model.state_dict().items():
+        if key == tied:
+            continue
+        if key not in state_dict:
+            fresh.append(key)
+            continue
+        value = state_dict[key]
+        if tuple(value.shape) != tuple(param.shape):
+            raise UserError(f"{source}: weight {key} has shape {tuple(value.shape)} but the model "
+                            f"config needs {tuple(param.shape)}")
+        to_load[key] = value
+    encoder_missing = [k for k in fresh if is_pretrained_part(k)
+                       and not k.startswith("cls.") and "pooler." not in k]
+    if encoder_missing:
+        shown = ", ".join(encoder_missing[:4]) + (" ..." if len(encoder_missing) > 4 else "")
+        raise UserError(f"{source}: checkpoint lacks {len(encoder_missing)} encoder weights "
+                        f"({shown}); is it a BERT checkpoint of this shape?")
+    model.load_state_dict(to_load, strict=False)
+    head_fresh = [k for k in fresh if is_pretrained_part(k)]
+    if warn and head_fresh:
+        warnings.warn(f"{source}: checkpoint has no weights for {', '.join(head_fresh[:4])}"
+                      f"{' ...' if len(head_fresh) > 4 else ''}; those keep a fresh "
+                      f"initialisation", stacklevel=2)
+    return fresh
