@@ -93,7 +93,10 @@ def train_wordpiece(texts: Iterable[str], out_path: str | Path, vocab_size: int 
                                         special_tokens=list(special_tokens),
                                         continuing_subword_prefix="##", show_progress=False)
     tok.train_from_iterator(_batched(texts), trainer=trainer)
-    vocab = tok.get_vocab()
+    # The trainer breaks frequency ties in hash-map order, so ids differ from run to run; the
+    # special tokens keep ids 0..4 and the rest are sorted, making the file reproducible.
+    learned = sorted(t for t in tok.get_vocab() if t not in special_tokens)
+    vocab = {t: i for i, t in enumerate([*special_tokens, *learned])}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")

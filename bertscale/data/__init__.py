@@ -1,0 +1,7 @@
+"""Data: raw text → shards (`prepare`), shards → masked batches (`loader`).
+
+`text` reads corpora and splits sentences, `instances` builds sequence pairs as BERT does,
+`shards` defines the tar format and the manifest, `prepare` runs the corpus → shards job,
+`masking` masks dynamically, `loader` streams exact, resumable batches. Importing this package
+does not import torch (only `loader` does), so `prepare` workers start fast.
+"""

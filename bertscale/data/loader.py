@@ -1,0 +1,468 @@
+"""Masked pretraining batches from shards, at an exact, world-size-independent position.
+
+The global sample stream (DESIGN guarantee 5)
+---------------------------------------------
+The stream is a function of (manifest, seed) only. For the train split, global position ``p``
+lies in epoch ``e = p // N`` (N samples); within the epoch the shards are put in a seeded order
+(new each epoch), their samples are concatenated, and the concatenation is shuffled within
+consecutive windows of ``shuffle_window`` samples (a seeded permutation per window). So position
+``p`` maps to one (shard, sample offset) by arithmetic, and any process can read any position by
+random access: shards are memory-mapped and indexed once (each member's offset, from walking the
+tar headers), and reading a sample is a slice plus a CRC check.
+
+Global batch ``b`` is positions ``[c + b·G, c + (b+1)·G)`` where ``c = consumed_samples``; rank
+``r`` of ``W`` takes the contiguous slice ``[r·G/W, (r+1)·G/W)`` of it and yields it as ``G/(m·W)``
+micro-batches of ``m``. Masks are drawn from (seed, position) (see `masking`). Hence resuming
+with any number of ranks or workers continues the same stream with nothing repeated or skipped,
+and costs nothing but opening the shards the next batch touches (no replay).
+
+DataLoader workers (``num_workers > 0``) take this rank's micro-batches round-robin (worker ``w``
+builds micro-batches ``w, w + n, …``); torch's DataLoader returns them in that same order, so
+the output does not depend on ``num_workers`` either.
+
+Train is infinite (epochs wrap). Eval is one pass over the eval split in stored order: it has
+``ceil(N_eval / G)`` global batches on every rank, the positions past the end filled with void
+samples ([CLS] [SEP], attention on those two tokens, every label -100, sample_id -1), so no
+rank waits for another (guarantee 8) and losses/metrics ignore the filler.
+
+Shards and bad data (guarantee 7)
+---------------------------------
+Shard locations come from the manifest: local paths, or anything ``webdataset.gopen`` opens
+(``pipe:…``, ``http(s)://``, and object stores through ``pipe:`` commands); remote shards are
+copied once into ``cache_dir`` and checked against their sha256 on the way. Local shards are
+checked against the manifest's sha256 when the loader is built (``verify_sha256``, default on;
+it reads every shard of the split once, so turn it off for very large local datasets that are
+known good). A damaged sample (truncated shard, corrupt header or payload: every sample carries
+a CRC-32) is reported with the shard's name, the sample's offset and its global position. With
+``bad_sample_policy="raise"`` (default) that is an error; with ``"skip"`` the sample is replaced
+by a void one (sample_id -2; the positions of every other sample stay the same), logged and
+counted, and more than ``max_bad_samples`` (per process) is an error.
+
+Cost of a resume, and limits: opening a shard walks its tar headers once (about one read of the
+shard; the index stays cached), so a resume reads the few shards of the current shuffle window
+(``shuffle_window``, default 4 shards' worth of samples) and nothing before it — no replay.
+The window bounds the randomness: samples are shuffled within it, shards across the epoch, and
+`prepare` already shuffled within chunks of documents. Reads are random access through memory
+maps, so the shards of a window should fit the page cache (or the disk take random reads).
+``verify_sha256`` reads every shard of the split on every rank at start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from bertscale.data.masking import Masker, MaskingConfig
+from bertscale.data.shards import (HEADER, MAGIC, FORMAT_VERSION, Manifest, TarIndex, index_tar,
+                                   open_mmap, read_manifest, sha256_file)
+from bertscale.errors import UserError
+from bertscale.tokenizer import read_vocab
+
+__all__ = ["MaskingConfig", "PretrainLoader"]
+
+log = logging.getLogger("bertscale.data")
+
+EVAL_ID_BIT = 1 << 62
+PAD_SAMPLE_ID = -1
+BAD_SAMPLE_ID = -2
+
+
+def _is_remote(location: str) -> bool:
+    return "://" in location or location.startswith("pipe:")
+
+
+@dataclass
+class _Shard:
+    name: str
+    location: str
+    mm: Any
+    index: TarIndex
+    width: int
+
+
+class ShardStore:
+    """Open shards (memory maps + indexes), least recently used closed first."""
+
+    def __init__(self, manifest: Manifest, split: str, cache_dir: Path | None, max_open: int = 64):
+        self.manifest = manifest
+        self.split = split
+        self.infos = manifest.shards[split]
+        self.cache_dir = cache_dir
+        self.max_open = max_open
+        self.open: OrderedDict[int, _Shard] = OrderedDict()
+        self.width = 2 if manifest.token_dtype == "uint16" else 4
+
+    def local_path(self, i: int) -> Path:
+        location = self.manifest.shard_location(self.split, i)
+        if not _is_remote(location):
+            return Path(location)
+        info = self.infos[i]
+        assert self.cache_dir is not None
+        path = self.cache_dir / info.name
+        if path.is_file() and path.stat().st_size == info.bytes:
+            return path
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        from webdataset.gopen import gopen  # only when shards are remote
+
+        h = hashlib.sha256()
+        try:
+            with gopen(location, "rb") as src, open(tmp, "wb") as dst:
+                while True:
+                    b = src.read(1 << 22)
+                    if not b:
+                        break
+                    h.update(b)
+                    dst.write(b)
+        except Exception as e:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"shard {info.name}: cannot fetch {location}: {e}") from None
+        if h.hexdigest() != info.sha256:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"shard {info.name} fetched from {location}: sha256 "
+                            f"{h.hexdigest()[:16]}… differs from the manifest's "
+                            f"{info.sha256[:16]}… (corrupt or another run's)")
+        os.replace(tmp, path)
+        return path
+
+    def get(self, i: int) -> _Shard:
+        shard = self.open.get(i)
+        if shard is not None:
+            self.open.move_to_end(i)
+            return shard
+        info = self.infos[i]
+        path = self.local_path(i)
+        try:
+            mm = open_mmap(path)
+        except FileNotFoundError:
+            raise UserError(f"shard {info.name}: file {path} not found") from None
+        index = index_tar(mm, self.split, i, info.samples)
+        if len(mm) != info.bytes:
+            log.warning("shard %s (%s) is %d bytes, the manifest says %d (truncated or replaced)",
+                        info.name, path, len(mm), info.bytes)
+        shard = _Shard(info.name, str(path), mm, index, self.width)
+        self.open[i] = shard
+        if len(self.open) > self.max_open:
+            _, old = self.open.popitem(last=False)
+            old.mm.close()
+        return shard
+
+    def close(self) -> None:
+        for s in self.open.values():
+            s.mm.close()
+        self.open.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started with spawn get a copy without the parent's memory maps.
+        state = dict(self.__dict__)
+        state["open"] = OrderedDict()
+        return state
+
+
+def read_sample(shard: _Shard, offset: int) -> tuple[np.ndarray, int, int] | str:
+    """(ids, a_len, label) or the reason the sample cannot be read."""
+    start = int(shard.index.starts[offset])
+    if start < 0:
+        return shard.index.problems.get(offset, "missing")
+    size = int(shard.index.sizes[offset])
+    mm = shard.mm
+    if size < HEADER.size:
+        return "sample shorter than its header"
+    magic, version, width, n, a_len, label, crc = HEADER.unpack_from(mm, start)
+    if magic != MAGIC or version != FORMAT_VERSION or width != shard.width:
+        return "bad sample header (corrupt data)"
+    if size != HEADER.size + n * width or not 0 < a_len <= n:
+        return "sample header inconsistent with its size (corrupt data)"
+    body = start + HEADER.size
+    if zlib.crc32(mm[body:start + size], zlib.crc32(mm[start:start + 12])) != crc:
+        return "checksum mismatch (corrupt data)"
+    return np.frombuffer(mm, dtype="<u2" if width == 2 else "<u4", count=n, offset=body), a_len, label
+
+
+class GlobalOrder:
+    """Global position -> (shard index, sample offset) for one split."""
+
+    def __init__(self, counts: list[int], seed: int, shuffle: bool, window: int):
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.n = int(self.counts.sum())
+        self.seed = seed
+        self.shuffle = shuffle
+        self.window = max(1, min(window, self.n)) if self.n else 1
+        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._windows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        got = self._epochs.get(e)
+        if got is None:
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, 0x5EED, e]).permutation(len(self.counts))
+            else:
+                order = np.arange(len(self.counts))
+            ends = np.cumsum(self.counts[order])
+            got = (order, ends)
+            self._epochs[e] = got
+            if len(self._epochs) > 2:
+                self._epochs.popitem(last=False)
+        return got
+
+    def _perm(self, e: int, w: int) -> np.ndarray:
+        got = self._windows.get((e, w))
+        if got is None:
+            size = min(self.window, self.n - w * self.window)
+            got = np.random.default_rng([self.seed, 0x3A7D, e, w]).permutation(size)
+            self._windows[(e, w)] = got
+            if len(self._windows) > 8:
+                self._windows.popitem(last=False)
+        return got
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        epoch = positions // self.n
+        j = positions % self.n
+        shard = np.empty_like(positions)
+        offset = np.empty_like(positions)
+        for e in np.unique(epoch).tolist():
+            sel = epoch == e
+            jj = j[sel]
+            if self.shuffle:
+                w = jj // self.window
+                for ww in np.unique(w).tolist():
+                    ws = w == ww
+                    jj[ws] = ww * self.window + self._perm(e, ww)[jj[ws] - ww * self.window]
+            order, ends = self._epoch(e)
+            k = np.searchsorted(ends, jj, side="right")
+            shard[sel] = order[k]
+            offset[sel] = jj - (ends[k] - self.counts[order[k]])
+        return shard, offset
+
+
+class PretrainLoader:
+    """This rank's masked micro-batches; see the module docstring for the stream's definition."""
+
+    def __init__(self, manifest: Manifest | str | Path, *, split: str, global_batch_size: int,
+                 micro_batch_size: int, rank: int, world_size: int, seed: int,
+                 consumed_samples: int = 0, masking: MaskingConfig | None = None,
+                 num_workers: int = 0, bad_sample_policy: str = "raise",
+                 max_bad_samples: int = 100, verify_sha256: bool = True,
+                 shuffle_window: int | None = None, cache_dir: str | Path | None = None):
+        self.manifest = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
+        m = self.manifest
+        if split not in m.shards:
+            raise UserError(f"{m.path}: no split {split!r} (has {', '.join(m.shards)})")
+        G, mb, W = global_batch_size, micro_batch_size, world_size
+        if G <= 0 or mb <= 0 or W <= 0:
+            raise UserError(f"global batch {G}, micro-batch {mb} and world size {W} must be positive")
+        if not 0 <= rank < W:
+            raise UserError(f"rank {rank} is outside world size {W}")
+        if G % (mb * W):
+            raise UserError(f"global batch {G} is not divisible by micro-batch {mb} × {W} ranks "
+                            f"(= {mb * W})")
+        if bad_sample_policy not in ("raise", "skip"):
+            raise UserError(f"bad_sample_policy {bad_sample_policy!r}: choose raise or skip")
+        if consumed_samples < 0:
+            raise UserError(f"consumed_samples {consumed_samples} is negative")
+        if num_workers < 0:
+            raise UserError(f"num_workers {num_workers} is negative")
+        self.n = m.num_samples(split)
+        if self.n == 0:
+            raise UserError(f"{m.path}: split {split!r} has no samples")
+        self.split = split
+        self.G, self.mb, self.W, self.rank = G, mb, W, rank
+        self.micro_per_batch = G // (mb * W)
+        self.seed = seed
+        self.start = consumed_samples
+        self.consumed_samples = consumed_samples
+        self.masking = masking or MaskingConfig()
+        self.num_workers = num_workers
+        self.policy = bad_sample_policy
+        self.max_bad = max_bad_samples
+        self.bad_samples = 0
+        self.fingerprint = m.fingerprint
+        self.seq_len = m.seq_len
+        vocab = read_vocab(m.vocab_file)
+        if len(vocab) != m.vocab_size:
+            raise UserError(f"{m.vocab_file}: {len(vocab)} tokens, the manifest says {m.vocab_size}")
+        self.vocab = vocab
+        self.cls_id, self.sep_id, self.pad_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[PAD]"]
+        self.masker = Masker(self.masking, vocab, seed)
+        expected = round(m.seq_len * self.masking.mask_prob)
+        if self.masking.max_predictions_per_seq < expected:
+            log.warning("max_predictions_per_seq=%d caps masking below %.0f%% of %d tokens "
+                        "(the paper uses 20 at seq 128 and 80 at seq 512)",
+                        self.masking.max_predictions_per_seq, 100 * self.masking.mask_prob, m.seq_len)
+        self.is_train = split == "train"
+        if shuffle_window is None:
+            shuffle_window = 4 * m.samples_per_shard
+        if shuffle_window < 1:
+            raise UserError(f"shuffle_window {shuffle_window} must be >= 1")
+        self.order = GlobalOrder([s.samples for s in m.shards[split]], seed, self.is_train,
+                                 shuffle_window)
+        if cache_dir is None:  # remote shards only
+            root = Path(os.environ.get("BERTSCALE_CACHE", Path.home() / ".cache" / "bertscale"))
+            cache_dir = root / "shards" / m.fingerprint[:16] / split
+        self.cache_dir = Path(cache_dir)
+        self.store = ShardStore(m, split, self.cache_dir)
+        self.id_base = 0 if split == "train" else EVAL_ID_BIT
+        if verify_sha256:
+            self._verify()
+
+    # -- integrity --------------------------------------------------------------------------
+
+    def _verify(self) -> None:
+        m = self.manifest
+        for i, info in enumerate(m.shards[self.split]):
+            location = m.shard_location(self.split, i)
+            if _is_remote(location):
+                continue  # checked when fetched
+            path = Path(location)
+            if not path.is_file():
+                raise UserError(f"shard {info.name}: file {path} not found")
+            size = path.stat().st_size
+            if size != info.bytes:
+                raise UserError(f"shard {info.name} ({path}) is {size} bytes, the manifest "
+                                f"{m.path} says {info.bytes}: truncated or replaced")
+            digest = sha256_file(path)
+            if digest != info.sha256:
+                raise UserError(f"shard {info.name} ({path}): sha256 {digest[:16]}… differs from "
+                                f"the manifest's {info.sha256[:16]}…: the file is corrupt or from "
+                                f"another prepare run")
+
+    # -- the stream -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Micro-batches this rank yields in one pass (eval); train is infinite."""
+        if self.is_train:
+            raise TypeError("the train loader is infinite")
+        return self._eval_micro_batches()
+
+    def _eval_micro_batches(self) -> int:
+        remaining = max(self.n - self.start, 0)
+        return -(-remaining // self.G) * self.micro_per_batch
+
+    def positions(self, k: int) -> np.ndarray:
+        """Global sample positions of this rank's k-th micro-batch from `consumed_samples`."""
+        b, j = divmod(k, self.micro_per_batch)
+        first = self.start + b * self.G + self.rank * (self.G // self.W) + j * self.mb
+        return np.arange(first, first + self.mb, dtype=np.int64)
+
+    def micro_batches(self, worker: int = 0, num_workers: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches k = worker, worker + num_workers, … (all of them for one worker)."""
+        k = worker
+        end = None if self.is_train else self._eval_micro_batches()
+        while end is None or k < end:
+            yield self.make_batch(self.positions(k))
+            k += num_workers
+
+    def make_batch(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        B, T = len(positions), self.seq_len
+        ids = np.full((B, T), self.pad_id, dtype=np.int64)
+        lengths = np.empty(B, dtype=np.int64)
+        a_lens = np.empty(B, dtype=np.int64)
+        labels = np.empty(B, dtype=np.int64)
+        sample_ids = np.empty(B, dtype=np.int64)
+        real = positions < self.n if not self.is_train else np.ones(B, dtype=bool)
+        shard, offset = self.order.locate(np.where(real, positions, 0))
+        no_pair = self.manifest.pair_objective == "mlm"
+        for i in range(B):
+            got: Any = None
+            if real[i]:
+                s = self.store.get(int(shard[i]))
+                got = read_sample(s, int(offset[i]))
+                if isinstance(got, str):
+                    self._bad(s, int(offset[i]), int(positions[i]), got)
+            if got is None or isinstance(got, str):
+                ids[i, 0], ids[i, 1] = self.cls_id, self.sep_id
+                lengths[i] = a_lens[i] = 2
+                labels[i] = -100
+                sample_ids[i] = PAD_SAMPLE_ID if got is None else BAD_SAMPLE_ID
+                continue
+            tokens, a_len, label = got
+            n = len(tokens)
+            ids[i, :n] = tokens
+            lengths[i] = n
+            a_lens[i] = a_len
+            labels[i] = -100 if no_pair or label < 0 else label
+            sample_ids[i] = self.id_base + (int(shard[i]) << 32) + int(offset[i])
+        masked_ids, mpos, mlabels = self.masker(ids, lengths, positions)
+        t = np.arange(T)[None, :]
+        attention = t < lengths[:, None]
+        types = (t >= a_lens[:, None]) & attention
+        return {
+            "input_ids": torch.from_numpy(masked_ids),
+            "token_type_ids": torch.from_numpy(types.astype(np.int64)),
+            "attention_mask": torch.from_numpy(attention.astype(np.int64)),
+            "masked_positions": torch.from_numpy(mpos),
+            "masked_labels": torch.from_numpy(mlabels),
+            "next_sentence_label": torch.from_numpy(labels),
+            "sample_ids": torch.from_numpy(sample_ids),
+        }
+
+    def _bad(self, shard: _Shard, offset: int, position: int, reason: str) -> None:
+        where = (f"shard {shard.name} ({shard.location}): sample {offset} "
+                 f"(global position {position}): {reason}")
+        if self.policy == "raise":
+            raise UserError(f"{where} (set bad_sample_policy='skip' to skip damaged samples)")
+        self.bad_samples += 1
+        log.warning("skipping damaged sample (%d so far): %s", self.bad_samples, where)
+        if self.bad_samples > self.max_bad:
+            raise UserError(f"more than max_bad_samples={self.max_bad} damaged samples; last: {where}")
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Yields micro-batches from the current position (train: forever; eval: one pass from
+        `consumed_samples`). `consumed_samples` advances by G after each complete global batch."""
+        if self.is_train:
+            self.start = self.consumed_samples
+        if self.num_workers == 0:
+            source: Any = self.micro_batches()
+        else:
+            source = torch.utils.data.DataLoader(_Workers(self), batch_size=None,
+                                                 num_workers=self.num_workers)
+        count = 0
+        for batch in source:
+            if self.num_workers:
+                self._tally_bad(batch)
+            count += 1
+            if self.is_train and count % self.micro_per_batch == 0:
+                self.consumed_samples += self.G
+            yield batch
+
+    def _tally_bad(self, batch: dict[str, torch.Tensor]) -> None:
+        bad = int((batch["sample_ids"] == BAD_SAMPLE_ID).sum())
+        if bad:
+            self.bad_samples += bad
+            if self.bad_samples > self.max_bad:
+                raise UserError(f"more than max_bad_samples={self.max_bad} damaged samples "
+                                f"(see the warnings for which)")
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume this stream (the trainer owns the counter)."""
+        return {"consumed_samples": self.consumed_samples, "seed": self.seed,
+                "manifest_fingerprint": self.fingerprint, "split": self.split}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class _Workers(torch.utils.data.IterableDataset):
+    """Hands each DataLoader worker its share of the rank's micro-batches."""
+
+    def __init__(self, loader: PretrainLoader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            yield from self.loader.micro_batches()
+        else:
+            self.loader.store = ShardStore(self.loader.manifest, self.loader.split,
+                                           self.loader.cache_dir)  # no maps shared across fork
+            yield from self.loader.micro_batches(info.id, info.num_workers)

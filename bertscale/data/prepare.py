@@ -1,0 +1,793 @@
+"""`bertscale prepare`: raw text → WebDataset tar shards + manifest, one folder per sequence length.
+
+How the work is split, and why the output does not depend on it
+-----------------------------------------------------------------
+The unit of work is one input file (sorted by path; its index is its unit id). Phase 1 reads a
+unit as a stream of chunks of ``docs_per_chunk`` documents; each chunk is split into sentences,
+tokenized in one ``encode_batch`` call (Rust), assigned to train/eval per document, turned into
+instances for every sequence length (random B drawn within the chunk, see `instances`), shuffled
+within the chunk, and appended to the unit's spool files (one per sequence length and split).
+Every random draw is seeded by (seed, unit, chunk, …) only, so a unit's spool is the same whoever
+processes it. The spool folder is renamed into place when the unit is complete: that rename is
+the unit's commit.
+
+Phase 2 concatenates the spools in unit order and cuts shards of exactly ``samples_per_shard``
+samples (the last one of a split holds the rest). Shard k's samples are known from the spool
+counts alone, so any process can write any shard: shard tasks are dealt round-robin. A shard is
+written to a temporary file while it is hashed, then renamed; a small done-marker records its
+sha256. Finally rank 0 writes each manifest (temp + rename) and removes the spools.
+
+Hence: the shards are byte-identical for any number of local workers or MPI ranks (tested: 1, 2
+processes and ``mpirun -np 2``); memory per process is one chunk of documents plus one shard
+being copied; a re-run after a crash skips committed units and shards and redoes only the rest.
+A re-run with different settings into the same folder is refused (the plan is recorded).
+
+Limits: parallelism is over input files, so one huge file is processed by one process (split it,
+e.g. with ``split -n l/64``, or give many files as Wikipedia extractions and BookCorpus come);
+compressed inputs cannot be read from the middle. Spools need about as much disk as the shards
+while the run lasts. The random second segment comes from the same chunk of ``docs_per_chunk``
+documents rather than the whole corpus (the price of bounded memory).
+
+MPI: under ``mpirun``/``srun`` (detected from the launcher's environment; mpi4py imported only
+then), ranks take disjoint units (largest files first, dealt greedily), meet at a barrier (an
+allgather that also carries any rank's error, so a failure on one rank stops all instead of
+hanging them), share the shard tasks, and rank 0 writes the manifests. The output folder must be
+on a file system all ranks see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import queue
+import random
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bertscale.data.instances import OBJECTIVES, InstanceConfig, create_instances
+from bertscale.data.shards import (MANIFEST_NAME, MAX_SAMPLES_PER_SHARD, SPLITS, TarWriter,
+                                   encode_sample, manifest_dict, member_name, sha256_file,
+                                   shard_name, token_dtype, write_manifest)
+from bertscale.data.text import FORMATS, expand_inputs, read_documents, split_sentences
+from bertscale.errors import UserError
+from bertscale.tokenizer import (SPECIAL_TOKENS, guess_lowercase, load_tokenizer, read_vocab,
+                                 train_wordpiece, vocab_hash)
+
+log = logging.getLogger("bertscale.prepare")
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str]
+    """Files, folders or glob patterns of raw text (any of the supported formats)."""
+    out: Path
+    """Output folder; gets seq<L>/ per sequence length (shards, manifest.json, vocab.txt)."""
+    vocab: Path | None = None
+    """A Google-style vocab.txt; or None with `train_vocab`."""
+    lowercase: bool | None = None
+    """Lower-case (uncased) tokenization; None: guessed from the vocab (True when training)."""
+    train_vocab: int | None = None
+    """Train a WordPiece vocabulary of this size from the inputs first (written to out/vocab.txt)."""
+    seq_lens: list[int] = field(default_factory=lambda: [128])
+    """Sequence lengths to produce; the paper's two phases are 128 and 512."""
+    objective: str = "nsp"
+    """nsp (BERT) | sop (ALBERT sentence order) | mlm (packed, no pair objective)."""
+    short_seq_prob: float = 0.1
+    """Share of instances with a shorter random target length."""
+    dupe_factor: int = 1
+    """Times each chunk is turned into instances (different pairings). Google used 10 for static
+    masking; with dynamic masking in the loader 1 is usual."""
+    samples_per_shard: int = 10_000
+    eval_fraction: float = 0.01
+    """Share of documents held out for the eval split."""
+    seed: int = 12345
+    format: str = "auto"
+    text_field: str = "text"
+    split_sentences: bool = True
+    """Split lines into sentences; off when the input is already one sentence per line."""
+    docs_per_chunk: int = 1000
+    """Documents held in memory at once per process; also the pool the random B is drawn from."""
+    workers: int = 1
+    """Local processes (per MPI rank when under MPI)."""
+    keep_work: bool = False
+    """Keep the spool folder (out/.work) after success."""
+    progress: str = "auto"
+    """auto | bar | log | none."""
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise UserError("no input files given")
+        if (self.vocab is None) == (self.train_vocab is None):
+            raise UserError("give exactly one of --vocab <vocab.txt> and --train-vocab <size>")
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"--objective {self.objective!r}: choose from {', '.join(OBJECTIVES)}")
+        if not self.seq_lens or any(L < 8 or L > 65535 for L in self.seq_lens):
+            raise UserError(f"--seq-len {self.seq_lens}: each must be in [8, 65535]")
+        if len(set(self.seq_lens)) != len(self.seq_lens):
+            raise UserError(f"--seq-len {self.seq_lens} repeats a length")
+        if not 0.0 <= self.short_seq_prob <= 1.0:
+            raise UserError(f"--short-seq-prob {self.short_seq_prob} is not a probability")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise UserError(f"--eval-fraction {self.eval_fraction} must be in [0, 1)")
+        if self.dupe_factor < 1:
+            raise UserError(f"--dupe-factor {self.dupe_factor} must be >= 1")
+        if not 1 <= self.samples_per_shard <= MAX_SAMPLES_PER_SHARD:
+            raise UserError(f"--samples-per-shard {self.samples_per_shard} must be in "
+                            f"[1, {MAX_SAMPLES_PER_SHARD}]")
+        if self.docs_per_chunk < 1:
+            raise UserError(f"--docs-per-chunk {self.docs_per_chunk} must be >= 1")
+        if self.workers < 1:
+            raise UserError(f"--workers {self.workers} must be >= 1")
+        if self.format not in FORMATS:
+            raise UserError(f"--format {self.format!r}: choose from {', '.join(FORMATS)}")
+        if self.progress not in ("auto", "bar", "log", "none"):
+            raise UserError(f"--progress {self.progress!r}: choose auto, bar, log or none")
+        if self.train_vocab is not None and self.train_vocab <= 5:
+            raise UserError(f"--train-vocab {self.train_vocab} is too small")
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 64-bit seed from a tuple: independent streams per (seed, unit, chunk, …)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch context: local processes or MPI ranks
+
+class Context:
+    """Rank / size and a barrier that carries errors (size 1 when not under MPI)."""
+
+    rank = 0
+    size = 1
+    is_mpi = False
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+
+class MPIContext(Context):
+    is_mpi = True
+
+    def __init__(self) -> None:
+        from mpi4py import MPI  # only under an MPI launcher: importing it initialises MPI
+
+        self.comm = MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return self.comm.allgather(obj)
+
+
+# Set by mpirun/mpiexec (Open MPI, MPICH/Hydra, MVAPICH, Intel MPI) or by srun's PMI plugins.
+_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMI_FD", "PMIX_RANK",
+            "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+
+
+def detect_context() -> Context:
+    """MPI when an MPI launcher (or srun with a PMI plugin) started us, else one process."""
+    # srun sets SLURM_STEP_NUM_TASKS for the tasks of a step (not for the batch script).
+    step_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if any(v in os.environ for v in _MPI_ENV):
+        ctx = MPIContext()
+        if ctx.size == 1 and step_tasks > 1:
+            raise UserError(f"launched by srun with {step_tasks} tasks but MPI sees 1 rank: "
+                            f"run `srun --mpi=pmix` (or pmi2) so the ranks can talk")
+        return ctx
+    if step_tasks > 1:
+        raise UserError(f"launched by srun with {step_tasks} tasks but without MPI: every task "
+                        f"would do all the work; run `srun --mpi=pmix bertscale prepare …`")
+    return Context()
+
+
+def collective(ctx: Context, what: str, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on every rank; if any rank fails, every rank raises (no rank hangs waiting)."""
+    if ctx.size == 1:
+        return fn()
+    err: str | None = None
+    result = None
+    try:
+        result = fn()
+    except UserError as e:
+        err = str(e)
+    except Exception as e:  # a bug: keep its traceback on this rank, stop the others too
+        traceback.print_exc()
+        err = f"{type(e).__name__}: {e}"
+    errors = ctx.allgather(err)
+    bad = [(r, e) for r, e in enumerate(errors) if e]
+    if bad:
+        raise UserError(f"{what} failed: " + "; ".join(f"rank {r}: {e}" for r, e in bad))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+
+class Progress:
+    """A one-line bar on a terminal, a log line every `every` seconds otherwise."""
+
+    def __init__(self, mode: str, total_units: int, prefix: str = "", every: float = 10.0):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode, self.total, self.prefix, self.every = mode, total_units, prefix, every
+        self.t0 = self.last = time.monotonic()
+        self.units = self.text_bytes = self.samples = 0
+
+    def update(self, text_bytes: int = 0, samples: int = 0, units: int = 0) -> None:
+        self.text_bytes += text_bytes
+        self.samples += samples
+        self.units += units
+        now = time.monotonic()
+        if self.mode == "bar" and now - self.last >= 0.2:
+            self.last = now
+            print(f"\r{self.prefix}{self.line()}", end="", file=sys.stderr, flush=True)
+        elif self.mode == "log" and now - self.last >= self.every:
+            self.last = now
+            print(f"{self.prefix}{self.line()}", file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        dt = max(time.monotonic() - self.t0, 1e-9)
+        text = (f"text {self.text_bytes / 1e6:,.1f} MB ({self.text_bytes / 1e6 / dt:,.2f} MB/s)  "
+                if self.text_bytes else "")
+        return (f"{self.units}/{self.total} done  {text}samples {self.samples:,} "
+                f"({self.samples / dt:,.0f}/s)  {dt:,.1f} s")
+
+    def done(self, what: str) -> None:
+        if self.mode == "none":
+            return
+        lead = "\r" if self.mode == "bar" else ""
+        print(f"{lead}{self.prefix}{what}: {self.line()}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1: one input file -> spools
+
+_TOKENIZERS: dict[tuple[str, bool], tuple[Any, dict[str, int]]] = {}
+_PROGRESS_Q: Any = None
+
+
+def _tokenizer(vocab: str, lowercase: bool) -> tuple[Any, dict[str, int]]:
+    """(tokenizer, vocab) loaded once per process."""
+    key = (vocab, lowercase)
+    if key not in _TOKENIZERS:
+        tok = load_tokenizer(vocab, lowercase)
+        _TOKENIZERS[key] = (tok, tok.get_vocab())
+    return _TOKENIZERS[key]
+
+
+def tokenize_documents(docs: list[list[str]], tokenizer: Any,
+                       split: bool = True) -> list[list[list[int]]]:
+    """Documents (paragraph lists) -> documents as lists of sentence token-id lists.
+
+    All sentences of the chunk go to the tokenizer in one batch (Rust, no per-sentence Python
+    call). Empty sentences are dropped; the result is aligned with `docs`, so a document with no
+    tokens at all comes back as an empty list."""
+    sentences: list[str] = []
+    bounds: list[tuple[int, int]] = []
+    for doc in docs:
+        start = len(sentences)
+        for para in doc:
+            if split:
+                sentences.extend(split_sentences(para))
+            else:
+                sentences.append(para)
+        bounds.append((start, len(sentences)))
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    ids = [e.ids for e in encode(sentences, add_special_tokens=False)]
+    return [[s for s in ids[a:b] if s] for a, b in bounds]
+
+
+def chunked(it: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@dataclass
+class UnitTask:
+    unit: int
+    path: str
+    work: str
+    vocab: str
+    lowercase: bool
+    cfg: dict[str, Any]  # the PrepareConfig fields phase 1 needs
+
+
+def _spool_key(seq_len: int, split: str) -> str:
+    return f"seq{seq_len}-{split}"
+
+
+def unit_dir(work: Path, unit: int) -> Path:
+    return work / "units" / f"u{unit:06d}"
+
+
+def process_unit(task: UnitTask, report: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Phase 1 for one input file; returns (and commits) the unit's summary."""
+    cfg = task.cfg
+    final = unit_dir(Path(task.work), task.unit)
+    marker = final / "done.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    for stale in final.parent.glob(f"{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tok, vocab = _tokenizer(task.vocab, task.lowercase)
+    dtype = token_dtype(len(vocab))
+    icfgs = {L: InstanceConfig(seq_len=L, objective=cfg["objective"],
+                               short_seq_prob=cfg["short_seq_prob"],
+                               cls_id=vocab["[CLS]"], sep_id=vocab["[SEP]"])
+             for L in cfg["seq_lens"]}
+    files: dict[str, Any] = {}
+    offsets: dict[str, list[int]] = {}
+    stats: dict[str, dict[str, int]] = {}
+    for L in cfg["seq_lens"]:
+        for split in SPLITS:
+            key = _spool_key(L, split)
+            files[key] = open(tmp / f"{key}.bin", "wb")
+            offsets[key] = [0]
+            stats[key] = dict(samples=0, tokens=0, label_1=0, short_target=0, single_segment=0)
+    seed = cfg["seed"]
+    summary = dict(unit=task.unit, input=task.path, text_bytes=0, documents=0, sentences=0)
+    try:
+        docs_iter = read_documents(task.path, cfg["format"], cfg["text_field"])
+        for c, docs in enumerate(chunked(docs_iter, cfg["docs_per_chunk"])):
+            text_bytes = sum(len(p.encode("utf-8")) for d in docs for p in d)
+            erng = random.Random(derive_seed(seed, "eval", task.unit, c))
+            is_eval = [erng.random() < cfg["eval_fraction"] for _ in docs]
+            pairs = [(d, e) for d, e in zip(tokenize_documents(docs, tok, cfg["split_sentences"]),
+                                            is_eval) if d]
+            tokenized = [d for d, _ in pairs]
+            summary["documents"] += len(tokenized)
+            summary["sentences"] += sum(len(d) for d in tokenized)
+            summary["text_bytes"] += text_bytes
+            made = 0
+            for split in SPLITS:
+                split_docs = [d for d, e in pairs if e == (split == "eval")]
+                if not split_docs:
+                    continue
+                for L, icfg in icfgs.items():
+                    insts = []
+                    for dupe in range(cfg["dupe_factor"]):
+                        rng = random.Random(derive_seed(seed, "instances", task.unit, c, L, split, dupe))
+                        insts.extend(create_instances(split_docs, icfg, rng))
+                    random.Random(derive_seed(seed, "shuffle", task.unit, c, L, split)).shuffle(insts)
+                    key = _spool_key(L, split)
+                    f, offs, st = files[key], offsets[key], stats[key]
+                    full = L - (2 if cfg["objective"] == "mlm" else 3)
+                    for inst in insts:
+                        payload = encode_sample(np.asarray(inst.ids, dtype=dtype), inst.a_len,
+                                                inst.label)
+                        f.write(payload)
+                        offs.append(offs[-1] + len(payload))
+                        st["samples"] += 1
+                        st["tokens"] += len(inst.ids)
+                        st["label_1"] += inst.label == 1
+                        st["short_target"] += inst.target_len < full
+                        st["single_segment"] += inst.single_segment
+                    made += len(insts)
+            if report is not None:
+                report(text_bytes, made)
+        for key, f in files.items():
+            f.flush()
+            os.fsync(f.fileno())  # the rename below commits the unit: its data must be on disk
+            f.close()
+            np.save(tmp / f"{key}.idx.npy", np.asarray(offsets[key], dtype=np.int64))
+        summary["input_bytes"] = os.path.getsize(task.path)
+        summary["input_sha256"] = sha256_file(Path(task.path))
+        summary["counts"] = {k: len(v) - 1 for k, v in offsets.items()}
+        summary["stats"] = stats
+        (tmp / "done.json").write_text(json.dumps(summary, sort_keys=True))
+        os.rename(tmp, final)  # the unit's commit
+    except BaseException:
+        for f in files.values():
+            f.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 2: spools -> shards
+
+@dataclass
+class ShardTask:
+    seq_len: int
+    split: str
+    index: int
+    pieces: list[tuple[int, int, int]]  # (unit, first sample, end sample) in spool order
+    work: str
+    out: str
+
+    @property
+    def marker(self) -> Path:
+        name = shard_name(self.split, self.index)
+        return Path(self.work) / "shards" / f"seq{self.seq_len}-{name}.json"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.out) / f"seq{self.seq_len}" / shard_name(self.split, self.index)
+
+
+def plan_shards(summaries: list[dict[str, Any]], cfg: PrepareConfig, work: Path) -> list[ShardTask]:
+    tasks = []
+    S = cfg.samples_per_shard
+    for L in cfg.seq_lens:
+        for split in SPLITS:
+            key = _spool_key(L, split)
+            units = [(s["unit"], s["counts"][key]) for s in sorted(summaries, key=lambda s: s["unit"])]
+            total = sum(n for _, n in units)
+            for k in range((total + S - 1) // S):
+                lo, hi = k * S, min((k + 1) * S, total)
+                pieces, base = [], 0
+                for unit, n in units:
+                    a, b = max(lo, base), min(hi, base + n)
+                    if a < b:
+                        pieces.append((unit, a - base, b - base))
+                    base += n
+                tasks.append(ShardTask(L, split, k, pieces, str(work), str(cfg.out)))
+    return tasks
+
+
+def write_shard(task: ShardTask) -> dict[str, Any]:
+    marker = task.marker
+    if marker.is_file():
+        info = json.loads(marker.read_text())
+        if task.path.is_file() and task.path.stat().st_size == info["bytes"]:
+            return info
+    task.path.parent.mkdir(parents=True, exist_ok=True)
+    writer = TarWriter(task.path)
+    try:
+        offset = 0
+        for unit, a, b in task.pieces:
+            d = unit_dir(Path(task.work), unit)
+            key = _spool_key(task.seq_len, task.split)
+            offs = np.load(d / f"{key}.idx.npy")
+            with open(d / f"{key}.bin", "rb") as f:
+                f.seek(int(offs[a]))
+                blob = f.read(int(offs[b] - offs[a]))
+            base = int(offs[a])
+            for i in range(a, b):
+                writer.add(member_name(task.split, task.index, offset),
+                           memoryview(blob)[int(offs[i]) - base:int(offs[i + 1]) - base])
+                offset += 1
+        nbytes, sha = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    info = dict(name=task.path.name, samples=offset, bytes=nbytes, sha256=sha)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(json.dumps(info, sort_keys=True))
+    os.replace(tmp, marker)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration
+
+def _pool_init(q: Any) -> None:
+    global _PROGRESS_Q
+    _PROGRESS_Q = q
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _unit_in_worker(task: UnitTask) -> dict[str, Any]:
+    return process_unit(task, lambda b, n: _PROGRESS_Q.put((b, n)))
+
+
+def _run_tasks(kind: str, tasks: list[Any], workers: int, progress: Progress | None) -> None:
+    """Run unit ("unit") or shard ("shard") tasks here (one worker) or in a spawn pool."""
+    _run_tasks_inner(kind, tasks, workers, progress)
+    if progress is not None:
+        progress.done("finished")
+
+
+def _run_tasks_inner(kind: str, tasks: list[Any], workers: int, progress: Progress | None) -> None:
+    def shard_done(info: dict[str, Any]) -> None:
+        if progress is not None:
+            progress.update(samples=info["samples"] if kind == "shard" else 0, units=1)
+
+    if workers == 1 or len(tasks) <= 1:
+        for t in tasks:
+            if kind == "unit":
+                shard_done(process_unit(t, progress.update if progress is not None else None))
+            else:
+                shard_done(write_shard(t))
+        return
+    ctx = mp.get_context("spawn")  # never fork a process whose tokenizer threads are running
+    q = ctx.Queue()
+    fn = _unit_in_worker if kind == "unit" else write_shard
+    with ctx.Pool(min(workers, len(tasks)), initializer=_pool_init, initargs=(q,)) as pool:
+        pending = [pool.apply_async(fn, (t,)) for t in tasks]
+        while pending or not q.empty():
+            try:
+                b, n = q.get(timeout=0.1)
+                if progress is not None:
+                    progress.update(b, n)
+                continue
+            except queue.Empty:
+                pass
+            still = []
+            for p in pending:
+                if p.ready():
+                    shard_done(p.get())  # re-raises a worker's exception here
+                else:
+                    still.append(p)
+            pending = still
+
+
+def _plan(cfg: PrepareConfig, files: list[Path]) -> dict[str, Any]:
+    c = asdict(cfg)
+    for k in ("inputs", "out", "vocab", "workers", "keep_work", "progress"):
+        c.pop(k)
+    c["vocab_sha256"] = sha256_file(cfg.vocab) if cfg.vocab is not None else None
+    c["inputs"] = [[str(f), f.stat().st_size] for f in files]
+    return c
+
+
+def _deal_units(files: list[Path], size: int) -> list[list[int]]:
+    """Largest files first, each to the least-loaded rank (deterministic)."""
+    order = sorted(range(len(files)), key=lambda i: (-files[i].stat().st_size, i))
+    loads = [0] * size
+    mine: list[list[int]] = [[] for _ in range(size)]
+    for i in order:
+        r = min(range(size), key=lambda r: (loads[r], r))
+        loads[r] += files[i].stat().st_size
+        mine[r].append(i)
+    return mine
+
+
+def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Path]:
+    """Run both phases; returns {seq_len: manifest path}."""
+    cfg.validate()
+    ctx = ctx or detect_context()
+    out = Path(cfg.out)
+    work = out / ".work"
+    prefix = f"[rank {ctx.rank}] " if ctx.size > 1 else ""
+    mode = cfg.progress if (ctx.rank == 0 or cfg.progress in ("none", "log")) else "log"
+
+    if cfg.vocab is not None:
+        read_vocab(cfg.vocab)  # a missing or malformed vocabulary fails here, naming the file
+    files = collective(ctx, "reading the inputs", lambda: expand_inputs(cfg.inputs))
+    plan = _plan(cfg, files)
+    fp = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+    manifests = {L: out / f"seq{L}" / MANIFEST_NAME for L in cfg.seq_lens}
+    if all(_manifest_fp(p) == fp for p in manifests.values()):
+        if ctx.rank == 0 and cfg.progress != "none":
+            print(f"prepare: already complete ({', '.join(str(p) for p in manifests.values())})",
+                  file=sys.stderr)
+        return manifests
+
+    def setup() -> None:
+        if ctx.rank != 0:
+            return
+        work.mkdir(parents=True, exist_ok=True)
+        plan_file = work / "plan.json"
+        if plan_file.is_file():
+            old = json.loads(plan_file.read_text())
+            if old.get("fingerprint") != fp:
+                raise UserError(f"{out} holds an unfinished prepare run with other settings or "
+                                f"inputs; remove {work} (or choose another --out) to start over")
+        else:
+            for p in manifests.values():
+                if p.is_file():
+                    raise UserError(f"{p} exists from a run with other settings; "
+                                    f"choose another --out or remove it")
+            (out / "vocab.txt").unlink(missing_ok=True)  # never reuse another run's trained vocab
+            tmp = plan_file.with_name("plan.json.tmp")
+            tmp.write_text(json.dumps({"fingerprint": fp, "plan": plan}, sort_keys=True, indent=1))
+            os.replace(tmp, plan_file)
+        if cfg.train_vocab is not None:
+            vocab_file = out / "vocab.txt"
+            if not vocab_file.is_file():  # written atomically, so present means complete
+                lower = True if cfg.lowercase is None else cfg.lowercase
+                print(f"{prefix}prepare: training a {cfg.train_vocab}-token WordPiece vocabulary",
+                      file=sys.stderr)
+                raw = out / "vocab.trained.tmp"
+                train_wordpiece(_all_paragraphs(files, cfg), raw, cfg.train_vocab, lower)
+                _canonical_vocab(raw, vocab_file)
+
+    collective(ctx, "setup", setup)
+    if cfg.train_vocab is not None:
+        vocab_path = out / "vocab.txt"
+        lowercase = True if cfg.lowercase is None else cfg.lowercase
+    else:
+        assert cfg.vocab is not None
+        vocab_path = Path(cfg.vocab)
+        lowercase = guess_lowercase(vocab_path) if cfg.lowercase is None else cfg.lowercase
+    vocab_path = vocab_path.resolve()
+    vocab_size = len(read_vocab(vocab_path))
+
+    # Phase 1
+    unit_cfg = dict(objective=cfg.objective, short_seq_prob=cfg.short_seq_prob,
+                    seq_lens=list(cfg.seq_lens), dupe_factor=cfg.dupe_factor,
+                    eval_fraction=cfg.eval_fraction, seed=cfg.seed, format=cfg.format,
+                    text_field=cfg.text_field, split_sentences=cfg.split_sentences,
+                    docs_per_chunk=cfg.docs_per_chunk)
+    mine = _deal_units(files, ctx.size)[ctx.rank]
+    done_before = [i for i in mine if (unit_dir(work, i) / "done.json").is_file()]
+    if done_before and cfg.progress != "none":
+        print(f"{prefix}prepare: resuming, {len(done_before)} of {len(mine)} units already done",
+              file=sys.stderr)
+    tasks = [UnitTask(i, str(files[i]), str(work), str(vocab_path), lowercase, unit_cfg)
+             for i in mine if i not in done_before]
+    prog1 = (Progress(mode, len(tasks), prefix + "prepare phase 1 (tokenize, pair): ")
+             if mode != "none" else None)
+    collective(ctx, "phase 1 (tokenize and pair)",
+               lambda: _run_tasks("unit", tasks, cfg.workers, prog1))
+
+    # Phase 2: every rank reads every unit's summary from the shared folder.
+    summaries = [json.loads((unit_dir(work, i) / "done.json").read_text()) for i in range(len(files))]
+    shard_tasks = plan_shards(summaries, cfg, work)
+    my_shards = shard_tasks[ctx.rank::ctx.size]
+    prog2 = (Progress(mode, len(my_shards), prefix + "prepare phase 2 (shards): ")
+             if mode != "none" else None)
+    collective(ctx, "phase 2 (write shards)",
+               lambda: _run_tasks("shard", my_shards, cfg.workers, prog2))
+
+    def finish() -> None:
+        if ctx.rank != 0:
+            return
+        tok_hash = vocab_hash(vocab_path, lowercase)
+        inputs = [dict(path=s["input"], bytes=s["input_bytes"], sha256=s["input_sha256"])
+                  for s in summaries]
+        for L in cfg.seq_lens:
+            d = out / f"seq{L}"
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = d / "vocab.txt.tmp"
+            shutil.copyfile(vocab_path, tmp)
+            os.replace(tmp, d / "vocab.txt")
+            shards: dict[str, list[dict[str, Any]]] = {}
+            stats: dict[str, dict[str, int]] = {}
+            for split in SPLITS:
+                shards[split] = [json.loads(t.marker.read_text()) for t in shard_tasks
+                                 if t.seq_len == L and t.split == split]
+                key = _spool_key(L, split)
+                agg: dict[str, int] = {}
+                for s in summaries:
+                    for k, v in s["stats"][key].items():
+                        agg[k] = agg.get(k, 0) + v
+                stats[split] = agg
+            stats["corpus"] = {k: sum(s[k] for s in summaries)
+                               for k in ("documents", "sentences", "text_bytes")}
+            settings = dict(objective=cfg.objective, seq_lens=list(cfg.seq_lens),
+                            short_seq_prob=cfg.short_seq_prob, dupe_factor=cfg.dupe_factor,
+                            eval_fraction=cfg.eval_fraction, docs_per_chunk=cfg.docs_per_chunk,
+                            split_sentences=cfg.split_sentences, format=cfg.format,
+                            text_field=cfg.text_field, inputs=inputs, prepare_fingerprint=fp)
+            data = manifest_dict(seq_len=L, pair_objective=cfg.objective, tokenizer_hash=tok_hash,
+                                 vocab_file="vocab.txt", lowercase=lowercase, seed=cfg.seed,
+                                 vocab_size=vocab_size, token_dtype=str(token_dtype(vocab_size).name),
+                                 samples_per_shard=cfg.samples_per_shard, shards=shards,
+                                 settings=settings, stats=stats)
+            write_manifest(manifests[L], data)
+        if not cfg.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+        if cfg.progress != "none":
+            for L in cfg.seq_lens:
+                n = {sp: sum(x["samples"] for x in json.loads(manifests[L].read_text())["shards"][sp])
+                     for sp in SPLITS}
+                print(f"prepare: seq {L}: {n['train']:,} train + {n['eval']:,} eval samples -> "
+                      f"{manifests[L]}", file=sys.stderr)
+
+    collective(ctx, "writing the manifests", finish)
+    return manifests
+
+
+def _manifest_fp(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text())["settings"]["prepare_fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _canonical_vocab(src: Path, dst: Path) -> None:
+    """Special tokens first (ids 0-4, as trained), then the rest sorted.
+
+    `tokenizers`' WordPiece trainer returns the same token set on every run but not the same
+    order (hash-map iteration), so ids — and with them the shards — would differ between two
+    runs on the same inputs. WordPiece matching depends on the set only, so sorting is safe."""
+    tokens = [t for t in src.read_text(encoding="utf-8").split("\n") if t]
+    special = [t for t in tokens if t in SPECIAL_TOKENS]
+    rest = sorted(t for t in tokens if t not in SPECIAL_TOKENS)
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.write_text("".join(t + "\n" for t in special + rest), encoding="utf-8")
+    os.replace(tmp, dst)
+    src.unlink()
+
+
+def _all_paragraphs(files: list[Path], cfg: PrepareConfig) -> Iterator[str]:
+    for f in files:
+        for doc in read_documents(f, cfg.format, cfg.text_field):
+            yield from doc
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "prepare", help="raw text -> WebDataset shards + manifest (NSP/SOP/MLM instances)",
+        description="Turn raw text (BERT-format plain text, WikiExtractor output or JSON lines; "
+                    "gzip/bzip2/xz ok) into tar shards of training instances, one folder per "
+                    "sequence length. Runs in parallel over --workers processes, and over ranks "
+                    "under mpirun/srun.")
+    p.add_argument("inputs", nargs="+", help="files, folders or glob patterns")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    v = p.add_mutually_exclusive_group(required=True)
+    v.add_argument("--vocab", type=Path, help="WordPiece vocab.txt to tokenize with")
+    v.add_argument("--train-vocab", type=int, metavar="SIZE",
+                   help="train a WordPiece vocabulary of SIZE tokens from the inputs first")
+    c = p.add_mutually_exclusive_group()
+    c.add_argument("--lowercase", dest="lowercase", action="store_true", default=None,
+                   help="uncased tokenization (default: guessed from the vocab)")
+    c.add_argument("--cased", dest="lowercase", action="store_false")
+    p.add_argument("--seq-len", type=int, nargs="+", default=[128], dest="seq_lens",
+                   help="sequence lengths, e.g. 128 512 (default 128)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="nsp")
+    p.add_argument("--short-seq-prob", type=float, default=0.1)
+    p.add_argument("--dupe-factor", type=int, default=1)
+    p.add_argument("--samples-per-shard", type=int, default=10_000)
+    p.add_argument("--eval-fraction", type=float, default=0.01,
+                   help="share of documents held out for the eval split (default 0.01)")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--format", choices=FORMATS, default="auto")
+    p.add_argument("--text-field", default="text", help="JSON lines: the field with the text")
+    p.add_argument("--no-split-sentences", dest="split_sentences", action="store_false",
+                   help="inputs are one sentence per line already")
+    p.add_argument("--docs-per-chunk", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=1, help="local processes (per MPI rank)")
+    p.add_argument("--keep-work", action="store_true", help="keep out/.work after success")
+    p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto")
+    p.set_defaults(func=handle)
+    return p
+
+
+def handle(args: argparse.Namespace) -> int:
+    cfg = PrepareConfig(inputs=args.inputs, out=args.out, vocab=args.vocab,
+                        lowercase=args.lowercase, train_vocab=args.train_vocab,
+                        seq_lens=args.seq_lens, objective=args.objective,
+                        short_seq_prob=args.short_seq_prob, dupe_factor=args.dupe_factor,
+                        samples_per_shard=args.samples_per_shard, eval_fraction=args.eval_fraction,
+                        seed=args.seed, format=args.format, text_field=args.text_field,
+                        split_sentences=args.split_sentences, docs_per_chunk=args.docs_per_chunk,
+                        workers=args.workers, keep_work=args.keep_work, progress=args.progress)
+    run_prepare(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bertscale.data.prepare …`: the same command without the bertscale CLI."""
+    parser = argparse.ArgumentParser(prog="bertscale")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["prepare", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except UserError as e:
+        rank = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK")
+        where = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"bertscale prepare: error: {where}{e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""The shard format and the manifest.
+
+Shards are plain POSIX (ustar) tar files in the WebDataset layout: one member per sample, named
+``<split>-<shard:06d>-<offset:06d>.sample`` (the WebDataset key is the part before the dot), so
+``webdataset.WebDataset(url)`` and ``tar tf`` read them. Members are written with fixed metadata
+(mtime 0, uid/gid 0, mode 0644), so the same samples always give byte-identical shards.
+
+A sample (the member's bytes) is a 16-byte little-endian header followed by the token ids::
+
+    0  2s  magic b"BS"
+    2  u8  format version (1)
+    3  u8  bytes per token id (2: uint16, used when the vocabulary has <= 65,536 entries; else 4)
+    4  u16 number of tokens n (the model-ready sequence: [CLS] A [SEP] B [SEP], unpadded)
+    6  u16 a_len: tokens of type 0 ([CLS] A [SEP]); n when there is no pair
+    8  i8  pair label: 0 = B follows A / in order, 1 = random / swapped, -1 = none (mlm)
+    9  3x  zero
+    12 u32 CRC-32 of bytes 0..11 and the ids: a flipped byte anywhere in a sample is caught when
+           it is read, even where the shard's sha256 is not checked
+    16 n * (u16|u32) token ids
+
+`decode_sample` turns those bytes into (ids, a_len, label) for anyone reading the shards through
+plain WebDataset. The manifest (``manifest.json`` beside the shards) lists every shard with its
+sample count, size and sha256, plus everything needed to refuse a mismatched resume (tokenizer
+hash, sequence length, pair objective, seed, format version). Its `fingerprint` is the sha256 of
+its canonical JSON without ``shard_base``, so copying the shards to object storage and setting
+``shard_base`` does not change the identity of the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bertscale.errors import UserError
+
+FORMAT_VERSION = 1
+FORMAT_NAME = "bertscale-shards"
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "eval")
+MAX_SAMPLES_PER_SHARD = 999_999  # six digits of offset in member names
+
+HEADER = struct.Struct("<2sBBHHb3xI")
+assert HEADER.size == 16
+MAGIC = b"BS"
+LABEL_NONE = -1
+
+
+class SampleError(ValueError):
+    """A stored sample does not decode (its caller names the shard and the position)."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+
+
+def encode_sample(ids: np.ndarray, a_len: int, label: int) -> bytes:
+    """Sample bytes for one sequence; `ids` already has the shard's dtype (<u2 or <u4)."""
+    n = len(ids)
+    if n > 65535 or not 0 < a_len <= n:
+        raise ValueError(f"bad sample: {n} tokens, a_len {a_len}")
+    body = ids.tobytes()
+    head = HEADER.pack(MAGIC, FORMAT_VERSION, ids.dtype.itemsize, n, a_len, label, 0)[:12]
+    crc = zlib.crc32(body, zlib.crc32(head))
+    return head + crc.to_bytes(4, "little") + body
+
+
+def decode_sample(buf: bytes | memoryview) -> tuple[np.ndarray, int, int]:
+    """(ids, a_len, label) from sample bytes; SampleError when they are damaged."""
+    if len(buf) < HEADER.size:
+        raise SampleError(f"sample is {len(buf)} bytes, shorter than its header")
+    magic, version, width, n, a_len, label, crc = HEADER.unpack_from(buf, 0)
+    if magic != MAGIC or version != FORMAT_VERSION or width not in (2, 4):
+        raise SampleError("bad sample header (not a bertscale sample, or corrupt)")
+    if len(buf) != HEADER.size + n * width:
+        raise SampleError(f"sample holds {len(buf) - HEADER.size} bytes of ids, header says "
+                          f"{n} x {width}")
+    view = memoryview(buf)
+    if zlib.crc32(view[HEADER.size:], zlib.crc32(view[:12])) != crc:
+        raise SampleError("checksum mismatch (corrupt data)")
+    ids = np.frombuffer(buf, dtype="<u2" if width == 2 else "<u4", count=n, offset=HEADER.size)
+    return ids, a_len, label
+
+
+def member_name(split: str, shard: int, offset: int) -> str:
+    return f"{split}-{shard:06d}-{offset:06d}.sample"
+
+
+def shard_name(split: str, shard: int) -> str:
+    return f"{split}-{shard:06d}.tar"
+
+
+# ---------------------------------------------------------------------------------------------
+# tar writing and indexing
+
+BLOCK = 512
+_EOF = b"\0" * (2 * BLOCK)
+
+
+def tar_header(name: str, size: int) -> bytes:
+    h = bytearray(BLOCK)
+    raw = name.encode("ascii")
+    if len(raw) > 100:
+        raise ValueError(f"tar member name too long: {name}")
+    h[0:len(raw)] = raw
+    h[100:108] = b"0000644\0"
+    h[108:116] = b"0000000\0"
+    h[116:124] = b"0000000\0"
+    h[124:136] = b"%011o\0" % size
+    h[136:148] = b"00000000000\0"          # mtime 0: byte-identical shards
+    h[148:156] = b" " * 8                  # checksum is computed with this field as spaces
+    h[156] = ord("0")
+    h[257:265] = b"ustar\x0000"
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+class TarWriter:
+    """Writes a tar to `path + ".tmp"`, hashing as it goes; `close()` renames it into place."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.f = open(self.tmp, "wb")
+        self.sha = hashlib.sha256()
+        self.bytes = 0
+        self.count = 0
+
+    def _write(self, b: bytes) -> None:
+        self.f.write(b)
+        self.sha.update(b)
+        self.bytes += len(b)
+
+    def add(self, name: str, payload: bytes | memoryview) -> None:
+        self._write(tar_header(name, len(payload)))
+        self._write(payload)
+        pad = -len(payload) % BLOCK
+        if pad:
+            self._write(b"\0" * pad)
+        self.count += 1
+
+    def close(self) -> tuple[int, str]:
+        self._write(_EOF)
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return self.bytes, self.sha.hexdigest()
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class TarIndex:
+    """Where each sample's bytes are in a shard; problems per sample offset."""
+
+    starts: np.ndarray  # (n,) int64 byte offset of the payload, -1 if the sample is missing
+    sizes: np.ndarray   # (n,) int64
+    problems: dict[int, str]  # offset -> what is wrong
+
+
+def _header_ok(mm: Any, pos: int) -> bool:
+    if mm[pos + 257:pos + 262] != b"ustar":
+        return False
+    block = np.frombuffer(mm, dtype=np.uint8, count=BLOCK, offset=pos)
+    try:
+        stored = int(bytes(mm[pos + 148:pos + 156]).strip(b"\0 "), 8)
+    except ValueError:
+        return False
+    return int(block.sum()) - int(block[148:156].sum()) + 8 * 32 == stored
+
+
+def index_tar(mm: Any, split: str, shard: int, expected: int) -> TarIndex:
+    """Index a shard written by `TarWriter` by walking its member headers.
+
+    A member whose header is damaged is skipped by scanning forward, block by block, to the next
+    valid header (members carry their offset in their name, so later samples stay readable); a
+    shard cut short leaves the samples after the cut missing. Each problem is recorded against the
+    sample offsets it affects; the caller decides whether to raise or skip."""
+    size = len(mm)
+    starts = np.full(expected, -1, dtype=np.int64)
+    sizes = np.zeros(expected, dtype=np.int64)
+    problems: dict[int, str] = {}
+    prefix = f"{split}-{shard:06d}-".encode()
+    plen = len(prefix)
+    headers: list[int] = []
+    pos = 0
+    while pos + BLOCK <= size:
+        name_end = mm.find(b"\0", pos, pos + 100)
+        name = mm[pos:name_end if name_end >= 0 else pos + 100]
+        if not name and mm[pos:pos + BLOCK] == b"\0" * BLOCK:
+            break  # end-of-archive marker
+        off = -1
+        if (name[:plen] == prefix and name.endswith(b".sample") and len(name) == plen + 13
+                and mm[pos + 257:pos + 262] == b"ustar"):
+            try:
+                off = int(name[plen:plen + 6])
+                length = int(mm[pos + 124:pos + 135], 8)
+            except ValueError:
+                off = -1
+        if not 0 <= off < expected:
+            pos += BLOCK  # not a header of ours: damaged; look for the next one
+            continue
+        end = pos + BLOCK + length
+        if end > size:
+            problems[off] = "truncated: the shard ends inside this sample"
+            break
+        starts[off] = pos + BLOCK
+        sizes[off] = length
+        headers.append(pos)
+        pos = end + (-length % BLOCK)
+    # Header checksums, vectorised over the 512-byte blocks: a corrupt byte in a header field we
+    # do not parse (mode, mtime…) still makes the shard unreadable for tar and WebDataset.
+    if headers:
+        blocks = np.frombuffer(mm, dtype=np.uint8, count=size // BLOCK * BLOCK).reshape(-1, BLOCK)
+        hpos = np.asarray(headers, dtype=np.int64)
+        rows = blocks[hpos // BLOCK]
+        computed = (rows.sum(axis=1, dtype=np.int64) - rows[:, 148:156].sum(axis=1, dtype=np.int64)
+                    + 8 * 32)
+        stored = np.array([_stored_checksum(mm, int(p)) for p in hpos], dtype=np.int64)
+        for i in np.nonzero(computed != stored)[0]:
+            p = int(hpos[i])
+            off = int(mm[p + plen:p + plen + 6])
+            problems.setdefault(off, "tar header checksum mismatch (corrupt header)")
+            starts[off] = -1
+    for off in np.nonzero(starts < 0)[0].tolist():
+        problems.setdefault(off, "missing: the shard is truncated, or this sample's tar header "
+                                 "is damaged")
+    return TarIndex(starts, sizes, problems)
+
+
+def _stored_checksum(mm: Any, pos: int) -> int:
+    try:
+        return int(bytes(mm[pos + 148:pos + 156]).strip(b"\0 "), 8)
+    except ValueError:
+        return -1
+
+
+def open_mmap(path: Path) -> mmap.mmap:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise UserError(f"{path}: shard is empty")
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# manifest
+
+@dataclass
+class ShardInfo:
+    name: str
+    """File name relative to the manifest's folder (or `shard_base`), or a full URL."""
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    path: Path
+    """The manifest file itself."""
+    format_version: int
+    seq_len: int
+    pair_objective: str
+    """nsp | sop | mlm."""
+    tokenizer_hash: str
+    vocab_file: Path
+    """The vocab.txt copied beside the manifest (absolute after reading)."""
+    lowercase: bool
+    seed: int
+    vocab_size: int
+    token_dtype: str
+    """uint16 or uint32."""
+    samples_per_shard: int
+    shards: dict[str, list[ShardInfo]]
+    fingerprint: str
+    """sha256 of the canonical manifest without `shard_base`: the identity of the data."""
+    shard_base: str | None = None
+    """Where shards live when not beside the manifest: a folder, a URL prefix, or a template
+    with `{name}` (e.g. ``pipe:aws s3 cp s3://bucket/seq128/{name} -``)."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """How the data was made (short_seq_prob, dupe_factor, eval_fraction, inputs...)."""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def num_samples(self, split: str) -> int:
+        return sum(s.samples for s in self._split(split))
+
+    def _split(self, split: str) -> list[ShardInfo]:
+        if split not in self.shards:
+            raise UserError(f"{self.path}: no split {split!r} (has {', '.join(self.shards)})")
+        return self.shards[split]
+
+    def shard_location(self, split: str, index: int) -> str:
+        """Local path or URL of one shard."""
+        name = self._split(split)[index].name
+        if "://" in name or name.startswith("pipe:") or os.path.isabs(name):
+            return name
+        base = self.shard_base
+        if base is None:
+            return str(self.path.parent / name)
+        if "{name}" in base:
+            return base.replace("{name}", name)
+        if "://" in base or base.startswith("pipe:"):
+            return base.rstrip("/") + "/" + name
+        return str(Path(base) / name)
+
+
+_REQUIRED = {"format": str, "format_version": int, "seq_len": int, "pair_objective": str,
+             "tokenizer_hash": str, "vocab_file": str, "lowercase": bool, "seed": int,
+             "vocab_size": int, "token_dtype": str, "samples_per_shard": int, "shards": dict}
+
+
+def fingerprint_of(data: dict[str, Any]) -> str:
+    core = {k: v for k, v in data.items() if k != "shard_base"}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def manifest_dict(**fields: Any) -> dict[str, Any]:
+    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **fields}
+
+
+def write_manifest(path: Path, data: dict[str, Any]) -> None:
+    """Atomic: a reader sees the old manifest or the complete new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | Path, shard_base: str | None = None) -> Manifest:
+    """Read and check a manifest (the JSON file, or the folder that holds manifest.json)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: data manifest not found (run `bertscale prepare` first)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: data manifest is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: data manifest is not a JSON object")
+    for key, tp in _REQUIRED.items():
+        if key not in data:
+            raise UserError(f"{path}: data manifest lacks field {key!r}")
+        if not isinstance(data[key], tp) or (tp is int and isinstance(data[key], bool)):
+            raise UserError(f"{path}: field {key!r} should be {tp.__name__}, "
+                            f"got {type(data[key]).__name__}")
+    if data["format"] != FORMAT_NAME:
+        raise UserError(f"{path}: not a bertscale data manifest (format {data['format']!r})")
+    if data["format_version"] != FORMAT_VERSION:
+        raise UserError(f"{path}: shard format version {data['format_version']} is not supported "
+                        f"by this bertscale (reads version {FORMAT_VERSION}); re-run prepare")
+    if data["pair_objective"] not in ("nsp", "sop", "mlm"):
+        raise UserError(f"{path}: unknown pair_objective {data['pair_objective']!r}")
+    if data["token_dtype"] not in ("uint16", "uint32"):
+        raise UserError(f"{path}: unknown token_dtype {data['token_dtype']!r}")
+    shards: dict[str, list[ShardInfo]] = {}
+    for split, rows in data["shards"].items():
+        if not isinstance(rows, list):
+            raise UserError(f"{path}: shards.{split} should be a list")
+        infos = []
+        for i, row in enumerate(rows):
+            try:
+                info = ShardInfo(name=str(row["name"]), samples=int(row["samples"]),
+                                 bytes=int(row["bytes"]), sha256=str(row["sha256"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise UserError(f"{path}: shards.{split}[{i}] is malformed ({e})") from None
+            if info.samples <= 0 or info.samples > MAX_SAMPLES_PER_SHARD:
+                raise UserError(f"{path}: shards.{split}[{i}] ({info.name}) has {info.samples} samples")
+            infos.append(info)
+        shards[split] = infos
+    vocab = path.parent / data["vocab_file"]
+    if not vocab.is_file():
+        raise UserError(f"{path}: vocabulary {vocab} named by the manifest is missing")
+    return Manifest(path=path, format_version=data["format_version"], seq_len=data["seq_len"],
+                    pair_objective=data["pair_objective"], tokenizer_hash=data["tokenizer_hash"],
+                    vocab_file=vocab, lowercase=data["lowercase"], seed=data["seed"],
+                    vocab_size=data["vocab_size"], token_dtype=data["token_dtype"],
+                    samples_per_shard=data["samples_per_shard"], shards=shards,
+                    fingerprint=fingerprint_of(data),
+                    shard_base=shard_base if shard_base is not None else data.get("shard_base"),
+                    settings=data.get("settings", {}), stats=data.get("stats", {}))
