@@ -1,0 +1,397 @@
+"""GLUE: the nine tasks in the TSV layout of the GLUE distribution, official metrics, and test
+predictions in the GLUE server's submission format.
+
+Layout read (one folder per task, named as in the GLUE download: CoLA, SST-2, MRPC, STS-B, QQP,
+MNLI, QNLI, RTE, WNLI): train.tsv, dev.tsv (MNLI: dev_matched.tsv and dev_mismatched.tsv),
+test.tsv (MNLI: test_matched.tsv, test_mismatched.tsv). Fields are tab-separated with no
+quoting (quotes are text, as the GLUE files need); CoLA's train/dev have no header, every other
+file has one and columns are found by name. MNLI's folder (or the GLUE root's
+diagnostic/diagnostic.tsv) may hold the diagnostic set AX.tsv, predicted with the MNLI model.
+
+Written per task: results.json (dev metrics, mean ± std over seeds per learning rate) and the
+chosen run's test predictions `<Task>.tsv` (`index<TAB>prediction`, labels as the task spells
+them, STS-B scores as floats; MNLI-m.tsv, MNLI-mm.tsv, AX.tsv), the names the GLUE server
+expects in the submission zip.
+
+Limits: sentence pairs are truncated longest-first to --max-seq-length (128, Google's
+run_classifier default); a line with the wrong number of fields, a missing column or a label
+outside the task's set stops the run with the file and line named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bertscale.errors import UserError
+from bertscale.finetune import common
+from bertscale.finetune import metrics as M
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the fields of one kind of file are: column names (headered files) or indices."""
+
+    text_a: str | int
+    text_b: str | int | None
+    label: str | int | None
+    index: str | int | None = None
+    header: bool = True
+    num_fields: int | None = None
+    """Headerless files: the exact number of fields per line."""
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    labels: tuple[str, ...] | None
+    """The label strings in the files, in class-index order; None = regression (STS-B)."""
+    train: Layout
+    test: Layout
+    dev_files: tuple[tuple[str, str], ...] = (("dev.tsv", ""),)
+    """(file, metric suffix): MNLI has matched and mismatched dev sets."""
+    test_files: tuple[tuple[str, str], ...] = (("test.tsv", ""),)
+    """(file, submission file name)."""
+    metric_names: tuple[str, ...] = ("accuracy",)
+    main_metric: str = "accuracy"
+    score_range: tuple[float, float] = (0.0, 5.0)
+
+
+def _pair_layout(a: str, b: str, label: str | None, index: str | None = "index") -> Layout:
+    return Layout(text_a=a, text_b=b, label=label, index=index)
+
+
+_MNLI_TRAIN = _pair_layout("sentence1", "sentence2", "gold_label")
+TASKS: dict[str, Task] = {
+    "CoLA": Task("CoLA", ("0", "1"),
+                 train=Layout(text_a=3, text_b=None, label=1, header=False, num_fields=4),
+                 test=Layout(text_a="sentence", text_b=None, label=None, index="index"),
+                 metric_names=("mcc",), main_metric="mcc"),
+    "SST-2": Task("SST-2", ("0", "1"),
+                  train=Layout(text_a="sentence", text_b=None, label="label"),
+                  test=Layout(text_a="sentence", text_b=None, label=None, index="index")),
+    "MRPC": Task("MRPC", ("0", "1"),
+                 train=_pair_layout("#1 String", "#2 String", "Quality", None),
+                 test=_pair_layout("#1 String", "#2 String", None),
+                 metric_names=("f1", "accuracy"), main_metric="f1_accuracy"),
+    "STS-B": Task("STS-B", None,
+                  train=_pair_layout("sentence1", "sentence2", "score"),
+                  test=_pair_layout("sentence1", "sentence2", None),
+                  metric_names=("pearson", "spearman"), main_metric="pearson_spearman"),
+    "QQP": Task("QQP", ("0", "1"),
+                train=_pair_layout("question1", "question2", "is_duplicate", "id"),
+                test=_pair_layout("question1", "question2", None, "id"),
+                metric_names=("f1", "accuracy"), main_metric="f1_accuracy"),
+    "MNLI": Task("MNLI", ("contradiction", "entailment", "neutral"),
+                 train=_MNLI_TRAIN, test=_pair_layout("sentence1", "sentence2", None),
+                 dev_files=(("dev_matched.tsv", ""), ("dev_mismatched.tsv", "_mm")),
+                 test_files=(("test_matched.tsv", "MNLI-m.tsv"),
+                             ("test_mismatched.tsv", "MNLI-mm.tsv")),
+                 metric_names=("accuracy", "accuracy_mm")),
+    "QNLI": Task("QNLI", ("entailment", "not_entailment"),
+                 train=_pair_layout("question", "sentence", "label"),
+                 test=_pair_layout("question", "sentence", None)),
+    "RTE": Task("RTE", ("entailment", "not_entailment"),
+                train=_pair_layout("sentence1", "sentence2", "label"),
+                test=_pair_layout("sentence1", "sentence2", None)),
+    "WNLI": Task("WNLI", ("0", "1"),
+                 train=_pair_layout("sentence1", "sentence2", "label"),
+                 test=_pair_layout("sentence1", "sentence2", None)),
+}
+_AX_LAYOUT = _pair_layout("sentence1", "sentence2", None)
+
+
+def task_by_name(name: str) -> Task:
+    for key, task in TASKS.items():
+        if key.lower() == name.lower() or key.replace("-", "").lower() == name.replace("-", "").lower():
+            return task
+    raise UserError(f"unknown GLUE task {name!r}; choose from {', '.join(TASKS)}")
+
+
+def submission_name(task: Task, test_file: str) -> str:
+    for f, sub in task.test_files:
+        if f == test_file and sub:
+            return sub
+    return f"{task.name}.tsv"
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+@dataclass
+class Example:
+    guid: str
+    """The test index for the submission file, else file:line."""
+    text_a: str
+    text_b: str | None
+    label: int | float | None
+
+
+def read_tsv(path: Path, task: Task, layout: Layout, labelled: bool) -> list[Example]:
+    """Read one GLUE TSV file; every problem names the file and the 1-based line."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    try:
+        text = raw.decode("utf-8-sig")    # MRPC's files start with a byte-order mark
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    if not lines:
+        raise UserError(f"{path}: the file is empty")
+
+    def col(name: str | int | None, header: list[str]) -> int | None:
+        if name is None or isinstance(name, int):
+            return name
+        if name not in header:
+            raise UserError(f"{path}:1: header has no column {name!r} (it has: "
+                            f"{', '.join(repr(h) for h in header)}); is this the {task.name} "
+                            f"{'train/dev' if labelled else 'test'} file?")
+        return header.index(name)
+
+    if layout.header:
+        header = lines[0].split("\t")
+        n_fields, first = len(header), 1
+    else:
+        header, n_fields, first = [], layout.num_fields, 0
+    ia, ib = col(layout.text_a, header), col(layout.text_b, header)
+    il = col(layout.label, header) if labelled else None
+    ii = col(layout.index, header)
+    label_index = {s: i for i, s in enumerate(task.labels)} if task.labels else None
+    out: list[Example] = []
+    for n, line in enumerate(lines[first:], start=first + 1):
+        fields = line.split("\t")
+        if len(fields) != n_fields:
+            what = "the header has" if layout.header else f"{task.name} rows have"
+            raise UserError(f"{path}:{n}: {len(fields)} tab-separated fields, but {what} "
+                            f"{n_fields}")
+        label: int | float | None = None
+        if il is not None:
+            raw_label = fields[il]
+            if label_index is not None:
+                if raw_label not in label_index:
+                    raise UserError(f"{path}:{n}: label {raw_label!r} is not a {task.name} label "
+                                    f"(expected one of {', '.join(task.labels or ())})")
+                label = label_index[raw_label]
+            else:
+                try:
+                    label = float(raw_label)
+                except ValueError:
+                    label = float("nan")
+                lo, hi = task.score_range
+                if not lo <= label <= hi:
+                    raise UserError(f"{path}:{n}: score {raw_label!r} is not a number in "
+                                    f"[{lo:g}, {hi:g}]")
+        guid = fields[ii] if ii is not None else f"{path.name}:{n}"
+        out.append(Example(guid, fields[ia], fields[ib] if ib is not None else None, label))
+    return out
+
+
+def find_task_dir(data_dir: Path, task: Task) -> Path:
+    """`data_dir` is the GLUE root (holding <Task>/) or the task folder itself."""
+    for cand in (data_dir / task.name, data_dir):
+        if (cand / "train.tsv").is_file():
+            return cand
+    raise UserError(f"{data_dir}: no {task.name}/train.tsv (nor train.tsv) here; pass the GLUE "
+                    f"folder that holds {task.name}/ or the {task.name} folder itself")
+
+
+# --------------------------------------------------------------------------- features
+
+
+def featurize(tok: Any, examples: Sequence[Example], regression: bool) -> list[dict[str, Any]]:
+    if not examples:
+        return []
+    inputs = ([e.text_a for e in examples] if examples[0].text_b is None
+              else [(e.text_a, e.text_b) for e in examples])
+    encodings = tok.encode_batch(inputs)
+    feats = []
+    for e, enc in zip(examples, encodings):
+        f: dict[str, Any] = {"input_ids": enc.ids, "token_type_ids": enc.type_ids}
+        if e.label is not None:
+            f["label"] = float(e.label) if regression else int(e.label)
+        feats.append(f)
+    return feats
+
+
+def loss_fn(regression: bool):
+    def compute(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        logits = model(**common.model_inputs(batch))                   # (B, labels)
+        if regression:
+            return F.mse_loss(logits.squeeze(-1).float(), batch["label"].float())
+        return F.cross_entropy(logits.float(), batch["label"])
+    return compute
+
+
+def _forward(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return model(**common.model_inputs(batch))
+
+
+def compute_metrics(task: Task, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The official GLUE metric(s) of `task` from predictions (class indices, or scores)."""
+    if task.labels is None:
+        p, s = M.pearson(preds, labels), M.spearman(preds, labels)
+        return {"pearson": p, "spearman": s, "pearson_spearman": (p + s) / 2}
+    if task.main_metric == "mcc":
+        return {"mcc": M.matthews_corrcoef(preds, labels)}
+    acc = M.accuracy(preds, labels)
+    if task.main_metric == "f1_accuracy":
+        f1 = M.f1_binary(preds, labels)
+        return {"f1": f1, "accuracy": acc, "f1_accuracy": (f1 + acc) / 2}
+    return {"accuracy": acc}
+
+
+def dev_predictions_name(dev_file: str) -> str:
+    return dev_file.replace(".tsv", "_predictions.tsv")
+
+
+def dev_predictions_tsv(task: Task, examples: Sequence[Example], preds: np.ndarray) -> str:
+    """`id<TAB>prediction<TAB>label` for error analysis (id: the file's index column, or
+    file:line for files without one); labels spelled as in the task's files."""
+    def spell(v: float) -> str:   # scores in full (repr) precision: they are re-scorable
+        return repr(float(v)) if task.labels is None else task.labels[int(v)]
+    rows = ["id\tprediction\tlabel"]
+    rows += [f"{e.guid}\t{spell(p)}\t{spell(e.label)}" for e, p in zip(examples, preds)]
+    return "\n".join(rows) + "\n"
+
+
+def submission_tsv(task: Task, guids: Sequence[str], preds: np.ndarray) -> str:
+    rows = ["index\tprediction"]
+    for g, p in zip(guids, preds):
+        if task.labels is None:
+            rows.append(f"{g}\t{float(p):.3f}")
+        else:
+            rows.append(f"{g}\t{task.labels[int(p)]}")
+    return "\n".join(rows) + "\n"
+
+
+# --------------------------------------------------------------------------------- run
+
+
+@dataclass
+class GlueArgs:
+    task: str
+    data_dir: Path
+    checkpoint: Path
+    output_dir: Path
+    lrs: list[float] = field(default_factory=lambda: [5e-5, 4e-5, 3e-5, 2e-5])
+    seeds: list[int] = field(default_factory=lambda: [1])
+    train: common.TrainConfig = field(default_factory=common.TrainConfig)
+    max_seq_length: int = 128
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    predict_test: bool = True
+    save_model: bool = False
+
+
+def run(a: GlueArgs) -> dict[str, Any]:
+    """Fine-tune and evaluate one GLUE task over the lr x seed grid; returns the summary."""
+    common.refuse_distributed()
+    t0 = time.perf_counter()
+    task = task_by_name(a.task)
+    folder = find_task_dir(a.data_dir, task)
+    regression = task.labels is None
+    train_ex = read_tsv(folder / "train.tsv", task, task.train, labelled=True)
+    dev_sets = []
+    for fname, suffix in task.dev_files:
+        path = folder / fname
+        if not path.is_file():
+            raise UserError(f"{folder}: no {fname}; the dev set is needed to score the run")
+        dev_sets.append((fname, suffix, read_tsv(path, task, task.train, labelled=True)))
+    tests: list[tuple[str, list[Example]]] = []
+    if a.predict_test:
+        for fname, _ in task.test_files:
+            if (folder / fname).is_file():
+                tests.append((submission_name(task, fname),
+                              read_tsv(folder / fname, task, task.test, labelled=False)))
+        if task.name == "MNLI":
+            for ax in (folder / "AX.tsv", folder.parent / "diagnostic" / "diagnostic.tsv"):
+                if ax.is_file():
+                    tests.append(("AX.tsv", read_tsv(ax, task, _AX_LAYOUT, labelled=False)))
+                    break
+    if a.max_train_samples:
+        train_ex = train_ex[:a.max_train_samples]
+    if a.max_eval_samples:
+        dev_sets = [(f, s, ex[:a.max_eval_samples]) for f, s, ex in dev_sets]
+
+    pretrained = common.load_checkpoint(a.checkpoint)
+    tok = common.load_task_tokenizer(pretrained, a.max_seq_length)
+    train_f = featurize(tok, train_ex, regression)
+    dev_f = [(f, s, featurize(tok, ex, regression), ex) for f, s, ex in dev_sets]
+    test_f = [(name, featurize(tok, ex, regression), ex) for name, ex in tests]
+    common.check_casing(pretrained, common.unk_fraction(tok, (f["input_ids"] for f in train_f)),
+                        f"{task.name} training text")
+    pad_id = tok.token_to_id("[PAD]")
+
+    from bertscale.model import BertForSequenceClassification
+    out_dir = Path(a.output_dir) / task.name
+    runs: list[common.RunResult] = []
+    for lr in a.lrs:
+        for seed in a.seeds:
+            cfg = dataclasses.replace(a.train, lr=lr, seed=seed)
+            common.log(f"{task.name}: lr {lr:g} seed {seed}: {len(train_f)} examples, "
+                       f"{cfg.epochs:g} epochs = "
+                       f"{common.total_steps(cfg, len(train_f))} steps, batch {cfg.batch_size}")
+            common.seed_everything(seed)
+            model = common.build_model(BertForSequenceClassification, pretrained,
+                                       num_labels=1 if regression else len(task.labels or ()))
+            stats = common.fit(model, train_f, loss_fn(regression), cfg, pad_id)
+            metrics: dict[str, float] = {}
+            folder_run = common.run_folder(out_dir, lr, seed)
+            for fname, suffix, feats, ex in dev_f:
+                (logits,) = common.predict(model, feats, _forward, cfg, pad_id)
+                preds = predict_labels(task, logits)
+                labels = np.array([f["label"] for f in feats])
+                for k, v in compute_metrics(task, preds, labels).items():
+                    metrics[k + suffix] = v
+                common.write_text_atomic(folder_run / dev_predictions_name(fname),
+                                         dev_predictions_tsv(task, ex, preds))
+            for name, feats, ex in test_f:
+                (logits,) = common.predict(model, feats, _forward, cfg, pad_id)
+                preds = predict_labels(task, logits)
+                common.write_text_atomic(folder_run / name,
+                                         submission_tsv(task, [e.guid for e in ex], preds))
+            common.write_json_atomic(folder_run / "results.json",
+                                     {"task": task.name, "lr": lr, "seed": seed,
+                                      "metrics": metrics, "train": stats})
+            if a.save_model:
+                common.save_model(model, pretrained, folder_run, "BertForSequenceClassification")
+            runs.append(common.RunResult(lr, seed, metrics, folder_run, stats))
+            del model
+    summary = common.summarize(task.name, task.main_metric, runs)
+    best = common.run_folder(out_dir, summary["best_lr"], summary["best_seed"])
+    published = common.publish(best, out_dir, [name for name, _, _ in test_f])
+    summary.update(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+                   lowercase=pretrained.lowercase, data=str(folder),
+                   train_examples=len(train_f), max_seq_length=a.max_seq_length,
+                   predictions=[p.name for p in published], seconds=time.perf_counter() - t0,
+                   recipe=common_recipe(a.train))
+    common.write_json_atomic(out_dir / "results.json", summary)
+    print(common.console_line(summary, task.metric_names, summary["seconds"]), flush=True)
+    return summary
+
+
+def common_recipe(cfg: common.TrainConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in ("epochs", "batch_size", "warmup", "weight_decay",
+                                         "max_grad_norm", "max_steps", "precision")}
+
+
+def predict_labels(task: Task, logits: np.ndarray) -> np.ndarray:
+    return logits[:, 0] if task.labels is None else logits.argmax(-1)
+
+
+__all__ = ["TASKS", "Task", "Layout", "Example", "GlueArgs", "read_tsv", "featurize",
+           "compute_metrics", "submission_tsv", "run", "task_by_name"]

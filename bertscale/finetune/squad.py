@@ -1,0 +1,483 @@
+"""SQuAD v1.1 and v2.0: reading the official JSON, windowed features, n-best span decoding,
+the official EM / F1 (v2.0: with the no-answer threshold search), and prediction files in the
+official formats.
+
+Features follow Google's run_squad: [CLS] question [SEP] context-window [SEP], the question cut
+to --max-query-length word pieces (64), windows of the context every --doc-stride tokens (128)
+so that every token appears in at least one window of --max-seq-length (384). A token seen in
+several windows is scored only in the window where it has the most context on both sides.
+Training uses the first gold answer (v1.1 and v2.0 train files have one); a window that does not
+contain the whole answer, and every window of an unanswerable v2.0 question, is labelled with
+[CLS] (start = end = 0).
+
+Decoding: the 20 best start and 20 best end positions of each window, spans inside the context
+with end >= start and at most --max-answer-length (30) tokens, scored start + end logit; the
+text is cut from the ORIGINAL context through the tokenizer's character offsets (no
+de-tokenisation heuristics). v2.0: the null score is the smallest [CLS] start + end over the
+question's windows; the question is answered "" when null - best span > --null-score-diff-threshold
+(0.0), and that difference is written to null_odds.json, the file the official evaluate-v2.0.py
+takes as --na-prob-file to search the best threshold.
+
+Files written: predictions.json ({id: text}), null_odds.json (v2.0), nbest_predictions.json
+(with --write-nbest), results.json (official metrics when the file has answers).
+
+Limits: answers whose text does not match the context at answer_start are skipped for training
+(counted and reported), as Google's reader skips unaligned answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bertscale.errors import UserError
+from bertscale.finetune import common
+from bertscale.finetune import metrics as M
+
+# ------------------------------------------------------------------------------ reading
+
+
+@dataclass
+class SquadExample:
+    qid: str
+    question: str
+    context_index: int
+    """Index into SquadFile.contexts (questions of one paragraph share it)."""
+    answers: list[tuple[str, int]]
+    """(text, character start) of each gold answer; empty for an unanswerable question."""
+    is_impossible: bool = False
+
+
+@dataclass
+class SquadFile:
+    path: Path
+    version: str
+    dataset: list[dict[str, Any]]
+    """The file's "data" list, as the official evaluation reads it."""
+    contexts: list[str]
+    examples: list[SquadExample]
+
+    @property
+    def has_answers(self) -> bool:
+        """Whether the file can be scored: v2.0 always (an empty list means "no answer");
+        v1.1 when every question has gold answers (a file without them is a test set)."""
+        return self.version == "2.0" or all(e.answers for e in self.examples)
+
+
+_VERSIONS = ("1.1", "2.0")
+
+
+def _line_of(text: str, qid: str) -> int | None:
+    m = re.search(r'"id"\s*:\s*' + re.escape(json.dumps(qid)), text)
+    return text.count("\n", 0, m.start()) + 1 if m else None
+
+
+def read_squad(path: str | Path, version: str) -> SquadFile:
+    """Read and check an official SQuAD JSON file of the stated version."""
+    path = Path(path)
+    if version not in _VERSIONS:
+        raise UserError(f"--version {version!r}: choose 1.1 or 2.0")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        top = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(top, dict) or not isinstance(top.get("data"), list):
+        raise UserError(f"{path}: not a SQuAD file (expected an object with a \"data\" list of "
+                        f"articles)")
+
+    def where(qid: str | None, article: int, para: int) -> str:
+        line = _line_of(text, qid) if qid is not None else None
+        loc = f"{path}:{line}" if line else str(path)
+        title = top["data"][article].get("title", article) if article < len(top["data"]) else article
+        return f"{loc}: article {title!r}, paragraph {para}" + (f", question {qid}" if qid else "")
+
+    file_version = str(top.get("version", "")).lstrip("v")
+    contexts: list[str] = []
+    examples: list[SquadExample] = []
+    seen: set[str] = set()
+    for ai, article in enumerate(top["data"]):
+        if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
+            raise UserError(f"{path}: article {ai} has no \"paragraphs\" list")
+        for pi, para in enumerate(article["paragraphs"]):
+            if not isinstance(para.get("context"), str) or not isinstance(para.get("qas"), list):
+                raise UserError(f"{where(None, ai, pi)}: needs a \"context\" string and a "
+                                f"\"qas\" list")
+            context = para["context"]
+            contexts.append(context)
+            for qa in para["qas"]:
+                qid = qa.get("id")
+                if not isinstance(qid, str) or not isinstance(qa.get("question"), str):
+                    raise UserError(f"{where(None, ai, pi)}: a question lacks its \"id\" or "
+                                    f"\"question\" string")
+                if qid in seen:
+                    raise UserError(f"{where(qid, ai, pi)}: question id appears twice")
+                seen.add(qid)
+                impossible = qa.get("is_impossible")
+                if version == "1.1" and (impossible is not None or file_version == "2.0"):
+                    raise UserError(f"{where(qid, ai, pi)}: this is a SQuAD v2.0 file "
+                                    f"(is_impossible fields / version {top.get('version')!r}); "
+                                    f"run with --version 2.0")
+                if version == "2.0" and not isinstance(impossible, bool):
+                    hint = ("this looks like a SQuAD v1.1 file; run with --version 1.1"
+                            if impossible is None else "it must be true or false")
+                    raise UserError(f"{where(qid, ai, pi)}: no boolean \"is_impossible\" field "
+                                    f"({hint})")
+                answers_raw = qa.get("answers")
+                if not isinstance(answers_raw, list):
+                    raise UserError(f"{where(qid, ai, pi)}: \"answers\" must be a list")
+                if impossible and answers_raw:
+                    raise UserError(f"{where(qid, ai, pi)}: is_impossible is true but it has "
+                                    f"answers (unanswerable questions keep their spans in "
+                                    f"\"plausible_answers\")")
+                answers = []
+                for a in answers_raw:
+                    if (not isinstance(a, dict) or not isinstance(a.get("text"), str)
+                            or not isinstance(a.get("answer_start"), int)):
+                        raise UserError(f"{where(qid, ai, pi)}: each answer needs \"text\" and "
+                                        f"an integer \"answer_start\"")
+                    if not 0 <= a["answer_start"] <= len(context):
+                        raise UserError(f"{where(qid, ai, pi)}: answer_start {a['answer_start']} "
+                                        f"is outside the context ({len(context)} characters)")
+                    answers.append((a["text"], a["answer_start"]))
+                examples.append(SquadExample(qid, qa["question"], len(contexts) - 1, answers,
+                                             bool(impossible)))
+    if not examples:
+        raise UserError(f"{path}: the file has no questions")
+    return SquadFile(path, version, top["data"], contexts, examples)
+
+
+# --------------------------------------------------------------------------- features
+
+
+@dataclass
+class FeatureMeta:
+    """How one window maps back to its question's context."""
+
+    example_index: int
+    ctx_offset: int
+    """Position in input_ids of the window's first context token."""
+    doc_start: int
+    """Index of that token among the context's tokens."""
+    doc_len: int
+    max_context: list[bool]
+    """Per window token: this window gives it the most context of all windows."""
+
+
+@dataclass
+class Features:
+    inputs: list[dict[str, Any]]
+    meta: list[FeatureMeta]
+    offsets: list[np.ndarray]
+    """Per context: (n_tokens, 2) character [start, end) of each word piece."""
+    skipped: int = 0
+    """Training questions left out because their answer does not align with the context."""
+
+
+def windows(n_tokens: int, max_doc: int, stride: int) -> list[tuple[int, int]]:
+    """(start, length) windows covering n_tokens, as Google's run_squad lays them out."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while True:
+        length = min(n_tokens - start, max_doc)
+        spans.append((start, length))
+        if start + length >= n_tokens:
+            return spans
+        start += min(length, stride)
+
+
+def _max_context(spans: Sequence[tuple[int, int]], span_i: int, position: int) -> bool:
+    best_score, best_i = None, None
+    for i, (s, n) in enumerate(spans):
+        if not s <= position < s + n:
+            continue
+        score = min(position - s, s + n - 1 - position) + 0.01 * n
+        if best_score is None or score > best_score:
+            best_score, best_i = score, i
+    return best_i == span_i
+
+
+def featurize(tok: Any, data: SquadFile, *, training: bool, max_seq_length: int = 384,
+              doc_stride: int = 128, max_query_length: int = 64) -> Features:
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    ctx_enc = tok.encode_batch(data.contexts, add_special_tokens=False)
+    q_enc = tok.encode_batch([e.question for e in data.examples], add_special_tokens=False)
+    offsets = [np.array(enc.offsets, dtype=np.int64).reshape(-1, 2) for enc in ctx_enc]
+    feats = Features([], [], offsets)
+    for ei, (ex, qe) in enumerate(zip(data.examples, q_enc)):
+        q_ids = qe.ids[:max_query_length]
+        ctx = ctx_enc[ex.context_index]
+        n_doc = len(ctx.ids)
+        max_doc = max_seq_length - len(q_ids) - 3
+        if max_doc <= 0:
+            raise UserError(f"--max-seq-length {max_seq_length} leaves no room for the context "
+                            f"after a {len(q_ids)}-token question")
+        tok_start = tok_end = -1
+        if training and not ex.is_impossible:
+            if not ex.answers:
+                raise UserError(f"{data.path}: question {ex.qid} has no answer to train on")
+            text, start_char = ex.answers[0]
+            context = data.contexts[ex.context_index]
+            if context[start_char:start_char + len(text)] != text or not text.strip():
+                feats.skipped += 1
+                continue
+            off = offsets[ex.context_index]
+            end_char = start_char + len(text)
+            tok_start = int(np.searchsorted(off[:, 1], start_char, side="right"))
+            tok_end = int(np.searchsorted(off[:, 0], end_char, side="left")) - 1
+            if not 0 <= tok_start <= tok_end < n_doc:
+                feats.skipped += 1
+                continue
+        spans = windows(n_doc, max_doc, doc_stride)
+        for si, (ds, dl) in enumerate(spans):
+            input_ids = [cls_id, *q_ids, sep_id, *ctx.ids[ds:ds + dl], sep_id]
+            type_ids = [0] * (len(q_ids) + 2) + [1] * (dl + 1)
+            ctx_offset = len(q_ids) + 2
+            f: dict[str, Any] = {"input_ids": input_ids, "token_type_ids": type_ids}
+            if training:
+                if tok_start >= ds and tok_end < ds + dl:
+                    f["start_positions"] = tok_start - ds + ctx_offset
+                    f["end_positions"] = tok_end - ds + ctx_offset
+                else:
+                    f["start_positions"] = f["end_positions"] = 0
+            feats.inputs.append(f)
+            feats.meta.append(FeatureMeta(ei, ctx_offset, ds, dl,
+                                          [_max_context(spans, si, ds + j) for j in range(dl)]))
+    return feats
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class Decoded:
+    predictions: dict[str, str]
+    null_odds: dict[str, float] = field(default_factory=dict)
+    nbest: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def _top(logits: np.ndarray, n: int) -> list[int]:
+    # Stable on ties: the lower position first, as a stable sort of (position, logit) would.
+    return np.argsort(-logits, kind="stable")[:n].tolist()
+
+
+def decode(data: SquadFile, feats: Features, start_logits: Sequence[np.ndarray],
+           end_logits: Sequence[np.ndarray], *, version_2: bool, n_best: int = 20,
+           max_answer_length: int = 30, null_score_diff_threshold: float = 0.0) -> Decoded:
+    """Predictions from per-window logits (each 1-d over that window's input_ids)."""
+    by_example: dict[int, list[int]] = {}
+    for fi, m in enumerate(feats.meta):
+        by_example.setdefault(m.example_index, []).append(fi)
+    out = Decoded({})
+    for ei, ex in enumerate(data.examples):
+        context = data.contexts[ex.context_index]
+        off = feats.offsets[ex.context_index]
+        candidates: list[tuple[float, float, float, int, int]] = []  # score, s, e, char s, char e
+        null_score = None
+        null_pair = (0.0, 0.0)
+        for fi in by_example.get(ei, []):
+            m = feats.meta[fi]
+            s_log = np.asarray(start_logits[fi], dtype=np.float64)
+            e_log = np.asarray(end_logits[fi], dtype=np.float64)
+            if version_2:
+                score = s_log[0] + e_log[0]
+                if null_score is None or score < null_score:
+                    null_score, null_pair = score, (s_log[0], e_log[0])
+            lo, hi = m.ctx_offset, m.ctx_offset + m.doc_len     # context positions [lo, hi)
+            for s in _top(s_log, n_best):
+                if not lo <= s < hi or not m.max_context[s - lo]:
+                    continue
+                for e in _top(e_log, n_best):
+                    if not lo <= e < hi or e < s or e - s + 1 > max_answer_length:
+                        continue
+                    ts, te = m.doc_start + s - lo, m.doc_start + e - lo
+                    candidates.append((s_log[s] + e_log[e], s_log[s], e_log[e],
+                                       int(off[ts, 0]), int(off[te, 1])))
+        candidates.sort(key=lambda c: c[0], reverse=True)
+        nbest: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for score, sl, el, cs, ce in candidates:
+            if len(nbest) >= n_best:
+                break
+            text = context[cs:ce]
+            if text in seen:
+                continue
+            seen.add(text)
+            nbest.append({"text": text, "start_logit": sl, "end_logit": el,
+                          "char_start": cs, "char_end": ce})
+        if version_2 and null_score is not None:
+            # The null answer always stays in the n-best: at its rank when it is among the
+            # n best, else after them (n + 1 entries), as Google's run_squad keeps it.
+            null = {"text": "", "start_logit": null_pair[0], "end_logit": null_pair[1]}
+            merged = sorted(nbest + [null], key=lambda c: c["start_logit"] + c["end_logit"],
+                            reverse=True)
+            rank = next(i for i, c in enumerate(merged) if c is null)
+            nbest = merged[:n_best] if rank < n_best else merged
+        if not nbest:
+            nbest = [{"text": "", "start_logit": 0.0, "end_logit": 0.0}]
+        scores = np.array([c["start_logit"] + c["end_logit"] for c in nbest])
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+        for c, p in zip(nbest, probs):
+            c["probability"] = float(p)
+            c["start_logit"], c["end_logit"] = float(c["start_logit"]), float(c["end_logit"])
+        out.nbest[ex.qid] = nbest
+        non_null = next((c for c in nbest if c["text"]), None)
+        if not version_2:
+            out.predictions[ex.qid] = nbest[0]["text"]
+            continue
+        if non_null is None:
+            # Nothing but [CLS] qualified (a context of no tokens): certainly no answer.
+            out.null_odds[ex.qid] = 1e9
+            out.predictions[ex.qid] = ""
+            continue
+        diff = float(null_score) - non_null["start_logit"] - non_null["end_logit"]
+        out.null_odds[ex.qid] = diff
+        out.predictions[ex.qid] = "" if diff > null_score_diff_threshold else non_null["text"]
+    return out
+
+
+def evaluate(data: SquadFile, decoded: Decoded) -> dict[str, float]:
+    """The official script's numbers for these predictions (v2.0 with null_odds as the
+    no-answer probabilities and the script's default --na-prob-thresh 1.0)."""
+    if data.version == "1.1":
+        return M.squad_v1_evaluate(data.dataset, decoded.predictions)
+    return M.squad_v2_evaluate(data.dataset, decoded.predictions, decoded.null_odds)
+
+
+# --------------------------------------------------------------------------------- run
+
+
+def _loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    start, end = model(**common.model_inputs(batch))                  # (B, T) each
+    return (F.cross_entropy(start.float(), batch["start_positions"])
+            + F.cross_entropy(end.float(), batch["end_positions"])) / 2
+
+
+def _forward(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    return model(**common.model_inputs(batch))
+
+
+@dataclass
+class SquadArgs:
+    version: str
+    train_file: Path
+    predict_file: Path
+    checkpoint: Path
+    output_dir: Path
+    lrs: list[float] = field(default_factory=lambda: [5e-5])
+    seeds: list[int] = field(default_factory=lambda: [1])
+    train: common.TrainConfig = field(default_factory=common.TrainConfig)
+    max_seq_length: int = 384
+    doc_stride: int = 128
+    max_query_length: int = 64
+    n_best_size: int = 20
+    max_answer_length: int = 30
+    null_score_diff_threshold: float = 0.0
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    write_nbest: bool = False
+    save_model: bool = False
+
+
+def _subset(data: SquadFile, n: int | None) -> SquadFile:
+    """The first n questions (whole file when n is None); the dataset keeps only them, so the
+    official metric is computed over what was predicted."""
+    if not n or n >= len(data.examples):
+        return data
+    keep = {e.qid for e in data.examples[:n]}
+    dataset = []
+    for art in data.dataset:
+        paras = []
+        for p in art["paragraphs"]:
+            qas = [q for q in p["qas"] if q["id"] in keep]
+            if qas:
+                paras.append({**p, "qas": qas})
+        if paras:
+            dataset.append({**art, "paragraphs": paras})
+    return SquadFile(data.path, data.version, dataset, data.contexts, data.examples[:n])
+
+
+def run(a: SquadArgs) -> dict[str, Any]:
+    common.refuse_distributed()
+    t0 = time.perf_counter()
+    name = f"SQuAD-v{a.version}"
+    train_data = _subset(read_squad(a.train_file, a.version), a.max_train_samples)
+    eval_data = _subset(read_squad(a.predict_file, a.version), a.max_eval_samples)
+    pretrained = common.load_checkpoint(a.checkpoint)
+    tok = common.load_task_tokenizer(pretrained)
+    common.check_length(pretrained, a.max_seq_length)
+    shape = dict(max_seq_length=a.max_seq_length, doc_stride=a.doc_stride,
+                 max_query_length=a.max_query_length)
+    train_f = featurize(tok, train_data, training=True, **shape)
+    if train_f.skipped:
+        common.log(f"{a.train_file}: {train_f.skipped} questions skipped for training: their "
+                   f"answer text does not match the context at answer_start")
+    eval_f = featurize(tok, eval_data, training=False, **shape)
+    common.check_casing(pretrained, common.unk_fraction(tok, (f["input_ids"] for f in train_f.inputs)),
+                        f"{a.train_file}")
+    pad_id = tok.token_to_id("[PAD]")
+    from bertscale.model import BertForQuestionAnswering
+    out_dir = Path(a.output_dir) / name
+    files = ["predictions.json"] + (["null_odds.json"] if a.version == "2.0" else []) \
+        + (["nbest_predictions.json"] if a.write_nbest else [])
+    runs: list[common.RunResult] = []
+    main = "f1"
+    for lr in a.lrs:
+        for seed in a.seeds:
+            cfg = dataclasses.replace(a.train, lr=lr, seed=seed)
+            common.log(f"{name}: lr {lr:g} seed {seed}: {len(train_f.inputs)} windows of "
+                       f"{len(train_data.examples)} questions, {cfg.epochs:g} epochs = "
+                       f"{common.total_steps(cfg, len(train_f.inputs))} steps, "
+                       f"batch {cfg.batch_size}")
+            common.seed_everything(seed)
+            model = common.build_model(BertForQuestionAnswering, pretrained)
+            stats = common.fit(model, train_f.inputs, _loss, cfg, pad_id)
+            start, end = common.predict(model, eval_f.inputs, _forward, cfg, pad_id)
+            n = [len(f["input_ids"]) for f in eval_f.inputs]
+            decoded = decode(eval_data, eval_f, [s[:k] for s, k in zip(start, n)],
+                             [e[:k] for e, k in zip(end, n)], version_2=a.version == "2.0",
+                             n_best=a.n_best_size, max_answer_length=a.max_answer_length,
+                             null_score_diff_threshold=a.null_score_diff_threshold)
+            metrics = evaluate(eval_data, decoded) if eval_data.has_answers else {}
+            folder = common.run_folder(out_dir, lr, seed)
+            common.write_json_atomic(folder / "predictions.json", decoded.predictions)
+            if a.version == "2.0":
+                common.write_json_atomic(folder / "null_odds.json", decoded.null_odds)
+            if a.write_nbest:
+                common.write_json_atomic(folder / "nbest_predictions.json", decoded.nbest)
+            common.write_json_atomic(folder / "results.json", {"task": name, "lr": lr,
+                                     "seed": seed, "metrics": metrics, "train": stats})
+            if a.save_model:
+                common.save_model(model, pretrained, folder, "BertForQuestionAnswering")
+            runs.append(common.RunResult(lr, seed, {k: float(v) for k, v in metrics.items()}
+                                         or {main: float("nan")}, folder, stats))
+            del model
+    summary = common.summarize(name, main, runs)
+    best = common.run_folder(out_dir, summary["best_lr"], summary["best_seed"])
+    published = common.publish(best, out_dir, files)
+    summary.update(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+                   lowercase=pretrained.lowercase, train_file=str(a.train_file),
+                   predict_file=str(a.predict_file), train_questions=len(train_data.examples),
+                   train_windows=len(train_f.inputs), skipped_train_questions=train_f.skipped,
+                   predictions=[p.name for p in published], seconds=time.perf_counter() - t0,
+                   **shape)
+    common.write_json_atomic(out_dir / "results.json", summary)
+    names = ("exact_match", "f1") if a.version == "1.1" else ("exact", "f1", "best_f1")
+    print(common.console_line(summary, names, summary["seconds"], scale=1.0), flush=True)
+    return summary

@@ -1,0 +1,195 @@
+"""SWAG: choose the right ending of a sentence among four, the paper's multiple-choice setup.
+
+Reads the official CSV files of the swagaf release (train.csv, val.csv with a `label` column,
+test.csv without): a leading unnamed index column, then video-id, fold-ind, startphrase, sent1,
+sent2, gold-source, ending0..ending3[, label]. Standard CSV quoting (the files quote endings that
+hold commas). Columns are found by name, so a file without the index column reads too.
+
+Each choice is encoded as ([CLS] sent1 [SEP] sent2 + " " + ending_i [SEP]), truncated
+longest-first to --max-seq-length (128); BertForMultipleChoice scores each with a vector dotted
+with its pooled [CLS] and the four scores go through one softmax (the paper's Section 4.4).
+Metric: accuracy on val.csv (its predictions: val_predictions.csv, `index,pred,label`).
+test.csv -> predictions.csv (`index,pred`: the file's index column, or the 0-based row when it
+has none, and the chosen ending 0-3).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bertscale.errors import UserError
+from bertscale.finetune import common
+from bertscale.finetune import metrics as M
+
+NUM_CHOICES = 4
+_TEXT_COLUMNS = ("sent1", "sent2", *(f"ending{i}" for i in range(NUM_CHOICES)))
+
+
+@dataclass
+class SwagExample:
+    index: str
+    context: str
+    start_ending: str
+    endings: list[str]
+    label: int | None
+
+
+def read_swag(path: Path, labelled: bool) -> list[SwagExample]:
+    """Read one official SWAG CSV; errors name the file, the line and the problem."""
+    try:
+        f = path.open(encoding="utf-8", newline="")
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    with f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise UserError(f"{path}: the file is empty") from None
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise UserError(f"{path}:1: cannot read the CSV header ({e})") from None
+        need = _TEXT_COLUMNS + (("label",) if labelled else ())
+        missing = [c for c in need if c not in header]
+        if missing:
+            raise UserError(f"{path}:1: header lacks {', '.join(missing)} (it has: "
+                            f"{', '.join(header)}); is this the official SWAG "
+                            f"{'train/val' if labelled else 'test'} CSV?")
+        col = {c: header.index(c) for c in need}
+        has_index = header[0] == ""
+        out: list[SwagExample] = []
+        try:
+            for row in reader:
+                line = reader.line_num
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise UserError(f"{path}:{line}: {len(row)} fields, but the header has "
+                                    f"{len(header)}")
+                label = None
+                if labelled:
+                    raw = row[col["label"]]
+                    if raw not in {str(i) for i in range(NUM_CHOICES)}:
+                        raise UserError(f"{path}:{line}: label {raw!r} is not an ending number "
+                                        f"0-{NUM_CHOICES - 1}")
+                    label = int(raw)
+                out.append(SwagExample(
+                    index=row[0] if has_index else str(len(out)),
+                    context=row[col["sent1"]], start_ending=row[col["sent2"]],
+                    endings=[row[col[f"ending{i}"]] for i in range(NUM_CHOICES)], label=label))
+        except csv.Error as e:
+            raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if not out:
+        raise UserError(f"{path}: the file has no examples")
+    return out
+
+
+def featurize(tok: Any, examples: Sequence[SwagExample]) -> list[dict[str, Any]]:
+    pairs = [(e.context, f"{e.start_ending} {ending}".strip())
+             for e in examples for ending in e.endings]
+    enc = tok.encode_batch(pairs)
+    feats = []
+    for i, e in enumerate(examples):
+        choices = enc[i * NUM_CHOICES:(i + 1) * NUM_CHOICES]
+        f: dict[str, Any] = {"input_ids": [c.ids for c in choices],
+                             "token_type_ids": [c.type_ids for c in choices]}
+        if e.label is not None:
+            f["label"] = e.label
+        feats.append(f)
+    return feats
+
+
+def _loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return F.cross_entropy(model(**common.model_inputs(batch)).float(), batch["label"])  # (B, 4)
+
+
+def _forward(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return model(**common.model_inputs(batch))
+
+
+@dataclass
+class SwagArgs:
+    data_dir: Path
+    checkpoint: Path
+    output_dir: Path
+    lrs: list[float] = field(default_factory=lambda: [2e-5])
+    seeds: list[int] = field(default_factory=lambda: [1])
+    train: common.TrainConfig = field(default_factory=lambda: common.TrainConfig(batch_size=16))
+    max_seq_length: int = 128
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    predict_test: bool = True
+    save_model: bool = False
+
+
+def predictions_csv(examples: Sequence[SwagExample], preds: np.ndarray,
+                    with_label: bool = False) -> str:
+    """`index,pred` (plus `label` for val_predictions.csv, to re-score or inspect)."""
+    rows = ["index,pred" + (",label" if with_label else "")]
+    rows += [f"{e.index},{int(p)}" + (f",{e.label}" if with_label else "")
+             for e, p in zip(examples, preds)]
+    return "\n".join(rows) + "\n"
+
+
+def run(a: SwagArgs) -> dict[str, Any]:
+    common.refuse_distributed()
+    t0 = time.perf_counter()
+    d = Path(a.data_dir)
+    train_ex = read_swag(d / "train.csv", labelled=True)[:a.max_train_samples or None]
+    val_ex = read_swag(d / "val.csv", labelled=True)[:a.max_eval_samples or None]
+    test_ex = read_swag(d / "test.csv", labelled=False) \
+        if a.predict_test and (d / "test.csv").is_file() else []
+    pretrained = common.load_checkpoint(a.checkpoint)
+    tok = common.load_task_tokenizer(pretrained, a.max_seq_length)
+    train_f, val_f, test_f = featurize(tok, train_ex), featurize(tok, val_ex), featurize(tok, test_ex)
+    common.check_casing(pretrained, common.unk_fraction(
+        tok, (ids for f in train_f for ids in f["input_ids"])), f"{d / 'train.csv'}")
+    pad_id = tok.token_to_id("[PAD]")
+    from bertscale.model import BertForMultipleChoice
+    out_dir = Path(a.output_dir) / "SWAG"
+    runs: list[common.RunResult] = []
+    for lr in a.lrs:
+        for seed in a.seeds:
+            cfg = dataclasses.replace(a.train, lr=lr, seed=seed)
+            common.log(f"SWAG: lr {lr:g} seed {seed}: {len(train_f)} examples, "
+                       f"{cfg.epochs:g} epochs = "
+                       f"{common.total_steps(cfg, len(train_f))} steps, batch {cfg.batch_size}")
+            common.seed_everything(seed)
+            model = common.build_model(BertForMultipleChoice, pretrained)
+            stats = common.fit(model, train_f, _loss, cfg, pad_id)
+            (logits,) = common.predict(model, val_f, _forward, cfg, pad_id)
+            metrics = {"accuracy": M.accuracy(logits.argmax(-1), [f["label"] for f in val_f])}
+            folder = common.run_folder(out_dir, lr, seed)
+            common.write_text_atomic(folder / "val_predictions.csv",
+                                     predictions_csv(val_ex, logits.argmax(-1), with_label=True))
+            if test_f:
+                (logits,) = common.predict(model, test_f, _forward, cfg, pad_id)
+                common.write_text_atomic(folder / "predictions.csv",
+                                         predictions_csv(test_ex, logits.argmax(-1)))
+            common.write_json_atomic(folder / "results.json", {"task": "SWAG", "lr": lr,
+                                     "seed": seed, "metrics": metrics, "train": stats})
+            if a.save_model:
+                common.save_model(model, pretrained, folder, "BertForMultipleChoice")
+            runs.append(common.RunResult(lr, seed, metrics, folder, stats))
+            del model
+    summary = common.summarize("SWAG", "accuracy", runs)
+    best = common.run_folder(out_dir, summary["best_lr"], summary["best_seed"])
+    published = common.publish(best, out_dir, ["predictions.csv"] if test_f else [])
+    summary.update(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+                   lowercase=pretrained.lowercase, data=str(d), train_examples=len(train_f),
+                   max_seq_length=a.max_seq_length, predictions=[p.name for p in published],
+                   seconds=time.perf_counter() - t0)
+    common.write_json_atomic(out_dir / "results.json", summary)
+    print(common.console_line(summary, ("accuracy",), summary["seconds"]), flush=True)
+    return summary

@@ -1,0 +1,117 @@
+"""SWAG: the official CSV layout (hand-written fixtures: SWAG is not in the shared data), the
+four-way multiple-choice features, bad input, and the entrypoint end to end."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import sklearn.metrics
+import torch
+
+from bertscale.errors import UserError
+from bertscale.finetune import common, swag
+
+FIXTURES = Path(__file__).parent / "fixtures" / "finetune" / "swag"
+
+
+def test_reads_the_official_layout() -> None:
+    train = swag.read_swag(FIXTURES / "train.csv", labelled=True)
+    assert len(train) == 8 and [e.label for e in train] == [0, 1, 2, 3, 0, 1, 2, 3]
+    # A quoted ending with a comma is one field.
+    assert train[1].endings[1] == "cracks two eggs, then stirs the mixture."
+    assert (train[1].context, train[1].start_ending) == ("Someone pours flour into a bowl.", "She")
+    test = swag.read_swag(FIXTURES / "test.csv", labelled=False)
+    assert [e.index for e in test] == ["0", "1"] and test[0].label is None
+    # The test file has no label column, so it cannot be used for training.
+    with pytest.raises(UserError, match=r"test\.csv:1: header lacks label"):
+        swag.read_swag(FIXTURES / "test.csv", labelled=True)
+
+
+def test_bad_rows_name_file_and_line(tmp_path: Path) -> None:
+    rows = list(csv.reader((FIXTURES / "val.csv").open(newline="")))
+    bad = [r[:] for r in rows]
+    bad[3][-1] = "4"
+    path = tmp_path / "val.csv"
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(bad)
+    with pytest.raises(UserError, match=r"val\.csv:4: label '4' is not an ending number 0-3"):
+        swag.read_swag(path, labelled=True)
+    short = [r[:] for r in rows]
+    short[2] = short[2][:-2]
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(short)
+    with pytest.raises(UserError, match=r"val\.csv:3: 10 fields, but the header has 12"):
+        swag.read_swag(path, labelled=True)
+
+
+def test_each_example_becomes_four_pairs(minilm_dir: Path) -> None:
+    tok = common.load_task_tokenizer(common.load_checkpoint(minilm_dir), 128)
+    ex = swag.read_swag(FIXTURES / "val.csv", labelled=True)[:1]
+    (f,) = swag.featurize(tok, ex)
+    assert len(f["input_ids"]) == 4 and f["label"] == 0
+    for ids, types, ending in zip(f["input_ids"], f["token_type_ids"], ex[0].endings):
+        # [CLS] context [SEP] start-of-ending + ending [SEP], lower-cased like the checkpoint.
+        assert tok.decode(ids, skip_special_tokens=False) == (
+            f"[CLS] {ex[0].context} [SEP] {ex[0].start_ending} {ending} [SEP]".lower()
+            .replace("[cls]", "[CLS]").replace("[sep]", "[SEP]"))
+        sep = ids.index(tok.token_to_id("[SEP]"))
+        assert types == [0] * (sep + 1) + [1] * (len(ids) - sep - 1)
+
+
+def _tiny_hf_checkpoint(folder: Path, vocab: Path) -> Path:
+    """A random 2-layer BERT written as a Hugging Face folder by our exporter."""
+    import torch
+
+    from bertscale.config import ModelConfig
+    from bertscale.hf import export_hf
+    from bertscale.model import BertForPreTraining
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=512)
+    return export_hf(BertForPreTraining(cfg).state_dict(), cfg, vocab, True, folder)
+
+
+def _cli(argv: list[str]) -> int:
+    from bertscale.finetune.cli import register
+    parser = argparse.ArgumentParser(prog="bertscale")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_swag_entrypoint_end_to_end(tmp_path: Path, minilm_dir: Path) -> None:
+    ckpt = _tiny_hf_checkpoint(tmp_path / "ckpt", minilm_dir / "vocab.txt")
+    out = tmp_path / "out"
+    assert _cli(["finetune", "swag", "--data-dir", str(FIXTURES), "--checkpoint", str(ckpt),
+                 "--output-dir", str(out), "--lr", "1e-4,5e-5", "--seeds", "1,2",
+                 "--epochs", "2", "--log-every", "0", "--save-model"]) == 0
+    results = json.loads((out / "SWAG" / "results.json").read_text())
+    assert len(results["runs"]) == 4 and set(results["by_lr"]) == {"0.0001", "5e-05"}
+    assert results["train_examples"] == 8 and results["predictions"] == ["predictions.csv"]
+    # 8 examples, batch 16 (the paper's SWAG batch), 2 epochs: 2 optimizer steps per run.
+    assert all(r["train_steps"] == 2 for r in results["runs"])
+    for run in results["runs"]:
+        rows = list(csv.DictReader((out / "SWAG" / "runs" / run["folder"] /
+                                    "val_predictions.csv").open()))
+        assert run["metrics"]["accuracy"] == pytest.approx(sklearn.metrics.accuracy_score(
+            [int(r["label"]) for r in rows], [int(r["pred"]) for r in rows]))
+    # Each run's saved model (a Hugging Face folder, head included) reloads into the same
+    # predictions.
+    from bertscale.model import BertForMultipleChoice
+    val = swag.read_swag(FIXTURES / "val.csv", labelled=True)
+    for run in results["runs"]:
+        folder = out / "SWAG" / "runs" / run["folder"]
+        saved = common.load_checkpoint(folder / "model")
+        model = common.build_model(BertForMultipleChoice, saved)
+        assert torch.equal(model.classifier.weight, saved.state_dict["classifier.weight"])
+        feats = swag.featurize(common.load_task_tokenizer(saved, 128), val)
+        (logits,) = common.predict(model, feats, swag._forward, common.TrainConfig())
+        rows = list(csv.DictReader((folder / "val_predictions.csv").open()))
+        assert logits.argmax(-1).tolist() == [int(r["pred"]) for r in rows]
+    preds = list(csv.DictReader((out / "SWAG" / "predictions.csv").open()))
+    assert [r["index"] for r in preds] == ["0", "1"]
+    assert all(r["pred"] in {"0", "1", "2", "3"} for r in preds)
