@@ -1,0 +1,392 @@
+"""`bertscale doctor`: check the environment of a job before it spends its allocation.
+
+Launched exactly like the training job (one process per device, by srun, torchrun, the deepspeed
+launcher or mpirun), it checks, with a clear one-line message per failure and a non-zero exit:
+
+  ranks       every rank joins one process group within --timeout (rank layout from the launcher,
+              as the trainer discovers it), on which hosts
+  all-reduce  a 4 MiB all-reduce completes within --timeout with the right sum (on the GPUs
+              with NCCL when there are GPUs, else gloo), and how long it took
+  gpus        each rank sees a GPU for its local rank, all of the same model; on a CPU-only job
+              "none", which is fine unless --require-gpu
+  checkpoint  the checkpoint folder is writable by every rank (temp file, fsync, rename, delete)
+              and is ONE folder shared by all of them (rank 0 commits what the others write, and
+              elastic conversion runs on rank 0), with the free space
+  shards      every shard in the manifest is there with the size and sha256 the manifest says
+              (the ranks split the shards between them); remote shards are counted, not read
+  wandb       offline/disabled, or online with an API key and api.wandb.ai reachable; otherwise a
+              warning (the trainer then logs offline; it never fails a job over wandb)
+
+On success rank 0 prints a summary table. Every rank exits with the same code (0 ok, 1 failed).
+
+Limits: a rank that never starts (or a wrong MASTER_ADDR) is reported by the watchdog as a timeout,
+without naming the missing rank (nobody can know which one it would have been). The GPU check
+compares models, not driver versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlparse
+
+from bertscale.errors import UserError
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
+
+
+@dataclass
+class Finding:
+    check: str
+    status: str
+    detail: str
+    rank: int = 0
+    host: str = ""
+
+
+# ------------------------------------------------------------------------------ the checks
+
+
+def _node_name() -> str:
+    # SLURM's node name when there is one (virtual nodes can share one host name).
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def check_ranks(dist, world: int) -> Finding:
+    hosts: list[str] = [""] * world
+    dist.all_gather_object(hosts, _node_name())
+    per_host: dict[str, int] = {}
+    for h in hosts:
+        per_host[h] = per_host.get(h, 0) + 1
+    where = ", ".join(f"{h} ({n})" for h, n in per_host.items())
+    return Finding("ranks", OK, f"{world} rank(s) on {len(per_host)} node(s): {where}")
+
+
+def check_allreduce(dist, device, rank: int, world: int) -> Finding:
+    import torch
+    x = torch.full((1 << 20,), float(rank + 1), device=device)        # 4 MiB of fp32
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    dist.all_reduce(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) * 1e3
+    expect = world * (world + 1) / 2
+    if not torch.all(x == expect):
+        return Finding("all-reduce", FAIL, f"wrong sum: expected {expect}, got values in "
+                       f"[{x.min().item()}, {x.max().item()}]", rank)
+    backend = dist.get_backend()
+    return Finding("all-reduce", OK, f"4 MiB {backend} all-reduce correct in {ms:.1f} ms", rank)
+
+
+def check_gpus(dist, local_rank: int, require_gpu: bool, rank: int, world: int) -> list[Finding]:
+    import torch
+    mine = None
+    if torch.cuda.is_available() and torch.cuda.device_count() > local_rank:
+        p = torch.cuda.get_device_properties(local_rank)
+        mine = (p.name, round(p.total_memory / 2**30, 1))
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, (mine, visible, _node_name()))
+    if rank != 0:
+        return []
+    missing = [(r, host, n) for r, (gpu, n, host) in enumerate(everyone) if gpu is None]
+    if len(missing) == world:
+        status = FAIL if require_gpu else OK
+        return [Finding("gpus", status, "none visible (CPU run)" +
+                        ("; --require-gpu was given" if require_gpu else ""))]
+    out = []
+    for r, host, n in missing:
+        out.append(Finding("gpus", FAIL, f"no GPU for local rank of rank {r} ({n} visible on "
+                           f"that node; check CUDA_VISIBLE_DEVICES and --gpus-per-node)", r, host))
+    models = {gpu for gpu, _, _ in everyone if gpu is not None}
+    if len(models) > 1:
+        out.append(Finding("gpus", FAIL, "ranks see different GPUs: " +
+                           ", ".join(f"{m[0]} {m[1]} GiB" for m in sorted(models))))
+    if not out:
+        (name, mem), = models
+        out.append(Finding("gpus", OK, f"{world} x {name} ({mem} GiB)"))
+    return out
+
+
+def check_checkpoint_dir(dist, folder: Path | None, rank: int, world: int) -> list[Finding]:
+    if folder is None:
+        return [Finding("checkpoint", SKIP, "no --run-dir / --checkpoint-dir given")] if rank == 0 else []
+    # Rank 0 decides a token and writes it; every rank writes its own probe, then reads rank 0's.
+    tokens = [hashlib.sha256(f"{time.time_ns()}-{os.getpid()}".encode()).hexdigest()[:16]]
+    dist.broadcast_object_list(tokens, src=0)
+    token = tokens[0]
+    shared_probe = folder / f".doctor-{token}"
+    problem = ""
+    if rank == 0:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_synced(shared_probe, token)
+        except OSError as e:
+            problem = f"{folder} is not writable ({type(e).__name__}: {e.strerror or e})"
+    dist.barrier()
+    if not problem:
+        own = folder / f".doctor-{token}-rank{rank}"
+        try:
+            _write_synced(own, token)
+            own.unlink()
+        except OSError as e:
+            problem = f"{folder} is not writable ({type(e).__name__}: {e.strerror or e})"
+        if not problem and rank != 0:
+            try:
+                if shared_probe.read_text() != token:
+                    raise FileNotFoundError
+            except OSError:
+                problem = (f"{folder} is not shared: rank 0's file is not visible here; the "
+                           f"checkpoint folder must be one filesystem mounted on every node")
+    problems: list = [None] * world
+    dist.all_gather_object(problems, (problem, _node_name()))
+    dist.barrier()
+    if rank != 0:
+        return []
+    with contextlib.suppress(OSError):   # there is none when the folder was not writable
+        shared_probe.unlink()
+    bad = [Finding("checkpoint", FAIL, p, r, h) for r, (p, h) in enumerate(problems) if p]
+    if bad:
+        # One line per distinct problem: 64 nodes with the same read-only mount say it once.
+        seen: dict[str, Finding] = {}
+        for f in bad:
+            seen.setdefault(f.detail, f)
+        return list(seen.values())
+    free = shutil.disk_usage(folder).free / 2**30
+    return [Finding("checkpoint", OK, f"{folder} writable and shared by all ranks, "
+                    f"{free:.1f} GiB free")]
+
+
+def _write_synced(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_shards(dist, manifest_path: Path | None, verify_sha256: bool, rank: int,
+                 world: int) -> list[Finding]:
+    if manifest_path is None:
+        return [Finding("shards", SKIP, "no --manifest given")] if rank == 0 else []
+    problems: list[str] = []
+    checked = remote = nbytes = 0
+    n_shards = 0
+    try:
+        from bertscale.data.shards import read_manifest, sha256_file
+        manifest = read_manifest(Path(manifest_path).resolve())
+    except UserError as e:
+        manifest = None
+        problems.append(str(e))
+    if manifest is not None:
+        work = [(split, i, info) for split, infos in manifest.shards.items()
+                for i, info in enumerate(infos)]
+        n_shards = len(work)
+        for split, i, info in work[rank::world]:
+            where = manifest.shard_location(split, i)
+            if "://" in where or where.startswith("pipe:"):
+                remote += 1
+                continue
+            path = Path(where)
+            try:
+                size = path.stat().st_size
+                if size != info.bytes:
+                    problems.append(f"{path}: {size} bytes, the manifest says {info.bytes} "
+                                    f"(truncated or replaced)")
+                    continue
+                if verify_sha256 and sha256_file(path) != info.sha256:
+                    problems.append(f"{path}: sha256 differs from the manifest (corrupted or "
+                                    f"replaced)")
+                    continue
+            except OSError as e:
+                problems.append(f"{path}: cannot be read ({type(e).__name__}: {e.strerror or e})")
+                continue
+            checked += 1
+            nbytes += info.bytes
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, (problems, checked, remote, nbytes, _node_name()))
+    if rank != 0:
+        return []
+    out = []
+    seen: set[str] = set()
+    for r, (probs, _, _, _, host) in enumerate(everyone):
+        for p in probs:
+            if p not in seen:
+                seen.add(p)
+                out.append(Finding("shards", FAIL, p, r, host))
+    if out:
+        return out
+    checked = sum(e[1] for e in everyone)
+    remote = sum(e[2] for e in everyone)
+    nbytes = sum(e[3] for e in everyone)
+    how = "sha256 verified" if verify_sha256 else "sizes checked (sha256 skipped)"
+    detail = f"{checked}/{n_shards} shards, {nbytes / 2**20:.1f} MiB, {how}"
+    if remote:
+        detail += f"; {remote} remote shard(s) not read"
+    return [Finding("shards", OK, detail)]
+
+
+def check_wandb(disabled: bool, timeout: float = 5.0) -> Finding:
+    mode = "disabled" if disabled else os.environ.get("WANDB_MODE", "online")
+    if mode in ("offline", "disabled", "dryrun"):
+        return Finding("wandb", OK, f"{mode} (WANDB_MODE)" if not disabled else "disabled (--no-wandb)")
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    host = urlparse(base).hostname or base
+    if not os.environ.get("WANDB_API_KEY") and not _netrc_has(host):
+        return Finding("wandb", WARN, "online mode but no API key (WANDB_API_KEY or ~/.netrc): "
+                       "the run will log offline")
+    url = urlparse(base)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        return Finding("wandb", WARN, f"{host}:{port} unreachable ({e.strerror or e}): the run "
+                       f"will log offline (sync later with `wandb sync`)")
+    return Finding("wandb", OK, f"online, {host}:{port} reachable")
+
+
+def _netrc_has(host: str) -> bool:
+    import netrc
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+# ------------------------------------------------------------------------------ running them
+
+
+class _Watchdog:
+    """Ends the process with a clear line if the rendezvous or a collective hangs: a missing rank
+    or a wrong MASTER_ADDR otherwise hangs until the job's time limit. Each stage gets its own
+    deadline (`stage(name, seconds)`)."""
+
+    def __init__(self, timeout: float, rank: int):
+        self.rank = rank
+        self._done = threading.Event()
+        self.stage("joining the process group", timeout)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def stage(self, name: str, seconds: float) -> None:
+        self.name, self.seconds = name, seconds
+        self.deadline = time.monotonic() + seconds
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.2):
+            if time.monotonic() > self.deadline:
+                print(f"bertscale doctor: FAIL [rank {self.rank} on {socket.gethostname()}] timed "
+                      f"out after {self.seconds:.0f}s while {self.name}: some rank is missing, "
+                      f"hung or unreachable (check MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
+                      f"MASTER_PORT={os.environ.get('MASTER_PORT')} and the network between "
+                      f"nodes)", file=sys.stderr, flush=True)
+                os._exit(1)
+
+
+def run_checks(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from bertscale import distributed
+
+    env = distributed.discover()
+    distributed.export_env(env)
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    if use_cuda:
+        torch.cuda.set_device(env.local_rank % max(1, torch.cuda.device_count()))
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    folder = args.checkpoint_dir or (args.run_dir / "checkpoints" if args.run_dir else None)
+    t0 = time.monotonic()
+    with _Watchdog(args.timeout, env.rank) as dog:
+        # torch's own timeout is later than the watchdog's, so the clear message comes first.
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=env.rank,
+                                world_size=env.world_size,
+                                timeout=timedelta(seconds=args.timeout + 60))
+        rank, world = dist.get_rank(), dist.get_world_size()
+        dog.stage("exchanging host names", args.timeout)
+        findings = [check_ranks(dist, world)]
+        dog.stage("running the all-reduce", args.timeout)
+        findings.append(check_allreduce(dist, device, rank, world))
+        dog.stage("comparing GPUs", args.timeout)
+        findings += check_gpus(dist, env.local_rank, args.require_gpu, rank, world)
+        dog.stage("checking the checkpoint folder", args.timeout)
+        findings += check_checkpoint_dir(dist, folder, rank, world)
+        # Hashing a real data set takes as long as it takes: no deadline while reading shards
+        # (ranks that finish first wait in the gather, which is not a hang).
+        dog.stage("reading the shards", float("inf"))
+        findings += check_shards(dist, args.manifest, not args.no_sha256, rank, world)
+        dog.stage("collecting the results", args.timeout)
+        if rank == 0:
+            findings.append(check_wandb(args.no_wandb))
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, [f for f in findings if f.status == FAIL])
+        failed = [f for per_rank in gathered for f in per_rank]
+        if rank == 0:
+            _report(findings, failed, time.monotonic() - t0)
+        dist.barrier()
+        dist.destroy_process_group()
+    return 1 if failed else 0
+
+
+def _report(findings: list[Finding], failed: list[Finding], seconds: float) -> None:
+    if failed:
+        seen = set()
+        for f in failed:
+            line = f"bertscale doctor: FAIL {f.check}: {f.detail}"
+            if f.host:
+                line += f" [rank {f.rank} on {f.host}]"
+            if line not in seen:
+                seen.add(line)
+                print(line, file=sys.stderr, flush=True)
+        return
+    width = max(len(f.check) for f in findings)
+    print(f"bertscale doctor: all checks passed in {seconds:.1f}s")
+    for f in findings:
+        if f.status != FAIL:
+            print(f"  {f.check:<{width}}  {f.status:<4}  {f.detail}")
+    sys.stdout.flush()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "doctor", help="check ranks, network, GPUs, disk, shards and wandb before a long job",
+        description="Run with the same launcher and layout as the training job (e.g. "
+                    "`srun bertscale doctor --run-dir R --manifest M`). Exits non-zero with one "
+                    "line per problem; prints a summary table when everything is fine.")
+    p.add_argument("--run-dir", type=Path, help="run folder; its checkpoints/ folder is checked")
+    p.add_argument("--checkpoint-dir", type=Path, help="checkpoint folder to check (instead of "
+                   "RUN_DIR/checkpoints)")
+    p.add_argument("--manifest", type=Path, help="data manifest (or its folder): check every shard")
+    p.add_argument("--no-sha256", action="store_true", help="check shard sizes only (fast)")
+    p.add_argument("--require-gpu", action="store_true", help="fail when no GPU is visible")
+    p.add_argument("--cpu", action="store_true", help="use gloo on the CPU even if GPUs exist")
+    p.add_argument("--no-wandb", action="store_true", help="the job runs with --no-wandb")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds for joining and each collective (default 120)")
+    p.set_defaults(func=_handle)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    if args.timeout <= 0:
+        raise UserError(f"--timeout must be positive, got {args.timeout}")
+    return run_checks(args)

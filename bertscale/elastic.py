@@ -1,0 +1,487 @@
+"""Elastic resume: continue a run on a different number of ranks.
+
+DeepSpeed refuses to load a ZeRO checkpoint at another data-parallel size (its optimizer state is
+partitioned by rank). Its answer is the *universal* checkpoint: `ds_to_universal` rewrites the
+partitions as one folder per parameter (fp32 master weight, `exp_avg`, `exp_avg_sq`, `step`), which
+any world size and any ZeRO stage can load with `{"checkpoint": {"load_universal": true}}`. This
+module wraps that conversion so a resume needs no manual step:
+
+    source = resume_source(checkpoint_dir, tag, world_size)   # converts once if needed
+    ds_config = with_load_universal(ds_config) if source.universal else ds_config
+    engine = deepspeed.initialize(..., config=ds_config)
+    client_state = load_checkpoint(engine, source)     # = engine.load_checkpoint + repairs
+
+and keeps the global batch size of the recipe when the world size changes (`plan_batch`).
+
+What the trainer must do when it saves (or the converter refuses the checkpoint): give DeepSpeed
+`universal_checkpoint_info()`, either as `client_state["universal_checkpoint_info"]` or as the
+module attribute of that name (DeepSpeed copies it into the model-states file).
+
+The converted folder `<checkpoint_dir>/<tag>_universal/` sits beside its source, is written under a
+temporary name and renamed into place with a commit marker inside (`COMMIT_MARKER`), and is reused
+while the source checkpoint is unchanged. One rank converts; the others wait for its verdict.
+
+Limits (honest):
+- The checkpoint folder must be visible to every rank (a shared filesystem): rank 0 converts it.
+- Only data parallelism (ZeRO 0-3, no tensor or pipeline parallelism); that is all bertscale uses.
+- DeepSpeed's converter carries exactly the optimizer state keys `exp_avg`, `exp_avg_sq` and `step`
+  (it was written for Adam). An optimizer with other per-parameter state cannot be converted; we
+  refuse it with a clear message instead of silently dropping that state. bertscale's LAMB keeps
+  Adam's two moments under those names, so it converts.
+- Conversion runs in one process (no worker pool, so it is safe inside a distributed job) and
+  needs about the checkpoint's size again on disk. Measured on a busy 2-core CPU machine: BERT-Base
+  (110M parameters, ZeRO-2 fp32) 43 s, 2.1 GB written; expect about 3x for BERT-Large. It happens
+  once per resized resume; `python -m bertscale.elastic DIR TAG` does it ahead, e.g. in a CPU job.
+- Per-rank RNG states cannot be mapped onto a different number of ranks; the trainer reseeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from bertscale.errors import ConfigError, UserError
+
+COMMIT_MARKER = "bertscale_universal.json"
+"""File inside a converted folder that says it is complete (written last, atomically)."""
+
+UNIVERSAL_SUFFIX = "_universal"
+"""`<tag>_universal` beside `<tag>`: DeepSpeed's own naming for converted checkpoints."""
+
+# The optimizer state ds_to_universal knows how to carry (deepspeed/checkpoint/ds_to_universal.py
+# extract_zero_shards / extract_zero_shards_stage3 hard-code these names).
+CONVERTIBLE_STATE_KEYS = frozenset({"exp_avg", "exp_avg_sq", "step"})
+REQUIRED_STATE_KEYS = frozenset({"exp_avg", "exp_avg_sq"})
+
+_ZERO_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+
+# ------------------------------------------------------------------------------ batch planning
+
+
+def plan_batch(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Gradient accumulation steps that keep `global_batch` on `world_size` ranks.
+
+    global_batch = micro_batch x accumulation x world_size must hold exactly; otherwise the
+    error says which world sizes would work for this global and micro batch.
+    """
+    for name, value in (("global batch", global_batch), ("micro batch", micro_batch),
+                        ("world size", world_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if global_batch % micro_batch:
+        micro_ok = [m for m in range(1, min(global_batch, 4 * micro_batch) + 1) if global_batch % m == 0]
+        raise ConfigError(
+            f"global batch {global_batch} is not divisible by micro batch {micro_batch}, so no "
+            f"number of ranks can keep it; micro batches that divide it: "
+            f"{', '.join(map(str, micro_ok))}")
+    per_micro = global_batch // micro_batch
+    if per_micro % world_size:
+        raise ConfigError(
+            f"global batch {global_batch} is not divisible by micro batch {micro_batch} x "
+            f"{world_size} ranks; with micro batch {micro_batch} it works on "
+            f"{_describe_world_sizes(per_micro, world_size)} ranks (or change the micro batch)")
+    return per_micro // world_size
+
+
+def workable_world_sizes(global_batch: int, micro_batch: int, limit: int = 1024) -> list[int]:
+    """Every world size up to `limit` on which `global_batch` splits into whole micro batches."""
+    if global_batch % micro_batch:
+        return []
+    per_micro = global_batch // micro_batch
+    return [w for w in range(1, min(per_micro, limit) + 1) if per_micro % w == 0]
+
+
+def _describe_world_sizes(per_micro: int, requested: int) -> str:
+    sizes = workable_world_sizes(per_micro, 1)
+    if len(sizes) > 12:
+        # Many divisors: the ones near the request matter, plus the nearest one above 2x.
+        near = [w for w in sizes if w <= 2 * requested]
+        above = [w for w in sizes if w > 2 * requested][:1]
+        return ", ".join(map(str, near + above)) + ", ..."
+    return ", ".join(map(str, sizes))
+
+
+# ------------------------------------------------------------------------------ detection
+
+
+def universal_checkpoint_info() -> dict[str, Any]:
+    """What the trainer puts under `client_state["universal_checkpoint_info"]` at every save.
+
+    `ds_to_universal` refuses a ZeRO-1/2 checkpoint without it. Its other fields (vocabulary
+    padding, tensor-parallel merge patterns) describe Megatron's tensor parallelism; a purely
+    data-parallel BERT needs none of them, only the format version.
+    """
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+    return {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+
+
+def needs_conversion(saved_world_size: int, world_size: int) -> bool:
+    """A ZeRO checkpoint loads directly only at the data-parallel size it was written with."""
+    return int(saved_world_size) != int(world_size)
+
+
+def with_load_universal(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a DeepSpeed config that loads universal checkpoints."""
+    out = dict(ds_config)
+    out["checkpoint"] = {**dict(ds_config.get("checkpoint") or {}), "load_universal": True}
+    return out
+
+
+def universal_path(checkpoint_dir: str | Path, tag: str) -> Path:
+    """Where the converted copy of `<checkpoint_dir>/<tag>` lives (delete it with its source)."""
+    return Path(checkpoint_dir) / f"{tag}{UNIVERSAL_SUFFIX}"
+
+
+@dataclass
+class CheckpointLayout:
+    """What a saved DeepSpeed checkpoint folder says about how it was written."""
+
+    world_size: int
+    """Data-parallel size at save time (number of ZeRO partitions)."""
+    zero_stage: int
+    """0 when the optimizer state is not partitioned (no ZeRO files)."""
+    optimizer_state_keys: tuple[str, ...]
+    """Per-parameter optimizer state names (e.g. exp_avg, exp_avg_sq, step)."""
+
+
+def inspect_checkpoint(checkpoint_dir: str | Path, tag: str) -> CheckpointLayout:
+    """Read the world size, ZeRO stage and optimizer state names of a saved checkpoint, checking
+    that every partition file is there. Reads only rank 0's optimizer file (memory-mapped)."""
+    folder = Path(checkpoint_dir) / tag
+    if not folder.is_dir():
+        raise UserError(f"{folder}: checkpoint folder not found")
+    optim = {}
+    for p in folder.iterdir():
+        m = _ZERO_OPTIM_FILE.match(p.name)
+        if m:
+            optim.setdefault(int(m.group(1)), p)
+    model_files = sorted(folder.glob("*model_states.pt"))
+    if not model_files:
+        raise UserError(f"{folder}: no *model_states.pt file; not a DeepSpeed checkpoint")
+    model_state = _load(model_files[0])
+    saved_ws = model_state.get("dp_world_size")
+    if not optim:
+        if saved_ws is None:
+            raise UserError(f"{model_files[0]}: has no dp_world_size; not a DeepSpeed checkpoint")
+        return CheckpointLayout(int(saved_ws), 0, ())
+    world = max(optim) + 1
+    missing = [i for i in range(world) if i not in optim]
+    if missing:
+        raise UserError(f"{folder}: incomplete checkpoint, no optimizer partition for rank(s) "
+                        f"{', '.join(map(str, missing))}")
+    if saved_ws is not None and int(saved_ws) != world:
+        raise UserError(f"{folder}: holds {world} optimizer partitions but says it was written by "
+                        f"{saved_ws} ranks; the checkpoint is incomplete or mixed")
+    sd = _load(optim[0])["optimizer_state_dict"]
+    stage = int(sd.get("zero_stage", 1))
+    if stage == 3:
+        states = sd["optimizer_state_dict"]["state"]
+    else:
+        states = sd["base_optimizer_state"]["state"]
+    state_keys: set[str] = set()
+    for s in (states.values() if isinstance(states, dict) else states):
+        state_keys.update(s.keys())
+    del model_state, sd
+    return CheckpointLayout(world, stage, tuple(sorted(state_keys)))
+
+
+def _load(path: Path) -> dict:
+    import torch
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001 - a torn file must name itself, not crash obscurely
+        raise UserError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
+
+
+def saved_world_size(checkpoint_dir: str | Path, tag: str) -> int:
+    """Data-parallel size the checkpoint `<checkpoint_dir>/<tag>` was written with."""
+    return inspect_checkpoint(checkpoint_dir, tag).world_size
+
+
+# ------------------------------------------------------------------------------ conversion
+
+
+def _source_fingerprint(folder: Path) -> str:
+    """Identity of a checkpoint folder's contents: names, sizes and mtimes of its files.
+    A re-saved tag (same name, new files) gets a new fingerprint, so a stale conversion is
+    never reused."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        return json.loads((path / COMMIT_MARKER).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+def is_committed_universal(checkpoint_dir: str | Path, tag: str) -> bool:
+    """True when `<tag>_universal` is complete and was made from the current `<tag>`."""
+    target = universal_path(checkpoint_dir, tag)
+    marker = _read_marker(target)
+    return (marker is not None and marker.get("source_tag") == tag
+            and marker.get("source_fingerprint") == _source_fingerprint(Path(checkpoint_dir) / tag))
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def convert_to_universal(checkpoint_dir: str | Path, tag: str, *, log=print) -> Path:
+    """Convert `<checkpoint_dir>/<tag>` to `<checkpoint_dir>/<tag>_universal` in this process,
+    unless a committed conversion of the same source is already there. Not collective."""
+    checkpoint_dir = Path(checkpoint_dir)
+    source = checkpoint_dir / tag
+    target = universal_path(checkpoint_dir, tag)
+    if is_committed_universal(checkpoint_dir, tag):
+        return target
+    layout = inspect_checkpoint(checkpoint_dir, tag)
+    if layout.zero_stage == 0:
+        raise UserError(f"{source}: optimizer state is not ZeRO-partitioned; it loads at any world "
+                        f"size without conversion")
+    keys = set(layout.optimizer_state_keys)
+    if not REQUIRED_STATE_KEYS <= keys or not keys <= CONVERTIBLE_STATE_KEYS:
+        raise UserError(
+            f"{source}: optimizer state keys {sorted(keys)} cannot be converted to a universal "
+            f"checkpoint: DeepSpeed's ds_to_universal carries exactly "
+            f"{sorted(CONVERTIBLE_STATE_KEYS)}; resume on {layout.world_size} rank(s) instead")
+    fingerprint = _source_fingerprint(source)
+
+    # Leftovers of a conversion that was killed: never loaded (no marker, temporary name).
+    for stale in checkpoint_dir.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if target.exists():
+        # Present but not committed from this source: an older conversion of a re-saved tag.
+        log(f"elastic: removing stale {target.name} (not made from the current {tag})")
+        shutil.rmtree(target)
+
+    work = checkpoint_dir / f".{target.name}.tmp-{os.getpid()}"
+    # ds_to_universal writes `latest_universal` into the parent of its output folder: giving it
+    # a folder inside our temporary directory keeps that file out of the checkpoint folder.
+    out = work / target.name
+    work.mkdir(parents=True)
+    t0 = time.monotonic()
+    log(f"elastic: converting {source} (world size {layout.world_size}, ZeRO-{layout.zero_stage}) "
+        f"to a universal checkpoint")
+    try:
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+        args = SimpleNamespace(input_folder=str(source), output_folder=str(out),
+                               num_extract_workers=1, num_merge_workers=1,
+                               keep_temp_folder=False, strict=True, inject_missing_state=False)
+        try:
+            _quiet(ds_to_universal, args)
+        except AssertionError as e:
+            if "universal_checkpoint_info" in str(e):
+                raise UserError(
+                    f"{source}: has no universal_checkpoint_info in its client state, so DeepSpeed "
+                    f"cannot convert it (the trainer must save elastic.universal_checkpoint_info())"
+                ) from e
+            raise
+        (work / "latest_universal").unlink(missing_ok=True)
+        _write_json_atomic(out / COMMIT_MARKER, {
+            "source_tag": tag,
+            "source_fingerprint": fingerprint,
+            "source_world_size": layout.world_size,
+            "zero_stage": layout.zero_stage,
+            "deepspeed_version": _deepspeed_version(),
+            "seconds": round(time.monotonic() - t0, 2),
+        })
+        _fsync_tree(out)
+        os.rename(out, target)
+        _fsync_dir(checkpoint_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"elastic: wrote {target} in {time.monotonic() - t0:.1f}s")
+    return target
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+    return deepspeed.__version__
+
+
+def _quiet(fn, *args) -> Any:
+    """ds_to_universal prints a progress bar per parameter group and a line per step; keep them
+    off the job's output, but show them when it fails."""
+    import contextlib
+    import io
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            return fn(*args)
+    except BaseException:
+        sys.stderr.write(buf.getvalue()[-20000:])
+        raise
+
+
+def ensure_universal(checkpoint_dir: str | Path, tag: str) -> Path:
+    """The universal copy of `<checkpoint_dir>/<tag>`, converting it once if it is not there.
+
+    Collective when torch.distributed is initialised: every rank must call it; rank 0 converts
+    and the others wait for its verdict, so a failed conversion raises the same error on every
+    rank instead of leaving them in a barrier. Without a process group it simply converts.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return convert_to_universal(checkpoint_dir, tag)
+    verdict: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            convert_to_universal(checkpoint_dir, tag)
+            verdict[0] = ("ok", "")
+        except UserError as e:
+            verdict[0] = ("user", str(e))
+        except Exception as e:  # noqa: BLE001 - re-raised below on every rank, with its type
+            verdict[0] = ("bug", f"{type(e).__name__}: {e}")
+            dist.broadcast_object_list(verdict, src=0)
+            raise
+    dist.broadcast_object_list(verdict, src=0)
+    kind, message = verdict[0]
+    if kind == "user":
+        raise UserError(message)
+    if kind == "bug":
+        raise RuntimeError(f"universal conversion failed on rank 0: {message}")
+    if not is_committed_universal(checkpoint_dir, tag):
+        # Rank 0 committed it, so this rank does not see the same folder: not a shared filesystem.
+        raise UserError(f"{universal_path(checkpoint_dir, tag)}: rank 0 converted it but rank "
+                        f"{dist.get_rank()} cannot see it; the checkpoint folder must be on a "
+                        f"filesystem shared by all nodes")
+    return universal_path(checkpoint_dir, tag)
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+@dataclass
+class ResumeSource:
+    """How to load a committed checkpoint on the current world size."""
+
+    load_dir: Path
+    """First argument of engine.load_checkpoint."""
+    tag: str
+    """`tag=` of engine.load_checkpoint: the checkpoint itself or its universal copy."""
+    universal: bool
+    """True: build the engine with `with_load_universal(ds_config)`."""
+    saved_world_size: int
+    """World size the checkpoint was written with."""
+
+
+def resume_source(checkpoint_dir: str | Path, tag: str, world_size: int) -> ResumeSource:
+    """Decide how to load `<checkpoint_dir>/<tag>` on `world_size` ranks, converting it to a
+    universal checkpoint (once, collectively) when the size changed. Call on every rank after
+    the process group is up and before deepspeed.initialize."""
+    checkpoint_dir = Path(checkpoint_dir)
+    layout = inspect_checkpoint(checkpoint_dir, tag)
+    if layout.zero_stage == 0 or not needs_conversion(layout.world_size, world_size):
+        return ResumeSource(checkpoint_dir, tag, False, layout.world_size)
+    path = ensure_universal(checkpoint_dir, tag)
+    return ResumeSource(checkpoint_dir, path.name, True, layout.world_size)
+
+
+def load_checkpoint(engine, source: ResumeSource, **kwargs: Any) -> dict[str, Any]:
+    """`engine.load_checkpoint` for a `resume_source`, then `repair_universal_load`. Every rank
+    calls it; returns the client state."""
+    path, client = engine.load_checkpoint(str(source.load_dir), tag=source.tag, **kwargs)
+    if path is None:
+        raise UserError(f"{Path(source.load_dir) / source.tag}: DeepSpeed loaded nothing")
+    if kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only"):
+        repair_universal_load(engine, source)
+    return client
+
+
+def repair_universal_load(engine, source: ResumeSource) -> None:
+    """Undo what DeepSpeed 0.19 gets wrong when it loads a universal checkpoint into ZeRO-3.
+    Call on every rank right after `engine.load_checkpoint` (no communication); a no-op for
+    same-size loads and for ZeRO-1/2, whose loader is right.
+
+    Its ZeRO-3 universal loader (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+    has two faults that change training after an elastic resume without any error:
+    - it copies the hyperparameters of param group 0 onto EVERY group, so BERT's no-decay group
+      (biases, LayerNorm) would get weight decay. The converted folder holds every group's
+      values; we put them back.
+    - it hands the SAME `step` tensor object to every group's state; torch's Adam/AdamW (and
+      bertscale's Lamb) increment it in place once per group, so with two groups the step
+      advances twice per optimizer step and the bias correction drifts. We give each group its
+      own copy.
+    """
+    if source.universal and engine.zero_optimization_stage() == 3:
+        _restore_param_groups(engine, Path(source.load_dir) / source.tag)
+
+
+def _restore_param_groups(engine, universal_folder: Path) -> None:
+    saved = _load(universal_folder / "zero" / "optimizer_state.pt")
+    groups = saved.get("param_groups") or saved["optimizer_state_dict"]["param_groups"]
+    live = engine.optimizer.optimizer.param_groups
+    if len(groups) != len(live):
+        raise UserError(f"{universal_folder}: holds {len(groups)} optimizer param groups but the "
+                        f"optimizer has {len(live)}; the model or optimizer setup changed")
+    for live_group, saved_group in zip(live, groups):
+        for key, value in saved_group.items():
+            if key != "params":
+                live_group[key] = value
+    import torch
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bertscale.elastic CHECKPOINT_DIR TAG`: convert ahead of a resume (e.g. in a
+    cheap CPU job before a large GPU allocation)."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m bertscale.elastic", description=main.__doc__)
+    p.add_argument("checkpoint_dir", type=Path)
+    p.add_argument("tag")
+    args = p.parse_args(argv)
+    try:
+        print(convert_to_universal(args.checkpoint_dir, args.tag))
+    except UserError as e:
+        print(f"bertscale.elastic: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
