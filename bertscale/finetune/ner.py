@@ -1,0 +1,468 @@
+"""Named entity recognition on CoNLL-2003 files: `bertscale finetune ner`, in the paper's two
+ways (Devlin et al. 2018, Section 5.3).
+
+Data: the CoNLL-2003 layout. One token per line, whitespace-separated columns, the word first and
+its tag last (`EU NNP B-NP B-ORG`, or just `EU B-ORG`); a blank line ends a sentence;
+`-DOCSTART-` lines are document separators, not tokens. Tags are O or B-/I-/E-/S-<TYPE>, in any
+scheme (IOB1 as the original files, IOB2/BIO, IOBES). With `--tag-scheme iob2` (the default) the
+training tags are rewritten to IOB2 first, so that every entity opens with a B- the classifier can
+learn; `keep` trains on the tags as written.
+
+Modes:
+  finetune  BertForTokenClassification: every word is split into word pieces and only the FIRST
+            piece of each word carries its label (the others and [CLS] / [SEP] are ignored by
+            the loss); a word's prediction is the argmax at its first piece, as the paper does
+            (no CRF). The whole model is trained (AdamW, warmup, linear decay).
+  feature   BERT stays frozen: the features of each word's first piece (`--layers`, default the
+            paper's best, concat-last-four) are computed ONCE with `bertscale.embed`'s extractor
+            and a small tagger is trained on them: the paper's two-layer BiLSTM (`--tagger
+            bilstm`, 768 units per direction by default) or a linear layer (`--tagger linear`).
+            Every learning rate and seed of the grid reuses the same features.
+
+Scores (`bertscale.finetune.seqeval`): entity-level precision / recall / F1 with the conlleval
+definition, per entity type too, and token accuracy (tags compared in the training scheme).
+The dev F1 picks the learning rate, as in the paper; `--test-file` is scored with the chosen run.
+
+Output: OUTPUT_DIR/NER (or NER-feature)/results.json, runs/lr<lr>-seed<seed>/ with
+dev_predictions.txt (and test_predictions.txt): `word gold predicted` per line, a blank line
+between sentences, gold written in the training scheme, which conlleval scores as is.
+
+Limits, stated honestly:
+- Sentences are encoded alone, without document context. Words past --max-seq-length word
+  pieces get no prediction and are scored as O (counted and warned about).
+- Feature mode holds the features of every train/dev/test word in memory (fp32): CoNLL-2003's
+  ~300k words x 4096 (BERT-Large, four layers) is ~5 GB; use fewer layers for less.
+- One process, one device (see `bertscale.finetune.common`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bertscale.errors import UserError
+from bertscale.finetune import common
+from bertscale.finetune import seqeval
+
+IGNORE = -100
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Sentence:
+    words: list[str]
+    tags: list[str]
+    line: int
+    """1-based line number of its first token (for messages)."""
+
+
+def read_conll(path: str | Path) -> list[Sentence]:
+    """Read a CoNLL-2003-style file; errors name the file, the line and the problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a CoNLL file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    sentences: list[Sentence] = []
+    words: list[str] = []
+    tags: list[str] = []
+    start = 0
+
+    def close() -> None:
+        nonlocal words, tags
+        if words:
+            sentences.append(Sentence(words, tags, start))
+        words, tags = [], []
+
+    for n, line in enumerate(text.splitlines(), start=1):
+        cols = line.split()
+        if not cols:
+            close()
+            continue
+        if cols[0] == "-DOCSTART-":
+            close()
+            continue
+        if len(cols) < 2:
+            raise UserError(f"{path}:{n}: {line.strip()!r} has no tag column (a CoNLL line is "
+                            f"the word, optional columns, then the tag)")
+        if not seqeval.is_valid_tag(cols[-1]):
+            raise UserError(f"{path}:{n}: tag {cols[-1]!r} is not O or B-/I-/E-/S-<TYPE>")
+        if not words:
+            start = n
+        words.append(cols[0])
+        tags.append(cols[-1])
+    close()
+    if not sentences:
+        raise UserError(f"{path}: no sentences")
+    return sentences
+
+
+def label_list(tag_sequences: Sequence[Sequence[str]]) -> list[str]:
+    """O first, then the others sorted by type, then prefix: a stable id for every tag."""
+    seen = {t for tags in tag_sequences for t in tags} - {"O"}
+    return ["O", *sorted(seen, key=lambda t: (seqeval.split_tag(t)[1], t))]
+
+
+def _scheme(tags: Sequence[str], scheme: str) -> list[str]:
+    return seqeval.to_iob2(tags) if scheme == "iob2" else list(tags)
+
+
+# ------------------------------------------------------------------------------ features
+
+
+def token_features(tok: Any, sentences: Sequence[Sentence], label_to_id: dict[str, int],
+                   max_length: int, scheme: str
+                   ) -> tuple[list[dict[str, Any]], list[list[int]], int]:
+    """Fine-tuning inputs: word pieces with the label at each word's first piece and IGNORE
+    elsewhere. Returns the features, each sentence's first-piece positions, and how many
+    sentences were cut to max_length. Tags the label set lacks are IGNORE (they can only be
+    scored, not learned)."""
+    from bertscale.embed import encode_words
+    encs = encode_words(tok, [s.words for s in sentences], max_length)
+    width = max(len(e.ids) for e in encs)
+    feats = []
+    for s, e in zip(sentences, encs):
+        labels = [IGNORE] * width                       # padded to one width: collate stacks it
+        for pos, tag in zip(e.first, _scheme(s.tags, scheme)):
+            labels[pos] = label_to_id.get(tag, IGNORE)
+        feats.append({"input_ids": e.ids, "token_type_ids": [0] * len(e.ids), "labels": labels})
+    return feats, [e.first for e in encs], sum(e.truncated for e in encs)
+
+
+def word_features(first_row: int, vectors: Sequence[np.ndarray], sentences: Sequence[Sentence],
+                  label_to_id: dict[str, int], scheme: str) -> list[dict[str, Any]]:
+    """Feature-mode inputs: `input_ids` are the rows of each word's vector in the tagger's
+    feature table (row 0 is the zero padding row), labels one per word."""
+    width = max(len(v) for v in vectors)
+    feats, row = [], first_row
+    for s, v in zip(sentences, vectors):
+        n = len(v)
+        labels = [label_to_id.get(t, IGNORE) for t in _scheme(s.tags, scheme)[:n]]
+        feats.append({"input_ids": list(range(row, row + n)), "token_type_ids": [0] * n,
+                      "labels": labels + [IGNORE] * (width - n)})
+        row += n
+    return feats
+
+
+class FeatureTagger(nn.Module):
+    """A tagger over frozen per-word features: dropout, then a BiLSTM (or nothing), then a
+    linear layer to the labels. The features live in a non-persistent buffer indexed by
+    `input_ids`, so the shared training loop feeds it like a BERT head."""
+
+    def __init__(self, table: Tensor, num_labels: int, kind: str = "bilstm", hidden: int = 768,
+                 layers: int = 2, dropout: float = 0.5):
+        super().__init__()
+        self.register_buffer("table", table, persistent=False)                # (rows, D)
+        self.dropout = nn.Dropout(dropout)
+        D = table.shape[1]
+        if kind == "bilstm":
+            self.lstm: nn.LSTM | None = nn.LSTM(D, hidden, num_layers=layers, batch_first=True,
+                                                bidirectional=True,
+                                                dropout=dropout if layers > 1 else 0.0)
+            width = 2 * hidden
+        elif kind == "linear":
+            self.lstm = None
+            width = D
+        else:
+            raise UserError(f"--tagger {kind!r}: choose bilstm or linear")
+        self.classifier = nn.Linear(width, num_labels)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:
+        x = self.dropout(self.table[input_ids])                                # (B, W, D)
+        if self.lstm is not None:
+            W = input_ids.shape[1]
+            lengths = (attention_mask.sum(1) if attention_mask is not None
+                       else torch.full((input_ids.shape[0],), W)).cpu()
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                       enforce_sorted=False)
+            y, _ = self.lstm(packed)
+            x, _ = nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=W)
+            x = self.dropout(x)                                                # (B, W, 2h)
+        return self.classifier(x)                                              # (B, W, labels)
+
+
+def _loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    logits = model(**common.model_inputs(batch)).float()                       # (B, T, C)
+    labels = batch["labels"][:, :logits.shape[1]]                               # (B, T)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE)
+
+
+def _argmax(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    # The argmax, not the logits: predict() pads a ragged LAST axis, which for (B, T, C)
+    # logits would be the label axis; (B, T) predictions have T last.
+    return model(**common.model_inputs(batch)).argmax(-1)                       # (B, T)
+
+
+# --------------------------------------------------------------------------------- running
+
+
+@dataclass
+class NerArgs:
+    train_file: Path
+    dev_file: Path
+    checkpoint: Path
+    output_dir: Path
+    test_file: Path | None = None
+    mode: str = "finetune"
+    """"finetune" (the whole model) or "feature" (frozen BERT + a tagger)."""
+    lrs: list[float] = field(default_factory=lambda: [5e-5])
+    seeds: list[int] = field(default_factory=lambda: [1])
+    train: common.TrainConfig = field(default_factory=common.TrainConfig)
+    max_seq_length: int = 256
+    tag_scheme: str = "iob2"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    layers: str = "concat-last-four"
+    """Feature mode: which hidden states (see `bertscale.embed`)."""
+    layer_weights: list[float] | None = None
+    tagger: str = "bilstm"
+    tagger_hidden: int = 768
+    tagger_layers: int = 2
+    tagger_dropout: float = 0.5
+
+
+@dataclass
+class _Split:
+    name: str
+    sentences: list[Sentence]
+    features: list[dict[str, Any]]
+    first: list[list[int]] | None = None
+    """Fine-tuning: each sentence's first-piece positions (predictions are read there)."""
+
+
+def _decode(split: _Split, preds: np.ndarray, labels: list[str]) -> list[list[str]]:
+    """Per-word predicted tags; words without a prediction (cut by the length limit) are O."""
+    out = []
+    for i, s in enumerate(split.sentences):
+        if split.first is not None:
+            ids = [int(preds[i, p]) for p in split.first[i]]
+        else:
+            ids = [int(x) for x in preds[i, :len(split.features[i]["input_ids"])]]
+        tags = [labels[j] if 0 <= j < len(labels) else "O" for j in ids]
+        out.append(tags + ["O"] * (len(s.words) - len(tags)))
+    return out
+
+
+def _predictions_text(sentences: Sequence[Sentence], gold: Sequence[Sequence[str]],
+                      pred: Sequence[Sequence[str]]) -> str:
+    lines = []
+    for s, g, p in zip(sentences, gold, pred):
+        lines += [f"{w} {a} {b}" for w, a, b in zip(s.words, g, p)]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _majority(train: Sequence[Sentence], gold: Sequence[Sequence[str]], scheme: str
+              ) -> tuple[str, float]:
+    """The most frequent training tag and the token accuracy of always predicting it."""
+    counts = collections.Counter(t for s in train for t in _scheme(s.tags, scheme))
+    tag = counts.most_common(1)[0][0]
+    total = sum(len(g) for g in gold)
+    return tag, sum(t == tag for g in gold for t in g) / max(total, 1)
+
+
+def run(a: NerArgs) -> dict[str, Any]:
+    common.refuse_distributed()
+    t0 = time.perf_counter()
+    if a.mode not in ("finetune", "feature"):
+        raise UserError(f"--mode {a.mode!r}: choose finetune or feature")
+    if a.tag_scheme not in ("iob2", "keep"):
+        raise UserError(f"--tag-scheme {a.tag_scheme!r}: choose iob2 or keep")
+    if a.max_seq_length < 3:
+        raise UserError(f"--max-seq-length {a.max_seq_length}: needs room for [CLS], a word "
+                        f"and [SEP] (at least 3)")
+    train_s = read_conll(a.train_file)[:a.max_train_samples or None]
+    dev_s = read_conll(a.dev_file)[:a.max_eval_samples or None]
+    test_s = read_conll(a.test_file) if a.test_file else []
+    labels = label_list([_scheme(s.tags, a.tag_scheme) for s in train_s])
+    label_to_id = {t: i for i, t in enumerate(labels)}
+    unseen = sorted({t for s in dev_s + test_s for t in _scheme(s.tags, a.tag_scheme)}
+                    - set(labels))
+    if unseen:
+        common.log(f"note: tags {', '.join(unseen)} of the dev/test files never occur in "
+                   f"{a.train_file}; they are scored but cannot be predicted")
+    pretrained = common.load_checkpoint(a.checkpoint)
+    tok = common.load_task_tokenizer(pretrained)   # no truncation: encode_words cuts and counts
+    common.check_casing(pretrained, common.unk_fraction(
+        tok, (e.ids for e in tok.encode_batch([s.words for s in train_s], is_pretokenized=True))),
+        str(a.train_file))
+
+    named = [("train", train_s), ("dev", dev_s)] + ([("test", test_s)] if test_s else [])
+    splits: dict[str, _Split] = {}
+    cut_total = 0
+    if a.mode == "finetune":
+        for name, sents in named:
+            feats, first, cut = token_features(tok, sents, label_to_id, a.max_seq_length,
+                                               a.tag_scheme)
+            splits[name] = _Split(name, sents, feats, first)
+            cut_total += cut
+        pad_id = tok.token_to_id("[PAD]")
+        table = None
+    else:
+        from bertscale.embed import FeatureExtractor
+        device = common.resolve_device(a.train.device)
+        ex = FeatureExtractor(pretrained, a.layers, a.layer_weights, a.max_seq_length,
+                              str(device), a.train.precision)
+        rows: list[np.ndarray] = [np.zeros((1, ex.dim), np.float32)]            # row 0: padding
+        t_feat = time.perf_counter()
+        for name, sents in named:
+            vectors: list[np.ndarray] = []
+            for i in range(0, len(sents), a.train.eval_batch_size):
+                vecs, cut = ex.embed_words([s.words for s in sents[i:i + a.train.eval_batch_size]])
+                vectors += vecs
+                cut_total += cut
+            splits[name] = _Split(name, sents, word_features(
+                sum(len(r) for r in rows), vectors, sents, label_to_id, a.tag_scheme))
+            rows += [v for v in vectors if len(v)]
+        table = torch.from_numpy(np.concatenate(rows))
+        common.log(f"NER features: {len(table) - 1} words x {ex.dim} ({a.layers}) in "
+                   f"{time.perf_counter() - t_feat:.1f} s")
+        del ex
+        pad_id = 0
+    if cut_total:
+        common.log(f"warning: {cut_total} sentences exceed --max-seq-length {a.max_seq_length} "
+                   f"word pieces; their last words are predicted as O")
+
+    gold = {name: [_scheme(s.tags, a.tag_scheme) for s in sp.sentences]
+            for name, sp in splits.items()}
+    majority_tag, majority_acc = _majority(train_s, gold["dev"], a.tag_scheme)
+    task = "NER" if a.mode == "finetune" else "NER-feature"
+    out_dir = Path(a.output_dir) / task
+    from bertscale.model import BertForTokenClassification
+    runs: list[common.RunResult] = []
+    for lr in a.lrs:
+        for seed in a.seeds:
+            cfg = dataclasses.replace(a.train, lr=lr, seed=seed)
+            n = len(splits["train"].features)
+            common.log(f"{task}: lr {lr:g} seed {seed}: {n} sentences, {cfg.epochs:g} epochs = "
+                       f"{common.total_steps(cfg, n)} steps, batch {cfg.batch_size}")
+            common.seed_everything(seed)
+            if table is None:
+                model: nn.Module = common.build_model(BertForTokenClassification, pretrained,
+                                                      num_labels=len(labels))
+            else:
+                model = FeatureTagger(table, len(labels), a.tagger, a.tagger_hidden,
+                                      a.tagger_layers, a.tagger_dropout)
+            stats = common.fit(model, splits["train"].features, _loss, cfg, pad_id)
+            folder = common.run_folder(out_dir, lr, seed)
+            metrics: dict[str, float] = {}
+            for name in ("dev", "test"):
+                if name not in splits:
+                    continue
+                (preds,) = common.predict(model, splits[name].features, _argmax, cfg, pad_id)
+                tags = _decode(splits[name], preds, labels)
+                scores = seqeval.evaluate(gold[name], tags)
+                prefix = "" if name == "dev" else "test_"
+                metrics.update({prefix + k: v for k, v in scores.as_metrics().items()})
+                common.write_text_atomic(folder / f"{name}_predictions.txt", _predictions_text(
+                    splits[name].sentences, gold[name], tags))
+            common.write_json_atomic(folder / "results.json", {
+                "task": task, "lr": lr, "seed": seed, "metrics": metrics, "train": stats})
+            runs.append(common.RunResult(lr, seed, metrics, folder, stats))
+            del model
+    summary = common.summarize(task, "f1", runs)
+    best = common.run_folder(out_dir, summary["best_lr"], summary["best_seed"])
+    published = common.publish(best, out_dir, ["dev_predictions.txt", "test_predictions.txt"])
+    summary.update(
+        checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+        lowercase=pretrained.lowercase, mode=a.mode, labels=labels, tag_scheme=a.tag_scheme,
+        train_file=str(a.train_file), dev_file=str(a.dev_file),
+        test_file=str(a.test_file) if a.test_file else None,
+        train_sentences=len(train_s), dev_sentences=len(dev_s),
+        majority_tag=majority_tag, majority_accuracy=majority_acc,
+        max_seq_length=a.max_seq_length, truncated_sentences=cut_total,
+        predictions=[p.name for p in published], seconds=time.perf_counter() - t0)
+    if a.mode == "feature":
+        summary.update(layers=a.layers, tagger=a.tagger, tagger_hidden=a.tagger_hidden,
+                       tagger_layers=a.tagger_layers)
+    common.write_json_atomic(out_dir / "results.json", summary)
+    print(common.console_line(summary, ("f1", "precision", "recall", "accuracy"),
+                              summary["seconds"]), flush=True)
+    return summary
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+# Fine-tuning: the paper's fine-tuning ranges (lr 5e-5..2e-5, batch 32, 3 epochs); feature mode:
+# the tagger trains from scratch on fixed features, so a larger lr and more epochs.
+_DEFAULTS = {"finetune": {"lr": "5e-5", "epochs": 3.0, "batch_size": 32},
+             "feature": {"lr": "1e-3", "epochs": 10.0, "batch_size": 32}}
+
+
+def register_ner(tasks: argparse._SubParsersAction) -> None:
+    """Add `ner` to the `bertscale finetune` task parsers (called by finetune/cli.py)."""
+    from bertscale.finetune.cli import _common
+    p = tasks.add_parser("ner", help="named entity recognition from CoNLL-2003-style files",
+                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.add_argument("--train-file", type=Path, required=True, help="e.g. eng.train")
+    p.add_argument("--dev-file", type=Path, required=True, help="e.g. eng.testa")
+    p.add_argument("--test-file", type=Path, help="e.g. eng.testb (scored, not used to choose)")
+    p.add_argument("--mode", default="finetune", choices=("finetune", "feature"),
+                   help="finetune the whole model, or train a tagger on frozen BERT features")
+    p.add_argument("--max-seq-length", type=int, default=256)
+    p.add_argument("--tag-scheme", default="iob2", choices=("iob2", "keep"),
+                   help="train on IOB2 tags (default) or on the tags as written")
+    g = p.add_argument_group("feature mode")
+    g.add_argument("--layers", default="concat-last-four",
+                   help="hidden states to use, as `bertscale embed --layers`")
+    g.add_argument("--layer-weights", help="weighted-sum: one comma-separated weight per layer")
+    g.add_argument("--tagger", default="bilstm", choices=("bilstm", "linear"))
+    g.add_argument("--tagger-hidden", type=int, default=768, help="BiLSTM units per direction")
+    g.add_argument("--tagger-layers", type=int, default=2)
+    g.add_argument("--tagger-dropout", type=float, default=0.5)
+    p.set_defaults(func=_handler)
+
+
+def _handler(args: argparse.Namespace) -> int:
+    d = _DEFAULTS[args.mode]
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
+                        ("--max-steps", args.max_steps),
+                        ("--eval-batch-size", args.eval_batch_size),
+                        ("--tagger-hidden", args.tagger_hidden),
+                        ("--tagger-layers", args.tagger_layers)):
+        if value is not None and value <= 0:
+            raise UserError(f"{flag} must be positive, got {value:g}")
+    if not 0 <= args.warmup < 1:
+        raise UserError(f"--warmup is a fraction in [0, 1), got {args.warmup:g}")
+    if not 0 <= args.tagger_dropout < 1:
+        raise UserError(f"--tagger-dropout is a probability in [0, 1), got {args.tagger_dropout:g}")
+    lrs = common.parse_list(args.lr or d["lr"], float, "--lr")
+    if any(lr <= 0 for lr in lrs):
+        raise UserError(f"--lr {args.lr}: learning rates must be positive")
+    cfg = common.TrainConfig(
+        epochs=args.epochs or d["epochs"], batch_size=args.batch_size or d["batch_size"],
+        warmup=args.warmup, weight_decay=args.weight_decay, max_steps=args.max_steps,
+        eval_batch_size=args.eval_batch_size, precision=args.precision, device=args.device,
+        log_every=args.log_every)
+    weights = (common.parse_list(args.layer_weights, float, "--layer-weights")
+               if args.layer_weights else None)
+    run(NerArgs(
+        train_file=args.train_file, dev_file=args.dev_file, test_file=args.test_file,
+        checkpoint=args.checkpoint, output_dir=args.output_dir, mode=args.mode, lrs=lrs,
+        seeds=common.parse_list(args.seeds, int, "--seeds"), train=cfg,
+        max_seq_length=args.max_seq_length, tag_scheme=args.tag_scheme,
+        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+        layers=args.layers, layer_weights=weights, tagger=args.tagger,
+        tagger_hidden=args.tagger_hidden, tagger_layers=args.tagger_layers,
+        tagger_dropout=args.tagger_dropout))
+    return 0
