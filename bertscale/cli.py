@@ -17,6 +17,13 @@ from bertscale.errors import UserError
 
 # name -> module that registers it. Order is the order of the pipeline.
 COMMANDS: dict[str, str] = {
+    "prepare": "bertscale.data.prepare",
+    "pretrain": "bertscale.pretrain",
+    "demo": "bertscale.demo",
+    "finetune": "bertscale.finetune.cli",
+    "embed": "bertscale.embed",
+    "export": "bertscale.export",
+    "doctor": "bertscale.doctor",
 }
 
 

@@ -242,3 +242,231 @@ def model_config_from(data: dict[str, Any] | str, where: str = "model") -> Model
         cfg = preset(base, **explicit)
     cfg.validate()
     return cfg
+
+
+# ------------------------------------------------------------------------ pretraining recipe
+#
+# One TOML file per recipe (bertscale/recipes/*.toml). Sections map onto the classes below;
+# [optimizer] and [schedule] are bertscale.optim's OptimizerConfig / ScheduleConfig. Relative
+# paths in a recipe are read from the directory the command runs in (like every other CLI path).
+#
+# Two phases (the paper's 128 then 512 tokens) are two recipes: phase 2 names phase 1's run folder
+# in `train.init_from` and takes its final weights only, with its own optimizer, schedule, batch
+# and shards. Chosen over one recipe with [[phases]] because each phase is then an ordinary,
+# separately resumable and requeueable job with its own run folder.
+
+
+@dataclass
+class DataSection:
+    """Where the samples come from and how they are masked (the loader's knobs)."""
+
+    manifest: Path = Path("shards/manifest.json")
+    """Manifest written by `bertscale prepare`; its train split is trained on, its eval split
+    evaluated. Its tokenizer defines the vocabulary size unless model.vocab_size says more."""
+    mask_prob: float = 0.15
+    """Share of tokens masked per sequence (the paper: 15%)."""
+    max_predictions_per_seq: int = 20
+    """Cap on masked positions per sequence: 20 at 128 tokens, 80 at 512 (Google / NVIDIA)."""
+    whole_word_masking: bool = False
+    """Mask all WordPieces of a word together."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0: read in the training process)."""
+    bad_sample_policy: Literal["raise", "skip"] = "raise"
+    """A corrupt shard or sample stops the run ("raise") or is skipped and counted ("skip")."""
+    max_bad_samples: int = 100
+    """With "skip": the run stops after this many bad samples."""
+    verify_sha256: bool = True
+    """Check each local shard's sha256 against the manifest before training."""
+
+
+@dataclass
+class TrainSection:
+    """Length of the run, batch geometry, precision / ZeRO (through the DeepSpeed config)."""
+
+    steps: int = 1000
+    """Optimizer steps of this phase."""
+    global_batch_size: int = 256
+    """Sequences per optimizer step over all ranks. Kept exactly: gradient accumulation =
+    global_batch_size / (micro_batch_size x world size), which must be a whole number."""
+    micro_batch_size: int = 32
+    """Sequences per forward/backward on one rank."""
+    deepspeed: str = "zero2_bf16"
+    """DeepSpeed JSON: a name from deepspeed_configs/ ("zero2_bf16", "zero3_fp32", ...) or a
+    path. It decides ZeRO stage, precision, offload and clipping; the batch fields are derived
+    from this section and injected (a JSON that sets them differently is an error)."""
+    seed: int = 42
+    """Seeds the model initialisation, the data order and masking, and dropout."""
+    init_from: Path | None = None
+    """Phase 2: run folder (or checkpoint folder) of phase 1; its newest committed weights are
+    loaded, nothing else (fresh optimizer, schedule and data position)."""
+    max_loss_scale_skips: int = 50
+    """fp16 only: stop when this many optimizer steps in a row were skipped for overflow
+    (loss-scale collapse) instead of training on with a scale near zero."""
+
+
+@dataclass
+class EvalSection:
+    """Held-out evaluation: MLM accuracy, NSP accuracy and the losses on the eval split."""
+
+    every: int = 1000
+    """Evaluate every N optimizer steps (0: only at the end)."""
+    max_batches: int = 0
+    """Global eval batches per evaluation (0: the whole eval split)."""
+    micro_batch_size: int = 0
+    """Sequences per eval forward on one rank (0: the training micro batch)."""
+    at_start: bool = False
+    """Also evaluate before the first step (the untrained baseline)."""
+
+
+@dataclass
+class CheckpointSection:
+    """Checkpoints in <run>/checkpoints/step_<N>/, each committed atomically."""
+
+    every: int = 1000
+    """Save every N optimizer steps (0: only at the end and on preemption)."""
+    keep: int = 2
+    """Committed checkpoints kept (older ones are deleted after each commit); at least 2."""
+    at_end: bool = True
+    """Save when the last step is done."""
+
+
+@dataclass
+class LoggingSection:
+    """Where the numbers go."""
+
+    every: int = 10
+    """Log a training line / metrics record every N optimizer steps."""
+    progress: Literal["auto", "bar", "plain"] = "auto"
+    """A redrawn progress bar on a terminal, plain lines otherwise ("auto")."""
+    wandb: bool = True
+    """Log to Weights & Biases (offline when there is no API key; never stops training)."""
+    wandb_project: str = "bertscale"
+    """W&B project name."""
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+    """"auto": online when an API key is configured, offline otherwise."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to <run>/tensorboard (needs the tensorboard package)."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of ONE device in the training precision, for MFU (H100 SXM bf16:
+    989; A100 bf16: 312). 0: MFU is not reported."""
+
+
+@dataclass
+class DebugSection:
+    """Fault injection for tests of the failure paths."""
+
+    nan_loss_at_step: int = 0
+    """Turn the loss of this optimizer step (1-based) into NaN on rank 0 (0: off)."""
+
+
+@dataclass
+class PretrainRecipe:
+    """A whole pretraining job: model, data, optimizer, schedule, batch, eval, checkpoints."""
+
+    name: str
+    """Run name (W&B run, default run folder runs/<name>)."""
+    model: ModelConfig
+    """[model]: a preset name or a table with an optional `preset` and field overrides."""
+    data: DataSection
+    optimizer: Any
+    """[optimizer]: bertscale.optim.OptimizerConfig (AdamW or LAMB, lr, betas, eps, decay)."""
+    schedule: Any
+    """[schedule]: bertscale.optim.ScheduleConfig (warmup, linear / poly / constant decay)."""
+    train: TrainSection
+    eval: EvalSection
+    checkpoint: CheckpointSection
+    logging: LoggingSection
+    debug: DebugSection
+    run_dir: Path | None = None
+    """Run folder (checkpoints, metrics, logs); default runs/<name>."""
+    vocab_size_explicit: bool = False
+    """Whether [model] set vocab_size itself (else it is taken from the manifest's vocabulary)."""
+
+    def validate(self) -> None:
+        """Checks that need nothing but the recipe (the world size and the data come later)."""
+        self.model.validate()
+        t = self.train
+        for name in ("steps", "global_batch_size", "micro_batch_size"):
+            if getattr(t, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+        if t.global_batch_size % t.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not divisible by "
+                              f"train.micro_batch_size {t.micro_batch_size}")
+        if not 0.0 < self.data.mask_prob < 1.0:
+            raise ConfigError(f"data.mask_prob must be in (0, 1), got {self.data.mask_prob}")
+        if self.data.max_predictions_per_seq <= 0:
+            raise ConfigError(f"data.max_predictions_per_seq must be positive, got "
+                              f"{self.data.max_predictions_per_seq}")
+        if self.data.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
+        if self.checkpoint.keep < 2:
+            raise ConfigError(f"checkpoint.keep must be at least 2 (a crash during a save must "
+                              f"leave a committed one), got {self.checkpoint.keep}")
+        for where, value in (("eval.every", self.eval.every), ("eval.max_batches", self.eval.max_batches),
+                             ("eval.micro_batch_size", self.eval.micro_batch_size),
+                             ("checkpoint.every", self.checkpoint.every),
+                             ("debug.nan_loss_at_step", self.debug.nan_loss_at_step),
+                             ("logging.peak_tflops", self.logging.peak_tflops)):
+            if value < 0:
+                raise ConfigError(f"{where} must be >= 0, got {value}")
+        if self.logging.every <= 0:
+            raise ConfigError(f"logging.every must be positive, got {self.logging.every}")
+        if t.max_loss_scale_skips <= 0:
+            raise ConfigError(f"train.max_loss_scale_skips must be positive, got {t.max_loss_scale_skips}")
+
+
+_RECIPE_SECTIONS: dict[str, type] = {
+    "data": DataSection, "train": TrainSection, "eval": EvalSection,
+    "checkpoint": CheckpointSection, "logging": LoggingSection, "debug": DebugSection,
+}
+
+
+def load_pretrain_recipe(source: str | Path | dict[str, Any],
+                         overrides: list[str] | None = None) -> PretrainRecipe:
+    """A recipe from a TOML file, a built-in recipe name, or a dict, with `a.b=value` overrides.
+    Every error names the file and the field."""
+    from bertscale.optim import OptimizerConfig, ScheduleConfig  # torch-heavy: only when needed
+
+    if isinstance(source, dict):
+        data, origin, default_name = dict(source), "recipe", "run"
+    else:
+        path = Path(source)
+        if not path.is_file() and path.suffix != ".toml" and "/" not in str(source):
+            path = builtin_recipe(str(source))
+        data, origin, default_name = load_toml(path), str(path), path.stem
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        allowed = {"name", "run_dir", "model", "optimizer", "schedule", *_RECIPE_SECTIONS}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown section or field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+        if "model" not in data:
+            raise ConfigError("missing [model] section (a preset name or a table)")
+        model_raw = data["model"]
+        model = model_config_from(model_raw)
+        sections = {key: from_dict(cls, data.get(key, {}), key) for key, cls in _RECIPE_SECTIONS.items()}
+        if "optimizer" not in data:
+            raise ConfigError("missing [optimizer] section (name, lr, ...)")
+        recipe = PretrainRecipe(
+            name=_coerce(str, data.get("name", default_name), "name"),
+            model=model,
+            optimizer=from_dict(OptimizerConfig, data["optimizer"], "optimizer"),
+            schedule=from_dict(ScheduleConfig, data.get("schedule", {}), "schedule"),
+            run_dir=_coerce(Path | None, data.get("run_dir"), "run_dir"),
+            vocab_size_explicit=isinstance(model_raw, dict) and "vocab_size" in model_raw,
+            **sections)
+        recipe.validate()
+        if hasattr(recipe.optimizer, "validate"):
+            recipe.optimizer.validate()
+        if hasattr(recipe.schedule, "validate"):
+            recipe.schedule.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{origin}: {e}") from None
+    return recipe
+
+
+def recipe_to_dict(recipe: PretrainRecipe) -> dict[str, Any]:
+    """The recipe as plain data (for checkpoints, logs and W&B), in its TOML layout."""
+    out = to_dict(recipe)
+    out.pop("vocab_size_explicit", None)
+    return out

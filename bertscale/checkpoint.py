@@ -1,0 +1,382 @@
+"""Checkpoints that are complete or ignored, and the consolidated weights inside them.
+
+Layout of a run folder:
+
+    <run>/vocab.txt                        the tokenizer the run trains with (copied at start)
+    <run>/checkpoints/step_<N>/            DeepSpeed's files for tag "step_<N>" (every rank writes
+                                           its own partition) plus ours:
+        trainer_state.json                 counters, recipe, hashes, model config (rank 0)
+        rng_rank<R>.pt                     python / numpy / torch RNG states of rank R
+        commit.json                        THE commit marker: written last, atomically
+    <run>/checkpoints/step_<N>_universal/  (elastic resume) DeepSpeed's universal conversion
+
+Saving (`save`, collective): every rank calls `engine.save_checkpoint` and writes its RNG file,
+fsyncs what it wrote, then a barrier; rank 0 fsyncs the folder and writes `commit.json` (temp
+file, fsync, rename, fsync of the directory) naming the step; a second barrier keeps any rank from
+exiting (and a launcher from killing rank 0) before the commit exists. A folder without
+`commit.json` is an interrupted save: `latest_committed` never returns it, whatever DeepSpeed's own
+`latest` file says (we do not write that file). After each commit rank 0 deletes all but the newest
+`keep` committed checkpoints, un-committing each (marker first) before removing its files.
+
+The trainer state holds what a resume needs to continue the same run and to refuse a different one:
+the step, the global `consumed_samples` counter of the loader, the recipe, the model config, the
+tokenizer hash and the manifest fingerprint. DeepSpeed's `universal_checkpoint_info`, which
+`ds_to_universal` requires, is set on the model (DeepSpeed reserves that key in client_state and
+stores it from the module attribute; see `mark_universal`).
+
+`load_consolidated` rebuilds full fp32 weights from any ZeRO stage in one process, without a
+process group (DeepSpeed's zero_to_fp32), for fine-tuning and export.
+
+Limits: the checkpoint folder must be one filesystem visible to all ranks (rank 0 commits what the
+others wrote). fsync is what makes the commit meaningful on a local disk; on network filesystems
+it is as strong as the filesystem's close-to-open semantics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from bertscale.config import ModelConfig, from_dict, to_dict
+from bertscale.errors import UserError
+
+COMMIT_FILE = "commit.json"
+STATE_FILE = "trainer_state.json"
+VOCAB_FILE = "vocab.txt"
+FORMAT_VERSION = 1
+_TAG = re.compile(r"^step_(\d+)$")
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step}"
+
+
+@dataclass(frozen=True)
+class Committed:
+    """A committed checkpoint: `path` is <run>/checkpoints/step_<N>."""
+
+    step: int
+    path: Path
+    marker: dict[str, Any]
+
+    @property
+    def tag(self) -> str:
+        return self.path.name
+
+    @property
+    def root(self) -> Path:
+        """The `save_dir` DeepSpeed was given (the checkpoints folder)."""
+        return self.path.parent
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent.parent
+
+
+# ------------------------------------------------------------------------------ small I/O
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write temp, fsync, rename, fsync the directory: the file is the old one or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _torch_save_atomic(obj: Any, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    _fsync_file(tmp)
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)
+
+
+# ------------------------------------------------------------------------------ finding
+
+
+def _read_marker(tag_dir: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads((tag_dir / COMMIT_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        # The marker is renamed into place complete, so this is outside damage: say so.
+        raise UserError(f"{tag_dir / COMMIT_FILE}: commit marker is not valid JSON ({e})") from None
+    if not isinstance(marker, dict) or marker.get("tag") != tag_dir.name:
+        raise UserError(f"{tag_dir / COMMIT_FILE}: commit marker does not name this checkpoint "
+                        f"({marker.get('tag') if isinstance(marker, dict) else marker!r})")
+    return marker
+
+
+def list_committed(run_dir: str | Path) -> list[Committed]:
+    """Committed checkpoints of a run folder, oldest first. Uncommitted folders are skipped."""
+    root = checkpoints_dir(run_dir)
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _TAG.match(p.name)
+            if m and p.is_dir():
+                marker = _read_marker(p)
+                if marker is not None:
+                    found.append(Committed(int(m.group(1)), p, marker))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest_committed(run_dir: str | Path) -> Committed | None:
+    committed = list_committed(run_dir)
+    return committed[-1] if committed else None
+
+
+def resolve(path: str | Path) -> Committed:
+    """A run folder (its newest committed checkpoint) or one checkpoint folder (which must be
+    committed)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such run or checkpoint folder")
+    if _TAG.match(path.name) and path.is_dir():
+        marker = _read_marker(path)
+        if marker is None:
+            raise UserError(f"{path}: checkpoint was never committed (interrupted save); "
+                            f"use the run folder to get the newest committed one")
+        return Committed(int(marker["step"]), path, marker)
+    if path.name == "checkpoints":
+        path = path.parent
+    latest = latest_committed(path)
+    if latest is None:
+        raise UserError(f"{path}: no committed checkpoint in {checkpoints_dir(path)}")
+    return latest
+
+
+def read_state(ckpt: Committed) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt.path / STATE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{ckpt.path}: committed but has no {STATE_FILE}") from None
+
+
+# ------------------------------------------------------------------------------ RNG
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------ saving
+
+
+def mark_universal(model: Any) -> None:
+    """Set what DeepSpeed's ds_to_universal requires. DeepSpeed saves the module attribute
+    `universal_checkpoint_info` into the model-states file (the key is reserved in client_state).
+    A purely data-parallel model needs only the format version."""
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO,
+                                                UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    setattr(model, UNIVERSAL_CHECKPOINT_INFO,
+            {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+
+
+def _written_by(name: str, rank: int) -> bool:
+    """Which files of a DeepSpeed tag folder this rank wrote (so it fsyncs exactly those)."""
+    if f"zero_pp_rank_{rank}_" in name or name == f"rng_rank{rank}.pt":
+        return True
+    return rank == 0 and (name.startswith("mp_rank_") or name == STATE_FILE)
+
+
+def save(engine: Any, run_dir: str | Path, step: int, state: dict[str, Any], *, keep: int,
+         log: Callable[[str], None] = print) -> Committed:
+    """Save and commit checkpoint `step_<step>`. Collective: every rank must call it."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    root = checkpoints_dir(run_dir)
+    tag = tag_for(step)
+    tag_dir = root / tag
+    t0 = time.monotonic()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        # Leftovers of an interrupted save of this same step (never committed): start clean, so
+        # no stale partition of another world size sits beside the new files.
+        if tag_dir.exists() and _read_marker(tag_dir) is None:
+            shutil.rmtree(tag_dir)
+        shutil.rmtree(root / f"{tag}_universal", ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    _torch_save_atomic(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    if rank == 0:
+        write_json_atomic(tag_dir / STATE_FILE, {**state, "step": step, "world_size": world,
+                                                 "format": FORMAT_VERSION})
+    for p in tag_dir.iterdir():
+        if p.is_file() and _written_by(p.name, rank):
+            _fsync_file(p)
+    dist.barrier()
+    marker = {"tag": tag, "step": step, "world_size": world, "format": FORMAT_VERSION,
+              "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if rank == 0:
+        fsync_dir(tag_dir)
+        write_json_atomic(tag_dir / COMMIT_FILE, marker)
+        fsync_dir(root)
+        prune(run_dir, keep, log=log)
+        log(f"checkpoint step {step} committed at {tag_dir} ({time.monotonic() - t0:.1f}s)")
+    dist.barrier()
+    return Committed(step, tag_dir, marker)
+
+
+def prune(run_dir: str | Path, keep: int, *, log: Callable[[str], None] = print) -> None:
+    """Delete all but the newest `keep` committed checkpoints: marker first (the folder is then
+    an ordinary uncommitted one), then the files and any universal copy."""
+    if keep < 2:
+        raise UserError(f"checkpoint.keep must be at least 2, got {keep}")
+    for old in list_committed(run_dir)[:-keep]:
+        (old.path / COMMIT_FILE).unlink()
+        fsync_dir(old.path)
+        shutil.rmtree(old.path)
+        shutil.rmtree(old.root / f"{old.tag}_universal", ignore_errors=True)
+        log(f"checkpoint step {old.step} deleted (keeping the newest {keep})")
+
+
+# ------------------------------------------------------------------------------ resuming
+
+
+def check_compatible(state: dict[str, Any], *, tokenizer_hash: str, manifest_fingerprint: str | None,
+                     model_config: ModelConfig, where: str) -> None:
+    """Refuse to continue a checkpoint with another tokenizer, data set or model shape.
+    `manifest_fingerprint=None` skips the data check (phase 2 trains on other shards)."""
+    if state.get("tokenizer_hash") != tokenizer_hash:
+        raise UserError(f"{where}: was trained with another tokenizer (hash "
+                        f"{str(state.get('tokenizer_hash'))[:12]}, now {tokenizer_hash[:12]}); "
+                        f"resuming would scramble the embeddings")
+    if manifest_fingerprint is not None and state.get("manifest_fingerprint") != manifest_fingerprint:
+        raise UserError(f"{where}: was trained on another data manifest ({state.get('manifest_path')}, "
+                        f"fingerprint {str(state.get('manifest_fingerprint'))[:12]}, now "
+                        f"{manifest_fingerprint[:12]}); the data position would be meaningless. "
+                        f"Start a new run folder for new data")
+    saved = state.get("model_config") or {}
+    now = to_dict(model_config)
+    shape = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "intermediate_size", "max_position_embeddings", "type_vocab_size", "hidden_act")
+    diff = [f"{k} {saved.get(k)} -> {now[k]}" for k in shape if saved.get(k) != now[k]]
+    if diff:
+        raise UserError(f"{where}: model shape differs from the checkpoint ({'; '.join(diff)})")
+
+
+def load(engine: Any, ckpt: Committed, *, load_dir: Path | None = None, tag: str | None = None,
+         restore_rng: bool = True) -> None:
+    """Load model, optimizer and scheduler state into `engine`, and this rank's RNG states.
+    Collective. `load_dir`/`tag` point at a universal copy when the world size changed (then the
+    per-rank RNG states do not map onto the new ranks and are not restored)."""
+    import torch
+    import torch.distributed as dist
+
+    path, _ = engine.load_checkpoint(str(load_dir or ckpt.root), tag=tag or ckpt.tag,
+                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise UserError(f"{ckpt.path}: DeepSpeed could not load this checkpoint")
+    if restore_rng:
+        rng_file = ckpt.path / f"rng_rank{dist.get_rank()}.pt"
+        if not rng_file.is_file():
+            raise UserError(f"{rng_file}: missing (checkpoint written by "
+                            f"{ckpt.marker.get('world_size')} ranks)")
+        set_rng_state(torch.load(rng_file, weights_only=False))
+
+
+# ------------------------------------------------------------------------------ consolidated
+
+
+@dataclass
+class ConsolidatedModel:
+    """Full fp32 weights of a checkpoint, with what is needed to use them."""
+
+    config: ModelConfig
+    state_dict: dict[str, Any]
+    """BertForPreTraining keys (the tied decoder weight included), fp32 CPU tensors."""
+    vocab_path: Path
+    lowercase: bool
+    step: int
+
+
+def load_consolidated(path: str | Path) -> ConsolidatedModel:
+    """Weights of the newest committed checkpoint of a run folder (or of one checkpoint folder),
+    merged from any ZeRO stage on the CPU, without a process group."""
+    import torch
+
+    ckpt = resolve(path)
+    state = read_state(ckpt)
+    config = from_dict(ModelConfig, state["model_config"], f"{ckpt.path / STATE_FILE}: model_config")
+    zero_files = list(ckpt.path.glob("*zero_pp_rank_*optim_states.pt"))
+    if zero_files:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.root), tag=ckpt.tag)
+    else:  # ZeRO-0: the model states file holds the full weights
+        model_file = ckpt.path / "mp_rank_00_model_states.pt"
+        if not model_file.is_file():
+            raise UserError(f"{ckpt.path}: no DeepSpeed model states file")
+        sd = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    # zero_to_fp32 restores tied parameters under every name; add the decoder if it was dropped.
+    if "cls.predictions.decoder.weight" not in sd and "bert.embeddings.word_embeddings.weight" in sd:
+        sd["cls.predictions.decoder.weight"] = sd["bert.embeddings.word_embeddings.weight"]
+    vocab = ckpt.run_dir / VOCAB_FILE
+    if not vocab.is_file():
+        raise UserError(f"{vocab}: the run folder has lost its vocabulary")
+    return ConsolidatedModel(config, sd, vocab, bool(state.get("lowercase", True)), ckpt.step)

@@ -1,0 +1,275 @@
+"""`bertscale demo`: the whole pipeline on any machine, with no data and no network.
+
+1. Corpus: real English prose that ships with every Python installation: the Python Language
+   Reference and library topics (`pydoc_data.topics`, the text behind `help()`, ~465 KB) and the
+   docstrings of the standard library's own modules (read with `ast`, never imported). Code
+   examples, grammar rules and heading underlines are dropped; one document per reference section
+   or module. Not synthetic, not downloaded.
+2. Tokenizer: a WordPiece vocabulary trained on that corpus (`bertscale.tokenizer.train_wordpiece`).
+3. Shards: `bertscale prepare`'s API writes NSP instances at sequence 128 with a held-out split.
+4. Pretraining: `bertscale pretrain` with the built-in `demo` recipe (a tiny BERT, DeepSpeed ZeRO-2)
+   on N local processes (default 2; this module starts them itself on 127.0.0.1, as torchrun
+   would), evaluated before the first step and at the end.
+5. A report: MLM accuracy at the start (chance) and at the end, NSP accuracy, and where the
+   checkpoint, metrics and vocabulary are.
+
+`bertscale demo --shards <manifest> --preset base --steps 2000` runs step 4-5 on your shards with
+a bigger model. On a GPU machine the demo trains in bf16 with one process per GPU.
+
+Limits: the corpus is small (~1.3 MB of text), so the numbers show learning, not a useful model;
+the first run on a fresh machine includes DeepSpeed's one-off build of its CPU communication op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bertscale.errors import UserError
+
+_UNDERLINE = re.compile(r"^\s*([*=\-~^#\"'`+])\1{2,}\s*$")
+
+
+# ------------------------------------------------------------------------------ the corpus
+
+
+def _paragraphs(text: str) -> Iterator[str]:
+    """Prose paragraphs of reST-ish documentation: wrapped lines joined, code and grammar dropped."""
+    para: list[str] = []
+    for line in text.splitlines() + [""]:
+        stripped = line.strip()
+        is_code = (line.startswith("   ") or stripped.startswith((">>>", "...", "::="))
+                   or "::=" in stripped)
+        if not stripped or is_code or _UNDERLINE.match(line):
+            if para:
+                joined = " ".join(para)
+                # Keep sentences, not headings or fragments: a few words ending in punctuation.
+                if len(joined.split()) >= 6 and joined[-1] in ".:;!?)\"'":
+                    yield joined
+                para = []
+            continue
+        para.append(stripped)
+
+
+def reference_documents() -> Iterator[list[str]]:
+    """Sections of the Python Language Reference / library topics (pydoc_data.topics)."""
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        # A topic holds several sections, each starting with a title over an underline.
+        sections = re.split(r"\n(?=[^\n]+\n[*=\-]{3,}\n)", topics[key])
+        for section in sections:
+            doc = list(_paragraphs(section))
+            if doc:
+                yield doc
+
+
+def stdlib_documents() -> Iterator[list[str]]:
+    """Docstrings of each standard-library module (tests and installed packages left out), one
+    document per module."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    for path in sorted(stdlib.rglob("*.py")):
+        if skip.intersection(path.relative_to(stdlib).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        doc: list[str] = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                text = ast.get_docstring(node)
+                if text:
+                    doc.extend(_paragraphs(text))
+        if doc:
+            yield doc
+
+
+def write_corpus(path: Path) -> dict[str, int]:
+    """The corpus in BERT's plain-text format: one paragraph per line, blank line between
+    documents. Deterministic (sorted inputs)."""
+    docs = paragraphs = chars = 0
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for source in (reference_documents(), stdlib_documents()):
+            for doc in source:
+                f.write("\n".join(doc) + "\n\n")
+                docs += 1
+                paragraphs += len(doc)
+                chars += sum(len(p) for p in doc)
+    tmp.replace(path)
+    return {"documents": docs, "paragraphs": paragraphs, "characters": chars}
+
+
+# ------------------------------------------------------------------------------ local ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(argv: list[str], nproc: int, log_dir: Path, cuda: bool = False) -> int:
+    """Run `python argv...` as `nproc` ranks on this machine (loopback), as torchrun would.
+    Rank 0 talks to the terminal; the others log to log_dir/rank<R>.log. Returns the first
+    non-zero exit code (or 0). Ctrl-C / SIGTERM reach every rank, which then checkpoint."""
+    port = str(_free_port())
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    procs: list[subprocess.Popen] = []
+    logs = []
+    for rank in range(nproc):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+                   OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)),
+                   TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        if not cuda:
+            env.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than let DeepSpeed guess
+        out = None
+        if rank:
+            out = open(log_dir / f"rank{rank}.log", "w")
+            logs.append(out)
+        procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=out,
+                                      stderr=subprocess.STDOUT if rank else None))
+
+    def forward(signum, frame):  # noqa: ANN001
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for f in logs:
+            f.close()
+    return next((c for c in codes if c), 0)
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from bertscale.tokenizer import train_wordpiece
+
+    t0 = time.monotonic()
+    root = Path(args.run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    nproc = args.nproc or (torch.cuda.device_count() if cuda else 2)
+    overrides: list[str] = []
+    if args.shards:
+        manifest = Path(args.shards)
+        print(f"demo: using your shards {manifest}")
+    else:
+        from bertscale.data.prepare import PrepareConfig, run_prepare
+
+        data = root / "data"
+        data.mkdir(exist_ok=True)
+        corpus = data / "python_docs.txt"
+        stats = write_corpus(corpus)
+        print(f"demo: corpus {corpus}: {stats['documents']} documents, {stats['paragraphs']} "
+              f"paragraphs, {stats['characters'] / 1e6:.2f} MB of English prose from Python's own "
+              f"documentation ({time.monotonic() - t0:.0f}s)")
+        # Not inside `data`: prepare owns that folder (and copies the vocabulary beside the shards).
+        vocab = root / "tokenizer" / "vocab.txt"
+        if not vocab.is_file():
+            paragraphs = (p for p in corpus.read_text(encoding="utf-8").splitlines() if p)
+            train_wordpiece(paragraphs, vocab, vocab_size=args.vocab_size, lowercase=True)
+        print(f"demo: WordPiece vocabulary {vocab} ({args.vocab_size} tokens, {time.monotonic() - t0:.0f}s)")
+        manifests = run_prepare(PrepareConfig(
+            inputs=[str(corpus)], out=data, vocab=vocab, lowercase=True, seq_lens=[128],
+            dupe_factor=3, samples_per_shard=2000, eval_fraction=0.05, seed=12345,
+            progress="none"))
+        manifest = manifests[128]
+        from bertscale.data.shards import read_manifest
+        m = read_manifest(manifest)
+        print(f"demo: shards {manifest.parent}: {m.num_samples('train')} train / "
+              f"{m.num_samples('eval')} eval NSP pairs of up to 128 tokens ({time.monotonic() - t0:.0f}s)")
+    overrides.append(f"data.manifest={json.dumps(str(manifest))}")
+    if args.preset:
+        overrides.append(f"model.preset={json.dumps(args.preset)}")
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    if cuda:
+        overrides.append('train.deepspeed="zero2_bf16"')
+    overrides += args.overrides
+    run_dir = root / "run"
+    if run_dir.exists():
+        # The demo always trains from scratch; its previous run folder is ours to replace.
+        print(f"demo: removing the previous demo run {run_dir}")
+        shutil.rmtree(run_dir)
+    argv = ["-m", "bertscale.pretrain", "demo", "--run-dir", str(run_dir)]
+    for o in overrides:
+        argv += ["--set", o]
+    print(f"demo: pretraining on {nproc} local process(es) with DeepSpeed ZeRO-2 "
+          f"({'bf16 on GPU' if cuda else 'fp32 on CPU'})")
+    t_train = time.monotonic()
+    code = launch_local(argv, nproc, root, cuda)
+    if code:
+        print(f"demo: pretraining stopped with exit code {code} (other ranks' logs: {root}/rank*.log)",
+              file=sys.stderr)
+        return code
+
+    evals = [r for r in _read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+    trains = [r for r in _read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    if len(evals) < 2:
+        raise UserError(f"{run_dir / 'metrics.jsonl'}: expected an eval at the start and the end")
+    first, last = evals[0], evals[-1]
+    vocab_size = json.loads((run_dir / "recipe.json").read_text())["model"]["vocab_size"]
+    print("\n" + "=" * 72)
+    print(f"bertscale demo: done in {time.monotonic() - t0:.0f}s "
+          f"(pretraining {time.monotonic() - t_train:.0f}s, {last['step']} steps)")
+    print(f"  MLM accuracy (held-out): {first['mlm_acc']:.1%} at step {first['step']} "
+          f"(chance {1 / vocab_size:.3%})  ->  {last['mlm_acc']:.1%} at step {last['step']}")
+    if "nsp_acc" in last:
+        print(f"  NSP accuracy (held-out): {first['nsp_acc']:.1%}  ->  {last['nsp_acc']:.1%} "
+              f"(chance 50%; always answering the commoner label: {last['nsp_majority']:.1%})")
+    print(f"  loss: {first['loss']:.3f} -> {last['loss']:.3f} held-out"
+          + (f"; training loss {trains[0]['loss']:.3f} -> {trains[-1]['loss']:.3f}" if trains else ""))
+    print(f"  checkpoint: {run_dir / 'checkpoints'} (load with bertscale.checkpoint.load_consolidated)")
+    print(f"  metrics:    {run_dir / 'metrics.jsonl'}")
+    print(f"  vocabulary: {run_dir / 'vocab.txt'}")
+    print("=" * 72)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo", help="the whole pipeline on Python's own documentation, in minutes, offline",
+        description="Build a corpus from the documentation that ships with Python, train a "
+                    "WordPiece vocabulary, write shards, pretrain a tiny BERT with DeepSpeed "
+                    "ZeRO-2 on local processes, and report what it learned.")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="default: runs/demo")
+    p.add_argument("--shards", type=Path, help="train on these shards (a manifest) instead")
+    p.add_argument("--preset", help="model preset (tiny, mini, small, medium, base, large)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the demo recipe's)")
+    p.add_argument("--nproc", type=int, help="local processes (default: 2 on CPU, one per GPU)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="WordPiece vocabulary to train")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
+                   help="override a field of the demo recipe (repeatable)")
+    p.set_defaults(func=run_demo)

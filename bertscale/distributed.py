@@ -1,0 +1,298 @@
+"""Where this process sits in the job, the process group, and preemption signals.
+
+`discover()` reads the rank layout from whichever launcher started us, in this order:
+
+1. `RANK` / `WORLD_SIZE` already set: torchrun, the `deepspeed` launcher, or our own tests.
+2. Open MPI (`OMPI_COMM_WORLD_*`) or an MPICH / Intel MPI PMI (`PMI_RANK`, `PMI_SIZE`): mpirun.
+   The master address is rank 0's host, shared through mpi4py, unless `MASTER_ADDR` is set.
+   (DeepSpeed's own MPI discovery takes it from `hostname -I`, which picks whatever interface is
+   listed first; we set the environment ourselves and turn that discovery off.)
+3. SLURM under `srun` (`SLURM_PROCID`, `SLURM_STEP_NUM_TASKS` or `SLURM_NTASKS`, `SLURM_LOCALID`):
+   the master is the first host of the step's node list (`scontrol show hostnames`), the port is
+   derived from the job id unless `MASTER_PORT` is set, so every task computes the same one.
+4. Nothing: a single process on 127.0.0.1 with a free port.
+
+MPI comes before SLURM because `mpirun` inside an allocation leaves SLURM's variables describing
+the batch step, not the MPI ranks.
+
+Preemption: `install_signal_handlers()` makes SIGUSR1 and SIGTERM set a flag and nothing else (no
+I/O, no collectives inside a handler). The loop calls `preemption_requested()` (or folds
+`local_preemption_flag()` into its own per-step all-reduce) at a step boundary, so all ranks agree
+even when the signal reached only one of them. A run that stopped for preemption after committing a
+checkpoint exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: "try again later"), which the SLURM
+scripts requeue on.
+
+Limits: one process per accelerator; the local world size from SLURM is only known when
+`SLURM_STEP_TASKS_PER_NODE` is uniform (used for logging only).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from types import FrameType
+
+from bertscale.errors import UserError
+
+PREEMPTED_EXIT_CODE = 75
+"""Exit status of a run that stopped on SIGUSR1/SIGTERM after committing its checkpoint
+(sysexits' EX_TEMPFAIL). SLURM batch scripts requeue the job when they see it."""
+
+NONFINITE_EXIT_CODE = 3
+"""Exit status of a run that stopped because the loss or the weights became NaN/inf. No
+checkpoint is written for the bad step; the last committed one is intact."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str
+    """"env" (torchrun / deepspeed launcher), "mpi", "slurm" or "single"."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int(environ: Mapping[str, str], name: str) -> int:
+    raw = environ.get(name, "")
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check(env: DistEnv) -> DistEnv:
+    if env.world_size < 1:
+        raise UserError(f"world size {env.world_size} (from {env.launcher}) must be at least 1")
+    if not 0 <= env.rank < env.world_size:
+        raise UserError(f"rank {env.rank} (from {env.launcher}) is outside world size {env.world_size}")
+    if not 0 < env.master_port < 65536:
+        raise UserError(f"master port {env.master_port} is not a TCP port")
+    return env
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Expand a SLURM node list ("n[1-3],gpu7") through `scontrol show hostnames`."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                             capture_output=True, text=True, timeout=60).stdout
+    except FileNotFoundError:
+        raise UserError("SLURM variables are set but `scontrol` is not on PATH; "
+                        "set MASTER_ADDR yourself") from None
+    except subprocess.CalledProcessError as e:
+        raise UserError(f"`scontrol show hostnames {nodelist}` failed: {e.stderr.strip()}") from None
+    hosts = out.split()
+    if not hosts:
+        raise UserError(f"SLURM node list {nodelist!r} expands to no hosts")
+    return hosts
+
+
+def _slurm_node_address(host: str) -> str:
+    """The host name if it resolves, else the node's NodeAddr from `scontrol show node` (virtual
+    nodes and some sites name nodes that DNS does not know)."""
+    try:
+        socket.getaddrinfo(host, None)
+        return host
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["scontrol", "show", "node", host], check=True, capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return host
+    for word in out.split():
+        if word.startswith("NodeAddr="):
+            return word.split("=", 1)[1]
+    return host
+
+
+def _from_env(environ: Mapping[str, str]) -> DistEnv:
+    world = _int(environ, "WORLD_SIZE")
+    rank = _int(environ, "RANK")
+    local_rank = _int(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else rank
+    local_world = _int(environ, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in environ else world
+    if world > 1 and ("MASTER_ADDR" not in environ or "MASTER_PORT" not in environ):
+        raise UserError(f"RANK/WORLD_SIZE are set (world size {world}) but MASTER_ADDR or "
+                        "MASTER_PORT is not; the launcher must set both")
+    addr = environ.get("MASTER_ADDR", "127.0.0.1")
+    port = _int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else _free_port()
+    return DistEnv(rank, world, local_rank, local_world, addr, port, "env")
+
+
+def _from_mpi(environ: Mapping[str, str]) -> DistEnv:
+    if "OMPI_COMM_WORLD_RANK" in environ:
+        rank = _int(environ, "OMPI_COMM_WORLD_RANK")
+        world = _int(environ, "OMPI_COMM_WORLD_SIZE")
+        local_rank = _int(environ, "OMPI_COMM_WORLD_LOCAL_RANK")
+        local_world = _int(environ, "OMPI_COMM_WORLD_LOCAL_SIZE")
+    else:
+        rank, world = _int(environ, "PMI_RANK"), _int(environ, "PMI_SIZE")
+        local_name = next((n for n in ("MPI_LOCALRANKID", "PMI_LOCAL_RANK") if n in environ), None)
+        local_rank = _int(environ, local_name) if local_name else 0
+        size_name = next((n for n in ("MPI_LOCALNRANKS", "PMI_LOCAL_SIZE") if n in environ), None)
+        local_world = _int(environ, size_name) if size_name else 1
+    addr = environ.get("MASTER_ADDR")
+    port = _int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else None
+    if world > 1 and (addr is None or port is None):
+        # Rank 0 decides, everyone else hears it: one broadcast over MPI, before any torch
+        # process group exists.
+        from mpi4py import MPI
+
+        proposal = None
+        if rank == 0:
+            proposal = (addr or socket.getfqdn(), port or _free_port())
+        addr, port = MPI.COMM_WORLD.bcast(proposal, root=0)
+    return DistEnv(rank, world, local_rank, local_world, addr or "127.0.0.1", port or _free_port(), "mpi")
+
+
+def _from_slurm(environ: Mapping[str, str], *, hostnames=slurm_hostnames) -> DistEnv:
+    world_name = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS"
+    world = _int(environ, world_name) if world_name in environ else 1
+    if "SLURM_STEP_ID" not in environ and "SLURM_STEPID" not in environ and world > 1:
+        raise UserError(f"{world_name}={world} but this process was not started by srun "
+                        "(no SLURM_STEP_ID); start one task per GPU with `srun`")
+    rank = _int(environ, "SLURM_PROCID")
+    local_rank = _int(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0
+    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE", environ.get("SLURM_TASKS_PER_NODE", ""))
+    first = per_node.split(",")[0].split("(")[0]
+    local_world = int(first) if first.isdigit() else 1
+    if "MASTER_ADDR" in environ:
+        addr = environ["MASTER_ADDR"]
+    else:
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            raise UserError("SLURM_PROCID is set but neither SLURM_STEP_NODELIST nor "
+                            "SLURM_JOB_NODELIST is; set MASTER_ADDR")
+        addr = _slurm_node_address(hostnames(nodelist)[0])
+    if "MASTER_PORT" in environ:
+        port = _int(environ, "MASTER_PORT")
+    else:
+        # Every task must agree without talking: derive it from the job id (distinct jobs on a
+        # shared node rarely collide; set MASTER_PORT when they do).
+        job = environ.get("SLURM_JOB_ID", environ.get("SLURM_JOBID", "0"))
+        port = 20000 + (int(job) if job.isdigit() else 0) % 20000
+    return DistEnv(rank, world, local_rank, local_world, addr, port, "slurm")
+
+
+def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """This process's rank layout, from whichever launcher started it (see the module doc)."""
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        env = _from_env(environ)
+    elif "OMPI_COMM_WORLD_RANK" in environ or ("PMI_RANK" in environ and "PMI_SIZE" in environ):
+        env = _from_mpi(environ)
+    elif "SLURM_PROCID" in environ:
+        env = _from_slurm(environ)
+    else:
+        env = DistEnv(0, 1, 0, 1, environ.get("MASTER_ADDR", "127.0.0.1"),
+                      _int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else _free_port(),
+                      "single")
+    return _check(env)
+
+
+def export_env(env: DistEnv) -> None:
+    """Write the layout into os.environ the way torchrun would, for torch / DeepSpeed to read."""
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
+                      LOCAL_RANK=str(env.local_rank), LOCAL_WORLD_SIZE=str(env.local_world_size),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+
+
+def init(env: DistEnv, timeout_s: float = 1800) -> None:
+    """Start the process group through DeepSpeed (gloo on CPU, nccl on GPU), on the layout we
+    discovered ourselves. Idempotent."""
+    export_env(env)
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        accel.set_device(env.local_rank)
+    deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------ preemption
+
+_preempt = threading.Event()
+_signal_seen: list[str] = []
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    # Only set a flag: the loop acts on it at the next step boundary, on every rank together.
+    _signal_seen.append(signal.Signals(signum).name)
+    _preempt.set()
+
+
+def install_signal_handlers(signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+    """Make SIGUSR1 / SIGTERM request a checkpoint-and-exit instead of killing the process."""
+    for s in signals:
+        signal.signal(s, _on_signal)
+
+
+def local_preemption_flag() -> bool:
+    """Whether THIS process received a preemption signal (no communication)."""
+    return _preempt.is_set()
+
+
+def signal_names() -> list[str]:
+    """Names of the signals received so far, for the log line."""
+    return list(_signal_seen)
+
+
+def clear_preemption() -> None:
+    _preempt.clear()
+    _signal_seen.clear()
+
+
+def preemption_requested() -> bool:
+    """Whether ANY rank received a preemption signal: an all-reduce (MAX) of the local flags.
+    Every rank must call it at the same step boundary."""
+    import torch
+    import torch.distributed as dist
+
+    flag = _preempt.is_set()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    from deepspeed.accelerator import get_accelerator
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32,
+                     device=get_accelerator().current_device_name())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -1,0 +1,711 @@
+"""`bertscale pretrain`: BERT's masked-LM + next-sentence pretraining through DeepSpeed ZeRO.
+
+Read top to bottom: plan (everything validated before any process group) -> process group ->
+model, optimizer, schedule, engine -> resume or init_from -> the step loop (micro-batches with
+gradient accumulation, one all-reduce of the step's statistics, optimizer step, logging, eval,
+checkpoint, preemption) -> exit code.
+
+One launcher-agnostic entrypoint: `torchrun`, `deepspeed`, `mpirun` and `srun` all work, see
+bertscale.distributed. Exit codes: 0 done; 2 bad input (before anything ran); 3 the loss or the
+weights became NaN/inf (nothing saved for that step); 75 preempted after committing a checkpoint
+(SLURM scripts requeue on it).
+
+Honest limits:
+- The batch geometry is global_batch = micro x accumulation x world size exactly; no dropping.
+- fp16 needs a GPU (DeepSpeed refuses it on the CPU); on the CPU train in fp32 or bf16 (bf16 is
+  emulated on CPUs without native bf16 and is many times slower there).
+- With ZeRO-Offload the optimizer is the recipe's torch optimizer running on the CPU partitions,
+  not DeepSpeed's CPU Adam kernel: correct, slower than DeepSpeed's own offload path.
+- Model FLOPs (for TFLOP/s and MFU) count matmuls only: 6 x dense parameters per token over the
+  full (padded) sequence, attention scores and values 12 x L x H x T^2 per sequence, the MLM head
+  only at the real masked positions; embeddings, norms and softmax are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import secrets
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bertscale import checkpoint as ckpt_lib
+from bertscale import distributed
+from bertscale.config import (ModelConfig, PretrainRecipe, load_pretrain_recipe, recipe_to_dict,
+                              to_dict)
+from bertscale.errors import ConfigError, UserError
+
+# The repository's deepspeed_configs/ (editable installs, the SLURM scripts); a non-editable
+# install (the Docker images) points BERTSCALE_DEEPSPEED_CONFIGS at its copy.
+DEEPSPEED_CONFIG_DIR = Path(os.environ.get("BERTSCALE_DEEPSPEED_CONFIGS",
+                                           Path(__file__).resolve().parent.parent / "deepspeed_configs"))
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+# =============================================================================== the plan
+# Everything a run needs to know, checked before a process group exists, so a bad recipe, batch,
+# manifest or resume fails in seconds with one clear message instead of N tracebacks.
+
+
+@dataclass
+class Plan:
+    recipe: PretrainRecipe
+    env: distributed.DistEnv
+    run_dir: Path
+    manifest: Any                      # bertscale.data.shards.Manifest
+    model_config: ModelConfig
+    tokenizer_hash: str
+    ds_config: dict[str, Any]          # what deepspeed.initialize gets, batch fields injected
+    ds_config_path: Path
+    precision: str                     # "fp32" | "bf16" | "fp16"
+    zero_stage: int
+    grad_accum: int
+    resume_from: ckpt_lib.Committed | None
+    resume_state: dict[str, Any] | None
+    init_from: ckpt_lib.Committed | None
+    stop_at_step: int | None
+
+
+def resolve_deepspeed_config(value: str) -> Path:
+    """A DeepSpeed JSON given by path, or by name from deepspeed_configs/ (here or the repo's)."""
+    path = Path(value)
+    candidates = [path] if path.suffix == ".json" or "/" in value else []
+    candidates += [Path("deepspeed_configs") / f"{value}.json", DEEPSPEED_CONFIG_DIR / f"{value}.json"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    known = sorted(p.stem for p in DEEPSPEED_CONFIG_DIR.glob("*.json"))
+    raise ConfigError(f"train.deepspeed = {value!r}: no such file; built-in configs: {', '.join(known)}")
+
+
+def deepspeed_config(recipe: PretrainRecipe, world_size: int,
+                     cuda: bool) -> tuple[dict[str, Any], Path, str, int, int]:
+    """Read the DeepSpeed JSON and inject the batch fields derived from the recipe."""
+    t = recipe.train
+    path = resolve_deepspeed_config(t.deepspeed)
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    per_rank = t.micro_batch_size * world_size
+    if t.global_batch_size % per_rank:
+        raise ConfigError(
+            f"train.global_batch_size {t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size {t.micro_batch_size} x {world_size} ranks = {per_rank}; "
+            f"choose a global batch that is a multiple of {per_rank} or another micro batch")
+    accum = t.global_batch_size // per_rank
+    derived = dict(zip(_BATCH_KEYS, (t.global_batch_size, t.micro_batch_size, accum)))
+    for key, value in derived.items():
+        if key in cfg and cfg[key] != "auto" and cfg[key] != value:
+            raise ConfigError(f"{path}: sets {key} = {cfg[key]}, but the recipe gives {value} "
+                              f"(global {t.global_batch_size} = micro {t.micro_batch_size} x accumulation "
+                              f"{accum} x {world_size} ranks); remove the batch fields from the JSON")
+    for key, section in (("optimizer", "[optimizer]"), ("scheduler", "[schedule]")):
+        if key in cfg:
+            raise ConfigError(f"{path}: has a {key!r} section; the recipe's {section} defines it "
+                              f"(remove it from the JSON)")
+    cfg.update(derived)
+    fp16 = bool(cfg.get("fp16", {}).get("enabled", False))
+    bf16 = bool(cfg.get("bf16", {}).get("enabled", False))
+    if fp16 and bf16:
+        raise ConfigError(f"{path}: enables both fp16 and bf16")
+    if fp16 and not cuda:
+        raise ConfigError(f"{path}: enables fp16, which DeepSpeed supports only on GPUs; on the CPU "
+                          f"use a bf16 or fp32 config (e.g. train.deepspeed = "
+                          f"\"{path.stem.replace('fp16', 'bf16')}\")")
+    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+    # A client (torch) optimizer under ZeRO is "untested" in DeepSpeed's words; ours are tested.
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    return cfg, path, "fp16" if fp16 else "bf16" if bf16 else "fp32", stage, accum
+
+
+def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, resume: str,
+               stop_at_step: int | None = None) -> Plan:
+    import dataclasses
+
+    import torch
+
+    from bertscale.data.shards import read_manifest
+
+    manifest = read_manifest(recipe.data.manifest)
+    vocab_file, vocab_size = Path(manifest.vocab_file), manifest.vocab_size
+    # The manifest's tokenizer hash is the tokenizer's identity for resumes and init_from.
+    tokenizer_hash = manifest.tokenizer_hash
+    model = recipe.model
+    if not recipe.vocab_size_explicit:
+        model = dataclasses.replace(model, vocab_size=vocab_size)
+    elif model.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size {model.vocab_size} is smaller than the manifest's "
+                          f"vocabulary ({vocab_size} tokens in {vocab_file})")
+    if manifest.seq_len > model.max_position_embeddings:
+        raise ConfigError(f"the shards hold {manifest.seq_len}-token sequences but "
+                          f"model.max_position_embeddings is {model.max_position_embeddings}")
+    if manifest.num_samples("train") < recipe.train.global_batch_size:
+        raise UserError(f"{manifest.path}: the train split has {manifest.num_samples('train')} samples, "
+                        f"fewer than one global batch ({recipe.train.global_batch_size})")
+    eval_micro = recipe.eval.micro_batch_size or recipe.train.micro_batch_size
+    if manifest.num_samples("eval") < eval_micro * env.world_size:
+        raise UserError(f"{manifest.path}: the eval split has {manifest.num_samples('eval')} samples, "
+                        f"fewer than one eval batch ({eval_micro} x {env.world_size} ranks)")
+    from bertscale.optim import warmup_steps
+    if warmup_steps(recipe.schedule, recipe.train.steps) > recipe.train.steps:
+        raise ConfigError(f"schedule.warmup {recipe.schedule.warmup} is longer than train.steps "
+                          f"{recipe.train.steps}")
+    if recipe.logging.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("logging.tensorboard = true needs the tensorboard package "
+                              "(pip install tensorboard)") from None
+    ds_config, ds_path, precision, stage, accum = deepspeed_config(
+        recipe, env.world_size, cuda=torch.cuda.is_available())
+
+    # Resume: the newest committed checkpoint of this run folder, if it is the same run.
+    if resume not in ("auto", "require", "never"):
+        raise ConfigError(f"--resume {resume!r}: choose auto, require or never")
+    latest = ckpt_lib.latest_committed(run_dir)
+    if resume == "never" and latest is not None:
+        raise UserError(f"{run_dir}: already holds committed checkpoints (newest step {latest.step}); "
+                        f"choose another --run-dir or --resume auto")
+    if resume == "require" and latest is None:
+        raise UserError(f"{run_dir}: --resume require, but there is no committed checkpoint")
+    state = None
+    if latest is not None:
+        state = ckpt_lib.read_state(latest)
+        ckpt_lib.check_compatible(state, tokenizer_hash=tokenizer_hash,
+                                  manifest_fingerprint=manifest.fingerprint, model_config=model,
+                                  where=str(latest.path))
+    init_from = None
+    if recipe.train.init_from is not None and latest is None:
+        init_from = ckpt_lib.resolve(recipe.train.init_from)
+        ckpt_lib.check_compatible(ckpt_lib.read_state(init_from), tokenizer_hash=tokenizer_hash,
+                                  manifest_fingerprint=None, model_config=model,
+                                  where=f"train.init_from {init_from.path}")
+    run_vocab = run_dir / ckpt_lib.VOCAB_FILE
+    if run_vocab.is_file() and run_vocab.read_bytes() != vocab_file.read_bytes():
+        raise UserError(f"{run_vocab}: this run folder was started with another vocabulary than "
+                        f"{vocab_file}; use a new --run-dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{run_dir}: cannot create the run folder ({e.strerror})") from None
+    if not os.access(run_dir, os.W_OK):
+        raise UserError(f"{run_dir}: run folder is not writable")
+    return Plan(recipe, env, run_dir, manifest, model, tokenizer_hash, ds_config, ds_path,
+                precision, stage, accum, latest, state, init_from, stop_at_step)
+
+
+# ================================================================================ metrics
+
+
+def flops_per_step(cfg: ModelConfig, sequences: int, seq_len: int, masked_tokens: float) -> float:
+    """Model FLOPs of one optimizer step (forward + backward = 3 x forward), matmuls only."""
+    H, L, I, V, T = (cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size,
+                     cfg.vocab_size, seq_len)
+    per_layer = 2 * T * (4 * H * H + 2 * H * I) + 4 * T * T * H   # QKV+out+FFN; QK^T and AV
+    per_sequence = L * per_layer + 2 * H * H + 2 * 2 * H            # + pooler + NSP
+    per_masked = 2 * H * H + 2 * H * V                              # transform + decoder
+    return 3.0 * (sequences * per_sequence + masked_tokens * per_masked)
+
+
+class Reporter:
+    """Rank 0's outputs: terminal (bar or plain lines), metrics.jsonl, W&B, TensorBoard. Every
+    optional sink fails soft: a warning, never a crashed or stalled job."""
+
+    def __init__(self, plan: Plan, start_step: int):
+        self.plan, self.main = plan, plan.env.is_main
+        self.total = plan.recipe.train.steps
+        self.start_step = start_step
+        self.t_start: float | None = None
+        lg = plan.recipe.logging
+        self.bar = self.main and (lg.progress == "bar" or (lg.progress == "auto" and sys.stdout.isatty()))
+        self.bar_open = False
+        self.jsonl = open(plan.run_dir / "metrics.jsonl", "a", encoding="utf-8") if self.main else None
+        self.wandb = self._init_wandb() if self.main and lg.wandb else None
+        self.tb = None
+        if self.main and lg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(plan.run_dir / "tensorboard"))
+
+    def _init_wandb(self) -> Any:
+        """A W&B run, resumed across restarts of this run folder; None (with a warning) on any
+        failure. Offline when no API key is configured: the run folder keeps the logs to sync."""
+        lg, run_dir = self.plan.recipe.logging, self.plan.run_dir
+        try:
+            import wandb
+
+            mode = None if "WANDB_MODE" in os.environ else lg.wandb_mode
+            if mode == "auto":
+                mode = "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in(wandb) else "offline"
+            id_file = run_dir / "wandb_id.txt"
+            if not id_file.is_file():
+                id_file.write_text(secrets.token_hex(4))
+            run_id = id_file.read_text().strip()
+        except Exception as e:  # noqa: BLE001 - W&B must never stop a training job
+            self.warn(f"W&B is unavailable ({type(e).__name__}: {e}); W&B logging is off")
+            return None
+        for attempt in ([mode, "offline"] if mode == "online" else [mode]):
+            try:
+                return wandb.init(project=lg.wandb_project, name=self.plan.recipe.name, id=run_id,
+                                  resume="allow", dir=str(run_dir), mode=attempt,
+                                  config=recipe_to_dict(self.plan.recipe),
+                                  settings=wandb.Settings(console="off", init_timeout=90))
+            except Exception as e:  # noqa: BLE001
+                self.warn(f"W&B init ({attempt or os.environ.get('WANDB_MODE')}) failed: "
+                          f"{type(e).__name__}: {e}")
+        self.warn("W&B logging is off for this run")
+        return None
+
+    def warn(self, msg: str) -> None:
+        if self.main:
+            self._end_bar()
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+    def info(self, msg: str) -> None:
+        if self.main:
+            self._end_bar()
+            print(msg, flush=True)
+
+    def _end_bar(self) -> None:
+        if self.bar_open:
+            sys.stdout.write("\n")
+            self.bar_open = False
+
+    def record(self, kind: str, step: int, values: dict[str, float]) -> None:
+        if not self.main:
+            return
+        record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.wandb is not None:
+            try:
+                self.wandb.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
+            except Exception as e:  # noqa: BLE001
+                self.warn(f"W&B log failed ({type(e).__name__}: {e}); W&B logging is off")
+                self.wandb = None
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def train_step(self, step: int, values: dict[str, float], log_now: bool) -> None:
+        if not self.main:
+            return
+        if self.t_start is None:  # the first step pays for warm-up; ETA counts from its end
+            self.t_start, self.t_first = time.monotonic(), step
+        if log_now:
+            self.record("train", step, values)
+        done = step - self.t_first
+        eta = (time.monotonic() - self.t_start) / done * (self.total - step) if done else float("nan")
+        line = (f"step {step}/{self.total}  loss {values['loss']:.4f}  mlm_acc {values['mlm_acc']:.3f}  "
+                f"lr {values['lr']:.2e}  {values['samples_per_s']:.1f} samples/s  ETA {_hms(eta)}")
+        if self.bar:
+            width = 24
+            fill = int(width * step / self.total)
+            sys.stdout.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {line}\x1b[K")
+            sys.stdout.flush()
+            self.bar_open = True
+        elif log_now:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if not self.main:
+            return
+        self._end_bar()
+        self.jsonl.close()
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception as e:  # noqa: BLE001
+                self.warn(f"W&B finish failed: {e}")
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _wandb_logged_in(wandb: Any) -> bool:
+    try:
+        return bool(wandb.api.api_key)
+    except Exception:  # noqa: BLE001 - no settings file, no key: offline
+        return False
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+# ================================================================================ the run
+
+
+def _vec(*scalars: Any) -> Any:
+    import torch
+
+    return torch.stack([s.double() for s in scalars])
+
+
+def seed_all(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(plan: Plan) -> int:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from bertscale import optim
+    from bertscale.data.loader import MaskingConfig, PretrainLoader
+    from bertscale.model import BertForPreTraining, pretraining_loss
+
+    recipe, env, run_dir = plan.recipe, plan.env, plan.run_dir
+    t, G, W = recipe.train, recipe.train.global_batch_size, plan.env.world_size
+
+    # ---- process group, signals
+    distributed.init(env)
+    distributed.install_signal_handlers()
+    if env.is_main:
+        ckpt_lib.copy_atomic(Path(plan.manifest.vocab_file), run_dir / ckpt_lib.VOCAB_FILE)
+        ckpt_lib.write_json_atomic(run_dir / "recipe.json", recipe_to_dict(recipe))
+        ckpt_lib.write_json_atomic(run_dir / "deepspeed_config.json", plan.ds_config)
+
+    # ---- model (same initial weights on every rank), optimizer, schedule, engine
+    seed_all(t.seed)
+    model = BertForPreTraining(plan.model_config)
+    if plan.init_from is not None:
+        from bertscale.model import load_pretrained
+        weights = ckpt_lib.load_consolidated(plan.init_from.path)
+        load_pretrained(model, weights.state_dict, source=f"train.init_from {plan.init_from.path}")
+        del weights
+    ckpt_lib.mark_universal(model)
+    load_dir, load_tag, universal = None, None, False
+    if plan.resume_from is not None and plan.resume_from.marker.get("world_size") != W:
+        from bertscale import elastic
+        source = elastic.resume_source(plan.resume_from.root, plan.resume_from.tag, W)
+        load_dir, load_tag, universal = Path(source.load_dir), source.tag, source.universal
+    ds_config = plan.ds_config
+    if universal:
+        from bertscale import elastic
+        ds_config = elastic.with_load_universal(ds_config)
+    optimizer = optim.build_optimizer(recipe.optimizer, model)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: optim.build_scheduler(opt, recipe.schedule, t.steps))
+    optim.make_zero_aware(optimizer, engine)  # LAMB: trust ratios per original tensor under ZeRO
+    device = engine.device
+
+    # ---- where we start: a committed checkpoint of this run, or step 0
+    step, consumed = 0, 0
+    if plan.resume_from is not None:
+        ckpt_lib.load(engine, plan.resume_from, load_dir=load_dir, tag=load_tag,
+                      restore_rng=not universal)
+        step, consumed = int(plan.resume_state["step"]), int(plan.resume_state["consumed_samples"])
+        if universal:  # per-rank RNG streams cannot be mapped to other ranks: reseed, reproducibly
+            seed_all(t.seed + 7919 * (step + 1) + env.rank)
+    else:
+        seed_all(t.seed + 1 + env.rank)  # distinct dropout streams per rank
+    last_saved = step if plan.resume_from is not None else None
+
+    masking = MaskingConfig(mask_prob=recipe.data.mask_prob,
+                            max_predictions_per_seq=recipe.data.max_predictions_per_seq,
+                            whole_word=recipe.data.whole_word_masking)
+    loader = PretrainLoader(plan.manifest, split="train", global_batch_size=G,
+                            micro_batch_size=t.micro_batch_size, rank=env.rank, world_size=W,
+                            seed=t.seed, consumed_samples=consumed, masking=masking,
+                            num_workers=recipe.data.num_workers,
+                            bad_sample_policy=recipe.data.bad_sample_policy,
+                            max_bad_samples=recipe.data.max_bad_samples,
+                            verify_sha256=recipe.data.verify_sha256)
+    batches = iter(loader)
+
+    reporter = Reporter(plan, step)
+    n_params = sum(p.numel() for p in model.parameters())
+    if plan.resume_from is not None:
+        how = (f", converted from {plan.resume_from.marker.get('world_size')} ranks through a "
+               f"universal checkpoint" if universal else "")
+        reporter.info(f"resumed from {plan.resume_from.path} (step {step}, {consumed} samples "
+                      f"consumed{how})")
+    elif plan.init_from is not None:
+        reporter.info(f"initialised from {plan.init_from.path} (step {plan.init_from.step} weights)")
+    reporter.info(f"pretraining {recipe.name}: {n_params / 1e6:.1f}M parameters, {W} rank(s), "
+                  f"ZeRO-{plan.zero_stage} {plan.precision}, global batch {G} = {t.micro_batch_size} "
+                  f"x {plan.grad_accum} accumulation x {W}, seq {plan.manifest.seq_len}, "
+                  f"steps {step}->{t.steps}, run folder {run_dir}")
+
+    def state_for_checkpoint() -> dict[str, Any]:
+        return {"step": step, "consumed_samples": consumed, "recipe": recipe_to_dict(recipe),
+                "model_config": to_dict(plan.model_config), "tokenizer_hash": plan.tokenizer_hash,
+                "manifest_fingerprint": plan.manifest.fingerprint,
+                "manifest_path": str(plan.manifest.path), "lowercase": bool(plan.manifest.lowercase),
+                "seq_len": plan.manifest.seq_len, "pair_objective": plan.manifest.pair_objective,
+                "zero_stage": plan.zero_stage, "precision": plan.precision,
+                "global_batch_size": G, "micro_batch_size": t.micro_batch_size,
+                "deepspeed_config": plan.ds_config_path.name}
+
+    def params_finite() -> bool:
+        # ZeRO-3 keeps only this rank's partition in ds_tensor; the others hold full copies.
+        ok = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in model.parameters())
+        flag = torch.tensor([0.0 if ok else 1.0], device=device)
+        dist.all_reduce(flag)
+        return flag.item() == 0
+
+    def save_checkpoint() -> int | None:
+        nonlocal last_saved
+        if last_saved == step:
+            return None
+        if not params_finite():
+            reporter.info(f"error: step {step}: weights are not finite; not saving a checkpoint")
+            return distributed.NONFINITE_EXIT_CODE
+        ckpt_lib.save(engine, run_dir, step, state_for_checkpoint(), keep=recipe.checkpoint.keep,
+                      log=reporter.info)
+        last_saved = step
+        return None
+
+    eval_verified = [False]
+
+    def evaluate() -> dict[str, float]:
+        micro = recipe.eval.micro_batch_size or t.micro_batch_size
+        # One pass over the eval split in stored order, padded so every rank has the same number
+        # of batches; masks depend on (seed, position) only, so every eval sees the same masks.
+        eval_loader = PretrainLoader(plan.manifest, split="eval", global_batch_size=micro * W,
+                                     micro_batch_size=micro, rank=env.rank, world_size=W, seed=t.seed,
+                                     masking=masking,
+                                     verify_sha256=recipe.data.verify_sha256 and not eval_verified[0])
+        eval_verified[0] = True
+        sums = torch.zeros(8, dtype=torch.float64, device=device)
+        engine.eval()
+        with torch.no_grad():
+            for i, batch in enumerate(eval_loader):
+                if recipe.eval.max_batches and i >= recipe.eval.max_batches:
+                    break
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                out = engine(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                             attention_mask=batch["attention_mask"],
+                             masked_positions=batch["masked_positions"])
+                p = pretraining_loss(out, batch["masked_labels"], batch["next_sentence_label"])
+                # Sums, not means: a token-weighted MLM loss and exact counts after the all-reduce.
+                sums += _vec(p.mlm * p.mlm_count, p.nsp * p.nsp_count, p.mlm_correct, p.mlm_count,
+                             p.nsp_correct, p.nsp_count, torch.ones((), device=device),
+                             (batch["next_sentence_label"] == 1).sum())
+        engine.train()
+        eval_loader.close()
+        dist.all_reduce(sums)
+        mlm_loss, nsp_loss, mlm_ok, mlm_n, nsp_ok, nsp_n, n, nsp_pos = sums.tolist()
+        values = {"mlm_loss": mlm_loss / max(mlm_n, 1), "mlm_acc": mlm_ok / max(mlm_n, 1),
+                  "masked_tokens": mlm_n, "batches": n / W}
+        if nsp_n:
+            # The accuracy of always answering the commoner label: NSP's real floor, not 50%.
+            values.update(nsp_loss=nsp_loss / nsp_n, nsp_acc=nsp_ok / nsp_n, pairs=nsp_n,
+                          nsp_majority=max(nsp_pos, nsp_n - nsp_pos) / nsp_n)
+        values["loss"] = values["mlm_loss"] + values.get("nsp_loss", 0.0)
+        return values
+
+    def report_eval(values: dict[str, float]) -> None:
+        reporter.record("eval", step, values)
+        nsp = f"  nsp_acc {values['nsp_acc']:.3f}" if "nsp_acc" in values else ""
+        reporter.info(f"eval step {step}: loss {values['loss']:.4f}  mlm_acc {values['mlm_acc']:.3f}{nsp}")
+
+    if recipe.eval.at_start and step == 0:
+        report_eval(evaluate())
+
+    # ---- the step loop
+    exit_code = 0
+    skipped_in_a_row = 0
+    engine.train()
+    stop_at = min(t.steps, plan.stop_at_step) if plan.stop_at_step else t.steps
+    try:
+        while step < stop_at:
+            t0 = time.perf_counter()
+            # loss, mlm loss, nsp loss, mlm hits, mlm count, nsp hits, nsp count, real tokens,
+            # non-finite micro-batches, preemption flag: one all-reduce per optimizer step.
+            stats = torch.zeros(10, dtype=torch.float64, device=device)
+            seen: list[tuple[Any, Any]] = []  # (finite?, sample_ids) per micro-batch, no sync
+            for micro in range(plan.grad_accum):
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+                out = engine(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                             attention_mask=batch["attention_mask"],
+                             masked_positions=batch["masked_positions"])
+                parts = pretraining_loss(out, batch["masked_labels"], batch["next_sentence_label"])
+                loss = parts.total
+                if recipe.debug.nan_loss_at_step == step + 1 and env.is_main:
+                    loss = loss * float("nan")  # fault injection (tests): the NaN path end to end
+                finite = torch.isfinite(loss.detach())
+                seen.append((finite, batch["sample_ids"]))
+                engine.backward(loss)
+                if micro < plan.grad_accum - 1:
+                    engine.step()  # inside the accumulation window: DeepSpeed only counts it
+                stats += _vec(
+                    torch.where(finite, loss.detach(), 0.0), torch.where(finite, parts.mlm.detach(), 0.0),
+                    torch.where(finite, parts.nsp.detach(), 0.0), parts.mlm_correct, parts.mlm_count,
+                    parts.nsp_correct, parts.nsp_count, batch["attention_mask"].sum(), ~finite,
+                    torch.zeros((), device=device))
+            stats[9] = 1.0 if distributed.local_preemption_flag() else 0.0
+            dist.all_reduce(stats)
+            (loss_s, mlm_s, nsp_s, mlm_ok, mlm_n, nsp_ok, nsp_n, tokens, nonfinite,
+             preempt) = stats.tolist()
+
+            if nonfinite:
+                # Stop BEFORE the optimizer step: the weights stay those of step `step`.
+                bad_ids = [i for ok, ids in seen if not bool(ok) for i in ids.tolist()]
+                if bad_ids:
+                    print(f"[rank {env.rank}] step {step + 1}: non-finite loss; batch sample_ids "
+                          f"{bad_ids}", file=sys.stderr, flush=True)
+                latest = ckpt_lib.latest_committed(run_dir)
+                reporter.info(f"error: step {step + 1}: loss is NaN/inf in {int(nonfinite)} "
+                              f"micro-batch(es) (sample ids on stderr of the rank(s) that saw it); "
+                              f"stopping without saving. Newest committed checkpoint: "
+                              f"{latest.path if latest else 'none'}")
+                exit_code = distributed.NONFINITE_EXIT_CODE
+                break
+
+            lr = float(scheduler.get_last_lr()[0])  # the rate this step's update uses
+            collapsed = False
+            try:
+                engine.step()  # optimizer step (clipping, ZeRO update), LR schedule step
+            except Exception as e:
+                # fp16: DeepSpeed's dynamic loss scaler raises (on every rank: overflow is
+                # all-reduced) when an overflow happens at its minimum scale.
+                if "loss scale already at minimum" not in str(e):
+                    raise
+                collapsed = True
+            if plan.precision == "fp16":
+                skipped_in_a_row = 0 if engine.was_step_applied() else skipped_in_a_row + 1
+                collapsed = collapsed or skipped_in_a_row >= t.max_loss_scale_skips
+            if collapsed:
+                scale = getattr(engine.optimizer, "cur_scale", "?")
+                reporter.info(f"error: step {step + 1}: the fp16 loss scale collapsed (scale {scale}, "
+                              f"{skipped_in_a_row} overflowing steps in a row); stopping without saving")
+                exit_code = distributed.NONFINITE_EXIT_CODE
+                break
+            step += 1
+            consumed += G
+            dt = time.perf_counter() - t0
+            n = W * plan.grad_accum
+            tflops = flops_per_step(plan.model_config, G, plan.manifest.seq_len, mlm_n) / dt / 1e12
+            values = {"loss": loss_s / n, "mlm_loss": mlm_s / n, "mlm_acc": mlm_ok / max(mlm_n, 1),
+                      "lr": lr, "samples_per_s": G / dt,
+                      "tokens_per_s": tokens / dt, "tflops": tflops, "step_time_s": dt,
+                      "consumed_samples": consumed}
+            if nsp_n:
+                values.update(nsp_loss=nsp_s / n, nsp_acc=nsp_ok / nsp_n)
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                values["grad_norm"] = float(grad_norm)
+            if recipe.logging.peak_tflops:
+                values["mfu"] = tflops / (recipe.logging.peak_tflops * W)
+            last = step == t.steps
+            reporter.train_step(step, values, log_now=step % recipe.logging.every == 0 or last or step == 1)
+
+            if recipe.eval.every and step % recipe.eval.every == 0 or last:
+                report_eval(evaluate())
+            due = recipe.checkpoint.every and step % recipe.checkpoint.every == 0
+            if due or preempt or (last and recipe.checkpoint.at_end) or step == stop_at:
+                failed = save_checkpoint()
+                if failed:
+                    exit_code = failed
+                    break
+            if preempt and step < t.steps:
+                names = ",".join(distributed.signal_names()) or "a signal on another rank"
+                reporter.info(f"preempted ({names}): checkpoint step {step} committed; exiting "
+                              f"with code {distributed.PREEMPTED_EXIT_CODE} to be requeued")
+                exit_code = distributed.PREEMPTED_EXIT_CODE
+                break
+        else:
+            if step < t.steps:
+                reporter.info(f"stopped at step {step} as asked (--stop-at-step); resume to continue")
+            else:
+                reporter.info(f"done: {step} steps, {consumed} samples; checkpoints in "
+                              f"{ckpt_lib.checkpoints_dir(run_dir)}, metrics in {run_dir / 'metrics.jsonl'}")
+    finally:
+        reporter.close()
+        loader.close()
+    distributed.barrier()
+    distributed.shutdown()
+    return exit_code
+
+
+# ================================================================================ the CLI
+
+
+def run(recipe: PretrainRecipe, *, run_dir: str | Path | None = None, resume: str = "auto",
+        stop_at_step: int | None = None) -> int:
+    """Validate, then train. The Python entry point behind `bertscale pretrain`."""
+    env = distributed.discover()
+    run_dir = Path(run_dir or recipe.run_dir or Path("runs") / recipe.name)
+    plan = build_plan(recipe, env, run_dir, resume, stop_at_step)
+    return train(plan)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "pretrain", help="pretrain BERT (MLM + NSP) with DeepSpeed ZeRO",
+        description="Pretrain BERT from prepared shards. Launch one process per device with "
+                    "torchrun, deepspeed, mpirun or srun; a single process needs no launcher.")
+    p.add_argument("recipe", help="recipe TOML file, or a built-in recipe name (e.g. tiny_ci)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
+                   help="override a recipe field, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--run-dir", type=Path, help="run folder (default: recipe run_dir or runs/<name>)")
+    p.add_argument("--resume", choices=("auto", "require", "never"), default="auto",
+                   help="auto: continue from the newest committed checkpoint if there is one")
+    p.add_argument("--stop-at-step", type=int, help="save and stop after this step (exit 0)")
+    p.add_argument("--no-wandb", action="store_true", help="disable Weights & Biases")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one device, for MFU")
+    p.add_argument("--verbose", action="store_true", help="keep DeepSpeed's own INFO logging")
+    p.set_defaults(func=_handle)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.no_wandb:
+        overrides.append("logging.wandb=false")
+    if args.tensorboard:
+        overrides.append("logging.tensorboard=true")
+    if args.peak_tflops is not None:
+        overrides.append(f"logging.peak_tflops={args.peak_tflops}")
+    recipe = load_pretrain_recipe(args.recipe, overrides)
+    if args.stop_at_step is not None and args.stop_at_step <= 0:
+        raise ConfigError(f"--stop-at-step must be positive, got {args.stop_at_step}")
+    quiet_deepspeed(args.verbose)
+    return run(recipe, run_dir=args.run_dir, resume=args.resume, stop_at_step=args.stop_at_step)
+
+
+def quiet_deepspeed(verbose: bool = False) -> None:
+    """DeepSpeed logs every setting at INFO on every rank; keep warnings only unless asked."""
+    import logging
+
+    if not verbose:
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.*")
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated.*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bertscale.pretrain RECIPE ...`: the same command, without importing the other
+    subcommands (every rank pays for what it imports)."""
+    parser = argparse.ArgumentParser(prog="bertscale")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["pretrain", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except UserError as e:
+        rank = os.environ.get("RANK")
+        where = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"bertscale pretrain: error: {where}{e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
