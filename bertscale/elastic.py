@@ -14,8 +14,9 @@ module wraps that conversion so a resume needs no manual step:
 and keeps the global batch size of the recipe when the world size changes (`plan_batch`).
 
 What the trainer must do when it saves (or the converter refuses the checkpoint): give DeepSpeed
-`universal_checkpoint_info()`, either as `client_state["universal_checkpoint_info"]` or as the
-module attribute of that name (DeepSpeed copies it into the model-states file).
+`universal_checkpoint_info()` as the model's attribute of that name (DeepSpeed copies it into the
+model-states file; `checkpoint.mark_universal` does it). DeepSpeed 0.19 refuses it as a
+`client_state` key ("reserved checkpoint keys").
 
 The converted folder `<checkpoint_dir>/<tag>_universal/` sits beside its source, is written under a
 temporary name and renamed into place with a commit marker inside (`COMMIT_MARKER`), and is reused
@@ -115,7 +116,7 @@ def _describe_world_sizes(per_micro: int, requested: int) -> str:
 
 
 def universal_checkpoint_info() -> dict[str, Any]:
-    """What the trainer puts under `client_state["universal_checkpoint_info"]` at every save.
+    """What the trainer attaches to the model as `universal_checkpoint_info` before every save.
 
     `ds_to_universal` refuses a ZeRO-1/2 checkpoint without it. Its other fields (vocabulary
     padding, tensor-parallel merge patterns) describe Megatron's tensor parallelism; a purely
