@@ -94,13 +94,13 @@ def deepspeed_config(recipe: PretrainRecipe, world_size: int,
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
-    per_rank = t.micro_batch_size * world_size
-    if t.global_batch_size % per_rank:
-        raise ConfigError(
-            f"train.global_batch_size {t.global_batch_size} is not divisible by "
-            f"train.micro_batch_size {t.micro_batch_size} x {world_size} ranks = {per_rank}; "
-            f"choose a global batch that is a multiple of {per_rank} or another micro batch")
-    accum = t.global_batch_size // per_rank
+    # The global batch is the recipe's at every world size (also after an elastic resume);
+    # when it cannot be split, the error lists the world sizes that would work.
+    from bertscale.elastic import plan_batch
+    try:
+        accum = plan_batch(t.global_batch_size, t.micro_batch_size, world_size)
+    except ConfigError as e:
+        raise ConfigError(f"train.global_batch_size / train.micro_batch_size: {e}") from None
     derived = dict(zip(_BATCH_KEYS, (t.global_batch_size, t.micro_batch_size, accum)))
     for key, value in derived.items():
         if key in cfg and cfg[key] != "auto" and cfg[key] != value:

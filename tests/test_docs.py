@@ -68,6 +68,10 @@ def _all_bertscale_lines() -> list[tuple[str, str]]:
             if lang not in ("bash", "sh", "console"):
                 continue
             for line in _commands(body):
+                if lang == "console":  # a transcript: only the `$ ` lines are commands
+                    if not line.startswith("$ "):
+                        continue
+                    line = line[2:]
                 if _bertscale_argv(line) is not None:
                     found.append((path.name, line))
     return found

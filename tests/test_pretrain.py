@@ -205,7 +205,8 @@ def _cli(args: list[str]) -> int:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sets, message", [
     (["train.global_batch_size=48", "train.micro_batch_size=16"],
-     "train.global_batch_size 48 is not divisible by train.micro_batch_size 16 x 2 ranks = 32"),
+     "global batch 48 is not divisible by micro batch 16 x 2 ranks; with micro batch 16 it "
+     "works on 1, 3 ranks"),
     (["train.deepspeed=\"zero2_fp16\""], "enables fp16, which DeepSpeed supports only on GPUs"),
     (["schedule.warmup=100", "train.steps=10"], "schedule.warmup 100 is longer than train.steps 10"),
     (["train.micro_batch_size=0"], "train.micro_batch_size must be positive"),
