@@ -261,7 +261,7 @@ def test_preempted_job_requeues_resumes_and_continues_on_one_node(slurm, mpi_pre
     assert text.count("exiting with code 75 to be requeued") >= 2
     assert text.count("requeueing to resume from the last committed checkpoint") == 2
     assert f"resumed from {run / 'checkpoints' / f'step_{first_stop}'} (step {first_stop}" in text
-    assert f"(step {second_stop}" in text and "universal conversion from 2 ranks" in text
+    assert f"(step {second_stop}" in text and "converted from 2 ranks through a universal checkpoint" in text
     assert "global batch 8 = 4 x 2 accumulation x 1" in text    # the global batch is kept
 
     wait_done(slurm, reference_job["id"], reference_job["log"], 400)
