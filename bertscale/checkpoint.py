@@ -87,15 +87,8 @@ class Committed:
 # ------------------------------------------------------------------------------ small I/O
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's entry list, so a rename inside it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -112,7 +105,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _torch_save_atomic(obj: Any, path: Path) -> None:
@@ -120,16 +113,16 @@ def _torch_save_atomic(obj: Any, path: Path) -> None:
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
-    _fsync_file(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.copyfile(src, tmp)
-    _fsync_file(tmp)
+    fsync_path(tmp)
     os.replace(tmp, dst)
-    fsync_dir(dst.parent)
+    fsync_path(dst.parent)
 
 
 # ------------------------------------------------------------------------------ finding
@@ -267,14 +260,14 @@ def save(engine: Any, run_dir: str | Path, step: int, state: dict[str, Any], *, 
                                                  "format": FORMAT_VERSION})
     for p in tag_dir.iterdir():
         if p.is_file() and _written_by(p.name, rank):
-            _fsync_file(p)
+            fsync_path(p)
     dist.barrier()
     marker = {"tag": tag, "step": step, "world_size": world, "format": FORMAT_VERSION,
               "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if rank == 0:
-        fsync_dir(tag_dir)
+        fsync_path(tag_dir)
         write_json_atomic(tag_dir / COMMIT_FILE, marker)
-        fsync_dir(root)
+        fsync_path(root)
         prune(run_dir, keep, log=log)
         log(f"checkpoint step {step} committed at {tag_dir} ({time.monotonic() - t0:.1f}s)")
     dist.barrier()
@@ -288,7 +281,7 @@ def prune(run_dir: str | Path, keep: int, *, log: Callable[[str], None] = print)
         raise UserError(f"checkpoint.keep must be at least 2, got {keep}")
     for old in list_committed(run_dir)[:-keep]:
         (old.path / COMMIT_FILE).unlink()
-        fsync_dir(old.path)
+        fsync_path(old.path)
         shutil.rmtree(old.path)
         shutil.rmtree(old.root / f"{old.tag}_universal", ignore_errors=True)
         log(f"checkpoint step {old.step} deleted (keeping the newest {keep})")

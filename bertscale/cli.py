@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "embed": "bertscale.embed",
     "export": "bertscale.export",
     "doctor": "bertscale.doctor",
+    "bench": "bertscale.bench",
 }
 
 
@@ -44,11 +45,31 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    return _run(args)
+
+
+def run_subcommand(name: str, argv: list[str] | None = None) -> int:
+    """`python -m bertscale.<module> ...`: one subcommand without importing the others (each
+    rank of a launcher pays for what it imports), with the same error handling as `main`."""
+    parser = argparse.ArgumentParser(prog="bertscale")
+    importlib.import_module(COMMANDS[name]).register(
+        parser.add_subparsers(dest="command", required=True))
+    return _run(parser.parse_args([name, *(sys.argv[1:] if argv is None else argv)]))
+
+
+def _rank() -> str | None:
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(var) is not None:
+            return os.environ[var]
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        # Prefix with the rank when launched distributed, so the failing rank is named.
-        rank = os.environ.get("RANK")
+        # Name the failing rank when launched distributed; rank 0's message needs no prefix.
+        rank = _rank()
         where = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"bertscale {args.command}: error: {where}{e}", file=sys.stderr)
         return e.exit_code

@@ -352,6 +352,21 @@ class LoggingSection:
 
 
 @dataclass
+class FastSection:
+    """Speed-ups of the model (bertscale.model.FastPaths); none changes the parameters, so
+    checkpoints and exports are the same with or without them. Each has a parity test."""
+
+    unpad: bool = False
+    """Run the encoder on the real tokens only (phase 2 and short documents); attention per
+    sequence, or the variable-length flash kernel on CUDA."""
+    checkpoint_activations: bool = False
+    """Recompute each encoder layer in the backward: less memory for a larger micro batch
+    (phase 2 at 512 tokens)."""
+    compile: bool = False
+    """torch.compile each encoder layer; falls back to eager with one warning if it fails."""
+
+
+@dataclass
 class DebugSection:
     """Fault injection for tests of the failure paths."""
 
@@ -377,6 +392,8 @@ class PretrainRecipe:
     checkpoint: CheckpointSection
     logging: LoggingSection
     debug: DebugSection
+    fast: FastSection = field(default_factory=FastSection)
+    """[fast]: the model's optional fast paths."""
     run_dir: Path | None = None
     """Run folder (checkpoints, metrics, logs); default runs/<name>."""
     vocab_size_explicit: bool = False
@@ -418,6 +435,7 @@ class PretrainRecipe:
 _RECIPE_SECTIONS: dict[str, type] = {
     "data": DataSection, "train": TrainSection, "eval": EvalSection,
     "checkpoint": CheckpointSection, "logging": LoggingSection, "debug": DebugSection,
+    "fast": FastSection,
 }
 
 

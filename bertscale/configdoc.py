@@ -26,6 +26,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("[eval]", "bertscale.config:EvalSection"),
     ("[checkpoint]", "bertscale.config:CheckpointSection"),
     ("[logging]", "bertscale.config:LoggingSection"),
+    ("[fast]", "bertscale.config:FastSection"),
     ("[debug]", "bertscale.config:DebugSection"),
     ("masking (the loader; set through [data])", "bertscale.data.masking:MaskingConfig"),
 ]

@@ -50,6 +50,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from bertscale.checkpoint import fsync_path, write_json_atomic
 from bertscale.errors import ConfigError, UserError
 
 COMMIT_MARKER = "bertscale_universal.json"
@@ -248,25 +249,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+        fsync_path(Path(dirpath))
 
 
 def convert_to_universal(checkpoint_dir: str | Path, tag: str, *, log=print) -> Path:
@@ -320,7 +303,7 @@ def convert_to_universal(checkpoint_dir: str | Path, tag: str, *, log=print) -> 
                 ) from e
             raise
         (work / "latest_universal").unlink(missing_ok=True)
-        _write_json_atomic(out / COMMIT_MARKER, {
+        write_json_atomic(out / COMMIT_MARKER, {
             "source_tag": tag,
             "source_fingerprint": fingerprint,
             "source_world_size": layout.world_size,
@@ -330,7 +313,7 @@ def convert_to_universal(checkpoint_dir: str | Path, tag: str, *, log=print) -> 
         })
         _fsync_tree(out)
         os.rename(out, target)
-        _fsync_dir(checkpoint_dir)
+        fsync_path(checkpoint_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log(f"elastic: wrote {target} in {time.monotonic() - t0:.1f}s")

@@ -831,19 +831,9 @@ def _handler(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bertscale.embed ...`: the subcommand without the rest of the CLI (what a
-    launcher line such as `torchrun -m bertscale.embed` needs)."""
-    parser = argparse.ArgumentParser(prog="bertscale")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(["embed", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except UserError as e:
-        rank = os.environ.get("RANK")
-        where = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"bertscale embed: error: {where}{e}", file=sys.stderr)
-        return e.exit_code
+    """`python -m bertscale.embed ...`: the same command, without importing the other subcommands."""
+    from bertscale.cli import run_subcommand
+    return run_subcommand("embed", argv)
 
 
 if __name__ == "__main__":

@@ -12,21 +12,44 @@ Limits, stated honestly:
   Hugging Face does), which ZeRO-3 gathers per module like any other parameter.
 - Attention goes through `scaled_dot_product_attention` with an additive key-padding mask of
   shape (B, 1, 1, T). With padding the flash kernel cannot be used (it takes no mask) and PyTorch
-  picks the memory-efficient or math kernel; with `attention_mask=None` every kernel is eligible.
+  picks the memory-efficient or math kernel; with `attention_mask=None`, or a mask with no
+  padding in it (checked once per forward: one host sync), every kernel is eligible.
   A row whose keys are all padding gets uniform attention (finite, as in Hugging Face), never NaN.
 - Only absolute position embeddings; no cross-attention, no decoder / KV cache.
 - The [PAD] embedding row is an ordinary row (Google's release neither zeroes nor freezes it;
   Hugging Face zeroes it at init). Padded positions never reach a real token through attention.
+
+Fast paths (`FastPaths`, a constructor keyword of every model class; all off by default, each
+tested against the plain path in tests/test_fastpaths.py):
+- `unpad`: with an attention_mask, the real tokens are gathered once into a (N, H) matrix and
+  every dense layer, LayerNorm, dropout and the FFN run on it, so padding costs nothing. Attention
+  runs per sequence: on CUDA in fp16/bf16 through the variable-length flash kernel
+  (`aten._flash_attention_forward` with cumulative sequence lengths, dropout included); elsewhere
+  one SDPA call per sequence (exact, no padded T x T work). Outputs are re-padded at the end:
+  padded positions of `last_hidden_state` are 0 (the plain path leaves finite junk there), and a
+  sequence with no real token at all gets zeros where the plain path gives uniform attention.
+  Dropout masks differ from the plain path's (other shapes), so parity holds with dropout off.
+- `checkpoint_activations`: each encoder layer's activations are recomputed in the backward
+  (torch.utils.checkpoint, non-reentrant, RNG state restored so dropout matches), for phase 2.
+  Tested against the plain path in plain PyTorch; not yet exercised under DeepSpeed ZeRO-3.
+- `compile`: each encoder layer goes through `torch.compile`; if compiling or running the
+  compiled forward fails, one warning names the error and the model runs eager from then on (a
+  failure inside the compiled backward is raised, not caught). The packed attention call stays
+  outside the compiled graphs (its sequence lengths are data). On this project's CPU it did not
+  speed up a BERT-Base step (GEMM-bound); it is meant for GPUs.
+- The sparse MLM head (`masked_positions`) is always on when positions are given: it is exact.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from bertscale.config import ModelConfig
@@ -36,7 +59,7 @@ __all__ = [
     "BertOutput", "PreTrainingOutput", "LossParts", "BertModel", "BertForPreTraining",
     "BertForSequenceClassification", "BertForQuestionAnswering", "BertForMultipleChoice",
     "BertForTokenClassification", "pretraining_loss", "init_weights", "count_parameters",
-    "load_pretrained",
+    "load_pretrained", "FastPaths", "set_fast_paths",
 ]
 
 _ACTIVATIONS = {
@@ -51,6 +74,95 @@ def _activation(name: str):
         raise UserError(f"model.hidden_act {name!r} is not supported; choose one of "
                         f"{', '.join(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
+
+
+# -------------------------------------------------------------------------------- fast paths
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Optional speed-ups; none changes the parameters or their names, so checkpoints, Hugging
+    Face interop and ZeRO see the same model. Not a ModelConfig field: the config mirrors
+    config.json (the model's shape), these are how it runs."""
+
+    unpad: bool = False
+    """Drop padding before the encoder: dense layers, LayerNorms and the FFN run on the N real
+    tokens ((N, H)), attention per sequence. Applies only when an attention_mask is given."""
+    varlen_attention: Literal["auto", "flash", "per_sequence"] = "auto"
+    """Attention kernel of the unpadded path. "flash": the variable-length flash kernel (CUDA,
+    fp16/bf16, head dim a multiple of 8 up to 256); "per_sequence": one SDPA call per sequence
+    (any device and dtype); "auto": flash where it applies, else per_sequence."""
+    checkpoint_activations: bool = False
+    """Recompute each encoder layer in the backward instead of storing its activations."""
+    compile: bool = False
+    """torch.compile each encoder layer (falls back to eager, with one warning, on failure)."""
+    compile_backend: str | Callable[..., Any] = "inductor"
+    """torch.compile backend: a name ("inductor"; "aot_eager" compiles fast and fuses nothing)
+    or a backend callable."""
+
+    def validate(self) -> None:
+        if self.varlen_attention not in ("auto", "flash", "per_sequence"):
+            raise UserError(f"varlen_attention {self.varlen_attention!r}: choose auto, flash "
+                            f"or per_sequence")
+
+
+@dataclass
+class _Packed:
+    """Where the real tokens of a padded (B, T) batch sit once packed into (N, ...)."""
+
+    index: Tensor        # (N,) int64 flat positions b * T + t of the real tokens, in order
+    cu_seqlens: Tensor   # (B + 1,) int32 start of each sequence in the packed order
+    lengths: list[int]   # real tokens per sequence (Python ints: the kernels need them)
+    max_len: int
+    batch: int
+    seq_len: int
+    flash: bool          # use the variable-length flash kernel
+
+
+def _flash_varlen_ok(x: Tensor, head_dim: int) -> bool:
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and head_dim % 8 == 0 and head_dim <= 256
+            and hasattr(torch.ops.aten, "_flash_attention_forward"))
+
+
+@torch.compiler.disable  # sequence lengths are data: keep them out of compiled graphs
+def _packed_attention(q: Tensor, k: Tensor, v: Tensor, p: _Packed, dropout_p: float) -> Tensor:
+    """Bidirectional attention within each sequence of a packed batch; q, k, v (N, A, D)."""
+    if p.flash:
+        # The varlen flash kernel; autograd knows its backward (the same op nested tensors use).
+        return torch.ops.aten._flash_attention_forward(
+            q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_len, p.max_len, dropout_p,
+            False, False)[0]                                                  # (N, A, D)
+    # One SDPA call per sequence, heads as the batch dimension: exact L_i x L_i work, no mask.
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)    # (A, N, D)
+    outs = []
+    for qi, ki, vi in zip(qh.split(p.lengths, 1), kh.split(p.lengths, 1), vh.split(p.lengths, 1)):
+        if qi.shape[1]:
+            outs.append(F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p))
+    return torch.cat(outs, 1).transpose(0, 1)                                 # (N, A, D)
+
+
+def _pack(attention_mask: Tensor, x_dtype: torch.dtype, head_dim: int, device: torch.device,
+          kernel: str) -> _Packed:
+    keep = attention_mask.to(torch.bool)                                      # (B, T)
+    B, T = keep.shape
+    lengths_t = keep.sum(1)                                                   # (B,)
+    lengths = lengths_t.tolist()  # one host sync per forward, shared by every layer
+    index = keep.reshape(-1).nonzero().squeeze(1)                             # (N,)
+    cu = torch.zeros(B + 1, dtype=torch.int32, device=device)
+    cu[1:] = lengths_t.cumsum(0)
+    probe = torch.empty(0, dtype=x_dtype, device=device)
+    flash = kernel != "per_sequence" and _flash_varlen_ok(probe, head_dim)
+    if kernel == "flash" and not flash:
+        raise UserError(f"varlen_attention 'flash' needs CUDA, fp16/bf16 and a head dim that is "
+                        f"a multiple of 8 up to 256; got {device} {x_dtype} head dim {head_dim}")
+    return _Packed(index, cu, lengths, max(lengths, default=0), B, T, flash)
+
+
+def _unpack(x: Tensor, p: _Packed) -> Tensor:
+    """(N, H) packed -> (B, T, H), zeros at padded positions."""
+    out = x.new_zeros(p.batch * p.seq_len, x.shape[-1])
+    return out.index_copy(0, p.index, x).view(p.batch, p.seq_len, x.shape[-1])
 
 
 # ---------------------------------------------------------------------------------- outputs
@@ -92,12 +204,15 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
-        T = input_ids.shape[1]
-        if T > self.position_embeddings.num_embeddings:
-            raise UserError(f"sequence length {T} exceeds model.max_position_embeddings "
-                            f"{self.position_embeddings.num_embeddings}")
-        positions = torch.arange(T, device=input_ids.device)                  # (T,)
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor,
+                positions: Tensor | None = None) -> Tensor:
+        """(B, T) ids -> (B, T, H); or packed (N,) ids with their (N,) `positions` -> (N, H)."""
+        if positions is None:
+            T = input_ids.shape[1]
+            if T > self.position_embeddings.num_embeddings:
+                raise UserError(f"sequence length {T} exceeds model.max_position_embeddings "
+                                f"{self.position_embeddings.num_embeddings}")
+            positions = torch.arange(T, device=input_ids.device)              # (T,)
         x = (self.word_embeddings(input_ids)                                  # (B, T, H)
              + self.token_type_embeddings(token_type_ids)                     # (B, T, H)
              + self.position_embeddings(positions))                           # (T, H) broadcast
@@ -114,7 +229,13 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | _Packed | None) -> Tensor:
+        dropout_p = self.dropout_p if self.training else 0.0
+        if isinstance(mask, _Packed):                                         # x: (N, H)
+            N, H = x.shape
+            q, k, v = (t.view(N, self.num_heads, self.head_dim)               # (N, A, D)
+                       for t in (self.query(x), self.key(x), self.value(x)))
+            return _packed_attention(q, k, v, mask, dropout_p).reshape(N, H)  # (N, H)
         B, T, H = x.shape
 
         def heads(t: Tensor) -> Tensor:                                       # (B, A, T, D)
@@ -122,7 +243,7 @@ class BertSelfAttention(nn.Module):
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         y = F.scaled_dot_product_attention(                                   # (B, A, T, D)
-            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
+            q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return y.transpose(1, 2).reshape(B, T, H)                             # (B, T, H)
 
 
@@ -143,7 +264,7 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | _Packed | None) -> Tensor:
         return self.output(self.self(x, mask), x)
 
 
@@ -175,7 +296,7 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertFFNOutput(config)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | _Packed | None) -> Tensor:
         a = self.attention(x, mask)                                           # (B, T, H)
         return self.output(self.intermediate(a), a)                           # (B, T, H)
 
@@ -198,7 +319,8 @@ class BertPooler(nn.Module):
 class BertModel(nn.Module):
     """The encoder: embeddings, L post-LN Transformer layers, optional [CLS] pooler."""
 
-    def __init__(self, config: ModelConfig, add_pooling_layer: bool = True):
+    def __init__(self, config: ModelConfig, add_pooling_layer: bool = True, *,
+                 fast: FastPaths | None = None):
         super().__init__()
         config.validate()
         self.config = config
@@ -206,25 +328,104 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.apply(lambda m: init_weights(m, config))
+        self.fast = fast or FastPaths()
+        # Compiled wrappers of the layers, built on first use. A plain list, not a ModuleList,
+        # so they add no state-dict keys.
+        self._compiled: list[Callable[..., Tensor]] | None = None
+        self._compile_failed = False
+
+    @property
+    def fast(self) -> FastPaths:
+        return self._fast
+
+    @fast.setter
+    def fast(self, fast: FastPaths) -> None:
+        fast.validate()
+        self._fast = fast
+        self._compiled = None
+
+    def _layer_fn(self, i: int) -> Callable[[Tensor, Tensor | _Packed | None], Tensor]:
+        layer = self.encoder.layer[i]
+        if not self.fast.compile or self._compile_failed:
+            return layer
+        if self._compiled is None:
+            self._compiled = [torch.compile(m, backend=self.fast.compile_backend)
+                              for m in self.encoder.layer]
+        compiled = self._compiled[i]
+
+        def run(x: Tensor, mask: Tensor | _Packed | None) -> Tensor:
+            if self._compile_failed:
+                return layer(x, mask)
+            try:
+                return compiled(x, mask)
+            except (torch.OutOfMemoryError, UserError, KeyboardInterrupt):
+                raise
+            except Exception as e:  # noqa: BLE001 - a compiler failure: warn once, run eager
+                self._compile_failed = True
+                backend = self.fast.compile_backend
+                root: BaseException = e
+                while True:  # the compiler's own error rather than dynamo's wrappers
+                    inner = getattr(root, "inner_exception", None) or root.__cause__
+                    if inner is None:
+                        break
+                    root = inner
+                first = (str(root).strip().splitlines() or [""])[0]
+                warnings.warn(f"torch.compile (backend "
+                              f"{getattr(backend, '__name__', backend)!r}) failed, running "
+                              f"the model eager from now on: {type(root).__name__}: {first}",
+                              RuntimeWarning, stacklevel=2)
+                return layer(x, mask)
+        return run
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None,
                 output_hidden_states: bool = False) -> BertOutput:
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        x = self.embeddings(input_ids, token_type_ids)                        # (B, T, H)
-        mask = None
-        if attention_mask is not None:
-            # Built once, broadcast over heads and query rows: 0 where a key is a real token,
-            # the dtype's minimum where it is padding (finite, so an all-padding row stays finite).
-            keep = attention_mask.to(torch.bool)[:, None, None, :]            # (B, 1, 1, T)
-            mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
-            mask.masked_fill_(~keep, torch.finfo(x.dtype).min)
+        fast = self.fast
+        packed: _Packed | None = None
+        mask: Tensor | _Packed | None = None
+        if fast.unpad and attention_mask is not None:
+            # Real tokens only, from the embeddings on: (N, H) with N = attention_mask.sum().
+            B, T = input_ids.shape
+            if T > self.config.max_position_embeddings:
+                raise UserError(f"sequence length {T} exceeds model.max_position_embeddings "
+                                f"{self.config.max_position_embeddings}")
+            device = input_ids.device
+            # The kernel choice depends on the dtype attention will see (autocast's, if on).
+            dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                     else self.embeddings.word_embeddings.weight.dtype)
+            head_dim = self.config.hidden_size // self.config.num_attention_heads
+            packed = mask = _pack(attention_mask, dtype, head_dim, device, fast.varlen_attention)
+            positions = torch.arange(T, device=device).repeat(B)              # (B*T,)
+            x = self.embeddings(input_ids.reshape(-1)[packed.index],          # (N, H)
+                                token_type_ids.reshape(-1)[packed.index],
+                                positions[packed.index])
+        else:
+            x = self.embeddings(input_ids, token_type_ids)                    # (B, T, H)
+            keep = None if attention_mask is None else attention_mask.to(torch.bool)
+            # A mask of all real tokens is no mask: leaving it out lets SDPA pick the flash
+            # kernel (which takes no mask). Same arithmetic; one host sync, as in transformers.
+            if keep is not None and not bool(keep.all()):
+                # Built once, broadcast over heads and query rows: 0 where a key is a real
+                # token, the dtype's minimum where it is padding (finite, so an all-padding row
+                # stays finite).
+                keep = keep[:, None, None, :]                                 # (B, 1, 1, T)
+                mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
+                mask.masked_fill_(~keep, torch.finfo(x.dtype).min)
         hidden: list[Tensor] = [x]
-        for layer in self.encoder.layer:
-            x = layer(x, mask)                                                # (B, T, H)
+        checkpointing = fast.checkpoint_activations and torch.is_grad_enabled()
+        for i in range(len(self.encoder.layer)):
+            run = self._layer_fn(i)
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(run, x, mask, use_reentrant=False)
+            else:
+                x = run(x, mask)                                              # (B, T, H)
             if output_hidden_states:
                 hidden.append(x)
+        if packed is not None:                                                # (N, H) -> (B, T, H)
+            x = _unpack(x, packed)
+            hidden = [_unpack(h, packed) for h in hidden] if output_hidden_states else hidden
         pooled = self.pooler(x) if self.pooler is not None else None          # (B, H)
         return BertOutput(x, pooled, tuple(hidden) if output_hidden_states else None)
 
@@ -266,10 +467,10 @@ class BertPreTrainingHeads(nn.Module):
 class BertForPreTraining(nn.Module):
     """Masked LM + next sentence prediction, the paper's pretraining model."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, *, fast: FastPaths | None = None):
         super().__init__()
         self.config = config
-        self.bert = BertModel(config)
+        self.bert = BertModel(config, fast=fast)
         self.cls = BertPreTrainingHeads(config, self.bert.embeddings.word_embeddings)
         # Not cls.apply(init): that would redraw the word embeddings through the tied decoder.
         self.cls.predictions.transform.apply(lambda m: init_weights(m, config))
@@ -320,10 +521,10 @@ def pretraining_loss(out: PreTrainingOutput, masked_labels: Tensor,
 class BertForSequenceClassification(nn.Module):
     """[CLS] pooler -> dropout -> linear. num_labels == 1 is regression (STS-B)."""
 
-    def __init__(self, config: ModelConfig, num_labels: int):
+    def __init__(self, config: ModelConfig, num_labels: int, *, fast: FastPaths | None = None):
         super().__init__()
         self.config, self.num_labels = config, num_labels
-        self.bert = BertModel(config)
+        self.bert = BertModel(config, fast=fast)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_weights(self.classifier, config)
@@ -337,10 +538,10 @@ class BertForSequenceClassification(nn.Module):
 class BertForQuestionAnswering(nn.Module):
     """SQuAD span head: a linear map of each token to (start, end) logits."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, *, fast: FastPaths | None = None):
         super().__init__()
         self.config = config
-        self.bert = BertModel(config, add_pooling_layer=False)
+        self.bert = BertModel(config, add_pooling_layer=False, fast=fast)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         init_weights(self.qa_outputs, config)
 
@@ -354,10 +555,10 @@ class BertForQuestionAnswering(nn.Module):
 class BertForMultipleChoice(nn.Module):
     """SWAG: every (context, choice) pair is encoded; one score per choice from the pooler."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, *, fast: FastPaths | None = None):
         super().__init__()
         self.config = config
-        self.bert = BertModel(config)
+        self.bert = BertModel(config, fast=fast)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, 1)
         init_weights(self.classifier, config)
@@ -377,10 +578,10 @@ class BertForMultipleChoice(nn.Module):
 class BertForTokenClassification(nn.Module):
     """NER: a label per token (the paper tags the first sub-token of each word)."""
 
-    def __init__(self, config: ModelConfig, num_labels: int):
+    def __init__(self, config: ModelConfig, num_labels: int, *, fast: FastPaths | None = None):
         super().__init__()
         self.config, self.num_labels = config, num_labels
-        self.bert = BertModel(config, add_pooling_layer=False)
+        self.bert = BertModel(config, add_pooling_layer=False, fast=fast)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_weights(self.classifier, config)
@@ -406,6 +607,17 @@ def init_weights(module: nn.Module, config: ModelConfig) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def set_fast_paths(model: nn.Module, fast: FastPaths) -> None:
+    """Switch the fast paths of every BertModel inside `model` (e.g. after loading weights)."""
+    found = False
+    for m in model.modules():
+        if isinstance(m, BertModel):
+            m.fast = fast
+            found = True
+    if not found:
+        raise UserError(f"{type(model).__name__} holds no BertModel to set fast paths on")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -367,7 +367,7 @@ def train(plan: Plan) -> int:
 
     from bertscale import optim
     from bertscale.data.loader import MaskingConfig, PretrainLoader
-    from bertscale.model import BertForPreTraining, pretraining_loss
+    from bertscale.model import BertForPreTraining, FastPaths, pretraining_loss
 
     recipe, env, run_dir = plan.recipe, plan.env, plan.run_dir
     t, G, W = recipe.train, recipe.train.global_batch_size, plan.env.world_size
@@ -382,7 +382,9 @@ def train(plan: Plan) -> int:
 
     # ---- model (same initial weights on every rank), optimizer, schedule, engine
     seed_all(t.seed)
-    model = BertForPreTraining(plan.model_config)
+    fast = recipe.fast
+    model = BertForPreTraining(plan.model_config, fast=FastPaths(
+        unpad=fast.unpad, checkpoint_activations=fast.checkpoint_activations, compile=fast.compile))
     if plan.init_from is not None:
         from bertscale.model import load_pretrained
         weights = ckpt_lib.load_consolidated(plan.init_from.path)
@@ -693,18 +695,9 @@ def quiet_deepspeed(verbose: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bertscale.pretrain RECIPE ...`: the same command, without importing the other
-    subcommands (every rank pays for what it imports)."""
-    parser = argparse.ArgumentParser(prog="bertscale")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["pretrain", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except UserError as e:
-        rank = os.environ.get("RANK")
-        where = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"bertscale pretrain: error: {where}{e}", file=sys.stderr)
-        return e.exit_code
+    """`python -m bertscale.pretrain ...`: the same command, without importing the other subcommands."""
+    from bertscale.cli import run_subcommand
+    return run_subcommand("pretrain", argv)
 
 
 if __name__ == "__main__":

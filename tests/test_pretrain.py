@@ -307,3 +307,18 @@ def test_model_flops_match_torch_flop_counter():
         out = model(ids, torch.zeros_like(ids), None, pos)
         pretraining_loss(out, labels, torch.tensor([0, 1, 0])).total.backward()
     assert counter.get_total_flops() == flops_per_step(cfg, B, T, masked_tokens=B * P)
+
+
+def test_fast_paths_train_like_the_plain_path(manifest, tmp_path):
+    """[fast] reaches the model: unpadding + activation checkpointing give the plain run's losses
+    (dropout off, so both consume the same randomness; fp32 so only summation order differs)."""
+    no_dropout = ("model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0")
+    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    pretrain(plain, manifest, 1, *WS2, *no_dropout, extra=("--stop-at-step", "4"))
+    pretrain(fast, manifest, 1, *WS2, *no_dropout, "fast.unpad=true",
+             "fast.checkpoint_activations=true", extra=("--stop-at-step", "4"))
+    a, b = train_losses(plain), train_losses(fast)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    assert json.loads((fast / "recipe.json").read_text())["fast"]["unpad"] is True

@@ -775,18 +775,9 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bertscale.data.prepare …`: the same command without the bertscale CLI."""
-    parser = argparse.ArgumentParser(prog="bertscale")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(["prepare", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except UserError as e:
-        rank = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK")
-        where = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"bertscale prepare: error: {where}{e}", file=sys.stderr)
-        return e.exit_code
+    """`python -m bertscale.data.prepare ...`: the same command, without importing the other subcommands."""
+    from bertscale.cli import run_subcommand
+    return run_subcommand("prepare", argv)
 
 
 if __name__ == "__main__":

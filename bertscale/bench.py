@@ -1,0 +1,553 @@
+"""`bertscale bench`: measured speed, side by side with the reference.
+
+    bertscale bench model [--preset base] [--seq-len 128] [--batch 8] [--dtype fp32|bf16]
+                          [--device cpu|cuda] [--repeats 5] [--lengths-from MANIFEST|LENGTHS]
+                          [--unpad] [--checkpoint-activations] [--compile] [--out result.json]
+    bertscale bench microbatch --preset large --seq-len 512 --global-batch 256 --device cuda
+    bertscale bench data ...   (the data pipeline's benchmark: prepare and loader throughput)
+
+`model` times one training step (forward, backward, optimizer step, zero_grad) of bertscale's
+`BertForPreTraining` and of Hugging Face `transformers`' `BertForPreTraining` built from the same
+config with the same weights (copied through `bertscale.hf`'s key map), on the same batches, with
+the same optimizer (`bertscale.optim.build_optimizer`, same implementation for both), threads
+and precision. After warm-up the two alternate step by step (A B, then B A, ...) so that drifting
+machine load hits both alike; each reports the median over the repeats. Throughput counts real
+(non-padding) tokens; TFLOP/s and MFU use `bertscale.perf.step_flops` (model FLOPs, identical for
+both) against a matmul peak measured in the same process on the same device and dtype.
+
+Precision: fp32, or bf16 autocast over fp32 weights and optimizer state for both models (torch's
+mixed-precision recipe; DeepSpeed's bf16 keeps bf16 weights with an fp32 master copy, which moves
+less memory; the matmuls are the same bf16 ones).
+
+Batches: random token ids at full length, or with `--lengths-from` real ones: a prepared
+manifest.json (the training batches the loader yields, masking included) or a lengths file
+(JSON: {"<seq_len>": [lengths...]}, e.g. benchmarks/wiki_lengths.json) from which lengths are
+drawn, with random ids.
+
+`transformers` is a test-only dependency, imported only here and only when present; without it
+the bench runs bertscale alone and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bertscale.config import PRESETS, ModelConfig, preset
+from bertscale.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor          # (B, T)
+    token_type_ids: torch.Tensor     # (B, T)
+    attention_mask: torch.Tensor     # (B, T)
+    masked_positions: torch.Tensor   # (B, P)
+    masked_labels: torch.Tensor      # (B, P), -100 padded
+    next_sentence_label: torch.Tensor  # (B,)
+    labels_dense: torch.Tensor | None = None  # (B, T), for transformers; made outside the timing
+
+    def to(self, device: torch.device) -> Batch:
+        b = Batch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                    if f.name != "labels_dense"))
+        b.labels_dense = b.dense_labels()
+        return b
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.attention_mask.sum(1).tolist()
+
+    @property
+    def num_predictions(self) -> int:
+        return int((self.masked_labels != -100).sum())
+
+    def dense_labels(self) -> torch.Tensor:
+        """(B, T) labels for a dense MLM loss (transformers' `labels`)."""
+        out = torch.full_like(self.input_ids, -100)
+        valid = self.masked_labels != -100
+        rows = torch.arange(out.shape[0], device=out.device)[:, None].expand_as(valid)
+        out[rows[valid], self.masked_positions[valid]] = self.masked_labels[valid]
+        return out
+
+
+def default_predictions(seq_len: int) -> int:
+    """max_predictions_per_seq of Google's recipe: 20 at 128, 80 at 512 (15% rounded up)."""
+    return 20 if seq_len <= 128 else max(20, math.ceil(0.15 * seq_len / 16) * 16)
+
+
+def synthetic_batch(cfg: ModelConfig, batch: int, seq_len: int, lengths: list[int] | None,
+                    predictions: int, generator: torch.Generator) -> Batch:
+    """Random ids; sequences of the given real lengths (default: full), [CLS] A [SEP] B [SEP]
+    segments, `predictions` masked positions per sequence (15% of the real tokens at most)."""
+    lengths = lengths or [seq_len] * batch
+    V = cfg.vocab_size
+    ids = torch.randint(5, V, (batch, seq_len), generator=generator)
+    am = torch.zeros(batch, seq_len, dtype=torch.long)
+    tt = torch.zeros(batch, seq_len, dtype=torch.long)
+    pos = torch.zeros(batch, predictions, dtype=torch.long)
+    labels = torch.full((batch, predictions), -100, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        am[b, :n] = 1
+        ids[b, n:] = 0
+        tt[b, n // 2:n] = 1
+        k = min(predictions, max(1, round(0.15 * n)), max(n - 2, 0))
+        if k:
+            p = torch.randperm(n - 2, generator=generator)[:k].sort().values + 1
+            pos[b, :k] = p
+            labels[b, :k] = ids[b, p]
+    nsp = torch.randint(0, 2, (batch,), generator=generator)
+    return Batch(ids, tt, am, pos, labels, nsp)
+
+
+def read_lengths(path: Path, seq_len: int) -> list[int]:
+    """Sequence lengths for `seq_len` from a JSON file: {"<seq_len>": [length, ...]} or a
+    histogram {"<seq_len>": {"<length>": count, ...}}."""
+    try:
+        data = json.loads(path.read_text())[str(seq_len)]
+        if isinstance(data, dict):
+            lengths = [int(n) for n, count in data.items() for _ in range(int(count))]
+        else:
+            lengths = [int(n) for n in data]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: cannot read lengths for seq len {seq_len} "
+                        f"({type(e).__name__}: {e})") from None
+    if not lengths or not all(2 <= n <= seq_len for n in lengths):
+        raise UserError(f"{path}: lengths for seq len {seq_len} must be in [2, {seq_len}]")
+    return lengths
+
+
+def make_batches(cfg: ModelConfig, batch: int, seq_len: int, count: int, seed: int,
+                 lengths_from: Path | None) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    P = default_predictions(seq_len)
+    if lengths_from is None:
+        return [synthetic_batch(cfg, batch, seq_len, None, P, g) for _ in range(count)]
+    if lengths_from.suffix == ".json" and lengths_from.name != "manifest.json":
+        pool = read_lengths(lengths_from, seq_len)
+        return [synthetic_batch(cfg, batch, seq_len,
+                                [pool[int(i)] for i in torch.randint(len(pool), (batch,),
+                                                                     generator=g)], P, g)
+                for _ in range(count)]
+    from bertscale.data.loader import MaskingConfig, PretrainLoader
+    from bertscale.data.shards import read_manifest
+
+    manifest = read_manifest(lengths_from)
+    if manifest.seq_len != seq_len:
+        raise UserError(f"{lengths_from}: prepared at seq len {manifest.seq_len}, but "
+                        f"--seq-len is {seq_len}")
+    loader = PretrainLoader(manifest, split="train", global_batch_size=batch,
+                            micro_batch_size=batch, rank=0, world_size=1, seed=seed,
+                            masking=MaskingConfig(max_predictions_per_seq=P))
+    out = []
+    for b, _ in zip(loader, range(count)):
+        out.append(Batch(b["input_ids"], b["token_type_ids"], b["attention_mask"],
+                         b["masked_positions"], b["masked_labels"], b["next_sentence_label"]))
+    loader.close()
+    if cfg.vocab_size < int(max(int(b.input_ids.max()) for b in out)) + 1:
+        raise UserError(f"{lengths_from}: token ids exceed the model's vocab_size "
+                        f"{cfg.vocab_size}")
+    return out
+
+
+# ------------------------------------------------------------------------------- models
+
+
+def import_transformers() -> Any | None:
+    try:
+        return importlib.import_module("transformers")
+    except ImportError:
+        return None
+
+
+def build_models(cfg: ModelConfig, fast: Any, device: torch.device, with_hf: bool,
+                 seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    from bertscale.hf import _to_hf_keys, config_to_hf
+    from bertscale.model import BertForPreTraining
+
+    torch.manual_seed(seed)
+    with device:  # initialise on the device itself: BERT-Large's init is slow on a host CPU
+        ours = BertForPreTraining(cfg, fast=fast)
+    hf_model = None
+    if with_hf:
+        transformers = import_transformers()
+        hf_cfg = transformers.BertConfig(**config_to_hf(cfg))
+        hf_cfg._attn_implementation = "sdpa"  # PyTorch's fused attention, as ours
+        with device:
+            hf_model = transformers.BertForPreTraining(hf_cfg)
+        sd = _to_hf_keys(ours.state_dict(), cfg, "BertForPreTraining", "bench")
+        missing, unexpected = hf_model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if k not in ("cls.predictions.decoder.weight",
+                                                   "cls.predictions.decoder.bias")]
+        if missing or unexpected:
+            raise RuntimeError(f"weights do not map onto transformers: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}")
+        hf_model.tie_weights()
+        hf_model.to(device).train()
+    ours.to(device).train()
+    return ours, hf_model
+
+
+def make_step(model: torch.nn.Module, kind: str, optimizer: torch.optim.Optimizer,
+              device: torch.device, dtype: torch.dtype) -> Callable[[Batch], float]:
+    from bertscale.model import pretraining_loss
+
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step(b: Batch) -> float:
+        with autocast:
+            if kind == "bertscale":
+                out = model(b.input_ids, b.token_type_ids, b.attention_mask,
+                            masked_positions=b.masked_positions)
+                loss = pretraining_loss(out, b.masked_labels, b.next_sentence_label).total
+            else:
+                loss = model(input_ids=b.input_ids, token_type_ids=b.token_type_ids,
+                             attention_mask=b.attention_mask, labels=b.labels_dense,
+                             next_sentence_label=b.next_sentence_label).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------- the bench
+
+
+def bench_model(args: argparse.Namespace) -> dict[str, Any]:
+    from bertscale.model import FastPaths
+    from bertscale.optim import OptimizerConfig, build_optimizer
+    from bertscale.perf import measure_matmul_peak, step_flops
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to torch")
+    dtype = DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = preset(args.preset, max_position_embeddings=max(512, args.seq_len))
+    with_hf = not args.no_transformers
+    hf_note = ""
+    if with_hf and import_transformers() is None:
+        with_hf = False
+        hf_note = "transformers is not installed: timing bertscale alone"
+        print(f"bench: {hf_note}", file=sys.stderr)
+
+    fast = FastPaths(unpad=args.unpad, checkpoint_activations=args.checkpoint_activations,
+                     compile=args.compile)
+    ours, hf_model = build_models(cfg, fast, device, with_hf, seed=args.seed)
+    # torch has fused AdamW kernels on CPU and CUDA; LAMB (ours) is foreach.
+    impl = args.optimizer_impl or ("fused" if args.optimizer == "adamw" else "foreach")
+    opt_cfg = OptimizerConfig(name=args.optimizer, lr=1e-4, implementation=impl)
+    batches = [b.to(device) for b in make_batches(cfg, args.batch, args.seq_len,
+                                                  args.num_batches, args.seed,
+                                                  args.lengths_from)]
+    runs: dict[str, Callable[[Batch], Any]] = {
+        "bertscale": make_step(ours, "bertscale", build_optimizer(opt_cfg, ours), device, dtype)}
+    if hf_model is not None:
+        runs["transformers"] = make_step(hf_model, "transformers",
+                                         build_optimizer(opt_cfg, hf_model), device, dtype)
+    names = list(runs)
+    load_before = os.getloadavg()
+
+    def timed(name: str, i: int) -> tuple[float, float, float, float]:
+        """(wall seconds, process CPU seconds, model FLOPs, real tokens) per step of repeat i."""
+        chosen = [batches[(i * args.steps + k) % len(batches)] for k in range(args.steps)]
+        _sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for b in chosen:
+            runs[name](b)
+        _sync(device)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        work = sum(flops_of[id(b)] for b in chosen)
+        tokens = sum(sum(b.lengths) for b in chosen)
+        return wall / args.steps, cpu / args.steps, work / args.steps, tokens / args.steps
+
+    flops_of = {id(b): step_flops(cfg, b.lengths, b.num_predictions).train for b in batches}
+    initial_loss = {name: _eval_loss(model, name, batches[0], device, dtype)
+                    for name, model in (("bertscale", ours), ("transformers", hf_model))
+                    if model is not None}
+    for name in names:  # warm-up: allocator, kernels, compilation
+        for i in range(args.warmup):
+            timed(name, i)
+    peak = measure_matmul_peak(device, dtype, n=args.peak_n)
+    samples: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n in names}
+    for r in range(args.repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            samples[name].append(timed(name, r))
+    load_after = os.getloadavg()
+    # The best of two peak measurements: a busy machine only ever lowers it.
+    peak = max(peak, measure_matmul_peak(device, dtype, n=args.peak_n))
+
+    flops = statistics.fmean(flops_of.values())
+    tokens = statistics.fmean(sum(b.lengths) for b in batches)
+    results: dict[str, Any] = {}
+    for name in names:
+        walls = [w for w, *_ in samples[name]]
+        t = statistics.median(walls)
+        achieved = statistics.median(f / w for w, _, f, _ in samples[name])
+        results[name] = dict(step_s=t, times_s=walls,
+                             cpu_s=statistics.median(c for _, c, _, _ in samples[name]),
+                             seq_per_s=args.batch / t,
+                             tokens_per_s=statistics.median(n / w for w, _, _, n in samples[name]),
+                             tflops=achieved / 1e12, mfu=achieved / peak)
+    if len(names) == 2:
+        results["speedup"] = results["transformers"]["step_s"] / results["bertscale"]["step_s"]
+        # Each repeat ran the two back to back on the same batch: the median of those paired
+        # ratios is the estimate least moved by load that drifts from one repeat to the next.
+        results["speedup_paired"] = statistics.median(
+            h[0] / b[0] for b, h in zip(samples["bertscale"], samples["transformers"]))
+        if device.type == "cpu":
+            results["speedup_cpu_time"] = (results["transformers"]["cpu_s"]
+                                           / results["bertscale"]["cpu_s"])
+    transformers = import_transformers() if with_hf else None
+    return dict(
+        argv=sys.argv[1:],
+        date=time.strftime("%Y-%m-%d"),
+        device=_device_name(device), threads=torch.get_num_threads(),
+        load_avg_before=load_before, load_avg_after=load_after,
+        torch=torch.__version__, transformers=getattr(transformers, "__version__", None),
+        note=hf_note or None,
+        preset=args.preset, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype,
+        precision=("fp32" if dtype == torch.float32 else "bf16 autocast, fp32 weights and "
+                   "optimizer state"),
+        optimizer=f"{args.optimizer} ({impl})", fast_paths=dataclasses.asdict(fast),
+        lengths_from=str(args.lengths_from) if args.lengths_from else None,
+        mean_real_tokens=tokens, fill=tokens / (args.batch * args.seq_len),
+        flops_per_step=flops, peak_tflops=peak / 1e12,
+        warmup=args.warmup, repeats=args.repeats, steps_per_repeat=args.steps,
+        initial_loss=initial_loss, results=results)
+
+
+@torch.no_grad()
+def _eval_loss(model: torch.nn.Module, kind: str, b: Batch, device: torch.device,
+               dtype: torch.dtype) -> float:
+    """Loss in eval mode (no dropout): equal for both when weights and batch are the same."""
+    from bertscale.model import pretraining_loss
+
+    model.eval()
+    try:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            if kind == "bertscale":
+                out = model(b.input_ids, b.token_type_ids, b.attention_mask,
+                            masked_positions=b.masked_positions)
+                return pretraining_loss(out, b.masked_labels, b.next_sentence_label).total.item()
+            return model(input_ids=b.input_ids, token_type_ids=b.token_type_ids,
+                         attention_mask=b.attention_mask, labels=b.labels_dense,
+                         next_sentence_label=b.next_sentence_label).loss.item()
+    finally:
+        model.train()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def format_table(r: dict[str, Any]) -> str:
+    on = [k for k, v in r["fast_paths"].items()
+          if v is True or (k == "varlen_attention" and r["fast_paths"]["unpad"])]
+    head = (f"{r['preset']} seq {r['seq_len']} batch {r['batch']} {r['dtype']} on {r['device']}, "
+            f"{r['threads']} threads, fill {r['fill']:.0%}, fast paths "
+            f"{', '.join(on) or 'none'}"
+            f", optimizer {r['optimizer']}, peak {r['peak_tflops']:.3f} TFLOP/s (matmul)")
+    lines = [head, f"{'':14}{'step s':>10}{'seq/s':>10}{'tokens/s':>11}{'TFLOP/s':>10}"
+                   f"{'MFU':>8}"]
+    for name in ("bertscale", "transformers"):
+        if name in r["results"]:
+            x = r["results"][name]
+            lines.append(f"{name:14}{x['step_s']:>10.3f}{x['seq_per_s']:>10.1f}"
+                         f"{x['tokens_per_s']:>11.0f}{x['tflops']:>10.3f}{x['mfu']:>8.1%}")
+    if "speedup" in r["results"]:
+        cpu = r["results"].get("speedup_cpu_time")
+        lines.append(f"bertscale / transformers: {r['results']['speedup']:.2f}x wall "
+                     f"({r['results']['speedup_paired']:.2f}x median of paired repeats)"
+                     + (f", {cpu:.2f}x process CPU time" if cpu else "")
+                     + f" (medians of {r['repeats']} alternating repeats; load average "
+                     f"{r['load_avg_before'][0]:.1f} -> {r['load_avg_after'][0]:.1f})")
+    if r.get("note"):
+        lines.append(r["note"])
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def handle_model(args: argparse.Namespace) -> int:
+    if args.seq_len < 8 or args.batch < 1 or args.repeats < 1 or args.steps < 1:
+        raise UserError("--seq-len must be >= 8; --batch, --repeats and --steps >= 1")
+    result = bench_model(args)
+    print(format_table(result))
+    if args.out:
+        write_json(args.out, result)
+    return 0
+
+
+# --------------------------------------------------------------------------- micro-batch
+
+
+def handle_microbatch(args: argparse.Namespace) -> int:
+    from bertscale.model import BertForPreTraining, FastPaths, pretraining_loss
+    from bertscale.perf import find_micro_batch
+
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        # Running out of host memory kills the process instead of raising: nothing to learn.
+        raise UserError("bench microbatch needs --device cuda (on a CPU an out-of-memory kills "
+                        "the process; use bertscale.perf.find_max_micro_batch with a budget)")
+    dtype = DTYPES[args.dtype]
+    cfg = preset(args.preset)
+    model = BertForPreTraining(cfg, fast=FastPaths(
+        unpad=args.unpad, checkpoint_activations=args.checkpoint_activations)).to(device).train()
+    # The optimizer state takes its memory before the first step: allocate it up front.
+    from bertscale.optim import OptimizerConfig, build_optimizer
+    opt = build_optimizer(OptimizerConfig(implementation="fused"), model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    g = torch.Generator().manual_seed(0)
+
+    def try_step(m: int) -> None:
+        b = synthetic_batch(cfg, m, args.seq_len, None, default_predictions(args.seq_len),
+                            g).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model(b.input_ids, b.token_type_ids, b.attention_mask,
+                        masked_positions=b.masked_positions)
+            loss = pretraining_loss(out, b.masked_labels, b.next_sentence_label).total
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        _sync(device)
+
+    plan = find_micro_batch(try_step, args.global_batch, args.world_size, start=args.start,
+                            device=device)
+    print(f"{args.preset} seq {args.seq_len} {args.dtype} on {_device_name(device)}: largest "
+          f"micro-batch that fits {plan.max_fits} (tried {plan.tried}); for global batch "
+          f"{args.global_batch} on {args.world_size} ranks: micro-batch {plan.micro_batch} x "
+          f"gradient accumulation {plan.grad_accum}")
+    return 0
+
+
+# -------------------------------------------------------------------------------- data
+
+
+def handle_data(args: argparse.Namespace) -> int:
+    """Hands over to the data pipeline's benchmark (bertscale.data.bench, owned with the data
+    code), with the same flags."""
+    from bertscale.data.bench import main as data_main
+
+    argv: list[str] = []
+    if args.files:
+        argv += ["--files", *args.files]
+    if args.vocab:
+        argv += ["--vocab", args.vocab]
+    argv += ["--seconds", str(args.seconds)]
+    return int(data_main(argv) or 0)
+
+
+# ------------------------------------------------------------------------------- parser
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="measure training-step speed against transformers, "
+                              "find micro-batch sizes, time the data pipeline",
+                              description=__doc__.split("\n\n")[0])
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    sub = p.add_subparsers(dest="bench_what", metavar="WHAT")
+
+    m = sub.add_parser("model", help="one training step: bertscale vs transformers")
+    m.add_argument("--preset", choices=PRESETS, default="base")
+    m.add_argument("--seq-len", type=int, default=128)
+    m.add_argument("--batch", type=int, default=8, help="sequences per step (micro-batch)")
+    m.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                   help="fp32, or bf16 autocast over fp32 weights (both models alike)")
+    m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    m.add_argument("--repeats", type=int, default=5, help="timed repeats per implementation")
+    m.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
+    m.add_argument("--steps", type=int, default=1, help="training steps per timed repeat")
+    m.add_argument("--num-batches", type=int, default=4,
+                   help="distinct batches the steps cycle through")
+    m.add_argument("--lengths-from", type=Path, default=None,
+                   help="real lengths: a prepared manifest.json (its training batches) or a "
+                        "lengths JSON ({\"<seq_len>\": [...]})")
+    m.add_argument("--unpad", action="store_true", help="bertscale fast path: drop padding")
+    m.add_argument("--checkpoint-activations", action="store_true")
+    m.add_argument("--compile", action="store_true", help="torch.compile bertscale's layers")
+    m.add_argument("--optimizer", choices=("adamw", "lamb"), default="adamw")
+    m.add_argument("--optimizer-impl", choices=("foreach", "fused", "loop"), default=None,
+                   help="default: fused for adamw, foreach for lamb (the same for both models)")
+    m.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--no-transformers", action="store_true", help="time bertscale alone")
+    m.add_argument("--peak-n", type=int, default=None,
+                   help="size of the square matmul that measures the peak (default: by device)")
+    m.add_argument("--out", type=Path, default=None, help="write the result as JSON")
+    m.set_defaults(func=handle_model)
+
+    mb = sub.add_parser("microbatch", help="largest micro-batch that fits, and the gradient "
+                        "accumulation that keeps the global batch (CUDA)")
+    mb.add_argument("--preset", choices=PRESETS, default="large")
+    mb.add_argument("--seq-len", type=int, default=512)
+    mb.add_argument("--global-batch", type=int, required=True)
+    mb.add_argument("--world-size", type=int, default=1)
+    mb.add_argument("--start", type=int, default=8)
+    mb.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    mb.add_argument("--device", default="cuda")
+    mb.add_argument("--unpad", action="store_true")
+    mb.add_argument("--checkpoint-activations", action="store_true")
+    mb.set_defaults(func=handle_microbatch)
+
+    d = sub.add_parser("data", help="prepare MB/s and loader samples/s (bertscale.data.bench)")
+    d.add_argument("--files", nargs="+", help="raw text files (default: wiki_00..07 of the "
+                   "Wikipedia sample in ../shared/data)")
+    d.add_argument("--vocab", help="vocab.txt (default: the sample's uncased BERT vocab)")
+    d.add_argument("--seconds", type=float, default=3.0, help="loader measurement time")
+    d.set_defaults(func=handle_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bertscale.bench model ...`: the same as `bertscale bench model ...`, for
+    machines where the package is on PYTHONPATH but not installed (benchmarks/gpu_check.sh)."""
+    parser = argparse.ArgumentParser(prog="python -m bertscale.bench")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"bertscale bench: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Performance arithmetic: the FLOPs of a BERT training step, a measured matmul peak, and the
+micro-batch finder.
+
+FLOPs are *model* FLOPs, the useful work of the step, counted the same way for every
+implementation so that throughput and MFU compare: per layer the dense projections
+(Q, K, V, output: 4 H^2 multiply-adds per token) and the FFN (2 H I), bidirectional attention
+over each sequence's real length L (Q K^T and attention x V: 2 L^2 H multiply-adds), the MLM
+head (transform H^2 and decoder H V) only at the predicted (labelled) positions, and the pooler
+and NSP classifier once per sequence. A multiply-add is 2 FLOPs; a training step is 3x the
+forward (the backward computes gradients for inputs and weights: 2x). Padding, the decoder at
+unmasked positions, embeddings lookups, softmax, LayerNorm and the optimizer are not counted: an
+implementation that computes them does so at its own cost. This is the convention of the MFU
+figures in the PaLM paper (Chowdhery et al. 2022, appendix B) and of NVIDIA's BERT reports.
+
+Limits: the peak is what one large matmul reaches on this device and dtype right now (a shared
+CPU gives a lower, noisier figure than its datasheet); the micro-batch finder learns only from
+out-of-memory errors, so on a CPU (where running out of memory kills the process) give it a
+memory budget instead.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from bertscale.config import ModelConfig
+from bertscale.errors import UserError
+
+__all__ = ["StepFlops", "step_flops", "measure_matmul_peak", "is_out_of_memory",
+           "MicroBatchPlan", "find_max_micro_batch", "plan_accumulation", "find_micro_batch"]
+
+
+# ----------------------------------------------------------------------------------- FLOPs
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """Forward FLOPs of one batch by part; `train` is the whole step (3x forward)."""
+
+    dense: int        # Q, K, V, attention output and FFN projections, all layers
+    attention: int    # Q K^T and probabilities x V over each sequence's real length
+    mlm_head: int     # transform + decoder at the predicted positions
+    pooler_nsp: int   # pooler + NSP classifier, once per sequence
+
+    @property
+    def forward(self) -> int:
+        return self.dense + self.attention + self.mlm_head + self.pooler_nsp
+
+    @property
+    def train(self) -> int:
+        return 3 * self.forward
+
+
+def step_flops(cfg: ModelConfig, lengths: Sequence[int], num_predictions: int,
+               nsp: bool = True) -> StepFlops:
+    """Model FLOPs of one batch whose sequences have these real `lengths`, with
+    `num_predictions` masked tokens in all (labels != -100), with or without the NSP head."""
+    H, I, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size)
+    tokens = sum(int(n) for n in lengths)
+    dense = 2 * L * tokens * (4 * H * H + 2 * H * I)
+    attention = 2 * L * 2 * H * sum(int(n) * int(n) for n in lengths)
+    mlm = 2 * int(num_predictions) * (H * H + H * V)
+    pooler_nsp = 2 * len(lengths) * (H * H + 2 * H) if nsp else 0
+    return StepFlops(dense, attention, mlm, pooler_nsp)
+
+
+# ------------------------------------------------------------------------------------ peak
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        n: int | None = None, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matmul on `device` in `dtype` (median of `repeats` timed runs after
+    one warm-up). Default n: 8192 on CUDA, 2048 for fp32 on the CPU, 512 for CPU bf16/fp16
+    (emulated on CPUs without native support, about 100x slower)."""
+    device = torch.device(device)
+    if n is None:
+        n = 8192 if device.type == "cuda" else (2048 if dtype == torch.float32 else 512)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    inner = 10 if device.type == "cuda" else 1  # amortise launch and timer overhead on GPUs
+    torch.mm(a, b)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b)
+        _sync(device)
+        times.append((time.perf_counter() - t0) / inner)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+# ------------------------------------------------------------------------ micro-batch finder
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or an allocator's RuntimeError saying it ran out of memory."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+@dataclass
+class MicroBatchPlan:
+    """The largest micro-batch that fitted and what keeps the global batch."""
+
+    max_fits: int
+    """Largest micro-batch that ran without running out of memory."""
+    micro_batch: int
+    """Largest micro-batch <= max_fits that divides global_batch / world_size."""
+    grad_accum: int
+    """global_batch / (micro_batch * world_size)."""
+    tried: list[tuple[int, bool]] = field(default_factory=list)
+    """Every size tried, in order, and whether it fitted."""
+
+
+def find_max_micro_batch(fits: Callable[[int], bool], start: int = 1, limit: int = 4096,
+                         tried: list[tuple[int, bool]] | None = None) -> int:
+    """Largest m in [1, limit] with fits(m) True, assuming fitting is monotone: doublings from
+    `start` until one fails (or `limit`), then bisection between the last fit and the first
+    failure. Returns 0 when even the smallest size tried (1 after halving down) fails."""
+    tried = [] if tried is None else tried
+
+    def check(m: int) -> bool:
+        ok = fits(m)
+        tried.append((m, ok))
+        return ok
+
+    start = max(1, min(start, limit))
+    if check(start):
+        good, bad = start, None
+        while bad is None and good < limit:
+            m = min(good * 2, limit)
+            if check(m):
+                good = m
+            else:
+                bad = m
+        if bad is None:
+            return good
+    else:
+        good, bad = 0, start
+    while bad - good > 1:  # invariant: good fits (or is 0), bad does not
+        m = (good + bad) // 2
+        if check(m):
+            good = m
+        else:
+            bad = m
+    return good
+
+
+def plan_accumulation(global_batch: int, world_size: int, max_micro: int) -> tuple[int, int]:
+    """(micro_batch, grad_accum): the largest micro-batch <= max_micro with
+    micro * world_size * accum == global_batch."""
+    if global_batch <= 0 or world_size <= 0:
+        raise UserError(f"global batch {global_batch} and world size {world_size} must be positive")
+    if global_batch % world_size:
+        raise UserError(f"global batch {global_batch} is not divisible by {world_size} ranks")
+    per_rank = global_batch // world_size
+    if max_micro < 1:
+        raise UserError("not even a micro-batch of 1 fits in memory at this sequence length; "
+                        "enable activation checkpointing or use a smaller model")
+    micro = max(d for d in range(1, min(per_rank, max_micro) + 1) if per_rank % d == 0)
+    return micro, per_rank // micro
+
+
+def find_micro_batch(try_step: Callable[[int], None], global_batch: int, world_size: int = 1,
+                     start: int = 1, limit: int | None = None,
+                     device: str | torch.device | None = None) -> MicroBatchPlan:
+    """Run `try_step(m)` (one forward + backward at micro-batch m, at the sequence length that
+    matters) for growing m; an out-of-memory error means "does not fit", any other error is
+    raised. Memory is released between tries. `limit` defaults to the per-rank batch."""
+    per_rank = global_batch // max(world_size, 1)
+    limit = per_rank if limit is None else limit
+    dev = torch.device(device) if device is not None else None
+
+    def fits(m: int) -> bool:
+        try:
+            try_step(m)
+            return True
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is an answer; re-raise others
+            if not is_out_of_memory(e):
+                raise
+        # Out of memory: drop what the failed step left (its frames are gone once we are out of
+        # the except block) before the next, smaller try.
+        gc.collect()
+        if dev is not None and dev.type == "cuda":
+            torch.cuda.empty_cache()
+        return False
+
+    tried: list[tuple[int, bool]] = []
+    best = find_max_micro_batch(fits, start=start, limit=max(limit, 1), tried=tried)
+    micro, accum = plan_accumulation(global_batch, world_size, best)
+    return MicroBatchPlan(best, micro, accum, tried)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bertscale.perf [--device cuda] [--dtype bf16]`: print the matmul peak."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bertscale.perf")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--n", type=int, default=None)
+    a = p.parse_args(argv)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    # Best of two medians: a busy device only ever lowers the figure.
+    peak = max(measure_matmul_peak(a.device, dtype, a.n) for _ in range(2))
+    name = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu"
+    print(f"matmul peak on {a.device} ({name}) {a.dtype}: {peak / 1e12:.3f} TFLOP/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
