@@ -1,5 +1,5 @@
 # The two commands of README.md: `make demo` and `make test`. Both build their own virtual
-# environment (.venv) from constraints.txt; nothing is assumed installed but Python 3.10+, pip
+# environment (.venv) from constraints.txt; nothing is assumed installed but Python 3.11+, pip
 # and (optionally) apt.
 PYTHON ?= python3
 VENV   ?= .venv
