@@ -226,6 +226,10 @@ def main() -> None:
         assert all(math.isfinite(v) for v in losses.values()), losses
         (args.run / f"{args.mode}_w{world}.json").write_text(json.dumps(info))
     dist.barrier()
+    # Tear the process group down before the interpreter does: left to interpreter exit, gloo's
+    # threads were once destroyed unjoined ("terminate called without an active exception",
+    # SIGABRT) after all work was done.
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -209,6 +209,10 @@ def main() -> None:
         torch.save(results, tmp)
         os.replace(tmp, out / "results.pt")
     dist.barrier()
+    # Tear the process group down before the interpreter does: left to interpreter exit, gloo's
+    # threads were once destroyed unjoined ("terminate called without an active exception",
+    # SIGABRT) after all work was done.
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
