@@ -75,6 +75,20 @@ class ModelConfig:
 
 
 # (layers, hidden, heads); intermediate is 4 x hidden as in the paper and Turc et al. 2019.
+# The Hugging Face architectures a checkpoint can be exported as / read from (config.json's
+# "architectures"), each with the key prefixes of its head. Here rather than in hf.py so
+# that argument parsers can list them without importing torch.
+HEADS: dict[str, tuple[str, ...]] = {
+    "BertModel": (),
+    "BertForPreTraining": ("cls.predictions.", "cls.seq_relationship."),
+    "BertForMaskedLM": ("cls.predictions.",),
+    "BertForNextSentencePrediction": ("cls.seq_relationship.",),
+    "BertForSequenceClassification": ("classifier.",),
+    "BertForMultipleChoice": ("classifier.",),
+    "BertForTokenClassification": ("classifier.",),
+    "BertForQuestionAnswering": ("qa_outputs.",),
+}
+
 _PRESET_SHAPES: dict[str, tuple[int, int, int]] = {
     "tiny": (2, 128, 2),
     "mini": (4, 256, 4),
@@ -276,7 +290,9 @@ class DataSection:
     max_bad_samples: int = 100
     """With "skip": the run stops after this many bad samples."""
     verify_sha256: bool = True
-    """Check each local shard's sha256 against the manifest before training."""
+    """Check each local shard's size and sha256 against the manifest before training. The ranks
+    share the work (shard i is read by rank i mod world size), so the corpus is read once per
+    job; a bad shard stops every rank with its name."""
 
 
 @dataclass

@@ -241,6 +241,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_problems(problems: list[str]) -> list[str]:
+    """Every rank's problems, in rank order, on every rank (so that all ranks can stop with the
+    same message instead of the healthy ones waiting in the next collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(problems)
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(problems))
+    return [f"{msg} (found by rank {r})" for r, found in enumerate(gathered) for msg in found or ()]
+
+
 def shutdown() -> None:
     import torch.distributed as dist
 

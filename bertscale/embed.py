@@ -219,11 +219,11 @@ class FeatureExtractor:
 
     def __init__(self, pretrained: Any, layers: str = "last",
                  layer_weights: Sequence[float] | None = None, max_seq_length: int | None = None,
-                 device: str = "auto", precision: str = "auto"):
+                 device: str = "auto", precision: str = "auto", unpad: bool = False):
         import torch
 
         from bertscale.finetune.common import resolve_device, resolve_precision
-        from bertscale.model import BertModel, load_pretrained
+        from bertscale.model import BertModel, FastPaths, load_pretrained
         from bertscale.tokenizer import load_tokenizer
         cfg = pretrained.config
         self.max_seq_length = int(max_seq_length or min(512, cfg.max_position_embeddings))
@@ -248,6 +248,7 @@ class FeatureExtractor:
         fresh = load_pretrained(model, pretrained.state_dict, pretrained.source)
         if fresh:  # load_pretrained refuses an incomplete encoder; this would be a bug
             raise RuntimeError(f"{pretrained.source}: weights left uninitialised: {fresh[:4]}")
+        model.fast = FastPaths(unpad=unpad)
         self.model = model.eval().requires_grad_(False)
         self._torch = torch
 
@@ -616,6 +617,9 @@ class EmbedArgs:
     """How long a rank waits at a barrier for the others (the slowest rank's whole share)."""
     progress: bool | None = None
     """Show a progress bar on rank 0; None = when stderr is a terminal."""
+    unpad: bool = False
+    """Run the encoder on the real tokens only (bertscale.model.FastPaths.unpad): the same
+    features without the work on padding."""
 
 
 def _validate(a: EmbedArgs) -> None:
@@ -687,7 +691,7 @@ def run(a: EmbedArgs) -> dict[str, Any]:
                       if torch.cuda.is_available() else "cpu")
         pretrained = load_checkpoint(a.checkpoint)
         ex = FeatureExtractor(pretrained, a.layers, a.layer_weights, a.max_seq_length,
-                              device, a.precision)
+                              device, a.precision, unpad=a.unpad)
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
@@ -810,6 +814,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds a rank waits for the others at a barrier")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on rank 0 (default: when stderr is a terminal)")
+    p.add_argument("--unpad", action="store_true",
+                   help="fast path: run the encoder on the real tokens only (same features)")
     p.set_defaults(func=_handler)
 
 
@@ -826,7 +832,7 @@ def _handler(args: argparse.Namespace) -> int:
         shard_size=args.shard_size, shard_mb=args.shard_mb, output_format=args.output_format,
         dtype=args.dtype,
         precision=args.precision, device=args.device, overwrite=args.overwrite,
-        timeout_s=args.timeout, progress=args.progress))
+        timeout_s=args.timeout, progress=args.progress, unpad=args.unpad))
     return 0
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bertscale.config import HEADS
 from bertscale.errors import UserError
-from bertscale.hf import HEADS, export_hf, load_hf_folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bertscale.hf import export_hf, load_hf_folder  # torch: not needed to build the parser
     source: Path = args.source
     if not source.exists():
         raise UserError(f"{source}: not found")

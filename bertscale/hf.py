@@ -31,21 +31,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bertscale.config import ModelConfig, from_dict
+from bertscale.config import HEADS, ModelConfig, from_dict
 from bertscale.errors import ConfigError, UserError
 from bertscale.tokenizer import SPECIAL_TOKENS, guess_lowercase, read_vocab
 
-# Hugging Face architecture -> the head weight prefixes its checkpoint holds (beyond "bert.").
-HEADS: dict[str, tuple[str, ...]] = {
-    "BertModel": (),
-    "BertForPreTraining": ("cls.predictions.", "cls.seq_relationship."),
-    "BertForMaskedLM": ("cls.predictions.",),
-    "BertForNextSentencePrediction": ("cls.seq_relationship.",),
-    "BertForSequenceClassification": ("classifier.",),
-    "BertForMultipleChoice": ("classifier.",),
-    "BertForTokenClassification": ("classifier.",),
-    "BertForQuestionAnswering": ("qa_outputs.",),
-}
 # Architectures that Hugging Face builds with add_pooling_layer=False.
 _NO_POOLER = {"BertForMaskedLM", "BertForTokenClassification", "BertForQuestionAnswering"}
 _FINETUNE_PREFIXES = ("classifier.", "qa_outputs.")

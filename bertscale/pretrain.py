@@ -366,7 +366,7 @@ def train(plan: Plan) -> int:
     import torch.distributed as dist
 
     from bertscale import optim
-    from bertscale.data.loader import MaskingConfig, PretrainLoader
+    from bertscale.data.loader import MaskingConfig, PretrainLoader, verify_shards
     from bertscale.model import BertForPreTraining, FastPaths, pretraining_loss
 
     recipe, env, run_dir = plan.recipe, plan.env, plan.run_dir
@@ -375,6 +375,16 @@ def train(plan: Plan) -> int:
     # ---- process group, signals
     distributed.init(env)
     distributed.install_signal_handlers()
+
+    # ---- the shards are the manifest's: each rank hashes its share (the corpus is read once
+    # per job, not once per rank), and every rank stops with the same message if one is bad
+    if recipe.data.verify_sha256:
+        problems = distributed.gather_problems(
+            [msg for split in ("train", "eval")
+             for msg in verify_shards(plan.manifest, split, env.rank, W)])
+        if problems:
+            more = f" (and {len(problems) - 1} more bad shards)" if len(problems) > 1 else ""
+            raise UserError(problems[0] + more)
     if env.is_main:
         ckpt_lib.copy_atomic(Path(plan.manifest.vocab_file), run_dir / ckpt_lib.VOCAB_FILE)
         ckpt_lib.write_json_atomic(run_dir / "recipe.json", recipe_to_dict(recipe))
@@ -428,7 +438,7 @@ def train(plan: Plan) -> int:
                             num_workers=recipe.data.num_workers,
                             bad_sample_policy=recipe.data.bad_sample_policy,
                             max_bad_samples=recipe.data.max_bad_samples,
-                            verify_sha256=recipe.data.verify_sha256)
+                            verify_sha256=False)  # checked above, a share per rank
     batches = iter(loader)
 
     reporter = Reporter(plan, step)
@@ -474,17 +484,13 @@ def train(plan: Plan) -> int:
         last_saved = step
         return None
 
-    eval_verified = [False]
-
     def evaluate() -> dict[str, float]:
         micro = recipe.eval.micro_batch_size or t.micro_batch_size
         # One pass over the eval split in stored order, padded so every rank has the same number
         # of batches; masks depend on (seed, position) only, so every eval sees the same masks.
         eval_loader = PretrainLoader(plan.manifest, split="eval", global_batch_size=micro * W,
                                      micro_batch_size=micro, rank=env.rank, world_size=W, seed=t.seed,
-                                     masking=masking,
-                                     verify_sha256=recipe.data.verify_sha256 and not eval_verified[0])
-        eval_verified[0] = True
+                                     masking=masking, verify_sha256=False)
         sums = torch.zeros(8, dtype=torch.float64, device=device)
         engine.eval()
         with torch.no_grad():

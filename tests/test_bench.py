@@ -14,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bertscale import bench
+from bertscale.bench import model as bench_model
 from bertscale.config import preset
 from bertscale.errors import UserError
 from bertscale.model import BertForPreTraining, FastPaths, pretraining_loss
@@ -140,7 +141,7 @@ def test_model_bench_compares_the_same_model_on_the_same_batch(tmp_path, capsys)
     assert abs(loss["bertscale"] - loss["transformers"]) < 1e-4, loss
     assert r["fill"] < 1 and r["fast_paths"]["unpad"] is True
     cfg = preset("tiny", max_position_embeddings=512)
-    batches = bench.make_batches(cfg, 3, 32, 2, 0, lengths)
+    batches = bench_model.make_batches(cfg, 3, 32, 2, 0, lengths)
     expected = sum(step_flops(cfg, b.lengths, b.num_predictions).train for b in batches) / 2
     assert r["flops_per_step"] == pytest.approx(expected)
     for b in batches:
@@ -150,10 +151,34 @@ def test_model_bench_compares_the_same_model_on_the_same_batch(tmp_path, capsys)
 
 
 def test_model_bench_says_when_transformers_is_missing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "import_transformers", lambda: None)
+    monkeypatch.setattr(bench_model, "import_transformers", lambda: None)
     args = _bench_args(tmp_path)
     assert args.func(args) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert set(r["results"]) == {"bertscale"}
     assert "transformers is not installed" in capsys.readouterr().err
     assert "transformers is not installed" in r["note"]
+
+
+def test_finetune_bench_times_the_same_model_in_every_batch_shape(tmp_path, shared_data, capsys):
+    """Padding to max length, dynamic padding, unpadding and transformers are the same model on
+    the same real MRPC batch (equal eval losses), so their times compare like with like."""
+    pytest.importorskip("transformers")
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "f.json"
+    args = parser.parse_args([
+        "bench", "finetune", "--task", "MRPC", "--data-dir", str(shared_data / "glue"),
+        "--preset", "tiny", "--vocab", str(shared_data / "vocab" / "bert-base-uncased-vocab.txt"),
+        "--batch", "8", "--repeats", "1", "--warmup", "0", "--num-batches", "2",
+        "--max-eval-samples", "24", "--eval-batch-size", "8", "--out", str(out)])
+    assert args.func(args) == 0
+    r = json.loads(out.read_text())
+    assert set(r["train"]) == {"max_length", "dynamic", "unpad", "transformers"}
+    assert set(r["predict"]) == {"input_order", "sorted", "sorted_unpad"}
+    losses = r["first_batch_eval_loss"]
+    assert max(losses.values()) - min(losses.values()) < 1e-5, losses
+    # Real MRPC pairs are far shorter than 128 tokens: the max_length variant pads a lot.
+    assert r["fill_of_max_length"] < 0.7 and r["mean_padded_length_dynamic"] < 128
+    assert all(x["step_s"] > 0 for x in r["train"].values())
+    assert "vs max_length" in capsys.readouterr().out

@@ -124,3 +124,15 @@ def test_docs_check_blocks_run(tmp_path, shared_data):
     for expected in ("data/seq128/manifest.json", "hf/tiny/config.json", "hf/tiny/model.safetensors",
                      "features/manifest.json", "finetuned/RTE/results.json"):
         assert (tmp_path / expected).exists(), f"{expected} missing after the docs-check commands"
+
+
+def test_the_command_line_is_built_without_torch():
+    """`bertscale --help` and every parser are torch-free: a launcher's ranks and a user's
+    `--help` do not pay seconds of imports for subcommands they do not run."""
+    import subprocess
+    import sys
+    code = ("import sys; from bertscale.cli import build_parser; build_parser(); "
+            "heavy = sorted(m for m in ('torch', 'deepspeed', 'transformers') "
+            "if m in sys.modules); print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -177,10 +177,9 @@ def test_bilstm_tagger_ignores_padding() -> None:
 
 
 def _finetune(argv: list[str]) -> int:
+    from bertscale.finetune.cli import register
     parser = argparse.ArgumentParser(prog="bertscale")
-    tasks = parser.add_subparsers(dest="command").add_parser("finetune").add_subparsers(
-        dest="finetune_task")
-    ner.register_ner(tasks)
+    register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["finetune", "ner", *argv])
     return args.func(args)
 

@@ -322,3 +322,52 @@ def test_fast_paths_train_like_the_plain_path(manifest, tmp_path):
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
     assert json.loads((fast / "recipe.json").read_text())["fast"]["unpad"] is True
+
+
+def test_each_rank_hashes_its_share_of_the_shards(manifest, monkeypatch):
+    """verify_shards: over the ranks of a job every shard is hashed exactly once."""
+    from bertscale.data import loader as loader_module
+    from bertscale.data.shards import read_manifest
+
+    m = read_manifest(manifest)
+    hashed: list[str] = []
+    real = loader_module.sha256_file
+    monkeypatch.setattr(loader_module, "sha256_file", lambda p: (hashed.append(Path(p).name), real(p))[1])
+    names = [s.name for s in m.shards["train"]]
+    assert len(names) >= 3
+    for world in (1, 2, 3):
+        hashed.clear()
+        shares = []
+        for rank in range(world):
+            before = len(hashed)
+            assert loader_module.verify_shards(m, "train", rank, world) == []
+            shares.append(hashed[before:])
+        # Every shard once across the ranks, none twice.
+        assert sorted(hashed) == sorted(Path(m.shard_location("train", i)).name
+                                        for i in range(len(names)))
+        assert all(len(s) >= len(names) // world for s in shares)  # and shared out
+
+
+def test_a_corrupt_shard_stops_every_rank_with_its_name(manifest, tmp_path):
+    """The shard hashed by rank 1 only is damaged: both ranks stop with the same message, which
+    names the shard and the rank that found it, before any step or checkpoint."""
+    import shutil
+
+    from bertscale.data.shards import read_manifest
+
+    data = tmp_path / "data"
+    shutil.copytree(manifest.parent, data)
+    copy = data / manifest.name
+    m = read_manifest(copy)
+    victim = Path(m.shard_location("train", 1))          # shard 1: rank 1's share of 2
+    assert victim.is_relative_to(data)
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF                            # same size, different bytes
+    victim.write_bytes(bytes(raw))
+    results = pretrain(tmp_path / "run", copy, 2, *WS2, check=False)
+    assert [r.returncode for r in results] == [2, 2], results[0].stderr[-2000:]
+    for r in results:
+        assert f"shard {m.shards['train'][1].name}" in r.stderr, r.stderr[-2000:]
+        assert "differs from the manifest's" in r.stderr and "(found by rank 1)" in r.stderr
+    assert ckpt_lib.latest_committed(tmp_path / "run") is None
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not train_losses(tmp_path / "run")

@@ -44,7 +44,8 @@ shard; the index stays cached), so a resume reads the few shards of the current 
 The window bounds the randomness: samples are shuffled within it, shards across the epoch, and
 `prepare` already shuffled within chunks of documents. Reads are random access through memory
 maps, so the shards of a window should fit the page cache (or the disk take random reads).
-``verify_sha256`` reads every shard of the split on every rank at start.
+``verify_sha256`` on a loader reads every shard of its split; the trainer instead has each
+rank check its share (``verify_shards``) and sets it off.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -245,6 +245,35 @@ class GlobalOrder:
         return shard, offset
 
 
+def verify_shards(m: Manifest, split: str, rank: int = 0, world_size: int = 1) -> list[str]:
+    """Size and sha256 of the local shards of `split` against the manifest, one message per bad
+    shard. Shard i is checked by rank i mod world_size only, so a job reads the corpus once
+    between all its ranks, not once per rank; the trainer gathers every rank's findings so that
+    all ranks stop with the same message. Remote shards are checked when they are fetched."""
+    problems = []
+    for i, info in enumerate(m.shards[split]):
+        if i % world_size != rank:
+            continue
+        location = m.shard_location(split, i)
+        if _is_remote(location):
+            continue
+        path = Path(location)
+        if not path.is_file():
+            problems.append(f"shard {info.name}: file {path} not found")
+            continue
+        size = path.stat().st_size
+        if size != info.bytes:
+            problems.append(f"shard {info.name} ({path}) is {size} bytes, the manifest {m.path} "
+                            f"says {info.bytes}: truncated or replaced")
+            continue
+        digest = sha256_file(path)
+        if digest != info.sha256:
+            problems.append(f"shard {info.name} ({path}): sha256 {digest[:16]}… differs from the "
+                            f"manifest's {info.sha256[:16]}…: the file is corrupt or from another "
+                            f"prepare run")
+    return problems
+
+
 class PretrainLoader:
     """This rank's masked micro-batches; see the module docstring for the stream's definition."""
 
@@ -318,23 +347,9 @@ class PretrainLoader:
     # -- integrity --------------------------------------------------------------------------
 
     def _verify(self) -> None:
-        m = self.manifest
-        for i, info in enumerate(m.shards[self.split]):
-            location = m.shard_location(self.split, i)
-            if _is_remote(location):
-                continue  # checked when fetched
-            path = Path(location)
-            if not path.is_file():
-                raise UserError(f"shard {info.name}: file {path} not found")
-            size = path.stat().st_size
-            if size != info.bytes:
-                raise UserError(f"shard {info.name} ({path}) is {size} bytes, the manifest "
-                                f"{m.path} says {info.bytes}: truncated or replaced")
-            digest = sha256_file(path)
-            if digest != info.sha256:
-                raise UserError(f"shard {info.name} ({path}): sha256 {digest[:16]}… differs from "
-                                f"the manifest's {info.sha256[:16]}…: the file is corrupt or from "
-                                f"another prepare run")
+        problems = verify_shards(self.manifest, self.split)
+        if problems:
+            raise UserError(problems[0])
 
     # -- the stream -------------------------------------------------------------------------
 

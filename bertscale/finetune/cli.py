@@ -4,7 +4,10 @@ Hugging Face checkpoint.
 Defaults are the paper's (Devlin et al. 2018, Sections 4.1-4.4): GLUE batch 32, 3 epochs, the
 best of lr 5e-5/4e-5/3e-5/2e-5 on dev; SQuAD v1.1 3 epochs, lr 5e-5, batch 32; SQuAD v2.0
 2 epochs, lr 5e-5, batch 48; SWAG 3 epochs, lr 2e-5, batch 16. Warmup is 10% of the steps.
-NER: see `bertscale finetune ner --help` (bertscale.finetune.ner).
+NER: see `bertscale finetune ner --help`.
+
+Every parser lives here and imports nothing heavy: a task's module (and torch) is imported only
+when that task runs, so `bertscale --help` stays fast.
 """
 
 from __future__ import annotations
@@ -20,7 +23,49 @@ _RECIPES: dict[str, dict[str, Any]] = {
     "squad1.1": {"lr": "5e-5", "epochs": 3.0, "batch_size": 32},
     "squad2.0": {"lr": "5e-5", "epochs": 2.0, "batch_size": 48},
     "swag": {"lr": "2e-5", "epochs": 3.0, "batch_size": 16},
+    # NER fine-tuning: the paper's fine-tuning ranges; feature mode: the tagger trains from
+    # scratch on fixed features, so a larger lr and more epochs.
+    "ner-finetune": {"lr": "5e-5", "epochs": 3.0, "batch_size": 32},
+    "ner-feature": {"lr": "1e-3", "epochs": 10.0, "batch_size": 32},
 }
+
+NER_DESCRIPTION = """\
+Named entity recognition on CoNLL-2003 files: `bertscale finetune ner`, in the paper's two
+ways (Devlin et al. 2018, Section 5.3).
+
+Data: the CoNLL-2003 layout. One token per line, whitespace-separated columns, the word first and
+its tag last (`EU NNP B-NP B-ORG`, or just `EU B-ORG`); a blank line ends a sentence;
+`-DOCSTART-` lines are document separators, not tokens. Tags are O or B-/I-/E-/S-<TYPE>, in any
+scheme (IOB1 as the original files, IOB2/BIO, IOBES). With `--tag-scheme iob2` (the default) the
+training tags are rewritten to IOB2 first, so that every entity opens with a B- the classifier can
+learn; `keep` trains on the tags as written.
+
+Modes:
+  finetune  BertForTokenClassification: every word is split into word pieces and only the FIRST
+            piece of each word carries its label (the others and [CLS] / [SEP] are ignored by
+            the loss); a word's prediction is the argmax at its first piece, as the paper does
+            (no CRF). The whole model is trained (AdamW, warmup, linear decay).
+  feature   BERT stays frozen: the features of each word's first piece (`--layers`, default the
+            paper's best, concat-last-four) are computed ONCE with `bertscale.embed`'s extractor
+            and a small tagger is trained on them: the paper's two-layer BiLSTM (`--tagger
+            bilstm`, 768 units per direction by default) or a linear layer (`--tagger linear`).
+            Every learning rate and seed of the grid reuses the same features.
+
+Scores (`bertscale.finetune.seqeval`): entity-level precision / recall / F1 with the conlleval
+definition, per entity type too, and token accuracy (tags compared in the training scheme).
+The dev F1 picks the learning rate, as in the paper; `--test-file` is scored with the chosen run.
+
+Output: OUTPUT_DIR/NER (or NER-feature)/results.json, runs/lr<lr>-seed<seed>/ with
+dev_predictions.txt (and test_predictions.txt): `word gold predicted` per line, a blank line
+between sentences, gold written in the training scheme, which conlleval scores as is.
+
+Limits, stated honestly:
+- Sentences are encoded alone, without document context. Words past --max-seq-length word
+  pieces get no prediction and are scored as O (counted and warned about).
+- Feature mode holds the features of every train/dev/test word in memory (fp32): CoNLL-2003's
+  ~300k words x 4096 (BERT-Large, four layers) is ~5 GB; use fewer layers for less.
+- One process, one device (see `bertscale.finetune.common`).
+"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,9 +109,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--no-test", action="store_true", help="skip the test-set predictions")
     w.set_defaults(func=_swag)
 
-    # NER (CoNLL-2003) lives in its own module and adds its own parser.
-    from bertscale.finetune.ner import register_ner
-    register_ner(tasks)
+    n = tasks.add_parser("ner", help="named entity recognition from CoNLL-2003-style files",
+                         description=NER_DESCRIPTION,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(n)
+    n.add_argument("--train-file", type=Path, required=True, help="e.g. eng.train")
+    n.add_argument("--dev-file", type=Path, required=True, help="e.g. eng.testa")
+    n.add_argument("--test-file", type=Path, help="e.g. eng.testb (scored, not used to choose)")
+    n.add_argument("--mode", default="finetune", choices=("finetune", "feature"),
+                   help="finetune the whole model, or train a tagger on frozen BERT features")
+    n.add_argument("--max-seq-length", type=int, default=256)
+    n.add_argument("--tag-scheme", default="iob2", choices=("iob2", "keep"),
+                   help="train on IOB2 tags (default) or on the tags as written")
+    f = n.add_argument_group("feature mode")
+    f.add_argument("--layers", default="concat-last-four",
+                   help="hidden states to use, as `bertscale embed --layers`")
+    f.add_argument("--layer-weights", help="weighted-sum: one comma-separated weight per layer")
+    f.add_argument("--tagger", default="bilstm", choices=("bilstm", "linear"))
+    f.add_argument("--tagger-hidden", type=int, default=768, help="BiLSTM units per direction")
+    f.add_argument("--tagger-layers", type=int, default=2)
+    f.add_argument("--tagger-dropout", type=float, default=0.5)
+    n.set_defaults(func=_ner)
 
 
 def _common(p: argparse.ArgumentParser, save_model: bool = False) -> None:
@@ -88,6 +151,13 @@ def _common(p: argparse.ArgumentParser, save_model: bool = False) -> None:
     p.add_argument("--max-train-samples", type=int, help="use the first N training examples")
     p.add_argument("--max-eval-samples", type=int, help="score the first N dev examples")
     p.add_argument("--log-every", type=int, default=50, help="print the loss every N steps")
+    fast = p.add_argument_group("fast paths (off by default; same results, see docs/finetuning.md)")
+    fast.add_argument("--unpad", action="store_true",
+                      help="run the encoder on the real tokens only: no work on padding")
+    fast.add_argument("--compile", action="store_true",
+                      help="torch.compile the encoder layers (eager, with a warning, on failure)")
+    fast.add_argument("--checkpoint-activations", action="store_true",
+                      help="recompute each layer in the backward: less memory, more time")
     if save_model:
         p.add_argument("--save-model", action="store_true",
                        help="also write each run's fine-tuned model (Hugging Face folder, head "
@@ -96,13 +166,15 @@ def _common(p: argparse.ArgumentParser, save_model: bool = False) -> None:
 
 def _train_config(args: argparse.Namespace, recipe: str):
     from bertscale.finetune.common import TrainConfig, parse_list
+    from bertscale.model import FastPaths
     r = _RECIPES[recipe]
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
                         ("--max-steps", args.max_steps), ("--eval-batch-size", args.eval_batch_size)):
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be positive, got {value:g}")
     for name in ("max_seq_length", "doc_stride", "max_query_length", "n_best_size",
-                 "max_answer_length", "max_train_samples", "max_eval_samples"):
+                 "max_answer_length", "max_train_samples", "max_eval_samples", "tagger_hidden",
+                 "tagger_layers"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -111,10 +183,12 @@ def _train_config(args: argparse.Namespace, recipe: str):
     lrs = parse_list(args.lr or r["lr"], float, "--lr")
     if any(lr <= 0 for lr in lrs):
         raise UserError(f"--lr {args.lr}: learning rates must be positive")
+    fast = FastPaths(unpad=args.unpad, compile=args.compile,
+                     checkpoint_activations=args.checkpoint_activations)
     cfg = TrainConfig(epochs=args.epochs or r["epochs"], batch_size=args.batch_size or r["batch_size"],
                       warmup=args.warmup, weight_decay=args.weight_decay, max_steps=args.max_steps,
                       eval_batch_size=args.eval_batch_size, precision=args.precision,
-                      device=args.device, log_every=args.log_every)
+                      device=args.device, log_every=args.log_every, fast=fast)
     return cfg, lrs, parse_list(args.seeds, int, "--seeds")
 
 
@@ -165,4 +239,22 @@ def _swag(args: argparse.Namespace) -> int:
         lrs=lrs, seeds=seeds, train=cfg, max_seq_length=args.max_seq_length,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         predict_test=not args.no_test, save_model=args.save_model))
+    return 0
+
+
+def _ner(args: argparse.Namespace) -> int:
+    if not 0 <= args.tagger_dropout < 1:
+        raise UserError(f"--tagger-dropout is a probability in [0, 1), got {args.tagger_dropout:g}")
+    from bertscale.finetune import common, ner
+    cfg, lrs, seeds = _train_config(args, f"ner-{args.mode}")
+    weights = (common.parse_list(args.layer_weights, float, "--layer-weights")
+               if args.layer_weights else None)
+    ner.run(ner.NerArgs(
+        train_file=args.train_file, dev_file=args.dev_file, test_file=args.test_file,
+        checkpoint=args.checkpoint, output_dir=args.output_dir, mode=args.mode, lrs=lrs,
+        seeds=seeds, train=cfg, max_seq_length=args.max_seq_length, tag_scheme=args.tag_scheme,
+        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+        layers=args.layers, layer_weights=weights, tagger=args.tagger,
+        tagger_hidden=args.tagger_hidden, tagger_layers=args.tagger_layers,
+        tagger_dropout=args.tagger_dropout))
     return 0

@@ -20,7 +20,6 @@ outside the task's set stops the run with the file and line named.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -338,55 +337,35 @@ def run(a: GlueArgs) -> dict[str, Any]:
 
     from bertscale.model import BertForSequenceClassification
     out_dir = Path(a.output_dir) / task.name
-    runs: list[common.RunResult] = []
-    for lr in a.lrs:
-        for seed in a.seeds:
-            cfg = dataclasses.replace(a.train, lr=lr, seed=seed)
-            common.log(f"{task.name}: lr {lr:g} seed {seed}: {len(train_f)} examples, "
-                       f"{cfg.epochs:g} epochs = "
-                       f"{common.total_steps(cfg, len(train_f))} steps, batch {cfg.batch_size}")
-            common.seed_everything(seed)
-            model = common.build_model(BertForSequenceClassification, pretrained,
-                                       num_labels=1 if regression else len(task.labels or ()))
-            stats = common.fit(model, train_f, loss_fn(regression), cfg, pad_id)
-            metrics: dict[str, float] = {}
-            folder_run = common.run_folder(out_dir, lr, seed)
-            for fname, suffix, feats, ex in dev_f:
-                (logits,) = common.predict(model, feats, _forward, cfg, pad_id)
-                preds = predict_labels(task, logits)
-                labels = np.array([f["label"] for f in feats])
-                for k, v in compute_metrics(task, preds, labels).items():
-                    metrics[k + suffix] = v
-                common.write_text_atomic(folder_run / dev_predictions_name(fname),
-                                         dev_predictions_tsv(task, ex, preds))
-            for name, feats, ex in test_f:
-                (logits,) = common.predict(model, feats, _forward, cfg, pad_id)
-                preds = predict_labels(task, logits)
-                common.write_text_atomic(folder_run / name,
-                                         submission_tsv(task, [e.guid for e in ex], preds))
-            common.write_json_atomic(folder_run / "results.json",
-                                     {"task": task.name, "lr": lr, "seed": seed,
-                                      "metrics": metrics, "train": stats})
-            if a.save_model:
-                common.save_model(model, pretrained, folder_run, "BertForSequenceClassification")
-            runs.append(common.RunResult(lr, seed, metrics, folder_run, stats))
-            del model
-    summary = common.summarize(task.name, task.main_metric, runs)
-    best = common.run_folder(out_dir, summary["best_lr"], summary["best_seed"])
-    published = common.publish(best, out_dir, [name for name, _, _ in test_f])
-    summary.update(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
-                   lowercase=pretrained.lowercase, data=str(folder),
-                   train_examples=len(train_f), max_seq_length=a.max_seq_length,
-                   predictions=[p.name for p in published], seconds=time.perf_counter() - t0,
-                   recipe=common_recipe(a.train))
-    common.write_json_atomic(out_dir / "results.json", summary)
-    print(common.console_line(summary, task.metric_names, summary["seconds"]), flush=True)
-    return summary
 
+    def train_one(cfg: common.TrainConfig, run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
+        model = common.build_model(BertForSequenceClassification, pretrained,
+                                   num_labels=1 if regression else len(task.labels or ()))
+        stats = common.fit(model, train_f, loss_fn(regression), cfg, pad_id)
+        metrics: dict[str, float] = {}
+        for fname, suffix, feats, ex in dev_f:
+            (logits,) = common.predict(model, feats, _forward, cfg, pad_id)
+            preds = predict_labels(task, logits)
+            labels = np.array([f["label"] for f in feats])
+            for k, v in compute_metrics(task, preds, labels).items():
+                metrics[k + suffix] = v
+            common.write_text_atomic(run_dir / dev_predictions_name(fname),
+                                     dev_predictions_tsv(task, ex, preds))
+        for name, feats, ex in test_f:
+            (logits,) = common.predict(model, feats, _forward, cfg, pad_id)
+            common.write_text_atomic(run_dir / name, submission_tsv(
+                task, [e.guid for e in ex], predict_labels(task, logits)))
+        if a.save_model:
+            common.save_model(model, pretrained, run_dir, "BertForSequenceClassification")
+        return metrics, stats
 
-def common_recipe(cfg: common.TrainConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in ("epochs", "batch_size", "warmup", "weight_decay",
-                                         "max_grad_norm", "max_steps", "precision")}
+    runs = common.run_grid(task.name, out_dir, a.lrs, a.seeds, a.train, len(train_f),
+                           "examples", train_one)
+    return common.finish(task.name, task.main_metric, runs, out_dir,
+                         [name for name, _, _ in test_f], a.train, t0, task.metric_names,
+                         checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+                         lowercase=pretrained.lowercase, data=str(folder),
+                         train_examples=len(train_f), max_seq_length=a.max_seq_length)
 
 
 def predict_labels(task: Task, logits: np.ndarray) -> np.ndarray:

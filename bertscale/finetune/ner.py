@@ -1,45 +1,14 @@
-"""Named entity recognition on CoNLL-2003 files: `bertscale finetune ner`, in the paper's two
-ways (Devlin et al. 2018, Section 5.3).
+"""Named entity recognition on CoNLL-2003 files, the two ways of the paper (Devlin et al.
+2018, Section 5.3): fine-tuning BertForTokenClassification, or a tagger on frozen features.
 
-Data: the CoNLL-2003 layout. One token per line, whitespace-separated columns, the word first and
-its tag last (`EU NNP B-NP B-ORG`, or just `EU B-ORG`); a blank line ends a sentence;
-`-DOCSTART-` lines are document separators, not tokens. Tags are O or B-/I-/E-/S-<TYPE>, in any
-scheme (IOB1 as the original files, IOB2/BIO, IOBES). With `--tag-scheme iob2` (the default) the
-training tags are rewritten to IOB2 first, so that every entity opens with a B- the classifier can
-learn; `keep` trains on the tags as written.
-
-Modes:
-  finetune  BertForTokenClassification: every word is split into word pieces and only the FIRST
-            piece of each word carries its label (the others and [CLS] / [SEP] are ignored by
-            the loss); a word's prediction is the argmax at its first piece, as the paper does
-            (no CRF). The whole model is trained (AdamW, warmup, linear decay).
-  feature   BERT stays frozen: the features of each word's first piece (`--layers`, default the
-            paper's best, concat-last-four) are computed ONCE with `bertscale.embed`'s extractor
-            and a small tagger is trained on them: the paper's two-layer BiLSTM (`--tagger
-            bilstm`, 768 units per direction by default) or a linear layer (`--tagger linear`).
-            Every learning rate and seed of the grid reuses the same features.
-
-Scores (`bertscale.finetune.seqeval`): entity-level precision / recall / F1 with the conlleval
-definition, per entity type too, and token accuracy (tags compared in the training scheme).
-The dev F1 picks the learning rate, as in the paper; `--test-file` is scored with the chosen run.
-
-Output: OUTPUT_DIR/NER (or NER-feature)/results.json, runs/lr<lr>-seed<seed>/ with
-dev_predictions.txt (and test_predictions.txt): `word gold predicted` per line, a blank line
-between sentences, gold written in the training scheme, which conlleval scores as is.
-
-Limits, stated honestly:
-- Sentences are encoded alone, without document context. Words past --max-seq-length word
-  pieces get no prediction and are scored as O (counted and warned about).
-- Feature mode holds the features of every train/dev/test word in memory (fp32): CoNLL-2003's
-  ~300k words x 4096 (BERT-Large, four layers) is ~5 GB; use fewer layers for less.
-- One process, one device (see `bertscale.finetune.common`).
+What it does and its limits are the `bertscale finetune ner --help` text
+(`bertscale.finetune.cli.NER_DESCRIPTION`); its flags are parsed in that module too, so that
+`bertscale --help` does not import torch.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
-import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -321,7 +290,7 @@ def run(a: NerArgs) -> dict[str, Any]:
         from bertscale.embed import FeatureExtractor
         device = common.resolve_device(a.train.device)
         ex = FeatureExtractor(pretrained, a.layers, a.layer_weights, a.max_seq_length,
-                              str(device), a.train.precision)
+                              str(device), a.train.precision, unpad=a.train.fast.unpad)
         rows: list[np.ndarray] = [np.zeros((1, ex.dim), np.float32)]            # row 0: padding
         t_feat = time.perf_counter()
         for name, sents in named:
@@ -348,121 +317,40 @@ def run(a: NerArgs) -> dict[str, Any]:
     task = "NER" if a.mode == "finetune" else "NER-feature"
     out_dir = Path(a.output_dir) / task
     from bertscale.model import BertForTokenClassification
-    runs: list[common.RunResult] = []
-    for lr in a.lrs:
-        for seed in a.seeds:
-            cfg = dataclasses.replace(a.train, lr=lr, seed=seed)
-            n = len(splits["train"].features)
-            common.log(f"{task}: lr {lr:g} seed {seed}: {n} sentences, {cfg.epochs:g} epochs = "
-                       f"{common.total_steps(cfg, n)} steps, batch {cfg.batch_size}")
-            common.seed_everything(seed)
-            if table is None:
-                model: nn.Module = common.build_model(BertForTokenClassification, pretrained,
-                                                      num_labels=len(labels))
-            else:
-                model = FeatureTagger(table, len(labels), a.tagger, a.tagger_hidden,
-                                      a.tagger_layers, a.tagger_dropout)
-            stats = common.fit(model, splits["train"].features, _loss, cfg, pad_id)
-            folder = common.run_folder(out_dir, lr, seed)
-            metrics: dict[str, float] = {}
-            for name in ("dev", "test"):
-                if name not in splits:
-                    continue
-                (preds,) = common.predict(model, splits[name].features, _argmax, cfg, pad_id)
-                tags = _decode(splits[name], preds, labels)
-                scores = seqeval.evaluate(gold[name], tags)
-                prefix = "" if name == "dev" else "test_"
-                metrics.update({prefix + k: v for k, v in scores.as_metrics().items()})
-                common.write_text_atomic(folder / f"{name}_predictions.txt", _predictions_text(
-                    splits[name].sentences, gold[name], tags))
-            common.write_json_atomic(folder / "results.json", {
-                "task": task, "lr": lr, "seed": seed, "metrics": metrics, "train": stats})
-            runs.append(common.RunResult(lr, seed, metrics, folder, stats))
-            del model
-    summary = common.summarize(task, "f1", runs)
-    best = common.run_folder(out_dir, summary["best_lr"], summary["best_seed"])
-    published = common.publish(best, out_dir, ["dev_predictions.txt", "test_predictions.txt"])
-    summary.update(
+
+    def train_one(cfg: common.TrainConfig, run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
+        if table is None:
+            model: nn.Module = common.build_model(BertForTokenClassification, pretrained,
+                                                  num_labels=len(labels))
+        else:
+            model = FeatureTagger(table, len(labels), a.tagger, a.tagger_hidden,
+                                  a.tagger_layers, a.tagger_dropout)
+        stats = common.fit(model, splits["train"].features, _loss, cfg, pad_id)
+        metrics: dict[str, float] = {}
+        for name in ("dev", "test"):
+            if name not in splits:
+                continue
+            (preds,) = common.predict(model, splits[name].features, _argmax, cfg, pad_id)
+            tags = _decode(splits[name], preds, labels)
+            scores = seqeval.evaluate(gold[name], tags)
+            prefix = "" if name == "dev" else "test_"
+            metrics.update({prefix + k: v for k, v in scores.as_metrics().items()})
+            common.write_text_atomic(run_dir / f"{name}_predictions.txt", _predictions_text(
+                splits[name].sentences, gold[name], tags))
+        return metrics, stats
+
+    runs = common.run_grid(task, out_dir, a.lrs, a.seeds, a.train,
+                           len(splits["train"].features), "sentences", train_one)
+    extra: dict[str, Any] = dict(
         checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
         lowercase=pretrained.lowercase, mode=a.mode, labels=labels, tag_scheme=a.tag_scheme,
         train_file=str(a.train_file), dev_file=str(a.dev_file),
         test_file=str(a.test_file) if a.test_file else None,
         train_sentences=len(train_s), dev_sentences=len(dev_s),
         majority_tag=majority_tag, majority_accuracy=majority_acc,
-        max_seq_length=a.max_seq_length, truncated_sentences=cut_total,
-        predictions=[p.name for p in published], seconds=time.perf_counter() - t0)
+        max_seq_length=a.max_seq_length, truncated_sentences=cut_total)
     if a.mode == "feature":
-        summary.update(layers=a.layers, tagger=a.tagger, tagger_hidden=a.tagger_hidden,
-                       tagger_layers=a.tagger_layers)
-    common.write_json_atomic(out_dir / "results.json", summary)
-    print(common.console_line(summary, ("f1", "precision", "recall", "accuracy"),
-                              summary["seconds"]), flush=True)
-    return summary
-
-
-# -------------------------------------------------------------------------------------- CLI
-
-# Fine-tuning: the paper's fine-tuning ranges (lr 5e-5..2e-5, batch 32, 3 epochs); feature mode:
-# the tagger trains from scratch on fixed features, so a larger lr and more epochs.
-_DEFAULTS = {"finetune": {"lr": "5e-5", "epochs": 3.0, "batch_size": 32},
-             "feature": {"lr": "1e-3", "epochs": 10.0, "batch_size": 32}}
-
-
-def register_ner(tasks: argparse._SubParsersAction) -> None:
-    """Add `ner` to the `bertscale finetune` task parsers (called by finetune/cli.py)."""
-    from bertscale.finetune.cli import _common
-    p = tasks.add_parser("ner", help="named entity recognition from CoNLL-2003-style files",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(p)
-    p.add_argument("--train-file", type=Path, required=True, help="e.g. eng.train")
-    p.add_argument("--dev-file", type=Path, required=True, help="e.g. eng.testa")
-    p.add_argument("--test-file", type=Path, help="e.g. eng.testb (scored, not used to choose)")
-    p.add_argument("--mode", default="finetune", choices=("finetune", "feature"),
-                   help="finetune the whole model, or train a tagger on frozen BERT features")
-    p.add_argument("--max-seq-length", type=int, default=256)
-    p.add_argument("--tag-scheme", default="iob2", choices=("iob2", "keep"),
-                   help="train on IOB2 tags (default) or on the tags as written")
-    g = p.add_argument_group("feature mode")
-    g.add_argument("--layers", default="concat-last-four",
-                   help="hidden states to use, as `bertscale embed --layers`")
-    g.add_argument("--layer-weights", help="weighted-sum: one comma-separated weight per layer")
-    g.add_argument("--tagger", default="bilstm", choices=("bilstm", "linear"))
-    g.add_argument("--tagger-hidden", type=int, default=768, help="BiLSTM units per direction")
-    g.add_argument("--tagger-layers", type=int, default=2)
-    g.add_argument("--tagger-dropout", type=float, default=0.5)
-    p.set_defaults(func=_handler)
-
-
-def _handler(args: argparse.Namespace) -> int:
-    d = _DEFAULTS[args.mode]
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
-                        ("--max-steps", args.max_steps),
-                        ("--eval-batch-size", args.eval_batch_size),
-                        ("--tagger-hidden", args.tagger_hidden),
-                        ("--tagger-layers", args.tagger_layers)):
-        if value is not None and value <= 0:
-            raise UserError(f"{flag} must be positive, got {value:g}")
-    if not 0 <= args.warmup < 1:
-        raise UserError(f"--warmup is a fraction in [0, 1), got {args.warmup:g}")
-    if not 0 <= args.tagger_dropout < 1:
-        raise UserError(f"--tagger-dropout is a probability in [0, 1), got {args.tagger_dropout:g}")
-    lrs = common.parse_list(args.lr or d["lr"], float, "--lr")
-    if any(lr <= 0 for lr in lrs):
-        raise UserError(f"--lr {args.lr}: learning rates must be positive")
-    cfg = common.TrainConfig(
-        epochs=args.epochs or d["epochs"], batch_size=args.batch_size or d["batch_size"],
-        warmup=args.warmup, weight_decay=args.weight_decay, max_steps=args.max_steps,
-        eval_batch_size=args.eval_batch_size, precision=args.precision, device=args.device,
-        log_every=args.log_every)
-    weights = (common.parse_list(args.layer_weights, float, "--layer-weights")
-               if args.layer_weights else None)
-    run(NerArgs(
-        train_file=args.train_file, dev_file=args.dev_file, test_file=args.test_file,
-        checkpoint=args.checkpoint, output_dir=args.output_dir, mode=args.mode, lrs=lrs,
-        seeds=common.parse_list(args.seeds, int, "--seeds"), train=cfg,
-        max_seq_length=args.max_seq_length, tag_scheme=args.tag_scheme,
-        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
-        layers=args.layers, layer_weights=weights, tagger=args.tagger,
-        tagger_hidden=args.tagger_hidden, tagger_layers=args.tagger_layers,
-        tagger_dropout=args.tagger_dropout))
-    return 0
+        extra.update(layers=a.layers, tagger=a.tagger, tagger_hidden=a.tagger_hidden,
+                     tagger_layers=a.tagger_layers)
+    return common.finish(task, "f1", runs, out_dir, ["dev_predictions.txt", "test_predictions.txt"],
+                         a.train, t0, ("f1", "precision", "recall", "accuracy"), **extra)

@@ -27,7 +27,6 @@ Limits: answers whose text does not match the context at answer_start are skippe
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import time
@@ -436,48 +435,35 @@ def run(a: SquadArgs) -> dict[str, Any]:
     out_dir = Path(a.output_dir) / name
     files = ["predictions.json"] + (["null_odds.json"] if a.version == "2.0" else []) \
         + (["nbest_predictions.json"] if a.write_nbest else [])
-    runs: list[common.RunResult] = []
     main = "f1"
-    for lr in a.lrs:
-        for seed in a.seeds:
-            cfg = dataclasses.replace(a.train, lr=lr, seed=seed)
-            common.log(f"{name}: lr {lr:g} seed {seed}: {len(train_f.inputs)} windows of "
-                       f"{len(train_data.examples)} questions, {cfg.epochs:g} epochs = "
-                       f"{common.total_steps(cfg, len(train_f.inputs))} steps, "
-                       f"batch {cfg.batch_size}")
-            common.seed_everything(seed)
-            model = common.build_model(BertForQuestionAnswering, pretrained)
-            stats = common.fit(model, train_f.inputs, _loss, cfg, pad_id)
-            start, end = common.predict(model, eval_f.inputs, _forward, cfg, pad_id)
-            n = [len(f["input_ids"]) for f in eval_f.inputs]
-            decoded = decode(eval_data, eval_f, [s[:k] for s, k in zip(start, n)],
-                             [e[:k] for e, k in zip(end, n)], version_2=a.version == "2.0",
-                             n_best=a.n_best_size, max_answer_length=a.max_answer_length,
-                             null_score_diff_threshold=a.null_score_diff_threshold)
-            metrics = evaluate(eval_data, decoded) if eval_data.has_answers else {}
-            folder = common.run_folder(out_dir, lr, seed)
-            common.write_json_atomic(folder / "predictions.json", decoded.predictions)
-            if a.version == "2.0":
-                common.write_json_atomic(folder / "null_odds.json", decoded.null_odds)
-            if a.write_nbest:
-                common.write_json_atomic(folder / "nbest_predictions.json", decoded.nbest)
-            common.write_json_atomic(folder / "results.json", {"task": name, "lr": lr,
-                                     "seed": seed, "metrics": metrics, "train": stats})
-            if a.save_model:
-                common.save_model(model, pretrained, folder, "BertForQuestionAnswering")
-            runs.append(common.RunResult(lr, seed, {k: float(v) for k, v in metrics.items()}
-                                         or {main: float("nan")}, folder, stats))
-            del model
-    summary = common.summarize(name, main, runs)
-    best = common.run_folder(out_dir, summary["best_lr"], summary["best_seed"])
-    published = common.publish(best, out_dir, files)
-    summary.update(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
-                   lowercase=pretrained.lowercase, train_file=str(a.train_file),
-                   predict_file=str(a.predict_file), train_questions=len(train_data.examples),
-                   train_windows=len(train_f.inputs), skipped_train_questions=train_f.skipped,
-                   predictions=[p.name for p in published], seconds=time.perf_counter() - t0,
-                   **shape)
-    common.write_json_atomic(out_dir / "results.json", summary)
+
+    def train_one(cfg: common.TrainConfig, run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
+        model = common.build_model(BertForQuestionAnswering, pretrained)
+        stats = common.fit(model, train_f.inputs, _loss, cfg, pad_id)
+        start, end = common.predict(model, eval_f.inputs, _forward, cfg, pad_id)
+        n = [len(f["input_ids"]) for f in eval_f.inputs]
+        decoded = decode(eval_data, eval_f, [s[:k] for s, k in zip(start, n)],
+                         [e[:k] for e, k in zip(end, n)], version_2=a.version == "2.0",
+                         n_best=a.n_best_size, max_answer_length=a.max_answer_length,
+                         null_score_diff_threshold=a.null_score_diff_threshold)
+        common.write_json_atomic(run_dir / "predictions.json", decoded.predictions)
+        if a.version == "2.0":
+            common.write_json_atomic(run_dir / "null_odds.json", decoded.null_odds)
+        if a.write_nbest:
+            common.write_json_atomic(run_dir / "nbest_predictions.json", decoded.nbest)
+        if a.save_model:
+            common.save_model(model, pretrained, run_dir, "BertForQuestionAnswering")
+        # A predict file without answers (a test set) has nothing to score.
+        metrics = evaluate(eval_data, decoded) if eval_data.has_answers else {}
+        return {k: float(v) for k, v in metrics.items()} or {main: float("nan")}, stats
+
+    runs = common.run_grid(name, out_dir, a.lrs, a.seeds, a.train, len(train_f.inputs),
+                           f"windows of {len(train_data.examples)} questions", train_one)
     names = ("exact_match", "f1") if a.version == "1.1" else ("exact", "f1", "best_f1")
-    print(common.console_line(summary, names, summary["seconds"], scale=1.0), flush=True)
-    return summary
+    return common.finish(name, main, runs, out_dir, files, a.train, t0, names, scale=1.0,
+                         checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+                         lowercase=pretrained.lowercase, train_file=str(a.train_file),
+                         predict_file=str(a.predict_file),
+                         train_questions=len(train_data.examples),
+                         train_windows=len(train_f.inputs), skipped_train_questions=train_f.skipped,
+                         **shape)

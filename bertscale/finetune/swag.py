@@ -16,7 +16,6 @@ has none, and the chosen ending 0-3).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -158,38 +157,26 @@ def run(a: SwagArgs) -> dict[str, Any]:
     pad_id = tok.token_to_id("[PAD]")
     from bertscale.model import BertForMultipleChoice
     out_dir = Path(a.output_dir) / "SWAG"
-    runs: list[common.RunResult] = []
-    for lr in a.lrs:
-        for seed in a.seeds:
-            cfg = dataclasses.replace(a.train, lr=lr, seed=seed)
-            common.log(f"SWAG: lr {lr:g} seed {seed}: {len(train_f)} examples, "
-                       f"{cfg.epochs:g} epochs = "
-                       f"{common.total_steps(cfg, len(train_f))} steps, batch {cfg.batch_size}")
-            common.seed_everything(seed)
-            model = common.build_model(BertForMultipleChoice, pretrained)
-            stats = common.fit(model, train_f, _loss, cfg, pad_id)
-            (logits,) = common.predict(model, val_f, _forward, cfg, pad_id)
-            metrics = {"accuracy": M.accuracy(logits.argmax(-1), [f["label"] for f in val_f])}
-            folder = common.run_folder(out_dir, lr, seed)
-            common.write_text_atomic(folder / "val_predictions.csv",
-                                     predictions_csv(val_ex, logits.argmax(-1), with_label=True))
-            if test_f:
-                (logits,) = common.predict(model, test_f, _forward, cfg, pad_id)
-                common.write_text_atomic(folder / "predictions.csv",
-                                         predictions_csv(test_ex, logits.argmax(-1)))
-            common.write_json_atomic(folder / "results.json", {"task": "SWAG", "lr": lr,
-                                     "seed": seed, "metrics": metrics, "train": stats})
-            if a.save_model:
-                common.save_model(model, pretrained, folder, "BertForMultipleChoice")
-            runs.append(common.RunResult(lr, seed, metrics, folder, stats))
-            del model
-    summary = common.summarize("SWAG", "accuracy", runs)
-    best = common.run_folder(out_dir, summary["best_lr"], summary["best_seed"])
-    published = common.publish(best, out_dir, ["predictions.csv"] if test_f else [])
-    summary.update(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
-                   lowercase=pretrained.lowercase, data=str(d), train_examples=len(train_f),
-                   max_seq_length=a.max_seq_length, predictions=[p.name for p in published],
-                   seconds=time.perf_counter() - t0)
-    common.write_json_atomic(out_dir / "results.json", summary)
-    print(common.console_line(summary, ("accuracy",), summary["seconds"]), flush=True)
-    return summary
+
+    def train_one(cfg: common.TrainConfig, run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
+        model = common.build_model(BertForMultipleChoice, pretrained)
+        stats = common.fit(model, train_f, _loss, cfg, pad_id)
+        (logits,) = common.predict(model, val_f, _forward, cfg, pad_id)
+        metrics = {"accuracy": M.accuracy(logits.argmax(-1), [f["label"] for f in val_f])}
+        common.write_text_atomic(run_dir / "val_predictions.csv",
+                                 predictions_csv(val_ex, logits.argmax(-1), with_label=True))
+        if test_f:
+            (logits,) = common.predict(model, test_f, _forward, cfg, pad_id)
+            common.write_text_atomic(run_dir / "predictions.csv",
+                                     predictions_csv(test_ex, logits.argmax(-1)))
+        if a.save_model:
+            common.save_model(model, pretrained, run_dir, "BertForMultipleChoice")
+        return metrics, stats
+
+    runs = common.run_grid("SWAG", out_dir, a.lrs, a.seeds, a.train, len(train_f), "examples",
+                           train_one)
+    return common.finish("SWAG", "accuracy", runs, out_dir,
+                         ["predictions.csv"] if test_f else [], a.train, t0, ("accuracy",),
+                         checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+                         lowercase=pretrained.lowercase, data=str(d), train_examples=len(train_f),
+                         max_seq_length=a.max_seq_length)

@@ -1,10 +1,5 @@
-"""`bertscale bench`: measured speed, side by side with the reference.
-
-    bertscale bench model [--preset base] [--seq-len 128] [--batch 8] [--dtype fp32|bf16]
-                          [--device cpu|cuda] [--repeats 5] [--lengths-from MANIFEST|LENGTHS]
-                          [--unpad] [--checkpoint-activations] [--compile] [--out result.json]
-    bertscale bench microbatch --preset large --seq-len 512 --global-batch 256 --device cuda
-    bertscale bench data ...   (the data pipeline's benchmark: prepare and loader throughput)
+"""`bertscale bench model` and `bench microbatch`: a pretraining step side by side with the
+reference, and the largest micro-batch that fits.
 
 `model` times one training step (forward, backward, optimizer step, zero_grad) of bertscale's
 `BertForPreTraining` and of Hugging Face `transformers`' `BertForPreTraining` built from the same
@@ -47,7 +42,7 @@ from typing import Any
 
 import torch
 
-from bertscale.config import PRESETS, ModelConfig, preset
+from bertscale.config import ModelConfig, preset
 from bertscale.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -456,98 +451,3 @@ def handle_microbatch(args: argparse.Namespace) -> int:
           f"{args.global_batch} on {args.world_size} ranks: micro-batch {plan.micro_batch} x "
           f"gradient accumulation {plan.grad_accum}")
     return 0
-
-
-# -------------------------------------------------------------------------------- data
-
-
-def handle_data(args: argparse.Namespace) -> int:
-    """Hands over to the data pipeline's benchmark (bertscale.data.bench, owned with the data
-    code), with the same flags."""
-    from bertscale.data.bench import main as data_main
-
-    argv: list[str] = []
-    if args.files:
-        argv += ["--files", *args.files]
-    if args.vocab:
-        argv += ["--vocab", args.vocab]
-    argv += ["--seconds", str(args.seconds)]
-    return int(data_main(argv) or 0)
-
-
-# ------------------------------------------------------------------------------- parser
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="measure training-step speed against transformers, "
-                              "find micro-batch sizes, time the data pipeline",
-                              description=__doc__.split("\n\n")[0])
-    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
-    sub = p.add_subparsers(dest="bench_what", metavar="WHAT")
-
-    m = sub.add_parser("model", help="one training step: bertscale vs transformers")
-    m.add_argument("--preset", choices=PRESETS, default="base")
-    m.add_argument("--seq-len", type=int, default=128)
-    m.add_argument("--batch", type=int, default=8, help="sequences per step (micro-batch)")
-    m.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                   help="fp32, or bf16 autocast over fp32 weights (both models alike)")
-    m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    m.add_argument("--repeats", type=int, default=5, help="timed repeats per implementation")
-    m.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
-    m.add_argument("--steps", type=int, default=1, help="training steps per timed repeat")
-    m.add_argument("--num-batches", type=int, default=4,
-                   help="distinct batches the steps cycle through")
-    m.add_argument("--lengths-from", type=Path, default=None,
-                   help="real lengths: a prepared manifest.json (its training batches) or a "
-                        "lengths JSON ({\"<seq_len>\": [...]})")
-    m.add_argument("--unpad", action="store_true", help="bertscale fast path: drop padding")
-    m.add_argument("--checkpoint-activations", action="store_true")
-    m.add_argument("--compile", action="store_true", help="torch.compile bertscale's layers")
-    m.add_argument("--optimizer", choices=("adamw", "lamb"), default="adamw")
-    m.add_argument("--optimizer-impl", choices=("foreach", "fused", "loop"), default=None,
-                   help="default: fused for adamw, foreach for lamb (the same for both models)")
-    m.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--no-transformers", action="store_true", help="time bertscale alone")
-    m.add_argument("--peak-n", type=int, default=None,
-                   help="size of the square matmul that measures the peak (default: by device)")
-    m.add_argument("--out", type=Path, default=None, help="write the result as JSON")
-    m.set_defaults(func=handle_model)
-
-    mb = sub.add_parser("microbatch", help="largest micro-batch that fits, and the gradient "
-                        "accumulation that keeps the global batch (CUDA)")
-    mb.add_argument("--preset", choices=PRESETS, default="large")
-    mb.add_argument("--seq-len", type=int, default=512)
-    mb.add_argument("--global-batch", type=int, required=True)
-    mb.add_argument("--world-size", type=int, default=1)
-    mb.add_argument("--start", type=int, default=8)
-    mb.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    mb.add_argument("--device", default="cuda")
-    mb.add_argument("--unpad", action="store_true")
-    mb.add_argument("--checkpoint-activations", action="store_true")
-    mb.set_defaults(func=handle_microbatch)
-
-    d = sub.add_parser("data", help="prepare MB/s and loader samples/s (bertscale.data.bench)")
-    d.add_argument("--files", nargs="+", help="raw text files (default: wiki_00..07 of the "
-                   "Wikipedia sample in ../shared/data)")
-    d.add_argument("--vocab", help="vocab.txt (default: the sample's uncased BERT vocab)")
-    d.add_argument("--seconds", type=float, default=3.0, help="loader measurement time")
-    d.set_defaults(func=handle_data)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m bertscale.bench model ...`: the same as `bertscale bench model ...`, for
-    machines where the package is on PYTHONPATH but not installed (benchmarks/gpu_check.sh)."""
-    parser = argparse.ArgumentParser(prog="python -m bertscale.bench")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"bertscale bench: error: {e}", file=sys.stderr)
-        return e.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from bertscale.bench import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""benchmarks/gpu_check.sh, the script prepared for a single GPU run, in its CPU dry-run mode
+(tiny model, fp32, small batches): every step runs end to end and its results are real (both
+models measured, on the same weights and batch), the summary has a row per phase, nothing is
+left outside the results folder, and a failed step makes the script exit 2 and name the step.
+Started from a directory other than the repository, as on a GPU machine."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bertscale.config import preset
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+PHASES = {"phase1": (128, 4), "phase2": (512, 2), "phase1_real_unpad": (128, 4),
+          "phase2_real_unpad": (512, 2)}
+
+pytestmark = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("timeout")),
+                                reason="needs bash and GNU timeout")
+
+
+def _run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, Path, str]:
+    """The script in dry-run mode, started in tmp_path, with an empty TMPDIR of its own."""
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    before = set(tmp_path.iterdir())
+    full_env = dict(os.environ, PRESET="tiny", DEVICE="cpu", DTYPE="fp32", BATCH1="4",
+                    BATCH2="2", REPEATS="2", GPU_CHECK_BUDGET_S="0", GPU_CHECK_OUT="out",
+                    PEAK_N="512", PYTHON=sys.executable, TMPDIR=str(tmp))
+    full_env.update(env)
+    p = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=full_env, capture_output=True,
+                       text=True, timeout=400)
+    # GPU_CHECK_OUT=out is relative to where the script was started, and its scratch is gone.
+    assert out.is_dir(), p.stdout + p.stderr
+    assert set(tmp_path.iterdir()) == before | {out} and list(tmp.iterdir()) == []
+    log = (out / "gpu_check.log").read_text()
+    return p, out, log
+
+
+def _summary(log: str) -> list[list[str]]:
+    """The rows of the summary table that name an implementation: [run, impl, ...]."""
+    table = log.split("\n== summary", 1)[1].splitlines()
+    return [line.split() for line in table
+            if line.split()[:1] and line.split()[0] in PHASES
+            and line.split()[1] in ("bertscale", "transformers")]
+
+
+@pytest.mark.slow
+def test_dry_run_measures_both_models_in_every_phase(tmp_path):
+    pytest.importorskip("transformers")
+    p, out, log = _run(tmp_path)
+    assert p.returncode == 0, log + p.stderr
+    assert log.rstrip().endswith("all steps passed")
+    assert "!!" not in log
+    # The CUDA kernel's parity test is selected: skipped on a CPU, passed with a GPU.
+    assert re.search(r"== parity .*\n(.*\n)*?1 (skipped|passed), \d+ deselected", log), log
+    assert re.search(r"matmul peak on cpu \(cpu\) fp32: \d+\.\d+ TFLOP/s", log)
+    assert "== phase1_compile skipped" in log and "== microbatch skipped" in log
+    assert sorted(f.name for f in out.iterdir()) == sorted(
+        ["gpu_check.log", *(f"{name}.json" for name in PHASES)])
+    # An untrained model's loss: ln(vocab) for the masked tokens plus ln(2) for next sentence.
+    untrained = math.log(preset("tiny").vocab_size) + math.log(2)
+    for name, (seq_len, batch) in PHASES.items():
+        r = json.loads((out / f"{name}.json").read_text())
+        assert (r["preset"], r["seq_len"], r["batch"], r["dtype"]) == ("tiny", seq_len, batch,
+                                                                       "fp32")
+        assert r["repeats"] == 2 and r["optimizer"] == "adamw (fused)"
+        real = name.endswith("_real_unpad")
+        assert r["fast_paths"]["unpad"] is real
+        assert (r["fill"] < 0.95) if real else (r["fill"] == 1.0), (name, r["fill"])
+        res = r["results"]
+        for impl in ("bertscale", "transformers"):
+            assert res[impl]["seq_per_s"] > 0 and res[impl]["tokens_per_s"] > 0, (name, impl)
+            assert len(res[impl]["times_s"]) == 2 and res[impl]["tflops"] > 0 < res[impl]["mfu"]
+        assert res["speedup"] > 0
+        # Same weights, same batch: the eval-mode losses agree, and they are an untrained
+        # model's (so both sides really ran BERT on that batch).
+        loss = r["initial_loss"]
+        assert abs(loss["bertscale"] - loss["transformers"]) < 1e-4, (name, loss)
+        assert abs(loss["bertscale"] - untrained) < 0.5, (name, loss)
+    rows = _summary(log)
+    assert [row[:2] for row in rows] == [[name, impl] for name in PHASES
+                                         for impl in ("bertscale", "transformers")], rows
+    assert all(float(row[2]) >= 0 and row[5].endswith("%") for row in rows)
+    assert [row[-1].endswith("x") for row in rows] == [True, False] * 4   # speedup on ours
+    assert "phase1_compile     no result" in log
+
+
+def test_a_failed_step_exits_2_and_is_named_and_transformers_may_be_missing(tmp_path):
+    """BATCH2=0 makes both seq-512 steps fail; a `transformers` that cannot be imported (as on a
+    GPU machine without it) leaves the seq-128 ones measuring bertscale alone."""
+    blocked = tmp_path / "no_transformers" / "transformers"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('transformers blocked by the test')\n")
+    p, out, log = _run(tmp_path, BATCH1="2", BATCH2="0", REPEATS="1",
+                       PYTHONPATH=str(blocked.parent))
+    assert p.returncode == 2, log + p.stderr
+    assert "transformers MISSING" in log
+    for name in ("phase2", "phase2_real_unpad"):
+        assert f"!! {name}: failed (exit 2)" in log
+        assert not (out / f"{name}.json").exists()
+    assert log.rstrip().endswith("steps that failed or timed out: phase2 phase2_real_unpad")
+    assert "--batch, --repeats and --steps >= 1" in log
+    for name in ("phase1", "phase1_real_unpad"):
+        r = json.loads((out / f"{name}.json").read_text())
+        assert set(r["results"]) == {"bertscale"} and r["results"]["bertscale"]["seq_per_s"] > 0
+        assert set(r["initial_loss"]) == {"bertscale"} and r["transformers"] is None
+    rows = _summary(log)
+    assert [row[:2] for row in rows] == [["phase1", "bertscale"], ["phase1", "transformers"],
+                                         ["phase1_real_unpad", "bertscale"],
+                                         ["phase1_real_unpad", "transformers"]], rows
+    assert "phase1             transformers  not measured: transformers is not installed" in log
+    assert "phase2             no result" in log and ", no transformers," in log
