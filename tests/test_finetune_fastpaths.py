@@ -78,18 +78,6 @@ def test_ragged_outputs_are_restored_per_example(pretrained, mrpc_features) -> N
         np.testing.assert_allclose(end[i, :n], reference[i][1], atol=2e-5, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def minilm_no_dropout(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("minilm-no-dropout")
-    for f in minilm_dir.iterdir():
-        if f.name != "config.json":
-            (d / f.name).symlink_to(f)
-    config = json.loads((minilm_dir / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (d / "config.json").write_text(json.dumps(config))
-    return d
-
-
 def _finetune_sts_b(checkpoint: Path, out: Path, shared_data: Path, *fast: str) -> dict:
     argv = ["finetune", "glue", "--task", "STS-B", "--data-dir", str(shared_data / "glue"),
             "--checkpoint", str(checkpoint), "--output-dir", str(out), "--lr", "5e-5",

@@ -238,12 +238,6 @@ def test_casing_mismatch_is_warned(tmp_path: Path, shared_data: Path, minilm_dir
         common.check_casing(right, rate, "STS-B dev")
 
 
-def test_refuses_to_run_as_several_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="fine-tuning runs in one process, but WORLD_SIZE=2"):
-        common.refuse_distributed()
-
-
 def test_real_weights_learn_sts_b(tmp_path: Path, shared_data: Path, minilm_dir: Path) -> None:
     """all-MiniLM-L6-v2's real weights fine-tuned on 800 real STS-B training pairs (one epoch,
     batch 8, lr 5e-5, 100 steps, 50-75 s on one CPU thread) and scored on the first 400 dev pairs.

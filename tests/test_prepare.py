@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import gzip
 import json
 import math
 import os

@@ -340,3 +340,26 @@ def test_finetune_array_runs_one_glue_task_per_index(slurm, reference_job, share
         results = json.loads((tmp_path / "ft" / task / "results.json").read_text())
         assert results, task
     print(f"fine-tuning array (RTE, MRPC): {time.monotonic() - t0:.1f}s wall")
+
+
+def test_finetune_data_parallel_over_two_nodes(slurm, reference_job, shared_data, tmp_path):
+    """finetune.sbatch with two tasks on two nodes: srun starts two ranks that find each other
+    through SLURM's variables and train one model data-parallel; rank 0 writes the results."""
+    wait_done(slurm, reference_job["id"], reference_job["log"], 400)
+    t0 = time.monotonic()
+    log = tmp_path / "ft2.out"
+    job_id = sbatch(slurm, "finetune.sbatch", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
+                    "--gpus-per-node=0", "--cpus-per-task=1", f"--output={log}",
+                    BERTSCALE_CHECKPOINT=str(reference_job["run"]),
+                    BERTSCALE_OUTPUT_DIR=str(tmp_path / "ft"),
+                    BERTSCALE_FINETUNE_ARGS=(f"--task RTE --data-dir {shared_data / 'glue'} "
+                                             "--lr 5e-5 --batch-size 8 --max-train-samples 16 "
+                                             "--max-eval-samples 16 --max-steps 2 --no-test "
+                                             "--device cpu --precision fp32"))
+    info = wait_done(slurm, job_id, log, 300)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    results = json.loads((tmp_path / "ft" / "RTE" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["runs"][0]["train_steps"] == 2
+    assert text.count("RTE  accuracy") == 1          # printed by rank 0 only
+    print(f"fine-tuning on 2 nodes: {time.monotonic() - t0:.1f}s wall")

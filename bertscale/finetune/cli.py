@@ -64,7 +64,8 @@ Limits, stated honestly:
   pieces get no prediction and are scored as O (counted and warned about).
 - Feature mode holds the features of every train/dev/test word in memory (fp32): CoNLL-2003's
   ~300k words x 4096 (BERT-Large, four layers) is ~5 GB; use fewer layers for less.
-- One process, one device (see `bertscale.finetune.common`).
+- One process per device; several under a launcher train data-parallel (see
+  `bertscale.finetune.common`).
 """
 
 
@@ -193,7 +194,7 @@ def _train_config(args: argparse.Namespace, recipe: str):
 
 
 def _glue(args: argparse.Namespace) -> int:
-    from bertscale.finetune import glue
+    from bertscale.finetune import common, glue
     cfg, lrs, seeds = _train_config(args, "glue")
     if args.task.lower() == "all":
         names = [t for t in glue.TASKS if (args.data_dir / t / "train.tsv").is_file()]
@@ -209,9 +210,9 @@ def _glue(args: argparse.Namespace) -> int:
             max_seq_length=args.max_seq_length, max_train_samples=args.max_train_samples,
             max_eval_samples=args.max_eval_samples, predict_test=not args.no_test,
             save_model=args.save_model))
-        from bertscale.finetune.common import console_line
-        lines.append(console_line(summary, glue.TASKS[name].metric_names, summary["seconds"]))
-    if len(lines) > 1:
+        lines.append(common.console_line(summary, glue.TASKS[name].metric_names,
+                                         summary["seconds"]))
+    if len(lines) > 1 and common.ranks().is_main:
         print("\n".join(["GLUE summary:"] + lines), flush=True)
     return 0
 

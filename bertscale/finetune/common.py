@@ -12,11 +12,19 @@ gradient clipping at 1.0, bf16 autocast on a GPU that has it (fp16 with loss sca
 otherwise), fp32 on the CPU. Results: mean and sample standard deviation over --seeds for each
 learning rate, written to results.json beside the prediction files.
 
+One process or several: started by torchrun, srun, mpirun or the deepspeed launcher (the
+discovery of bertscale.distributed), the W processes train data-parallel (DistributedDataParallel;
+NCCL on GPUs, gloo on the CPU), one device each. --batch-size stays the GLOBAL batch: every rank
+draws the same shuffled order, takes its contiguous share of each global batch, and its loss is
+weighted by its share, so the averaged gradient is the gradient of the global batch's mean loss
+(uneven last batches included) and W ranks train the same model as one process does. Prediction
+is shared out by batch and gathered; only rank 0 writes files and prints.
+
 Limits, stated honestly:
-- Fine-tuning runs in ONE process on one device (GPU or CPU). A fine-tuning job fits one GPU
-  even for BERT-Large, and the paper's grid of learning rates x seeds parallelises better as
-  independent jobs than as data parallelism. Started under torchrun / deepspeed with
-  WORLD_SIZE > 1 it refuses instead of silently running N duplicate copies.
+- Data parallelism is plain replication (the whole model and AdamW state on every device):
+  BERT-Large fine-tuning fits one GPU, so no ZeRO sharding is used here. The lr x seed grid runs
+  its settings one after the other on all ranks; independent jobs (slurm/finetune.sbatch array
+  tasks) are the other way to spread a grid.
 - Batches are padded to their longest member (dynamic padding); predictions run over the
   examples sorted by length (less padding) and are returned in input order. Neither changes
   results. The model's fast paths (--unpad, --compile, --checkpoint-activations) are off by
@@ -111,8 +119,11 @@ def build_model(head: Callable[..., nn.Module], pretrained: Pretrained, **kwargs
 
 
 def save_model(model: nn.Module, pretrained: Pretrained, folder: Path, architecture: str) -> Path:
-    """The fine-tuned model, head included, as a Hugging Face folder (`folder`/model)."""
+    """The fine-tuned model, head included, as a Hugging Face folder (`folder`/model), written
+    by rank 0 (the replicas are identical)."""
     from bertscale.hf import export_hf
+    if not ranks().is_main:
+        return folder / "model"
     return export_hf(model.state_dict(), pretrained.config, pretrained.vocab_path,
                      pretrained.lowercase, folder / "model", architecture=architecture,
                      overwrite=True, source=f"fine-tuned from {pretrained.source}")
@@ -202,13 +213,61 @@ class TrainConfig:
     pays in fine-tuning, whose batches are mostly padding at GLUE lengths."""
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a data-parallel fine-tuning run (rank 0 of 1 alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_ranks: Ranks | None = None
+
+
+def ranks() -> Ranks:
+    """Discover the launcher's layout once; with several processes, start the process group
+    (NCCL when there are GPUs, else gloo) and pin this process to its GPU."""
+    global _ranks
+    if _ranks is not None:
+        return _ranks
+    from bertscale.distributed import discover
+    env = discover()
+    if env.world_size > 1:
+        import atexit
+        from datetime import timedelta
+
+        import torch.distributed as dist
+        if torch.cuda.is_available():
+            torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        if not dist.is_initialized():
+            dist.init_process_group(
+                "nccl" if torch.cuda.is_available() else "gloo",
+                init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=30))
+            atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    _ranks = Ranks(env.rank, env.world_size, env.local_rank)
+    return _ranks
+
+
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """Progress on stderr, from rank 0 only."""
+    if ranks().is_main:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def resolve_device(name: str) -> torch.device:
+    """"auto" is the GPU (this rank's, under a launcher) or the CPU; "cuda" under a launcher is
+    this rank's GPU."""
+    r = ranks()
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", r.local_rank % torch.cuda.device_count())
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device is available")
@@ -228,14 +287,6 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if name == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA GPU (use bf16 or fp32 on the CPU)")
     return torch.bfloat16 if name == "bf16" else torch.float16
-
-
-def refuse_distributed() -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1:
-        raise UserError(f"fine-tuning runs in one process, but WORLD_SIZE={world}: start it "
-                        f"with plain `bertscale finetune ...` (run several learning rates or "
-                        f"seeds as separate jobs to use several GPUs)")
 
 
 def seed_everything(seed: int) -> None:
@@ -308,13 +359,27 @@ def model_inputs(batch: Batch) -> dict[str, Tensor]:
 
 def fit(model: nn.Module, features: Sequence[Feature],
         loss_fn: Callable[[nn.Module, Batch], Tensor], cfg: TrainConfig, pad_id: int = 0) -> dict[str, Any]:
-    """Train `model` in place; returns {"steps", "final_loss", "seconds"}."""
+    """Train `model` in place (data-parallel when started as several ranks); returns
+    {"steps", "final_loss", "seconds"}, the loss being the global batch's."""
     if not features:
         raise UserError("the training set is empty")
+    r = ranks()
+    if cfg.batch_size < r.world_size:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch and cannot be "
+                        f"shared by {r.world_size} ranks; use at least {r.world_size}")
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
     apply_fast_paths(model, cfg.fast)
     model.to(device).train()
+    net: nn.Module = model
+    if r.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        # Wrapping broadcasts rank 0's weights: every replica starts the same.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                      else None)
+        # Each rank its own dropout masks; rank 0 keeps the single-process stream.
+        if r.rank > 0:
+            torch.manual_seed(cfg.seed + 7919 * r.rank)
     total = total_steps(cfg, len(features))
     optimizer, scheduler = build_optimizer(model, cfg, device, total)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -325,27 +390,56 @@ def fit(model: nn.Module, features: Sequence[Feature],
         for i in range(0, len(perm), cfg.batch_size):
             if step >= total:
                 break
-            batch = _to(collate([features[j] for j in perm[i:i + cfg.batch_size]], pad_id), device)
+            global_batch = perm[i:i + cfg.batch_size]
+            mine, weight = _share(global_batch, r)
+            batch = _to(collate([features[j] for j in mine], pad_id), device)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
-                loss = loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"loss became {loss.item()} at step {step} "
+                loss = loss_fn(net, batch) * weight
+            scaler.scale(loss).backward()   # DDP averages over ranks: sum of shares / W
+            batch_loss = _global_mean(loss.detach(), r)
+            if not torch.isfinite(batch_loss):   # the same verdict on every rank
+                raise RuntimeError(f"loss became {batch_loss.item()} at step {step} "
                                    f"(lr {cfg.lr}); try a smaller learning rate or fp32")
-            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            running.append(loss.item())
+            running.append(batch_loss.item())
             step += 1
             if cfg.log_every and step % cfg.log_every == 0:
                 log(f"  step {step}/{total}  loss {np.mean(running[-cfg.log_every:]):.4f}  "
                     f"lr {scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.0f}s")
     return {"steps": step, "final_loss": float(np.mean(running[-min(len(running), 20):])),
             "seconds": time.perf_counter() - t0}
+
+
+def _share(global_batch: list[int], r: Ranks) -> tuple[list[int], float]:
+    """This rank's contiguous share of a global batch and the weight of its mean loss.
+
+    DDP averages gradients over the W ranks, so weighting rank k's mean loss by W * n_k / n makes
+    the average the gradient of the global batch's mean loss, however unevenly a last batch
+    divides. A rank left with nothing (a last batch smaller than W) still runs one example with
+    weight 0: every rank must join every gradient all-reduce."""
+    if r.world_size == 1:
+        return global_batch, 1.0
+    parts = np.array_split(np.asarray(global_batch), r.world_size)
+    mine = parts[r.rank].tolist()
+    if not mine:
+        return global_batch[:1], 0.0
+    return mine, r.world_size * len(mine) / len(global_batch)
+
+
+def _global_mean(weighted_loss: Tensor, r: Ranks) -> Tensor:
+    """The global batch's mean loss from each rank's weighted share (for logs and the NaN check)."""
+    if r.world_size == 1:
+        return weighted_loss.float()
+    import torch.distributed as dist
+    total = weighted_loss.float().clone()
+    dist.all_reduce(total)
+    return total / r.world_size
 
 
 def apply_fast_paths(model: nn.Module, fast: FastPaths) -> None:
@@ -378,21 +472,29 @@ def predict(model: nn.Module, features: Sequence[Feature],
     apply_fast_paths(model, cfg.fast)
     model.to(device).eval()
     order = sorted(range(len(features)), key=lambda i: _num_tokens(features[i]))
-    chunks: list[list[np.ndarray]] = []
-    for i in range(0, len(order), cfg.eval_batch_size):
-        part = [features[j] for j in order[i:i + cfg.eval_batch_size]]
+    r = ranks()
+    starts = list(range(0, len(order), cfg.eval_batch_size))
+    chunks: dict[int, list[np.ndarray]] = {}
+    for b in range(r.rank, len(starts), r.world_size):   # batches dealt round the ranks
+        part = [features[j] for j in order[starts[b]:starts[b] + cfg.eval_batch_size]]
         batch = _to(collate(part, pad_id), device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
             out = forward(model, batch)
         outs = out if isinstance(out, tuple) else (out,)
-        chunks.append([o.float().cpu().numpy() for o in outs])
+        chunks[b] = [o.float().cpu().numpy() for o in outs]
+    if r.world_size > 1:
+        import torch.distributed as dist
+        gathered: list[dict[int, list[np.ndarray]] | None] = [None] * r.world_size
+        dist.all_gather_object(gathered, chunks)
+        chunks = {b: c for g in gathered for b, c in (g or {}).items()}
+    chunks_in_order = [chunks[b] for b in range(len(starts))]
     model.train()
     inverse = np.empty(len(order), dtype=np.int64)
     inverse[order] = np.arange(len(order))
     result = []
-    for j in range(len(chunks[0]) if chunks else 0):
-        arrays = [c[j] for c in chunks]
+    for j in range(len(chunks_in_order[0]) if chunks_in_order else 0):
+        arrays = [c[j] for c in chunks_in_order]
         if arrays[0].ndim >= 2:    # ragged last axis across batches: pad with -inf-like
             width = max(a.shape[-1] for a in arrays)
             arrays = [np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])],
@@ -512,13 +614,17 @@ def finish(task: str, main_metric: str, runs: Sequence[RunResult], out_dir: Path
     best = run_folder(out_dir, summary["best_lr"], summary["best_seed"])
     published = publish(best, out_dir, files)
     summary.update(extra, recipe=recipe(base), predictions=[p.name for p in published],
-                   seconds=time.perf_counter() - started)
+                   world_size=ranks().world_size, seconds=time.perf_counter() - started)
     write_json_atomic(out_dir / "results.json", summary)
-    print(console_line(summary, names, summary["seconds"], scale), flush=True)
+    if ranks().is_main:
+        print(console_line(summary, names, summary["seconds"], scale), flush=True)
     return summary
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` atomically, on rank 0 only (every rank computes the same results)."""
+    if not ranks().is_main:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with tmp.open("w", encoding="utf-8", newline="") as f:
@@ -533,8 +639,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def publish(best_folder: Path, out_dir: Path, names: Iterable[str]) -> list[Path]:
-    """Copy the chosen run's prediction files up to the task folder (atomically)."""
+    """Copy the chosen run's prediction files up to the task folder (atomically; rank 0)."""
     copied = []
+    if not ranks().is_main:
+        return [out_dir / name for name in names if (best_folder / name).is_file()]
     for name in names:
         src = best_folder / name
         if src.is_file():
