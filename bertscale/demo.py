@@ -198,7 +198,8 @@ def run_demo(args: argparse.Namespace) -> int:
         # Not inside `data`: prepare owns that folder (and copies the vocabulary beside the shards).
         vocab = root / "tokenizer" / "vocab.txt"
         if not vocab.is_file():
-            paragraphs = (p for p in corpus.read_text(encoding="utf-8").splitlines() if p)
+            def paragraphs():
+                return (p for p in corpus.read_text(encoding="utf-8").splitlines() if p)
             train_wordpiece(paragraphs, vocab, vocab_size=args.vocab_size, lowercase=True)
         print(f"demo: WordPiece vocabulary {vocab} ({args.vocab_size} tokens, {time.monotonic() - t0:.0f}s)")
         manifests = run_prepare(PrepareConfig(

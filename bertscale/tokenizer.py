@@ -9,7 +9,7 @@ corpus through an iterator, so memory stays bounded by the vocabulary statistics
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import (AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors,
@@ -78,23 +78,41 @@ def guess_lowercase(vocab_path: str | Path) -> bool:
     return capitals < 0.01 * len(vocab)
 
 
-def train_wordpiece(texts: Iterable[str], out_path: str | Path, vocab_size: int = 30522,
-                    lowercase: bool = True, min_frequency: int = 2,
+def train_wordpiece(texts: Callable[[], Iterable[str]], out_path: str | Path,
+                    vocab_size: int = 30522, lowercase: bool = True, min_frequency: int = 2,
                     special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> Path:
-    """Train a WordPiece vocabulary from an iterator of texts and write it as vocab.txt.
+    """Train a WordPiece vocabulary and write it as vocab.txt; the same text gives the same file.
+
+    `texts` returns a fresh iterator over the corpus each time it is called; it is called twice
+    (the corpus is streamed, never held). Why twice: the `tokenizers` trainer numbers the
+    continuing-subword symbols ("##e") in hash-map order and breaks frequency ties between merges
+    by those numbers, so the same corpus gave a different vocabulary from run to run
+    (huggingface/tokenizers#1794). A first, merge-free pass finds every "##c" symbol; the real
+    pass registers them up front in sorted order, after the special tokens, which fixes their
+    numbers and with them every tie-break.
 
     The special tokens take ids 0..4 in the order given ([PAD] first, as Google's vocab has it
     at 0), so the ids the model pads with are the same as in the released checkpoints.
     """
     if vocab_size <= len(special_tokens):
         raise UserError(f"vocab_size {vocab_size} must exceed the {len(special_tokens)} special tokens")
-    tok = _assemble(None, lowercase)
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=list(special_tokens),
-                                        continuing_subword_prefix="##", show_progress=False)
-    tok.train_from_iterator(_batched(texts), trainer=trainer)
-    # The trainer breaks frequency ties in hash-map order, so ids differ from run to run; the
-    # special tokens keep ids 0..4 and the rest are sorted, making the file reproducible.
+
+    def train(vocab_size: int, symbols: list[str]) -> Tokenizer:
+        tok = _assemble(None, lowercase)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency,
+            special_tokens=[*special_tokens, *symbols], continuing_subword_prefix="##",
+            show_progress=False)
+        tok.train_from_iterator(_batched(texts()), trainer=trainer)
+        return tok
+
+    # Pass 1: vocabulary size = the specials + 1 stops before any merge; the alphabet and its
+    # continuing forms are in the vocabulary all the same.
+    first = train(len(special_tokens) + 1, [])
+    symbols = sorted(t for t in first.get_vocab() if t.startswith("##") and len(t) == 3)
+    tok = train(vocab_size, symbols)
+    # Ids in the file: the specials first, then every other token sorted (the trainer's own
+    # order says nothing a model needs).
     learned = sorted(t for t in tok.get_vocab() if t not in special_tokens)
     vocab = {t: i for i, t in enumerate([*special_tokens, *learned])}
     out_path = Path(out_path)

@@ -602,7 +602,7 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
                 print(f"{prefix}prepare: training a {cfg.train_vocab}-token WordPiece vocabulary",
                       file=sys.stderr)
                 raw = out / "vocab.trained.tmp"
-                train_wordpiece(_all_paragraphs(files, cfg), raw, cfg.train_vocab, lower)
+                train_wordpiece(lambda: _all_paragraphs(files, cfg), raw, cfg.train_vocab, lower)
                 _canonical_vocab(raw, vocab_file)
 
     collective(ctx, "setup", setup)
