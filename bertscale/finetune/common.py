@@ -229,9 +229,10 @@ class Ranks:
 _ranks: Ranks | None = None
 
 
-def ranks() -> Ranks:
+def ranks(device: str = "auto") -> Ranks:
     """Discover the launcher's layout once; with several processes, start the process group
-    (NCCL when there are GPUs, else gloo) and pin this process to its GPU."""
+    (NCCL on GPUs; gloo on the CPU, or when `device` says "cpu") and pin this process to its
+    GPU. The first call decides; the tasks make it with their --device."""
     global _ranks
     if _ranks is not None:
         return _ranks
@@ -242,11 +243,12 @@ def ranks() -> Ranks:
         from datetime import timedelta
 
         import torch.distributed as dist
-        if torch.cuda.is_available():
+        on_gpu = torch.cuda.is_available() and device != "cpu"
+        if on_gpu:
             torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         if not dist.is_initialized():
             dist.init_process_group(
-                "nccl" if torch.cuda.is_available() else "gloo",
+                "nccl" if on_gpu else "gloo",
                 init_method=f"tcp://{env.master_addr}:{env.master_port}",
                 rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=30))
             atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())

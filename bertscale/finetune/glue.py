@@ -298,7 +298,7 @@ class GlueArgs:
 
 def run(a: GlueArgs) -> dict[str, Any]:
     """Fine-tune and evaluate one GLUE task over the lr x seed grid; returns the summary."""
-    common.ranks()  # one process, or the data-parallel group of a launcher
+    common.ranks(a.train.device)  # one process, or the data-parallel group of a launcher
     t0 = time.perf_counter()
     task = task_by_name(a.task)
     folder = find_task_dir(a.data_dir, task)

@@ -250,7 +250,7 @@ def _majority(train: Sequence[Sentence], gold: Sequence[Sequence[str]], scheme: 
 
 
 def run(a: NerArgs) -> dict[str, Any]:
-    common.ranks()  # one process, or the data-parallel group of a launcher
+    common.ranks(a.train.device)  # one process, or the data-parallel group of a launcher
     t0 = time.perf_counter()
     if a.mode not in ("finetune", "feature"):
         raise UserError(f"--mode {a.mode!r}: choose finetune or feature")

@@ -413,7 +413,7 @@ def _subset(data: SquadFile, n: int | None) -> SquadFile:
 
 
 def run(a: SquadArgs) -> dict[str, Any]:
-    common.ranks()  # one process, or the data-parallel group of a launcher
+    common.ranks(a.train.device)  # one process, or the data-parallel group of a launcher
     t0 = time.perf_counter()
     name = f"SQuAD-v{a.version}"
     train_data = _subset(read_squad(a.train_file, a.version), a.max_train_samples)

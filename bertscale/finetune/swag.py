@@ -142,7 +142,7 @@ def predictions_csv(examples: Sequence[SwagExample], preds: np.ndarray,
 
 
 def run(a: SwagArgs) -> dict[str, Any]:
-    common.ranks()  # one process, or the data-parallel group of a launcher
+    common.ranks(a.train.device)  # one process, or the data-parallel group of a launcher
     t0 = time.perf_counter()
     d = Path(a.data_dir)
     train_ex = read_swag(d / "train.csv", labelled=True)[:a.max_train_samples or None]
