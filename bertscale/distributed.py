@@ -234,6 +234,18 @@ def init(env: DistEnv, timeout_s: float = 1800) -> None:
                                timeout=timedelta(seconds=timeout_s))
 
 
+def init_torch(env: DistEnv, backend: str, timeout_s: float = 1800) -> None:
+    """Start a plain torch.distributed group on the layout we discovered (no DeepSpeed: for
+    fine-tuning and `embed`). Idempotent."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                            rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

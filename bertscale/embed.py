@@ -68,7 +68,6 @@ import tarfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -655,11 +654,8 @@ class _Group:
         self.env = discover()
         self.active = self.env.world_size > 1
         if self.active:
-            import torch.distributed as dist
-            dist.init_process_group(
-                "gloo", init_method=f"tcp://{self.env.master_addr}:{self.env.master_port}",
-                rank=self.env.rank, world_size=self.env.world_size,
-                timeout=timedelta(seconds=timeout_s))
+            from bertscale.distributed import init_torch
+            init_torch(self.env, "gloo", timeout_s)
 
     def barrier(self) -> None:
         if self.active:

@@ -4,7 +4,6 @@ fine-tuning run of real pretrained weights on real STS-B."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -18,6 +17,7 @@ import sklearn.metrics
 
 from bertscale.errors import UserError
 from bertscale.finetune import common, glue
+from finetune_helpers import finetune_cli, tiny_hf_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "finetune"
 
@@ -114,27 +114,6 @@ def test_bad_input_names_file_line_and_problem(tmp_path: Path, shared_data: Path
         glue.task_by_name("MRPCX")
 
 
-def _tiny_hf_checkpoint(folder: Path, vocab: Path, lowercase: bool = True) -> Path:
-    """A random 2-layer BERT written as a Hugging Face folder by our exporter."""
-    import torch
-
-    from bertscale.config import ModelConfig
-    from bertscale.hf import export_hf
-    from bertscale.model import BertForPreTraining
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=512)
-    return export_hf(BertForPreTraining(cfg).state_dict(), cfg, vocab, lowercase, folder)
-
-
-def _cli(argv: list[str]) -> int:
-    from bertscale.finetune.cli import register
-    parser = argparse.ArgumentParser(prog="bertscale")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def _glue_tree(root: Path, shared_data: Path) -> Path:
     """All nine tasks in the GLUE download layout: the real files where the shared data has
     them (QNLI and WNLI have no train.tsv there: their dev set stands in), fixtures for the rest."""
@@ -157,9 +136,9 @@ def test_all_nine_tasks_end_to_end_with_submission_files(tmp_path: Path, shared_
     its results, its dev predictions (whose official metric is the reported one) and its test
     predictions in the GLUE server's format."""
     data = _glue_tree(tmp_path / "glue", shared_data)
-    ckpt = _tiny_hf_checkpoint(tmp_path / "ckpt", minilm_dir / "vocab.txt")
+    ckpt = tiny_hf_checkpoint(tmp_path / "ckpt", minilm_dir / "vocab.txt")
     out = tmp_path / "out"
-    rc = _cli(["finetune", "glue", "--task", "all", "--data-dir", str(data),
+    rc = finetune_cli(["finetune", "glue", "--task", "all", "--data-dir", str(data),
                "--checkpoint", str(ckpt), "--output-dir", str(out), "--lr", "1e-4",
                "--seeds", "1,2", "--max-steps", "2", "--batch-size", "8",
                "--max-train-samples", "16", "--max-eval-samples", "40", "--eval-batch-size", "256",
@@ -217,7 +196,7 @@ def test_all_nine_tasks_end_to_end_with_submission_files(tmp_path: Path, shared_
 
 def test_casing_mismatch_is_warned(tmp_path: Path, shared_data: Path, minilm_dir: Path) -> None:
     """An uncased vocabulary read case-sensitively turns capitalised words into [UNK]."""
-    cased_reading = common.load_checkpoint(_tiny_hf_checkpoint(
+    cased_reading = common.load_checkpoint(tiny_hf_checkpoint(
         tmp_path / "c", minilm_dir / "vocab.txt", lowercase=False))
     texts = [e.text_a for e in _read(shared_data / "glue", "STS-B", "dev.tsv")[:300]]
     tok = common.load_task_tokenizer(cased_reading, 128)
@@ -328,7 +307,7 @@ def test_every_entrypoint_from_a_bertscale_pretraining_run(tmp_path: Path, share
     for task, (argv, files) in jobs.items():
         results = []
         for source, out in ((run, tmp_path / "from_run"), (exported, tmp_path / "from_hf")):
-            assert _cli(["finetune", *argv, "--checkpoint", str(source), "--output-dir", str(out),
+            assert finetune_cli(["finetune", *argv, "--checkpoint", str(source), "--output-dir", str(out),
                          "--lr", "1e-3", "--seeds", "3", "--max-steps", "3", "--batch-size", "8",
                          "--log-every", "0"]) == 0
             results.append(json.loads((out / task / "results.json").read_text()))
@@ -347,13 +326,13 @@ def test_bad_flags_are_refused_before_training(tmp_path: Path, minilm_dir: Path)
     base = ["finetune", "glue", "--task", "SST-2", "--data-dir", str(FIXTURES),
             "--checkpoint", str(minilm_dir), "--output-dir", str(tmp_path)]
     with pytest.raises(UserError, match="--lr 0: learning rates must be positive"):
-        _cli(base + ["--lr", "0"])
+        finetune_cli(base + ["--lr", "0"])
     with pytest.raises(UserError, match=r"--seeds '1,x': expected a comma-separated list of ints"):
-        _cli(base + ["--seeds", "1,x"])
+        finetune_cli(base + ["--seeds", "1,x"])
     with pytest.raises(UserError, match=r"--warmup is a fraction in \[0, 1\), got 10"):
-        _cli(base + ["--warmup", "10"])
+        finetune_cli(base + ["--warmup", "10"])
     with pytest.raises(UserError, match="--max-seq-length 1024 exceeds the 512 positions of"):
-        _cli(base + ["--max-seq-length", "1024"])
+        finetune_cli(base + ["--max-seq-length", "1024"])
     with pytest.raises(UserError, match="--precision fp16 needs a CUDA GPU"):
         common.resolve_precision("fp16", common.resolve_device("cpu"))
     assert not (tmp_path / "SST-2").exists()          # nothing half-written

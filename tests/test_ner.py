@@ -18,7 +18,6 @@ far above what a model that learned nothing scores (F1 0, accuracy 0.712).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import random
@@ -30,6 +29,7 @@ import torch
 from bertscale.errors import UserError
 from bertscale.finetune import common, ner
 from bertscale.finetune.seqeval import evaluate, get_entities, to_iob2
+from finetune_helpers import finetune_cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ner"
 
@@ -176,14 +176,6 @@ def test_bilstm_tagger_ignores_padding() -> None:
 # ----------------------------------------------------------------------------- end to end
 
 
-def _finetune(argv: list[str]) -> int:
-    from bertscale.finetune.cli import register
-    parser = argparse.ArgumentParser(prog="bertscale")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["finetune", "ner", *argv])
-    return args.func(args)
-
-
 def _check_run(task_dir: Path, min_f1: float, min_gain: float) -> dict:
     results = json.loads((task_dir / "results.json").read_text())
     dev = ner.read_conll(FIXTURES / "dev.txt")
@@ -207,10 +199,10 @@ def _check_run(task_dir: Path, min_f1: float, min_gain: float) -> dict:
 @pytest.mark.slow
 def test_finetune_mode_learns_the_fixture(tmp_path: Path, minilm_dir: Path) -> None:
     out = tmp_path / "out"
-    assert _finetune(["--checkpoint", str(minilm_dir), "--train-file",
-                      str(FIXTURES / "train.txt"), "--dev-file", str(FIXTURES / "dev.txt"),
-                      "--output-dir", str(out), "--lr", "3e-4", "--epochs", "2",
-                      "--batch-size", "16", "--log-every", "0"]) == 0
+    assert finetune_cli(["finetune", "ner", "--checkpoint", str(minilm_dir), "--train-file",
+                         str(FIXTURES / "train.txt"), "--dev-file", str(FIXTURES / "dev.txt"),
+                         "--output-dir", str(out), "--lr", "3e-4", "--epochs", "2",
+                         "--batch-size", "16", "--log-every", "0"]) == 0
     results = _check_run(out / "NER", min_f1=0.5, min_gain=0.10)
     assert results["mode"] == "finetune" and results["runs"][0]["train_steps"] == 28
 
@@ -218,12 +210,12 @@ def test_finetune_mode_learns_the_fixture(tmp_path: Path, minilm_dir: Path) -> N
 @pytest.mark.slow
 def test_feature_mode_learns_the_fixture(tmp_path: Path, minilm_dir: Path) -> None:
     out = tmp_path / "out"
-    assert _finetune(["--checkpoint", str(minilm_dir), "--mode", "feature",
-                      "--train-file", str(FIXTURES / "train.txt"),
-                      "--dev-file", str(FIXTURES / "dev.txt"), "--test-file",
-                      str(FIXTURES / "conll2003_format.txt"), "--output-dir", str(out),
-                      "--tagger-hidden", "128", "--tagger-layers", "1", "--lr", "2e-3",
-                      "--epochs", "6", "--batch-size", "16", "--log-every", "0"]) == 0
+    assert finetune_cli(["finetune", "ner", "--checkpoint", str(minilm_dir), "--mode", "feature",
+                         "--train-file", str(FIXTURES / "train.txt"),
+                         "--dev-file", str(FIXTURES / "dev.txt"), "--test-file",
+                         str(FIXTURES / "conll2003_format.txt"), "--output-dir", str(out),
+                         "--tagger-hidden", "128", "--tagger-layers", "1", "--lr", "2e-3",
+                         "--epochs", "6", "--batch-size", "16", "--log-every", "0"]) == 0
     results = _check_run(out / "NER-feature", min_f1=0.65, min_gain=0.15)
     assert (results["layers"], results["tagger"]) == ("concat-last-four", "bilstm")
     assert "test_f1" in results["runs"][0]["metrics"]

@@ -3,7 +3,6 @@ SQuAD v1.1 dev set and on hand-written v2.0 fixtures in the official format."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from bertscale.errors import UserError
 from bertscale.finetune import common, squad
 from bertscale.finetune import metrics as M
+from finetune_helpers import finetune_cli, tiny_hf_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "finetune" / "squad"
 
@@ -206,33 +206,12 @@ def test_reader_errors_name_file_line_and_problem(tmp_path: Path, shared_data: P
         squad.read_squad(contradictory, "2.0")
 
 
-def _tiny_hf_checkpoint(folder: Path, vocab: Path) -> Path:
-    """A random 2-layer BERT written as a Hugging Face folder by our exporter."""
-    import torch
-
-    from bertscale.config import ModelConfig
-    from bertscale.hf import export_hf
-    from bertscale.model import BertForPreTraining
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=512)
-    return export_hf(BertForPreTraining(cfg).state_dict(), cfg, vocab, True, folder)
-
-
-def _cli(argv: list[str]) -> int:
-    from bertscale.finetune.cli import register
-    parser = argparse.ArgumentParser(prog="bertscale")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 @pytest.mark.parametrize("version", ["1.1", "2.0"])
 def test_squad_entrypoint_end_to_end(tmp_path: Path, minilm_dir: Path, shared_data: Path,
                                      version: str) -> None:
     """`bertscale finetune squad` from a (tiny, random) checkpoint: trains, decodes, writes the
     official files, and the metrics in results.json are the official metric of those files."""
-    ckpt = _tiny_hf_checkpoint(tmp_path / "ckpt", minilm_dir / "vocab.txt")
+    ckpt = tiny_hf_checkpoint(tmp_path / "ckpt", minilm_dir / "vocab.txt")
     if version == "1.1":
         dev = shared_data / "squad" / "v1.1" / "dev-v1.1.json"
         train_file = predict_file = dev
@@ -241,7 +220,7 @@ def test_squad_entrypoint_end_to_end(tmp_path: Path, minilm_dir: Path, shared_da
         train_file, predict_file = FIXTURES / "train-v2.0.json", FIXTURES / "dev-v2.0.json"
         limits = []
     out = tmp_path / "out"
-    rc = _cli(["finetune", "squad", "--version", version, "--train-file", str(train_file),
+    rc = finetune_cli(["finetune", "squad", "--version", version, "--train-file", str(train_file),
                "--predict-file", str(predict_file), "--checkpoint", str(ckpt),
                "--output-dir", str(out), "--lr", "1e-3", "--seeds", "1,2", "--epochs", "1",
                "--batch-size", "8", "--write-nbest", "--log-every", "0", *limits])

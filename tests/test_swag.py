@@ -3,7 +3,6 @@ four-way multiple-choice features, bad input, and the entrypoint end to end."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 from bertscale.errors import UserError
 from bertscale.finetune import common, swag
+from finetune_helpers import finetune_cli, tiny_hf_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "finetune" / "swag"
 
@@ -62,31 +62,10 @@ def test_each_example_becomes_four_pairs(minilm_dir: Path) -> None:
         assert types == [0] * (sep + 1) + [1] * (len(ids) - sep - 1)
 
 
-def _tiny_hf_checkpoint(folder: Path, vocab: Path) -> Path:
-    """A random 2-layer BERT written as a Hugging Face folder by our exporter."""
-    import torch
-
-    from bertscale.config import ModelConfig
-    from bertscale.hf import export_hf
-    from bertscale.model import BertForPreTraining
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=512)
-    return export_hf(BertForPreTraining(cfg).state_dict(), cfg, vocab, True, folder)
-
-
-def _cli(argv: list[str]) -> int:
-    from bertscale.finetune.cli import register
-    parser = argparse.ArgumentParser(prog="bertscale")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_swag_entrypoint_end_to_end(tmp_path: Path, minilm_dir: Path) -> None:
-    ckpt = _tiny_hf_checkpoint(tmp_path / "ckpt", minilm_dir / "vocab.txt")
+    ckpt = tiny_hf_checkpoint(tmp_path / "ckpt", minilm_dir / "vocab.txt")
     out = tmp_path / "out"
-    assert _cli(["finetune", "swag", "--data-dir", str(FIXTURES), "--checkpoint", str(ckpt),
+    assert finetune_cli(["finetune", "swag", "--data-dir", str(FIXTURES), "--checkpoint", str(ckpt),
                  "--output-dir", str(out), "--lr", "1e-4,5e-5", "--seeds", "1,2",
                  "--epochs", "2", "--log-every", "0", "--save-model"]) == 0
     results = json.loads((out / "SWAG" / "results.json").read_text())

@@ -75,6 +75,9 @@ def _load(args: argparse.Namespace) -> tuple[ModelConfig, dict[str, torch.Tensor
     tok = load_tokenizer(args.vocab, guess_lowercase(args.vocab))
     tok.enable_truncation(max_length=args.max_seq_length, strategy="longest_first")
     cfg = preset(args.preset, vocab_size=tok.get_vocab_size())
+    if args.max_seq_length > cfg.max_position_embeddings:
+        raise UserError(f"--max-seq-length {args.max_seq_length} exceeds the "
+                        f"{cfg.max_position_embeddings} positions of the {args.preset} preset")
     return cfg, None, tok, f"{args.preset} preset, random weights"
 
 
@@ -105,7 +108,6 @@ def bench_finetune(args: argparse.Namespace) -> dict[str, Any]:
     task = glue.task_by_name(args.task)
     folder = glue.find_task_dir(args.data_dir, task)
     cfg, weights, tok, what = _load(args)
-    common.check_length(common.Pretrained(cfg, {}, Path(), True, what, ""), args.max_seq_length)
     regression = task.labels is None
     num_labels = 1 if regression else len(task.labels or ())
     train = glue.featurize(tok, glue.read_tsv(folder / "train.tsv", task, task.train,

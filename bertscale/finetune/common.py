@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from bertscale.config import ModelConfig
+from bertscale.distributed import DistEnv
 from bertscale.errors import UserError
 from bertscale.model import FastPaths
 
@@ -213,46 +214,30 @@ class TrainConfig:
     pays in fine-tuning, whose batches are mostly padding at GLUE lengths."""
 
 
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a data-parallel fine-tuning run (rank 0 of 1 alone)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+_ranks: DistEnv | None = None
 
 
-_ranks: Ranks | None = None
-
-
-def ranks(device: str = "auto") -> Ranks:
-    """Discover the launcher's layout once; with several processes, start the process group
-    (NCCL on GPUs; gloo on the CPU, or when `device` says "cpu") and pin this process to its
-    GPU. The first call decides; the tasks make it with their --device."""
+def ranks(device: str = "auto") -> DistEnv:
+    """This process's place in the run, discovered once (rank 0 of 1 alone); with several
+    processes, start the process group (NCCL on GPUs; gloo on the CPU, or when `device` says
+    "cpu") and pin this process to its GPU. The first call decides; the tasks make it with
+    their --device."""
     global _ranks
     if _ranks is not None:
         return _ranks
-    from bertscale.distributed import discover
+    from bertscale.distributed import discover, init_torch
     env = discover()
     if env.world_size > 1:
         import atexit
-        from datetime import timedelta
 
         import torch.distributed as dist
         on_gpu = torch.cuda.is_available() and device != "cpu"
         if on_gpu:
             torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         if not dist.is_initialized():
-            dist.init_process_group(
-                "nccl" if on_gpu else "gloo",
-                init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=30))
+            init_torch(env, "nccl" if on_gpu else "gloo")
             atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    _ranks = Ranks(env.rank, env.world_size, env.local_rank)
+    _ranks = env
     return _ranks
 
 
@@ -320,15 +305,17 @@ Batch = dict[str, Tensor]
 Feature = Mapping[str, Any]
 
 
+def _lengths(ids: Any) -> list[int]:
+    """A feature's sequence lengths: one, or one per choice (multiple choice)."""
+    return [len(s) for s in ids] if ids and isinstance(ids[0], (list, tuple)) else [len(ids)]
+
+
 def collate(features: Sequence[Feature], pad_id: int = 0) -> Batch:
     """Pad `input_ids` / `token_type_ids` to the longest sequence of the batch (the last
     axis; a feature may hold several sequences, one per choice) and stack everything else."""
     out: Batch = {}
 
-    def lengths(x: Any) -> list[int]:
-        return [len(s) for s in x] if x and isinstance(x[0], (list, tuple)) else [len(x)]
-
-    T = max(max(lengths(f["input_ids"])) for f in features)
+    T = max(max(_lengths(f["input_ids"])) for f in features)
     for key in ("input_ids", "token_type_ids"):
         pad = pad_id if key == "input_ids" else 0
         rows = []
@@ -418,7 +405,7 @@ def fit(model: nn.Module, features: Sequence[Feature],
             "seconds": time.perf_counter() - t0}
 
 
-def _share(global_batch: list[int], r: Ranks) -> tuple[list[int], float]:
+def _share(global_batch: list[int], r: DistEnv) -> tuple[list[int], float]:
     """This rank's contiguous share of a global batch and the weight of its mean loss.
 
     DDP averages gradients over the W ranks, so weighting rank k's mean loss by W * n_k / n makes
@@ -434,7 +421,7 @@ def _share(global_batch: list[int], r: Ranks) -> tuple[list[int], float]:
     return mine, r.world_size * len(mine) / len(global_batch)
 
 
-def _global_mean(weighted_loss: Tensor, r: Ranks) -> Tensor:
+def _global_mean(weighted_loss: Tensor, r: DistEnv) -> Tensor:
     """The global batch's mean loss from each rank's weighted share (for logs and the NaN check)."""
     if r.world_size == 1:
         return weighted_loss.float()
@@ -453,8 +440,7 @@ def apply_fast_paths(model: nn.Module, fast: FastPaths) -> None:
 
 
 def _num_tokens(feature: Feature) -> int:
-    ids = feature["input_ids"]
-    return sum(len(s) for s in ids) if ids and isinstance(ids[0], (list, tuple)) else len(ids)
+    return sum(_lengths(feature["input_ids"]))
 
 
 @torch.no_grad()
@@ -642,9 +628,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def publish(best_folder: Path, out_dir: Path, names: Iterable[str]) -> list[Path]:
     """Copy the chosen run's prediction files up to the task folder (atomically; rank 0)."""
-    copied = []
+    copied: list[Path] = []
     if not ranks().is_main:
-        return [out_dir / name for name in names if (best_folder / name).is_file()]
+        return copied
     for name in names:
         src = best_folder / name
         if src.is_file():
