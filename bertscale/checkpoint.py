@@ -235,16 +235,88 @@ def _written_by(name: str, rank: int) -> bool:
     return rank == 0 and (name.startswith("mp_rank_") or name == STATE_FILE)
 
 
+# Bytes per parameter of a first checkpoint, before there is a previous one to measure: the
+# module weights (fp32, or bf16/fp16) plus fp32 master weights and two Adam/LAMB moments.
+_BYTES_PER_PARAM = 16
+# Write failures that mean "the filesystem would not take it": torch.save reports a short write
+# from its C++ writer as a RuntimeError, not an OSError.
+_WRITE_FAILURE = ("inline_container", "file write failed", "unexpected pos", "No space left",
+                  "Disk quota exceeded")
+
+
+def bytes_on_disk(path: Path) -> int:
+    """Total size of the files under `path` (0 if it does not exist)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes for an unprivileged writer on the filesystem holding `path` (or its parent).
+    Quotas (Lustre, NFS) are not visible here: a write past a quota fails at write time."""
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def space_problem(folder: Path, needed: int, what: str) -> str | None:
+    """A one-line refusal when `folder`'s filesystem has less than `needed` bytes free."""
+    free = free_bytes(folder)
+    if free >= needed:
+        return None
+    return (f"{what}: {folder} has {_size(free)} free, about {_size(needed)} are needed; "
+            f"free space there (or lower checkpoint.keep) and resume")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def checkpoint_bytes_estimate(run_dir: Path, engine: Any) -> int:
+    """What the next checkpoint will take: the newest committed one's size, else an estimate
+    from the parameter count (ZeRO-3 parameters report their full size as ds_numel)."""
+    latest = latest_committed(run_dir)
+    if latest is not None:
+        return bytes_on_disk(latest.path)
+    n = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters())
+    return n * _BYTES_PER_PARAM
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError)
+                                      and any(s in str(e) for s in _WRITE_FAILURE))
+
+
 def save(engine: Any, run_dir: str | Path, step: int, state: dict[str, Any], *, keep: int,
-         log: Callable[[str], None] = print) -> Committed:
-    """Save and commit checkpoint `step_<step>`. Collective: every rank must call it."""
+         check_free_space: bool = True, log: Callable[[str], None] = print) -> Committed:
+    """Save and commit checkpoint `step_<step>`. Collective: every rank must call it.
+
+    Disk space: with `check_free_space`, every rank first checks that its view of the
+    checkpoint filesystem has room for one more checkpoint (the previous one's size), and all
+    stop with the same one-line error if one has not. A write that fails anyway (a quota, a
+    filesystem that reports no free space, another writer filling the disk) is caught on the
+    rank it happens to and shared: every rank raises the same `UserError` naming the folder and
+    the space, the partial folder is removed (it was never committed), and the newest committed
+    checkpoint stays as it was."""
     import torch.distributed as dist
 
+    from bertscale.distributed import gather_problems
+
+    run_dir = Path(run_dir)
     rank, world = dist.get_rank(), dist.get_world_size()
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)
     tag_dir = root / tag
     t0 = time.monotonic()
+    needed = checkpoint_bytes_estimate(run_dir, engine)
+    problem = space_problem(root, needed, f"checkpoint step {step}") if check_free_space else None
+    problems = gather_problems([problem] if problem else [])
+    if problems:
+        raise UserError(problems[0] + _newest_committed_note(run_dir))
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         # Leftovers of an interrupted save of this same step (never committed): start clean, so
@@ -253,25 +325,59 @@ def save(engine: Any, run_dir: str | Path, step: int, state: dict[str, Any], *, 
             shutil.rmtree(tag_dir)
         shutil.rmtree(root / f"{tag}_universal", ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    _torch_save_atomic(rng_state(), tag_dir / f"rng_rank{rank}.pt")
-    if rank == 0:
-        write_json_atomic(tag_dir / STATE_FILE, {**state, "step": step, "world_size": world,
-                                                 "format": FORMAT_VERSION})
-    for p in tag_dir.iterdir():
-        if p.is_file() and _written_by(p.name, rank):
-            fsync_path(p)
-    dist.barrier()
+    failure = None
+    in_deepspeed = True
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        in_deepspeed = False
+        _torch_save_atomic(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+        if rank == 0:
+            write_json_atomic(tag_dir / STATE_FILE, {**state, "step": step, "world_size": world,
+                                                     "format": FORMAT_VERSION})
+        for p in tag_dir.iterdir():
+            if p.is_file() and _written_by(p.name, rank):
+                fsync_path(p)
+    except Exception as e:
+        if not _is_write_failure(e):
+            raise
+        # The free space as the failing rank saw it: one number, the same line on every rank.
+        failure = (f"{type(e).__name__}: {str(e).splitlines()[0][:200]}; "
+                   f"{_size(free_bytes(root))} free there")
+        if in_deepspeed:
+            # The ranks whose writes went through wait in the barrier that ends DeepSpeed's
+            # save_checkpoint (its last collective; the writes come after its tag check).
+            dist.barrier()
+    problems = gather_problems([failure] if failure else [])
+    if problems:
+        if rank == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        raise UserError(f"checkpoint step {step}: writing {tag_dir} failed ({problems[0]}); a "
+                        f"checkpoint needs about {_size(needed)}" + _newest_committed_note(run_dir))
     marker = {"tag": tag, "step": step, "world_size": world, "format": FORMAT_VERSION,
               "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    failure = None
     if rank == 0:
-        fsync_path(tag_dir)
-        write_json_atomic(tag_dir / COMMIT_FILE, marker)
-        fsync_path(root)
+        try:
+            fsync_path(tag_dir)
+            write_json_atomic(tag_dir / COMMIT_FILE, marker)
+            fsync_path(root)
+        except OSError as e:
+            failure = f"checkpoint step {step}: committing {tag_dir / COMMIT_FILE} failed ({e})"
+            (tag_dir / COMMIT_FILE).unlink(missing_ok=True)
+    # Also the barrier that keeps every rank (and so the launcher) alive until the commit exists.
+    problems = gather_problems([failure] if failure else [])
+    if problems:
+        raise UserError(problems[0] + _newest_committed_note(run_dir))
+    if rank == 0:
         prune(run_dir, keep, log=log)
         log(f"checkpoint step {step} committed at {tag_dir} ({time.monotonic() - t0:.1f}s)")
-    dist.barrier()
     return Committed(step, tag_dir, marker)
+
+
+def _newest_committed_note(run_dir: Path) -> str:
+    latest = latest_committed(run_dir)
+    return (f". The newest committed checkpoint, step {latest.step} ({latest.path}), is intact"
+            if latest else ". No checkpoint of this run is committed yet")
 
 
 def prune(run_dir: str | Path, keep: int, *, log: Callable[[str], None] = print) -> None:
@@ -312,24 +418,15 @@ def check_compatible(state: dict[str, Any], *, tokenizer_hash: str, manifest_fin
         raise UserError(f"{where}: model shape differs from the checkpoint ({'; '.join(diff)})")
 
 
-def load(engine: Any, ckpt: Committed, *, load_dir: Path | None = None, tag: str | None = None,
-         restore_rng: bool = True) -> None:
-    """Load model, optimizer and scheduler state into `engine`, and this rank's RNG states.
-    Collective. `load_dir`/`tag` point at a universal copy when the world size changed (then the
-    per-rank RNG states do not map onto the new ranks and are not restored)."""
+def restore_rng(ckpt: Committed, rank: int) -> None:
+    """Restore rank `rank`'s RNG states saved with `ckpt` (same world size only)."""
     import torch
-    import torch.distributed as dist
 
-    path, _ = engine.load_checkpoint(str(load_dir or ckpt.root), tag=tag or ckpt.tag,
-                                     load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        raise UserError(f"{ckpt.path}: DeepSpeed could not load this checkpoint")
-    if restore_rng:
-        rng_file = ckpt.path / f"rng_rank{dist.get_rank()}.pt"
-        if not rng_file.is_file():
-            raise UserError(f"{rng_file}: missing (checkpoint written by "
-                            f"{ckpt.marker.get('world_size')} ranks)")
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    rng_file = ckpt.path / f"rng_rank{rank}.pt"
+    if not rng_file.is_file():
+        raise UserError(f"{rng_file}: missing (checkpoint written by "
+                        f"{ckpt.marker.get('world_size')} ranks)")
+    set_rng_state(torch.load(rng_file, weights_only=False))
 
 
 # ------------------------------------------------------------------------------ consolidated

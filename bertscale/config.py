@@ -290,9 +290,11 @@ class DataSection:
     max_bad_samples: int = 100
     """With "skip": the run stops after this many bad samples."""
     verify_sha256: bool = True
-    """Check each local shard's size and sha256 against the manifest before training. The ranks
-    share the work (shard i is read by rank i mod world size), so the corpus is read once per
-    job; a bad shard stops every rank with its name."""
+    """Also check each local shard's sha256 against the manifest before training (a full read;
+    sizes and sample counts are always checked, from the tar headers only). The ranks share the
+    work (shard i is read by rank i mod world size), so the corpus is read once per job; a bad
+    shard stops every rank with its name. Off, a damaged sample met mid-run still stops every
+    rank at the same step with one line naming shard, sample and position."""
 
 
 @dataclass
@@ -326,8 +328,9 @@ class EvalSection:
 
     every: int = 1000
     """Evaluate every N optimizer steps (0: only at the end)."""
-    max_batches: int = 0
-    """Global eval batches per evaluation (0: the whole eval split)."""
+    samples: int = 0
+    """Held-out samples per evaluation: the first N of the eval split in stored order, the same
+    samples whatever the number of ranks (0: the whole eval split)."""
     micro_batch_size: int = 0
     """Sequences per eval forward on one rank (0: the training micro batch)."""
     at_start: bool = False
@@ -344,6 +347,10 @@ class CheckpointSection:
     """Committed checkpoints kept (older ones are deleted after each commit); at least 2."""
     at_end: bool = True
     """Save when the last step is done."""
+    check_free_space: bool = True
+    """Before each save, check that the checkpoint filesystem has room for one more checkpoint
+    (the previous one's size) and stop with a clear message if not. Turn off only where the
+    filesystem reports free space wrongly; a write that fails is reported the same way."""
 
 
 @dataclass
@@ -435,7 +442,7 @@ class PretrainRecipe:
         if self.checkpoint.keep < 2:
             raise ConfigError(f"checkpoint.keep must be at least 2 (a crash during a save must "
                               f"leave a committed one), got {self.checkpoint.keep}")
-        for where, value in (("eval.every", self.eval.every), ("eval.max_batches", self.eval.max_batches),
+        for where, value in (("eval.every", self.eval.every), ("eval.samples", self.eval.samples),
                              ("eval.micro_batch_size", self.eval.micro_batch_size),
                              ("checkpoint.every", self.checkpoint.every),
                              ("debug.nan_loss_at_step", self.debug.nan_loss_at_step),
@@ -470,6 +477,11 @@ def load_pretrain_recipe(source: str | Path | dict[str, Any],
         data, origin, default_name = load_toml(path), str(path), path.stem
     data = apply_overrides(data, list(overrides or []))
     try:
+        if isinstance(data.get("eval"), dict) and "max_batches" in data["eval"]:
+            raise ConfigError("eval.max_batches was replaced by eval.samples: a number of global "
+                              "batches scores a different number of samples on each number of "
+                              "ranks; set eval.samples = batches x eval micro batch x ranks of "
+                              "the old setting")
         allowed = {"name", "run_dir", "model", "optimizer", "schedule", *_RECIPE_SECTIONS}
         unknown = sorted(set(data) - allowed)
         if unknown:

@@ -9,7 +9,9 @@ module wraps that conversion so a resume needs no manual step:
     source = resume_source(checkpoint_dir, tag, world_size)   # converts once if needed
     ds_config = with_load_universal(ds_config) if source.universal else ds_config
     engine = deepspeed.initialize(..., config=ds_config)
-    client_state = load_checkpoint(engine, source)     # = engine.load_checkpoint + repairs
+    engine.load_checkpoint(...); repair_universal_load(engine, source)
+
+bertscale.resume.restore is the one place that does this for the trainer.
 
 and keeps the global batch size of the recipe when the world size changes (`plan_batch`).
 
@@ -50,7 +52,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from bertscale.checkpoint import fsync_path, write_json_atomic
+from bertscale.checkpoint import bytes_on_disk, fsync_path, space_problem, write_json_atomic
 from bertscale.errors import ConfigError, UserError
 
 COMMIT_MARKER = "bertscale_universal.json"
@@ -63,6 +65,12 @@ UNIVERSAL_SUFFIX = "_universal"
 # extract_zero_shards / extract_zero_shards_stage3 hard-code these names).
 CONVERTIBLE_STATE_KEYS = frozenset({"exp_avg", "exp_avg_sq", "step"})
 REQUIRED_STATE_KEYS = frozenset({"exp_avg", "exp_avg_sq"})
+
+# Peak extra disk space of a conversion, as a multiple of the source checkpoint's size: the
+# universal copy (the tied word embeddings are written under both of their names: 2x for a
+# tiny BERT, 1.24x for BERT-Large) plus DeepSpeed's temporary per-rank extraction, which lives
+# until the merge ends. Measured here: a 53 MB ZeRO-3 checkpoint peaked at 137 MB extra.
+CONVERSION_SPACE_FACTOR = 2.6
 
 _ZERO_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
@@ -272,9 +280,16 @@ def convert_to_universal(checkpoint_dir: str | Path, tag: str, *, log=print) -> 
             f"{sorted(CONVERTIBLE_STATE_KEYS)}; resume on {layout.world_size} rank(s) instead")
     fingerprint = _source_fingerprint(source)
 
-    # Leftovers of a conversion that was killed: never loaded (no marker, temporary name).
+    # Leftovers of a killed conversion (no marker, temporary name; never loaded) go first:
+    # they count against the free space.
     for stale in checkpoint_dir.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    needed = int(CONVERSION_SPACE_FACTOR * bytes_on_disk(source))
+    problem = space_problem(checkpoint_dir, needed,
+                            f"converting {source} for a resume on another number of ranks")
+    if problem:
+        raise UserError(problem)
+
     if target.exists():
         # Present but not committed from this source: an older conversion of a re-saved tag.
         log(f"elastic: removing stale {target.name} (not made from the current {tag})")
@@ -402,17 +417,6 @@ def resume_source(checkpoint_dir: str | Path, tag: str, world_size: int) -> Resu
         return ResumeSource(checkpoint_dir, tag, False, layout.world_size)
     path = ensure_universal(checkpoint_dir, tag)
     return ResumeSource(checkpoint_dir, path.name, True, layout.world_size)
-
-
-def load_checkpoint(engine, source: ResumeSource, **kwargs: Any) -> dict[str, Any]:
-    """`engine.load_checkpoint` for a `resume_source`, then `repair_universal_load`. Every rank
-    calls it; returns the client state."""
-    path, client = engine.load_checkpoint(str(source.load_dir), tag=source.tag, **kwargs)
-    if path is None:
-        raise UserError(f"{Path(source.load_dir) / source.tag}: DeepSpeed loaded nothing")
-    if kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only"):
-        repair_universal_load(engine, source)
-    return client
 
 
 def repair_universal_load(engine, source: ResumeSource) -> None:

@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import random
 import secrets
 import sys
 import time
@@ -38,9 +37,11 @@ from typing import Any
 
 from bertscale import checkpoint as ckpt_lib
 from bertscale import distributed
+from bertscale import resume as resume_lib
 from bertscale.config import (ModelConfig, PretrainRecipe, load_pretrain_recipe, recipe_to_dict,
                               to_dict)
 from bertscale.errors import ConfigError, UserError
+from bertscale.seeding import seed_all
 
 # The repository's deepspeed_configs/ (editable installs, the SLURM scripts); a non-editable
 # install (the Docker images) points BERTSCALE_DEEPSPEED_CONFIGS at its copy.
@@ -67,8 +68,7 @@ class Plan:
     precision: str                     # "fp32" | "bf16" | "fp16"
     zero_stage: int
     grad_accum: int
-    resume_from: ckpt_lib.Committed | None
-    resume_state: dict[str, Any] | None
+    resume_from: resume_lib.ResumePoint | None
     init_from: ckpt_lib.Committed | None
     stop_at_step: int | None
 
@@ -150,10 +150,19 @@ def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, 
     if manifest.num_samples("train") < recipe.train.global_batch_size:
         raise UserError(f"{manifest.path}: the train split has {manifest.num_samples('train')} samples, "
                         f"fewer than one global batch ({recipe.train.global_batch_size})")
-    eval_micro = recipe.eval.micro_batch_size or recipe.train.micro_batch_size
-    if manifest.num_samples("eval") < eval_micro * env.world_size:
-        raise UserError(f"{manifest.path}: the eval split has {manifest.num_samples('eval')} samples, "
-                        f"fewer than one eval batch ({eval_micro} x {env.world_size} ranks)")
+    if manifest.num_samples("eval") == 0:
+        raise UserError(f"{manifest.path}: the eval split has no samples (prepare with an "
+                        f"eval fraction above 0)")
+    if recipe.eval.samples > manifest.num_samples("eval"):
+        raise ConfigError(f"eval.samples = {recipe.eval.samples}, but the eval split of "
+                          f"{manifest.path} has {manifest.num_samples('eval')} samples; lower it, "
+                          f"or 0 for the whole split")
+    # A sequence of T tokens has T - 3 maskable tokens ([CLS] and two [SEP]) at most.
+    maskable = manifest.seq_len - 3
+    if recipe.data.max_predictions_per_seq > maskable:
+        raise ConfigError(f"data.max_predictions_per_seq = {recipe.data.max_predictions_per_seq} "
+                          f"is more than the {maskable} maskable tokens of a {manifest.seq_len}-token "
+                          f"sequence in {manifest.path} (the paper: 20 at 128, 80 at 512)")
     from bertscale.optim import warmup_steps
     if warmup_steps(recipe.schedule, recipe.train.steps) > recipe.train.steps:
         raise ConfigError(f"schedule.warmup {recipe.schedule.warmup} is longer than train.steps "
@@ -168,22 +177,10 @@ def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, 
         recipe, env.world_size, cuda=torch.cuda.is_available())
 
     # Resume: the newest committed checkpoint of this run folder, if it is the same run.
-    if resume not in ("auto", "require", "never"):
-        raise ConfigError(f"--resume {resume!r}: choose auto, require or never")
-    latest = ckpt_lib.latest_committed(run_dir)
-    if resume == "never" and latest is not None:
-        raise UserError(f"{run_dir}: already holds committed checkpoints (newest step {latest.step}); "
-                        f"choose another --run-dir or --resume auto")
-    if resume == "require" and latest is None:
-        raise UserError(f"{run_dir}: --resume require, but there is no committed checkpoint")
-    state = None
-    if latest is not None:
-        state = ckpt_lib.read_state(latest)
-        ckpt_lib.check_compatible(state, tokenizer_hash=tokenizer_hash,
-                                  manifest_fingerprint=manifest.fingerprint, model_config=model,
-                                  where=str(latest.path))
+    resume_point = resume_lib.find(run_dir, resume, resume_lib.Identity(
+        tokenizer_hash, manifest.fingerprint, model))
     init_from = None
-    if recipe.train.init_from is not None and latest is None:
+    if recipe.train.init_from is not None and resume_point is None:
         init_from = ckpt_lib.resolve(recipe.train.init_from)
         ckpt_lib.check_compatible(ckpt_lib.read_state(init_from), tokenizer_hash=tokenizer_hash,
                                   manifest_fingerprint=None, model_config=model,
@@ -199,7 +196,7 @@ def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, 
     if not os.access(run_dir, os.W_OK):
         raise UserError(f"{run_dir}: run folder is not writable")
     return Plan(recipe, env, run_dir, manifest, model, tokenizer_hash, ds_config, ds_path,
-                precision, stage, accum, latest, state, init_from, stop_at_step)
+                precision, stage, accum, resume_point, init_from, stop_at_step)
 
 
 # ================================================================================ metrics
@@ -351,13 +348,13 @@ def _vec(*scalars: Any) -> Any:
     return torch.stack([s.double() for s in scalars])
 
 
-def seed_all(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def _fetch(batches: Any, n: int) -> tuple[list[dict[str, Any]], str | None]:
+    """The next `n` micro-batches, or the data error met on the way (a damaged sample, a shard
+    that cannot be read): returned, not raised, so that the ranks can agree on it first."""
+    try:
+        return [next(batches) for _ in range(n)], None
+    except UserError as e:
+        return [], str(e)
 
 
 def train(plan: Plan) -> int:
@@ -376,21 +373,22 @@ def train(plan: Plan) -> int:
     distributed.init(env)
     distributed.install_signal_handlers()
 
-    # ---- the shards are the manifest's: each rank hashes its share (the corpus is read once
-    # per job, not once per rank), and every rank stops with the same message if one is bad
-    if recipe.data.verify_sha256:
-        problems = distributed.gather_problems(
-            [msg for split in ("train", "eval")
-             for msg in verify_shards(plan.manifest, split, env.rank, W)])
-        if problems:
-            more = f" (and {len(problems) - 1} more bad shards)" if len(problems) > 1 else ""
-            raise UserError(problems[0] + more)
+    # ---- the shards are the manifest's: sizes and sample counts (tar headers only), and with
+    # data.verify_sha256 the hashes; each rank checks its share (the corpus is read once per job,
+    # not once per rank), and every rank stops with the same message if one is bad
+    problems = distributed.gather_problems(
+        [msg for split in ("train", "eval")
+         for msg in verify_shards(plan.manifest, split, env.rank, W, sha256=recipe.data.verify_sha256)])
+    if problems:
+        more = f" (and {len(problems) - 1} more bad shards)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more)
     if env.is_main:
         ckpt_lib.copy_atomic(Path(plan.manifest.vocab_file), run_dir / ckpt_lib.VOCAB_FILE)
         ckpt_lib.write_json_atomic(run_dir / "recipe.json", recipe_to_dict(recipe))
         ckpt_lib.write_json_atomic(run_dir / "deepspeed_config.json", plan.ds_config)
 
-    # ---- model (same initial weights on every rank), optimizer, schedule, engine
+    # ---- model (same initial weights on every rank), optimizer, schedule, engine; then the
+    # committed checkpoint this run continues, if any (bertscale.resume: the one resume path)
     seed_all(t.seed)
     fast = recipe.fast
     model = BertForPreTraining(plan.model_config, fast=FastPaths(
@@ -401,40 +399,28 @@ def train(plan: Plan) -> int:
         load_pretrained(model, weights.state_dict, source=f"train.init_from {plan.init_from.path}")
         del weights
     ckpt_lib.mark_universal(model)
-    load_dir, load_tag, universal = None, None, False
-    if plan.resume_from is not None and plan.resume_from.marker.get("world_size") != W:
-        from bertscale import elastic
-        source = elastic.resume_source(plan.resume_from.root, plan.resume_from.tag, W)
-        load_dir, load_tag, universal = Path(source.load_dir), source.tag, source.universal
-    ds_config = plan.ds_config
-    if universal:
-        from bertscale import elastic
-        ds_config = elastic.with_load_universal(ds_config)
     optimizer = optim.build_optimizer(recipe.optimizer, model)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: optim.build_scheduler(opt, recipe.schedule, t.steps))
-    optim.make_zero_aware(optimizer, engine)  # LAMB: trust ratios per original tensor under ZeRO
+
+    def build_engine(ds_config: dict[str, Any]) -> tuple[Any, Any]:
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config,
+            lr_scheduler=lambda opt: optim.build_scheduler(opt, recipe.schedule, t.steps))
+        optim.make_zero_aware(optimizer, engine)  # LAMB: trust ratios per original tensor under ZeRO
+        return engine, scheduler
+
+    (engine, scheduler), start = resume_lib.restore(plan.resume_from, plan.ds_config, build_engine,
+                                                    rank=env.rank, world_size=W, seed=t.seed)
     device = engine.device
+    step = start.step
+    last_saved = step if start.resumed_from is not None else None
 
-    # ---- where we start: a committed checkpoint of this run, or step 0
-    step, consumed = 0, 0
-    if plan.resume_from is not None:
-        ckpt_lib.load(engine, plan.resume_from, load_dir=load_dir, tag=load_tag,
-                      restore_rng=not universal)
-        step, consumed = int(plan.resume_state["step"]), int(plan.resume_state["consumed_samples"])
-        if universal:  # per-rank RNG streams cannot be mapped to other ranks: reseed, reproducibly
-            seed_all(t.seed + 7919 * (step + 1) + env.rank)
-    else:
-        seed_all(t.seed + 1 + env.rank)  # distinct dropout streams per rank
-    last_saved = step if plan.resume_from is not None else None
-
+    # ---- data: the loader owns the global position (consumed_samples)
     masking = MaskingConfig(mask_prob=recipe.data.mask_prob,
                             max_predictions_per_seq=recipe.data.max_predictions_per_seq,
                             whole_word=recipe.data.whole_word_masking)
     loader = PretrainLoader(plan.manifest, split="train", global_batch_size=G,
                             micro_batch_size=t.micro_batch_size, rank=env.rank, world_size=W,
-                            seed=t.seed, consumed_samples=consumed, masking=masking,
+                            seed=t.seed, consumed_samples=start.consumed_samples, masking=masking,
                             num_workers=recipe.data.num_workers,
                             bad_sample_policy=recipe.data.bad_sample_policy,
                             max_bad_samples=recipe.data.max_bad_samples,
@@ -443,11 +429,11 @@ def train(plan: Plan) -> int:
 
     reporter = Reporter(plan, step)
     n_params = sum(p.numel() for p in model.parameters())
-    if plan.resume_from is not None:
-        how = (f", converted from {plan.resume_from.marker.get('world_size')} ranks through a "
-               f"universal checkpoint" if universal else "")
-        reporter.info(f"resumed from {plan.resume_from.path} (step {step}, {consumed} samples "
-                      f"consumed{how})")
+    if start.resumed_from is not None:
+        how = (f", converted from {start.saved_world_size} ranks through a universal checkpoint"
+               if start.universal else "")
+        reporter.info(f"resumed from {start.resumed_from.path} (step {step}, "
+                      f"{start.consumed_samples} samples consumed{how})")
     elif plan.init_from is not None:
         reporter.info(f"initialised from {plan.init_from.path} (step {plan.init_from.step} weights)")
     reporter.info(f"pretraining {recipe.name}: {n_params / 1e6:.1f}M parameters, {W} rank(s), "
@@ -455,8 +441,18 @@ def train(plan: Plan) -> int:
                   f"x {plan.grad_accum} accumulation x {W}, seq {plan.manifest.seq_len}, "
                   f"steps {step}->{t.steps}, run folder {run_dir}")
 
+    def agree_on_data(error: str | None) -> None:
+        """A data error met by one rank stops every rank at the same point with the same line
+        (the first rank's), instead of the others waiting in the next collective."""
+        flag = torch.tensor([0.0 if error is None else 1.0], device=device)
+        dist.all_reduce(flag)
+        if flag.item():
+            found = distributed.gather_problems([error] if error else [])
+            raise UserError(f"step {step + 1}: {found[0]}")
+
     def state_for_checkpoint() -> dict[str, Any]:
-        return {"step": step, "consumed_samples": consumed, "recipe": recipe_to_dict(recipe),
+        return {"step": step, "consumed_samples": loader.consumed_samples,
+                "recipe": recipe_to_dict(recipe),
                 "model_config": to_dict(plan.model_config), "tokenizer_hash": plan.tokenizer_hash,
                 "manifest_fingerprint": plan.manifest.fingerprint,
                 "manifest_path": str(plan.manifest.path), "lowercase": bool(plan.manifest.lowercase),
@@ -480,38 +476,44 @@ def train(plan: Plan) -> int:
             reporter.info(f"error: step {step}: weights are not finite; not saving a checkpoint")
             return distributed.NONFINITE_EXIT_CODE
         ckpt_lib.save(engine, run_dir, step, state_for_checkpoint(), keep=recipe.checkpoint.keep,
-                      log=reporter.info)
+                      check_free_space=recipe.checkpoint.check_free_space, log=reporter.info)
         last_saved = step
         return None
 
     def evaluate() -> dict[str, float]:
         micro = recipe.eval.micro_batch_size or t.micro_batch_size
-        # One pass over the eval split in stored order, padded so every rank has the same number
-        # of batches; masks depend on (seed, position) only, so every eval sees the same masks.
+        # One pass over the first eval.samples of the eval split in stored order (the same
+        # samples on any number of ranks), padded with void samples so every rank has the same
+        # number of batches; masks depend on (seed, position) only, so every eval sees the same
+        # masks.
         eval_loader = PretrainLoader(plan.manifest, split="eval", global_batch_size=micro * W,
                                      micro_batch_size=micro, rank=env.rank, world_size=W, seed=t.seed,
-                                     masking=masking, verify_sha256=False)
+                                     masking=masking, verify_sha256=False,
+                                     max_samples=recipe.eval.samples)
         sums = torch.zeros(8, dtype=torch.float64, device=device)
         engine.eval()
-        with torch.no_grad():
-            for i, batch in enumerate(eval_loader):
-                if recipe.eval.max_batches and i >= recipe.eval.max_batches:
-                    break
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                out = engine(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                             attention_mask=batch["attention_mask"],
-                             masked_positions=batch["masked_positions"])
-                p = pretraining_loss(out, batch["masked_labels"], batch["next_sentence_label"])
-                # Sums, not means: a token-weighted MLM loss and exact counts after the all-reduce.
-                sums += _vec(p.mlm * p.mlm_count, p.nsp * p.nsp_count, p.mlm_correct, p.mlm_count,
-                             p.nsp_correct, p.nsp_count, torch.ones((), device=device),
-                             (batch["next_sentence_label"] == 1).sum())
-        engine.train()
-        eval_loader.close()
+        try:
+            eval_batches = iter(eval_loader)
+            with torch.no_grad():
+                for _ in range(len(eval_loader)):
+                    fetched, error = _fetch(eval_batches, 1)
+                    agree_on_data(error)
+                    batch = {k: v.to(device, non_blocking=True) for k, v in fetched[0].items()}
+                    out = engine(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                                 attention_mask=batch["attention_mask"],
+                                 masked_positions=batch["masked_positions"])
+                    p = pretraining_loss(out, batch["masked_labels"], batch["next_sentence_label"])
+                    # Sums, not means: a token-weighted MLM loss and exact counts after the all-reduce.
+                    sums += _vec(p.mlm * p.mlm_count, p.nsp * p.nsp_count, p.mlm_correct, p.mlm_count,
+                                 p.nsp_correct, p.nsp_count, (batch["sample_ids"] >= 0).sum(),
+                                 (batch["next_sentence_label"] == 1).sum())
+        finally:
+            engine.train()
+            eval_loader.close()
         dist.all_reduce(sums)
         mlm_loss, nsp_loss, mlm_ok, mlm_n, nsp_ok, nsp_n, n, nsp_pos = sums.tolist()
         values = {"mlm_loss": mlm_loss / max(mlm_n, 1), "mlm_acc": mlm_ok / max(mlm_n, 1),
-                  "masked_tokens": mlm_n, "batches": n / W}
+                  "masked_tokens": mlm_n, "samples": n}
         if nsp_n:
             # The accuracy of always answering the commoner label: NSP's real floor, not 50%.
             values.update(nsp_loss=nsp_loss / nsp_n, nsp_acc=nsp_ok / nsp_n, pairs=nsp_n,
@@ -522,25 +524,27 @@ def train(plan: Plan) -> int:
     def report_eval(values: dict[str, float]) -> None:
         reporter.record("eval", step, values)
         nsp = f"  nsp_acc {values['nsp_acc']:.3f}" if "nsp_acc" in values else ""
-        reporter.info(f"eval step {step}: loss {values['loss']:.4f}  mlm_acc {values['mlm_acc']:.3f}{nsp}")
-
-    if recipe.eval.at_start and step == 0:
-        report_eval(evaluate())
+        reporter.info(f"eval step {step}: loss {values['loss']:.4f}  mlm_acc {values['mlm_acc']:.3f}"
+                      f"{nsp}  ({int(values['samples'])} samples)")
 
     # ---- the step loop
     exit_code = 0
     skipped_in_a_row = 0
-    engine.train()
     stop_at = min(t.steps, plan.stop_at_step) if plan.stop_at_step else t.steps
     try:
+        if recipe.eval.at_start and step == 0:
+            report_eval(evaluate())
+        engine.train()
         while step < stop_at:
             t0 = time.perf_counter()
+            micro_batches, data_error = _fetch(batches, plan.grad_accum)
+            agree_on_data(data_error)
             # loss, mlm loss, nsp loss, mlm hits, mlm count, nsp hits, nsp count, real tokens,
             # non-finite micro-batches, preemption flag: one all-reduce per optimizer step.
             stats = torch.zeros(10, dtype=torch.float64, device=device)
             seen: list[tuple[Any, Any]] = []  # (finite?, sample_ids) per micro-batch, no sync
-            for micro in range(plan.grad_accum):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            for micro, cpu_batch in enumerate(micro_batches):
+                batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
                 out = engine(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
                              attention_mask=batch["attention_mask"],
                              masked_positions=batch["masked_positions"])
@@ -562,7 +566,6 @@ def train(plan: Plan) -> int:
             dist.all_reduce(stats)
             (loss_s, mlm_s, nsp_s, mlm_ok, mlm_n, nsp_ok, nsp_n, tokens, nonfinite,
              preempt) = stats.tolist()
-
             if nonfinite:
                 # Stop BEFORE the optimizer step: the weights stay those of step `step`.
                 bad_ids = [i for ok, ids in seen if not bool(ok) for i in ids.tolist()]
@@ -597,14 +600,13 @@ def train(plan: Plan) -> int:
                 exit_code = distributed.NONFINITE_EXIT_CODE
                 break
             step += 1
-            consumed += G
             dt = time.perf_counter() - t0
             n = W * plan.grad_accum
             tflops = flops_per_step(plan.model_config, G, plan.manifest.seq_len, mlm_n) / dt / 1e12
             values = {"loss": loss_s / n, "mlm_loss": mlm_s / n, "mlm_acc": mlm_ok / max(mlm_n, 1),
                       "lr": lr, "samples_per_s": G / dt,
                       "tokens_per_s": tokens / dt, "tflops": tflops, "step_time_s": dt,
-                      "consumed_samples": consumed}
+                      "consumed_samples": loader.consumed_samples}
             if nsp_n:
                 values.update(nsp_loss=nsp_s / n, nsp_acc=nsp_ok / nsp_n)
             grad_norm = engine.get_global_grad_norm()
@@ -633,7 +635,7 @@ def train(plan: Plan) -> int:
             if step < t.steps:
                 reporter.info(f"stopped at step {step} as asked (--stop-at-step); resume to continue")
             else:
-                reporter.info(f"done: {step} steps, {consumed} samples; checkpoints in "
+                reporter.info(f"done: {step} steps, {loader.consumed_samples} samples; checkpoints in "
                               f"{ckpt_lib.checkpoints_dir(run_dir)}, metrics in {run_dir / 'metrics.jsonl'}")
     finally:
         reporter.close()
@@ -641,6 +643,7 @@ def train(plan: Plan) -> int:
     distributed.barrier()
     distributed.shutdown()
     return exit_code
+
 
 
 # ================================================================================ the CLI
@@ -652,7 +655,10 @@ def run(recipe: PretrainRecipe, *, run_dir: str | Path | None = None, resume: st
     env = distributed.discover()
     run_dir = Path(run_dir or recipe.run_dir or Path("runs") / recipe.name)
     plan = build_plan(recipe, env, run_dir, resume, stop_at_step)
-    return train(plan)
+    try:
+        return train(plan)
+    finally:
+        distributed.shutdown()  # also when an error that every rank agreed on ends the run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

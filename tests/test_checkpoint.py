@@ -130,7 +130,7 @@ def test_load_consolidated_from_zero2_and_zero3(ws2_straight, zero_runs, manifes
     # The consolidated weights give, in plain PyTorch, what the engine measured at step 8.
     logged = records(ws2_straight, "eval")[-1]
     assert logged["step"] == 8
-    mine = plain_eval(model, manifest, world=2, micro=8, seed=1234, max_batches=8)
+    mine = plain_eval(model, manifest, micro=8, seed=1234, samples=128)
     for key in ("mlm_loss", "nsp_loss"):
         assert mine[key] == pytest.approx(logged[key], rel=1e-5), key
     for key in ("mlm_acc", "nsp_acc"):

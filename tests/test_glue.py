@@ -273,7 +273,7 @@ def test_every_entrypoint_from_a_bertscale_pretraining_run(tmp_path: Path, share
                 "--set", f"data.manifest={tmp_path / 'shards' / 'seq128' / 'manifest.json'}",
                 "--set", "train.steps=2", "--set", "schedule.warmup=1",
                 "--set", "checkpoint.every=2", "--set", "eval.every=2",
-                "--set", "eval.max_batches=1", "--set", "eval.at_start=false"], tmp_path)
+                "--set", "eval.samples=8", "--set", "eval.at_start=false"], tmp_path)
     exported = tmp_path / "hf"
     _bertscale(["export", "--from", str(run), "--to", str(exported)], tmp_path)
 

@@ -176,14 +176,14 @@ def test_phase2_starts_from_phase1_weights_with_fresh_state(ws1_runs, shared_dat
     run = tmp_path / "phase2"
     results = pretrain(run, seq512, 1, f"train.init_from={json.dumps(str(phase1))}",
                        "data.max_predictions_per_seq=80", "train.steps=2", "schedule.warmup=0",
-                       "train.micro_batch_size=4", "eval.every=0", "eval.max_batches=4",
+                       "train.micro_batch_size=4", "eval.every=0", "eval.samples=16",
                        "eval.micro_batch_size=4")
     assert f"initialised from {phase1 / 'checkpoints' / 'step_30'} (step 30 weights)" in results[0].stdout
     # Its step-0 evaluation (512-token data) is phase 1's final weights, redone in plain PyTorch.
     weights = ckpt_lib.load_consolidated(phase1)
     model = BertForPreTraining(weights.config)
     model.load_state_dict(weights.state_dict)
-    mine = plain_eval(model, seq512, world=1, micro=4, seed=1234, max_batches=4,
+    mine = plain_eval(model, seq512, micro=4, seed=1234, samples=16,
                       masking=MaskingConfig(max_predictions_per_seq=80))
     start = records(run, "eval")[0]
     assert start["step"] == 0 and start["mlm_loss"] == pytest.approx(mine["mlm_loss"], rel=1e-5)
@@ -212,6 +212,10 @@ def _cli(args: list[str]) -> int:
     (["train.micro_batch_size=0"], "train.micro_batch_size must be positive"),
     (["trian.steps=3"], "unknown section or field 'trian'"),
     (["checkpoint.keep=1"], "checkpoint.keep must be at least 2"),
+    (["data.max_predictions_per_seq=500"],
+     "data.max_predictions_per_seq = 500 is more than the 125 maskable tokens of a 128-token"),
+    (["eval.max_batches=8"], "eval.max_batches was replaced by eval.samples"),
+    (["eval.samples=1000000"], "eval.samples = 1000000, but the eval split of"),
 ])
 def test_bad_recipe_is_refused_before_the_process_group(manifest, tmp_path, two_rank_env, capsys,
                                                         sets, message):

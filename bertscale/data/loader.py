@@ -63,8 +63,8 @@ import numpy as np
 import torch
 
 from bertscale.data.masking import Masker, MaskingConfig
-from bertscale.data.shards import (HEADER, MAGIC, FORMAT_VERSION, Manifest, TarIndex, index_tar,
-                                   open_mmap, read_manifest, sha256_file)
+from bertscale.data.shards import (HEADER, MAGIC, FORMAT_VERSION, Manifest, TarIndex,
+                                   count_members, index_tar, open_mmap, read_manifest, sha256_file)
 from bertscale.errors import UserError
 from bertscale.tokenizer import read_vocab
 
@@ -154,12 +154,12 @@ class ShardStore:
         self.open[i] = shard
         if len(self.open) > self.max_open:
             _, old = self.open.popitem(last=False)
-            old.mm.close()
+            _close_map(old.mm)
         return shard
 
     def close(self) -> None:
         for s in self.open.values():
-            s.mm.close()
+            _close_map(s.mm)
         self.open.clear()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -167,6 +167,16 @@ class ShardStore:
         state = dict(self.__dict__)
         state["open"] = OrderedDict()
         return state
+
+
+def _close_map(mm: Any) -> None:
+    """Close a shard's memory map unless a NumPy view of it is still alive, typically held by
+    the traceback of the data error being reported: then the map is left to be unmapped when
+    the last view goes, instead of a BufferError replacing that error."""
+    try:
+        mm.close()
+    except BufferError:
+        pass
 
 
 def read_sample(shard: _Shard, offset: int) -> tuple[np.ndarray, int, int] | str:
@@ -245,11 +255,14 @@ class GlobalOrder:
         return shard, offset
 
 
-def verify_shards(m: Manifest, split: str, rank: int = 0, world_size: int = 1) -> list[str]:
-    """Size and sha256 of the local shards of `split` against the manifest, one message per bad
-    shard. Shard i is checked by rank i mod world_size only, so a job reads the corpus once
-    between all its ranks, not once per rank; the trainer gathers every rank's findings so that
-    all ranks stop with the same message. Remote shards are checked when they are fetched."""
+def verify_shards(m: Manifest, split: str, rank: int = 0, world_size: int = 1, *,
+                  sha256: bool = True) -> list[str]:
+    """The local shards of `split` against the manifest, one message per bad shard: present,
+    of the manifest's size, holding the manifest's number of samples (tar headers only), and,
+    with `sha256`, of the manifest's hash (a full read). Shard i is checked by rank
+    i mod world_size only, so a job reads the corpus once between all its ranks, not once per
+    rank; the trainer gathers every rank's findings so that all ranks stop with the same
+    message. Remote shards are checked when they are fetched."""
     problems = []
     for i, info in enumerate(m.shards[split]):
         if i % world_size != rank:
@@ -265,6 +278,14 @@ def verify_shards(m: Manifest, split: str, rank: int = 0, world_size: int = 1) -
         if size != info.bytes:
             problems.append(f"shard {info.name} ({path}) is {size} bytes, the manifest {m.path} "
                             f"says {info.bytes}: truncated or replaced")
+            continue
+        members = count_members(path)
+        if members != info.samples:
+            problems.append(f"{m.path}: shard {info.name} is listed with {info.samples} samples, "
+                            f"but {path} holds {members}: the manifest does not describe these "
+                            f"shards (edited, or from another prepare run)")
+            continue
+        if not sha256:
             continue
         digest = sha256_file(path)
         if digest != info.sha256:
@@ -282,7 +303,8 @@ class PretrainLoader:
                  consumed_samples: int = 0, masking: MaskingConfig | None = None,
                  num_workers: int = 0, bad_sample_policy: str = "raise",
                  max_bad_samples: int = 100, verify_sha256: bool = True,
-                 shuffle_window: int | None = None, cache_dir: str | Path | None = None):
+                 shuffle_window: int | None = None, cache_dir: str | Path | None = None,
+                 max_samples: int = 0):
         self.manifest = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
         m = self.manifest
         if split not in m.shards:
@@ -304,6 +326,14 @@ class PretrainLoader:
         self.n = m.num_samples(split)
         if self.n == 0:
             raise UserError(f"{m.path}: split {split!r} has no samples")
+        if max_samples < 0:
+            raise UserError(f"max_samples {max_samples} is negative")
+        if max_samples and split == "train":
+            raise UserError("max_samples limits one pass over an eval split; train is infinite")
+        if max_samples:
+            # The first max_samples of the split in stored order: the same samples on any
+            # number of ranks (a count of global batches would depend on the world size).
+            self.n = min(self.n, max_samples)
         self.split = split
         self.G, self.mb, self.W, self.rank = G, mb, W, rank
         self.micro_per_batch = G // (mb * W)
@@ -442,7 +472,7 @@ class PretrainLoader:
             source = torch.utils.data.DataLoader(_Workers(self), batch_size=None,
                                                  num_workers=self.num_workers)
         count = 0
-        for batch in source:
+        for batch in _worker_errors_unwrapped(source):
             if self.num_workers:
                 self._tally_bad(batch)
             count += 1
@@ -465,6 +495,20 @@ class PretrainLoader:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _worker_errors_unwrapped(source: Any) -> Iterator[dict[str, torch.Tensor]]:
+    """Iterate `source`, turning a UserError raised in a DataLoader worker (which torch re-raises
+    as "Caught UserError in DataLoader worker process N" followed by the worker's traceback) back
+    into its own one-line message."""
+    try:
+        yield from source
+    except UserError as e:
+        text = str(e)
+        if text.startswith("Caught UserError in DataLoader worker"):
+            last = text.rstrip().splitlines()[-1]
+            raise UserError(last.split("UserError: ", 1)[-1]) from None
+        raise
 
 
 class _Workers(torch.utils.data.IterableDataset):

@@ -10,7 +10,7 @@ means on any number of ranks, so losses are comparable across world sizes.
   train:  train STEPS steps on W ranks, save `step_<SAVE>` (with universal_checkpoint_info), and
           write the full fp32 weights and moments at that step (gathered *after* a step, never
           right after a load) plus every step's loss, to compare the resumed runs against.
-  resume: load `step_<SAVE>` on W' ranks through bertscale.elastic (converting when W' != W),
+  resume: load `step_<SAVE>` on W' ranks through bertscale.resume.load_engine_state (converting when W' != W),
           write each rank's LOCAL fp32 and moment fragments with their offsets (no collectives,
           see DESIGN's trap about safe_get_full_optimizer_state after a load), then train to STEPS
           and write the losses.
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-from bertscale import elastic
+from bertscale import elastic, resume
 from bertscale.config import ModelConfig
 from bertscale.model import BertForPreTraining, pretraining_loss
 
@@ -214,7 +214,7 @@ def main() -> None:
     else:
         source = elastic.resume_source(ckpt, tag, world)
         engine = build(args, world, load_universal=source.universal)
-        client = elastic.load_checkpoint(engine, source)
+        client = resume.load_engine_state(engine, source)
         assert client["consumed_samples"] == args.save * GLOBAL_BATCH, client
         torch.save(local_fragments(engine, rank), args.run / f"loaded_w{world}_rank{rank}.pt")
         # The data position is the global sample counter, never a per-rank offset.

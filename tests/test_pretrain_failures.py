@@ -1,0 +1,160 @@
+"""What `bertscale pretrain` does when the data or the disk fails it mid-run (DESIGN guarantee 7),
+through the command itself on 2 real ranks and real Wikipedia shards:
+
+- a damaged sample met mid-run (shard hashes not checked at start, as docs/data.md allows for
+  large known-good corpora) stops EVERY rank at the same step with exit 2 and the same one line
+  naming shard, sample and global position; no traceback; the checkpoint before it stays
+  committed. Both with the loader in the training process and in a DataLoader worker;
+- a manifest whose sample counts do not match its shards is refused at start, naming the shard;
+- a full disk (a real, small tmpfs): the free-space check before a save, a write that fails anyway
+  (check off), and a universal conversion that would not fit each stop every rank with exit 2 and
+  one line naming the folder, the space free and needed; the previous committed checkpoint stays
+  whole (its weights load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from bertscale import checkpoint as ckpt_lib
+from pretrain_runs import WS2, manifest, pretrain, train_losses  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+SMALL = ("train.global_batch_size=8", "train.micro_batch_size=2", "train.steps=4",
+         "checkpoint.every=2", "eval.every=0", "eval.at_start=false")
+
+
+def _last_line(stderr: str) -> str:
+    """The last line a rank wrote, without the "[rank N] " the CLI puts before other ranks'
+    messages than rank 0's (so the same message compares equal)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return re.sub(r"^(bertscale \w+: error: )\[rank \d+\] ", r"\1", lines[-1]) if lines else ""
+
+
+def _assert_same_clean_error(results, *needles: str) -> str:
+    assert [r.returncode for r in results] == [2, 2], [r.stderr[-1500:] for r in results]
+    lines = {_last_line(r.stderr) for r in results}
+    assert len(lines) == 1, lines           # the same one line on every rank
+    line = lines.pop()
+    for needle in needles:
+        assert needle in line, line
+    for r in results:
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return line
+
+
+def _copy_data(manifest: Path, dest: Path) -> Path:
+    shutil.copytree(manifest.parent, dest)
+    return dest / manifest.name
+
+
+def _corrupt_sample_at(manifest: Path, position: int) -> tuple[str, int]:
+    """Flip one payload byte of the train sample at global position `position` (the sample's
+    size stays, its CRC no longer matches). Uses the loader's own position -> (shard, offset) map
+    and the shard index to find the bytes; the command cannot say where a sample lives."""
+    import numpy as np
+
+    from bertscale.data.loader import PretrainLoader
+    from bertscale.data.shards import HEADER, index_tar, open_mmap, read_manifest
+
+    m = read_manifest(manifest)
+    loader = PretrainLoader(m, split="train", global_batch_size=8, micro_batch_size=2, rank=0,
+                            world_size=1, seed=1234, verify_sha256=False)
+    shard, offset = (int(x[0]) for x in loader.order.locate(np.array([position])))
+    path = Path(m.shard_location("train", shard))
+    mm = open_mmap(path)
+    start = int(index_tar(mm, "train", shard, m.shards["train"][shard].samples).starts[offset])
+    del mm
+    raw = bytearray(path.read_bytes())
+    raw[start + HEADER.size + 3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return m.shards["train"][shard].name, offset
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_damaged_sample_mid_run_stops_every_rank_with_one_line(manifest, tmp_path, workers):
+    data = _copy_data(manifest, tmp_path / "data")
+    position = 2 * 8 + 4 + 1      # step 3, inside rank 1's half of the global batch of 8
+    shard, offset = _corrupt_sample_at(data, position)
+    run = tmp_path / "run"
+    results = pretrain(run, data, 2, *SMALL, "data.verify_sha256=false",
+                       f"data.num_workers={workers}", check=False)
+    _assert_same_clean_error(results, "step 3:", f"shard {shard}", f"sample {offset} ",
+                             f"(global position {position})", "checksum mismatch",
+                             "(found by rank 1)")
+    assert sorted(train_losses(run)) == [1, 2]
+    assert ckpt_lib.latest_committed(run).step == 2
+
+
+def test_a_manifest_whose_sample_counts_are_wrong_is_refused_at_start(manifest, tmp_path):
+    data = _copy_data(manifest, tmp_path / "data")
+    raw = json.loads(data.read_text())
+    shard = raw["shards"]["train"][1]
+    shard["samples"] -= 1
+    data.write_text(json.dumps(raw))
+    results = pretrain(tmp_path / "run", data, 2, *SMALL, "data.verify_sha256=false", check=False)
+    _assert_same_clean_error(results, f"shard {shard['name']} is listed with {shard['samples']} "
+                                      f"samples", f"holds {shard['samples'] + 1}",
+                             "(found by rank 1)")
+    assert ckpt_lib.latest_committed(tmp_path / "run") is None
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 100 MB filesystem: room for one checkpoint of this run (about 70 MB), not two."""
+    mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.timeout(1200)
+def test_a_full_disk_stops_every_rank_with_one_line_and_keeps_the_checkpoint(manifest, small_disk,
+                                                                          tmp_path):
+    # The check before the save: step 2 fits, step 4 would not.
+    run = small_disk / "checked"
+    results = pretrain(run, manifest, 2, *SMALL, check=False)
+    line = _assert_same_clean_error(results, "checkpoint step 4:", str(run / "checkpoints"),
+                                    "free, about", "are needed")
+    assert "The newest committed checkpoint, step 2" in line and "is intact" in line
+    assert ckpt_lib.latest_committed(run).step == 2
+    assert not (run / "checkpoints" / "step_4").exists()
+
+    # A universal conversion (resume on 1 rank) needs room for the copy: refused before writing.
+    results1 = pretrain(run, manifest, 1, *SMALL, check=False)
+    assert results1[0].returncode == 2, results1[0].stderr[-2000:]
+    assert "Traceback" not in results1[0].stderr
+    assert "for a resume on another number of ranks" in _last_line(results1[0].stderr)
+    assert not [p for p in (run / "checkpoints").iterdir() if "universal" in p.name]
+
+    # What the weights of the surviving checkpoint are: complete (DeepSpeed's consolidation reads
+    # every partition). The CLI has no command that only reads a checkpoint, hence the library.
+    weights = ckpt_lib.load_consolidated(run)
+    assert weights.step == 2 and len(weights.state_dict) > 30
+    shutil.rmtree(run)
+
+    # No check: the write itself fails on the full disk; same message, partial files removed.
+    run = small_disk / "unchecked"
+    results = pretrain(run, manifest, 2, *SMALL, "checkpoint.check_free_space=false", check=False)
+    line = _assert_same_clean_error(results, "checkpoint step 4: writing", "failed (",
+                                    "free there", "a checkpoint needs about")
+    assert "The newest committed checkpoint, step 2" in line
+    assert [c.step for c in ckpt_lib.list_committed(run)] == [2]
+    assert not (run / "checkpoints" / "step_4").exists()
+    assert ckpt_lib.load_consolidated(run).step == 2
+    assert os.statvfs(small_disk).f_bfree > 0
