@@ -58,3 +58,20 @@ def minilm_no_dropout(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (d / "config.json").write_text(json.dumps(config))
     return d
+
+
+def pytest_sessionstart(session):
+    """Remove torch-extension build locks left by a killed process. torch's FileBaton is a bare
+    lock file with no owner: a rank killed (a test's kill -9, a timeout) while DeepSpeed's
+    start-up checked its JIT-built op leaves it behind, and every later DeepSpeed start then waits
+    on it forever. A real build holds it for about a minute; one older than ten minutes is stale."""
+    import time
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    if root.is_dir():
+        for lock in root.glob("*/*/lock"):
+            try:
+                if time.time() - lock.stat().st_mtime > 600:
+                    lock.unlink()
+            except FileNotFoundError:
+                pass
