@@ -67,7 +67,7 @@ def test_second_writer_refused_and_stale_locks_never_block(manifest, tmp_path): 
             assert "Traceback" not in r.stderr
         lines = [next((x for x in r.stderr.splitlines() if "another `bertscale pretrain`" in x),
                       r.stderr[-2000:]) for r in second]
-        assert lines[0] == lines[1]
+        assert lines[0] == lines[1].replace("error: [rank 1] ", "error: ")  # the CLI tags ranks > 0
         holder = f"host {socket.gethostname()}, pid {first.pid}, SLURM job 4242 (restart 0)"
         assert holder in lines[0], lines[0]
         print(f"second writer refused in {time.monotonic() - t0:.1f}s: {lines[0]}")
@@ -103,3 +103,112 @@ def test_second_writer_refused_and_stale_locks_never_block(manifest, tmp_path): 
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / f'step_{step}'}" in resumed.stdout
+
+
+# ------------------------------------------------------------------ workers and their launcher
+
+
+def torchrun(run: Path, manifest: Path, log: Path, *sets: str) -> subprocess.Popen:  # noqa: F811
+    """`torchrun --nproc-per-node 2 -m bertscale.pretrain tiny_ci ...` on loopback."""
+    return start([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                  "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                  *pretrain_argv(run, manifest, *LIVE, *sets)], log)
+
+
+def requeue_decision(rc: int, run: Path, stop_requested: int = 0) -> subprocess.CompletedProcess:
+    """slurm/requeue.sh's decision, sourced and called the way slurm/pretrain.sbatch does."""
+    return subprocess.run(["bash", "-c", '. "$0"; bertscale_should_requeue "$@"',
+                           str(REPO / "slurm" / "requeue.sh"), str(rc), str(run), str(stop_requested)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_and_the_record_requeues(manifest, tmp_path):  # noqa: F811
+    """torchrun forwards SIGTERM; the ranks commit a checkpoint and exit 75, which torchrun reports
+    as 1: the run folder's preempted.json is what makes slurm/requeue.sh requeue. A resumed run
+    that ends normally leaves no record, and the same exit code 1 then does not requeue."""
+    run, log = tmp_path / "run", tmp_path / "torchrun.log"
+    proc = torchrun(run, manifest, log)
+    try:
+        wait_for(log, "checkpoint step 2 committed", proc)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert rc == 1, text[-3000:]  # torchrun's code for a worker's 75
+    assert "preempted (SIGTERM)" in text, text[-3000:]
+    record = json.loads((run / "preempted.json").read_text())
+    step = latest_step(run)
+    assert record["step"] == step and record["signals"] == ["SIGTERM"] and record["exit_code"] == 75
+    decision = requeue_decision(rc, run)
+    assert decision.returncode == 0 and "preempted.json" in decision.stdout, decision
+
+    resumed = run_ranks(pretrain_argv(run, manifest, *LIVE, extra=("--stop-at-step", str(step + 1))), 2,
+                        timeout=300)
+    assert f"resumed from {run / 'checkpoints' / f'step_{step}'}" in resumed[0].stdout
+    assert not (run / "preempted.json").exists()
+    assert requeue_decision(1, run).returncode == 1
+    assert requeue_decision(1, run, stop_requested=1).returncode == 0  # killed before a checkpoint
+
+
+@pytest.mark.slow
+def test_workers_die_with_a_killed_torchrun(manifest, tmp_path):  # noqa: F811
+    """`kill -9` of torchrun: its workers get the parent-death signal (SIGTERM), take the
+    preemption path (commit a checkpoint, record it, exit) and stop committing."""
+    import psutil
+
+    run, log = tmp_path / "run", tmp_path / "torchrun.log"
+    proc = torchrun(run, manifest, log)
+    workers: list[psutil.Process] = []
+    try:
+        wait_for(log, "checkpoint step 2 committed", proc)
+        workers = [p for p in psutil.Process(proc.pid).children() if "bertscale.pretrain" in " ".join(p.cmdline())]
+        assert len(workers) == 2, workers
+        t0 = time.monotonic()
+        proc.kill()
+        proc.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=90)
+        waited = time.monotonic() - t0
+    finally:
+        proc.kill()
+        for p in workers:
+            if p.is_running():
+                p.kill()
+    assert not alive, f"workers {[p.pid for p in alive]} still running {waited:.0f}s after torchrun died"
+    print(f"workers exited {waited:.1f}s after kill -9 of torchrun")
+    step = latest_step(run)
+    assert json.loads((run / "preempted.json").read_text())["step"] == step
+    time.sleep(2)
+    assert latest_step(run) == step, "nothing commits after the workers are gone"
+
+
+def test_a_launcher_dead_before_the_prctl_is_noticed(tmp_path):
+    """The race the command cannot show on demand: the launcher dies after the worker started
+    but before it armed the parent-death signal. Library calls, in a real orphaned process: a
+    middle process (the "launcher") starts the worker with torchrun's variables and exits; the
+    worker, re-parented, then installs the handlers and must find its preemption flag set."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, sys, time\n"
+        "from bertscale import distributed\n"
+        "open(sys.argv[1], 'w').write('imported')\n"
+        "while os.getppid() == distributed._PARENT_AT_START:\n"
+        "    time.sleep(0.05)\n"
+        "distributed.install_signal_handlers()\n"
+        "time.sleep(0.5)\n"
+        "print('flag', distributed.local_preemption_flag(), distributed.signal_names())\n"
+    )
+    ready, out = tmp_path / "ready", tmp_path / "out"
+    launcher = (
+        "import subprocess, sys, time, os\n"
+        f"p = subprocess.Popen([sys.executable, {str(worker)!r}, {str(ready)!r}],"
+        f" stdout=open({str(out)!r}, 'w'), env={{**os.environ, 'TORCHELASTIC_RUN_ID': 'x'}})\n"
+        f"while not os.path.exists({str(ready)!r}):\n"
+        "    time.sleep(0.05)\n"
+    )
+    subprocess.run([sys.executable, "-c", launcher], check=True, timeout=120)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "flag" not in (out.read_text() if out.exists() else ""):
+        time.sleep(0.1)
+    assert out.read_text().strip() == "flag True ['SIGTERM']", out.read_text()
