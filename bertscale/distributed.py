@@ -340,8 +340,9 @@ def die_with_launcher(environ: Mapping[str, str] | None = None) -> str | None:
     if libc.prctl(pr_set_pdeathsig, int(PARENT_DEATH_SIGNAL), 0, 0, 0) != 0:
         return None
     # The launcher died before the prctl (we were re-parented to init or a subreaper): the kernel
-    # will never send the signal, so send it ourselves.
-    if os.getppid() != _PARENT_AT_START or os.getppid() == 1:
+    # will never send the signal, so send it ourselves. (Not `getppid() == 1`: in a container the
+    # launcher itself may be pid 1.)
+    if os.getppid() != _PARENT_AT_START:
         os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
     return launcher
 
