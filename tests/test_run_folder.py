@@ -78,31 +78,29 @@ def test_second_writer_refused_and_stale_locks_never_block(manifest, tmp_path): 
         # it takes the lock over and resumes.
         first.send_signal(signal.SIGSTOP)
         step = latest_step(run)
-        requeued = subprocess.run([*argv, "--resume", "require", "--stop-at-step", str(step + 1)],
-                                  env={**os.environ, "SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1"},
-                                  capture_output=True, text=True, timeout=300)
-        assert requeued.returncode == 0, requeued.stderr[-3000:]
-        assert "taking over the lock of this job's previous run" in requeued.stderr
-        assert f"resumed from {run / 'checkpoints' / f'step_{step}'}" in requeued.stdout
-        assert not (run / "lock.json").exists(), "a trainer that ends removes its holder record"
+        requeued = start([*argv, "--resume", "require"], tmp_path / "requeued.log",
+                         env={"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1"})
+        try:
+            wait_until(lambda: latest_step(run) > step, requeued, tmp_path / "requeued.log",
+                       "a checkpoint after the takeover")
+        finally:
+            # 3. ... and dies with kill -9: its lock goes with it, its holder record stays.
+            requeued.kill()
+            requeued.wait()
+        text = (tmp_path / "requeued.log").read_text()
+        assert "taking over the lock of this job's previous run" in text
+        assert f"resumed from {run / 'checkpoints' / f'step_{step}'}" in text
     finally:
         first.kill()
         first.wait()
 
-    # 3. A trainer killed with kill -9 leaves its holder record; its lock died with it.
-    third = start(argv, tmp_path / "third.log")
-    try:
-        wait_until(lambda: latest_step(run) > step + 1, third, tmp_path / "third.log",
-                   "a checkpoint after the resume")
-    finally:
-        third.kill()
-        third.wait()
-    assert json.loads((run / "lock.json").read_text())["pid"] == third.pid
+    assert json.loads((run / "lock.json").read_text())["pid"] == requeued.pid
     step = latest_step(run)
     resumed = subprocess.run([*argv, "--resume", "require", "--stop-at-step", str(step + 1)],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / f'step_{step}'}" in resumed.stdout
+    assert not (run / "lock.json").exists(), "a trainer that ends removes its holder record"
 
 
 # ------------------------------------------------------------------ workers and their launcher
