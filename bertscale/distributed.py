@@ -22,8 +22,16 @@ even when the signal reached only one of them. A run that stopped for preemption
 checkpoint exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: "try again later"), which the SLURM
 scripts requeue on.
 
+Launcher death: under torchrun or the `deepspeed` launcher, `install_signal_handlers()` also asks
+Linux to send this worker `PARENT_DEATH_SIGNAL` (SIGTERM) when the launcher that spawned it dies
+(PR_SET_PDEATHSIG), so a `kill -9` of the launcher takes the preemption path (checkpoint, exit 75)
+instead of leaving orphans that train on.
+
 Limits: one process per accelerator; the local world size from SLURM is only known when
-`SLURM_STEP_TASKS_PER_NODE` is uniform (used for logging only).
+`SLURM_STEP_TASKS_PER_NODE` is uniform (used for logging only). The parent-death signal is Linux
+only (elsewhere a killed launcher still orphans its workers); a launcher that dies before this
+module is imported is not noticed; orphans whose peers are gone too (a whole node lost) cannot
+checkpoint and stop only when their collectives time out.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -285,9 +294,57 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def install_signal_handlers(signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
-    """Make SIGUSR1 / SIGTERM request a checkpoint-and-exit instead of killing the process."""
+    """Make SIGUSR1 / SIGTERM request a checkpoint-and-exit instead of killing the process; under
+    torchrun / the deepspeed launcher, also when the launcher dies (`die_with_launcher`)."""
     for s in signals:
         signal.signal(s, _on_signal)
+    # After the handlers: a launcher that is already gone must find them in place.
+    die_with_launcher()
+
+
+# Read when bertscale is imported, as early as we can: die_with_launcher compares it with the
+# parent at prctl time, to notice a launcher that died before the kernel was told to watch it.
+_PARENT_AT_START = os.getppid()
+
+PARENT_DEATH_SIGNAL = signal.SIGTERM
+"""What a worker gets when its launcher dies. SIGTERM, because it takes the preemption path above
+(the ranks agree at the next step boundary, commit a checkpoint and exit 75) when the handlers are
+installed, and kills at once before that (nothing to save yet); and because it is also what
+torchrun forwards and what SLURM sends at preemption, so every stop looks the same to the loop.
+SIGUSR1 would do the same after the handlers, but reads as "a SLURM time limit" in the log."""
+
+
+def spawning_launcher(environ: Mapping[str, str] | None = None) -> str | None:
+    """"torchrun" or "deepspeed" when this process is a worker that launcher spawned itself (its
+    direct child), else None (srun, mpirun and a single process have their own cleanup)."""
+    environ = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" in environ:
+        return "torchrun"
+    if "CROSS_RANK" in environ and "LOCAL_SIZE" in environ:  # deepspeed.launcher.launch sets both
+        return "deepspeed"
+    return None
+
+
+def die_with_launcher(environ: Mapping[str, str] | None = None) -> str | None:
+    """Have Linux send PARENT_DEATH_SIGNAL to this worker when its torchrun / deepspeed launcher
+    dies (`kill -9` of torchrun otherwise leaves its workers training and committing). Returns
+    the launcher's name when armed, else None. Both launchers start workers from their main
+    thread, which lives as long as the launcher (the kernel watches the spawning thread)."""
+    launcher = spawning_launcher(environ)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, int(PARENT_DEATH_SIGNAL), 0, 0, 0) != 0:
+        return None
+    # The launcher died before the prctl (we were re-parented to init or a subreaper): the kernel
+    # will never send the signal, so send it ourselves. (Not `getppid() == 1`: in a container the
+    # launcher itself may be pid 1.)
+    if os.getppid() != _PARENT_AT_START:
+        os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
+    return launcher
 
 
 def local_preemption_flag() -> bool:

@@ -36,17 +36,18 @@ from pathlib import Path
 from typing import Any
 
 from bertscale import checkpoint as ckpt_lib
-from bertscale import distributed
+from bertscale import distributed, runlock
 from bertscale import resume as resume_lib
 from bertscale.config import (ModelConfig, PretrainRecipe, load_pretrain_recipe, recipe_to_dict,
                               to_dict)
 from bertscale.errors import ConfigError, UserError
 from bertscale.seeding import seed_all
 
-# The repository's deepspeed_configs/ (editable installs, the SLURM scripts); a non-editable
-# install (the Docker images) points BERTSCALE_DEEPSPEED_CONFIGS at its copy.
+# The built-in DeepSpeed JSONs ship inside the package (bertscale/deepspeed_configs: in the
+# repository a symlink to the top-level deepspeed_configs/, in a wheel the files themselves), so
+# an installed bertscale finds them from any folder. BERTSCALE_DEEPSPEED_CONFIGS points elsewhere.
 DEEPSPEED_CONFIG_DIR = Path(os.environ.get("BERTSCALE_DEEPSPEED_CONFIGS",
-                                           Path(__file__).resolve().parent.parent / "deepspeed_configs"))
+                                           Path(__file__).parent / "deepspeed_configs"))
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
@@ -74,7 +75,8 @@ class Plan:
 
 
 def resolve_deepspeed_config(value: str) -> Path:
-    """A DeepSpeed JSON given by path, or by name from deepspeed_configs/ (here or the repo's)."""
+    """A DeepSpeed JSON given by path, or by name: ./deepspeed_configs/NAME.json (a user's edited
+    copy in the current folder) first, then the built-in DEEPSPEED_CONFIG_DIR/NAME.json."""
     path = Path(value)
     candidates = [path] if path.suffix == ".json" or "/" in value else []
     candidates += [Path("deepspeed_configs") / f"{value}.json", DEEPSPEED_CONFIG_DIR / f"{value}.json"]
@@ -82,7 +84,8 @@ def resolve_deepspeed_config(value: str) -> Path:
         if c.is_file():
             return c
     known = sorted(p.stem for p in DEEPSPEED_CONFIG_DIR.glob("*.json"))
-    raise ConfigError(f"train.deepspeed = {value!r}: no such file; built-in configs: {', '.join(known)}")
+    builtin = f"built-in configs: {', '.join(known)}" if known else f"no built-in configs in {DEEPSPEED_CONFIG_DIR}"
+    raise ConfigError(f"train.deepspeed = {value!r}: no such file; {builtin}")
 
 
 def deepspeed_config(recipe: PretrainRecipe, world_size: int,
@@ -171,8 +174,8 @@ def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, 
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise ConfigError("logging.tensorboard = true needs the tensorboard package "
-                              "(pip install tensorboard)") from None
+            raise ConfigError("logging.tensorboard = true (--tensorboard) needs the tensorboard "
+                              "package: pip install 'bertscale[tensorboard]'") from None
     ds_config, ds_path, precision, stage, accum = deepspeed_config(
         recipe, env.world_size, cuda=torch.cuda.is_available())
 
@@ -372,6 +375,8 @@ def train(plan: Plan) -> int:
     # ---- process group, signals
     distributed.init(env)
     distributed.install_signal_handlers()
+    # ---- one writer per run folder: a second live trainer stops here, on every rank (exit 2)
+    run_lock = runlock.acquire(run_dir, env.is_main)
 
     # ---- the shards are the manifest's: sizes and sample counts (tar headers only), and with
     # data.verify_sha256 the hashes; each rank checks its share (the corpus is read once per job,
@@ -630,6 +635,7 @@ def train(plan: Plan) -> int:
                 reporter.info(f"preempted ({names}): checkpoint step {step} committed; exiting "
                               f"with code {distributed.PREEMPTED_EXIT_CODE} to be requeued")
                 exit_code = distributed.PREEMPTED_EXIT_CODE
+                run_lock.record_preemption(step, distributed.signal_names())  # for requeue wrappers
                 break
         else:
             if step < t.steps:
@@ -641,9 +647,9 @@ def train(plan: Plan) -> int:
         reporter.close()
         loader.close()
     distributed.barrier()
+    run_lock.release()
     distributed.shutdown()
     return exit_code
-
 
 
 # ================================================================================ the CLI
