@@ -88,23 +88,28 @@ class Progress:
         rate = (time.monotonic() - self.t_first) / (self.done - self.first_done)
         return rate * (self.total - self.done)
 
-    def _text(self) -> str:
-        extra = "  ".join(f"{k} {v}" for k, v in self.values.items())
+    def _text(self, values: list[tuple[str, Any]]) -> str:
+        extra = "  ".join(f"{k} {v}" for k, v in values)
         return (f"{self.done}/{self.total} {self.unit}" + (f"  {extra}" if extra else "")
                 + f"  ETA {hms(self.eta())}")
 
     def render(self, width: int) -> str:
-        """The bar line cut to `width` - 1 characters (the last column would wrap on some
-        terminals): the bar shrinks first, then the text is cut."""
-        text = self._text()
-        room = width - 1 - len(self.label) - len(text) - 4       # "label [bar] text"
-        n = max(min(room, self.BAR_MAX), 0)
+        """The line for a `width`-column terminal, at most width - 1 characters (the last
+        column wraps on some terminals). What gives way, in order: the bar, then the values
+        from the last (loss stays longest), then the label's start; the counts and the ETA
+        always show."""
+        room = max(width - 1, 1)
+        values = list(self.values.items())
+        text = self._text(values)
+        n = min(room - len(self.label) - len(text) - 4, self.BAR_MAX)    # "label [bar] text"
         if n >= self.BAR_MIN:
             fill = int(n * self.done / self.total) if self.total else n
-            line = f"{self.label} [{'#' * fill}{'.' * (n - fill)}] {text}"
-        else:
-            line = f"{self.label} {text}"
-        return line[:max(width - 1, 1)]
+            return f"{self.label} [{'#' * fill}{'.' * (n - fill)}] {text}"
+        while values and len(self.label) + 1 + len(text) > room:
+            values.pop()
+            text = self._text(values)
+        label = self.label[max(len(self.label) + 1 + len(text) - room, 0):]
+        return f"{label} {text}"[:room]
 
     def update(self, done: int, **values: Any) -> None:
         if not self.enabled:
@@ -118,7 +123,7 @@ class Progress:
             self.stream.flush()
             self.open = True
         elif self.every and done % self.every == 0 and done < self.total:
-            self._line(self._text())
+            self._line(self._text(list(self.values.items())))
 
     def note(self, msg: str) -> None:
         """A line of its own, below an open bar (which the next update redraws)."""
@@ -235,7 +240,8 @@ def init_wandb(folder: Path, *, project: str, name: str | None, group: str | Non
         try:
             return wandb.init(project=project, name=name, group=group, id=run_id,
                               resume="allow", dir=str(folder), mode=attempt, config=config,
-                              settings=wandb.Settings(console="off", init_timeout=90))
+                              settings=wandb.Settings(console="off", init_timeout=90,
+                                                      quiet=not VERBOSE))
         except Exception as e:  # noqa: BLE001
             warn(f"W&B init ({attempt or os.environ.get('WANDB_MODE')}) failed: "
                  f"{type(e).__name__}: {e}")

@@ -79,9 +79,12 @@ def test_progress_bar_fits_the_terminal_and_every_sink_gets_every_step(pty_run) 
     shows mean ± std over the two seeds."""
     root, screen = pty_run
     segments = [s.replace("\x1b[K", "") for s in re.split(r"[\r\n]", screen)]
-    bars = [s for s in segments if "ETA" in s and "[" in s and "#" in s]
-    assert any(" train [" in s for s in bars) and any(" dev.tsv [" in s for s in bars), screen
-    too_wide = [s for s in segments if "MRPC lr" in s and len(s) > COLUMNS - 1]
+    train = [s for s in segments if " train " in s and " ETA " in s]
+    assert len(train) >= 6 and all(re.search(r"ETA (--:--|\d+:\d\d)$", s) for s in train), train
+    assert any(" loss 0." in s for s in train), train    # the bar gave way to the loss
+    bars = [s for s in segments if " dev.tsv [" in s and "#" in s and " ETA " in s]
+    assert len(bars) >= 6, screen
+    too_wide = [s for s in segments if " ETA " in s and len(s) > COLUMNS - 1]   # the redraws
     assert not too_wide, too_wide
     assert screen.count("train 3/3 steps in ") == 2
     assert screen.count("dev.tsv 6/6 batches in ") == 2
