@@ -230,8 +230,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, shared_data: Path
     _, err_c = again.communicate(timeout=600)
     assert again.returncode == 0 and "finished earlier" in err_c and " train " not in err_c
 
-    other = _bertscale([*args[:-6], "--max-steps", "6", *args[-6:],
-                        "--output-dir", str(tmp_path / "b")], tmp_path)
+    other = _bertscale([*args, "--max-steps", "6", "--output-dir", str(tmp_path / "b")], tmp_path)
     _, err_d = other.communicate(timeout=600)
     assert other.returncode == 2, err_d[-2000:]
     assert "holds results of other settings" in err_d and "max_steps: 8 there, 6 now" in err_d
