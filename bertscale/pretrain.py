@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
-import secrets
 import sys
 import time
 import warnings
@@ -41,6 +39,7 @@ from bertscale import distributed
 from bertscale.config import (ModelConfig, PretrainRecipe, load_pretrain_recipe, recipe_to_dict,
                               to_dict)
 from bertscale.errors import ConfigError, UserError
+from bertscale.reporting import hms as _hms
 
 # The repository's deepspeed_configs/ (editable installs, the SLURM scripts); a non-editable
 # install (the Docker images) points BERTSCALE_DEEPSPEED_CONFIGS at its copy.
@@ -237,31 +236,11 @@ class Reporter:
     def _init_wandb(self) -> Any:
         """A W&B run, resumed across restarts of this run folder; None (with a warning) on any
         failure. Offline when no API key is configured: the run folder keeps the logs to sync."""
-        lg, run_dir = self.plan.recipe.logging, self.plan.run_dir
-        try:
-            import wandb
-
-            mode = None if "WANDB_MODE" in os.environ else lg.wandb_mode
-            if mode == "auto":
-                mode = "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in(wandb) else "offline"
-            id_file = run_dir / "wandb_id.txt"
-            if not id_file.is_file():
-                id_file.write_text(secrets.token_hex(4))
-            run_id = id_file.read_text().strip()
-        except Exception as e:  # noqa: BLE001 - W&B must never stop a training job
-            self.warn(f"W&B is unavailable ({type(e).__name__}: {e}); W&B logging is off")
-            return None
-        for attempt in ([mode, "offline"] if mode == "online" else [mode]):
-            try:
-                return wandb.init(project=lg.wandb_project, name=self.plan.recipe.name, id=run_id,
-                                  resume="allow", dir=str(run_dir), mode=attempt,
-                                  config=recipe_to_dict(self.plan.recipe),
-                                  settings=wandb.Settings(console="off", init_timeout=90))
-            except Exception as e:  # noqa: BLE001
-                self.warn(f"W&B init ({attempt or os.environ.get('WANDB_MODE')}) failed: "
-                          f"{type(e).__name__}: {e}")
-        self.warn("W&B logging is off for this run")
-        return None
+        from bertscale.reporting import init_wandb
+        lg = self.plan.recipe.logging
+        return init_wandb(self.plan.run_dir, project=lg.wandb_project, name=self.plan.recipe.name,
+                          group=None, config=recipe_to_dict(self.plan.recipe), mode=lg.wandb_mode,
+                          warn=self.warn)
 
     def warn(self, msg: str) -> None:
         if self.main:
@@ -326,20 +305,6 @@ class Reporter:
                 self.warn(f"W&B finish failed: {e}")
         if self.tb is not None:
             self.tb.close()
-
-
-def _wandb_logged_in(wandb: Any) -> bool:
-    try:
-        return bool(wandb.api.api_key)
-    except Exception:  # noqa: BLE001 - no settings file, no key: offline
-        return False
-
-
-def _hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "--:--"
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 # ================================================================================ the run

@@ -262,7 +262,8 @@ def _wandb_logged_in(wandb: Any) -> bool:
 # `--verbose` shows them all again.
 BENIGN = (
     "untested optimizer",              # ours is a client LAMB/AdamW, correct under ZeRO
-    "Setting ds_accelerator to",       # DeepSpeed's accelerator auto-detection
+    "Setting ds_accelerator to",       # DeepSpeed's accelerator auto-detection; on a GPU
+    "Setting accelerator to CPU",      # host that torch cannot see, `bertscale doctor` says so
     "ds_accelerator",
     "torch.distributed.reduce_op",
     "all_gather_into_tensor",

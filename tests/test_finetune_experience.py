@@ -117,6 +117,7 @@ def test_eval_only_and_predict_reproduce_the_run(pty_run, tmp_path: Path, shared
     import torch
 
     import bertscale
+    from bertscale.errors import UserError
     from bertscale.finetune import glue
 
     root, _ = pty_run
@@ -136,6 +137,10 @@ def test_eval_only_and_predict_reproduce_the_run(pty_run, tmp_path: Path, shared
     assert (tmp_path / "eval" / "MRPC" / "dev_predictions.tsv").read_bytes() == \
         (best / "dev_predictions.tsv").read_bytes()
 
+    with pytest.raises(UserError, match="holds the results of a fine-tuning grid"):
+        finetune_cli(["finetune", "glue", "--task", "MRPC", "--data-dir", str(shared_data / "glue"),
+                      "--checkpoint", str(model_dir), "--output-dir", str(root / "out"),
+                      "--eval-only", "--no-test"])
     lines = (shared_data / "glue" / "MRPC" / "test.tsv").read_text(encoding="utf-8-sig").splitlines()
     new = tmp_path / "new.tsv"
     new.write_text("\n".join(lines[:21]) + "\n", encoding="utf-8")
@@ -201,6 +206,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, shared_data: Path
     out_a, err_a = straight.communicate(timeout=600)
     assert straight.returncode == 0, err_a[-3000:]
     assert "±" not in out_a and "(1 seed, lr 5e-05" in out_a
+    assert "32 examples, 8 steps (--max-steps; 3 epochs would be 24), batch 4" in err_a
 
     run_dir = tmp_path / "b" / "MRPC" / "runs" / "lr5e-05-seed1"
     victim = _bertscale([*args, "--output-dir", str(tmp_path / "b")], tmp_path)

@@ -56,11 +56,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bertscale.config import ModelConfig
 from bertscale.distributed import DistEnv
 from bertscale.errors import UserError
 from bertscale.model import FastPaths
-from bertscale.pretrained import TASK_FILE, Pretrained, build, load_checkpoint
+from bertscale.pretrained import TASK_FILE, Pretrained, build, load_checkpoint  # noqa: F401 - re-exported
 from bertscale.reporting import MetricSinks, Progress
 
 # ------------------------------------------------------------------------ checkpoints
@@ -764,6 +763,14 @@ def check_output_dir(out_dir: Path, settings: Mapping[str, Any], overwrite: bool
                         f"use another --output-dir, or --overwrite to delete them")
     barrier()
     write_json_atomic(path, settings)
+
+
+def check_eval_dir(out_dir: Path) -> None:
+    """--eval-only writes results.json and prediction files into OUT/<task>/: never into a
+    grid's folder (it has settings.json), whose results it would replace."""
+    if (out_dir / "settings.json").is_file():
+        raise UserError(f"{out_dir} holds the results of a fine-tuning grid; give --eval-only "
+                        f"another --output-dir")
 
 
 def _diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> str:

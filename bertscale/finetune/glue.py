@@ -396,6 +396,7 @@ def evaluate_saved(a: GlueArgs, task: Task, t0: float) -> dict[str, Any]:
     dev_f = [(f, s, featurize(tok, ex, regression), ex) for f, s, ex in dev_sets]
     test_f = [(name, featurize(tok, ex, regression), ex) for name, ex in tests]
     out_dir = Path(a.output_dir) / task.name
+    common.check_eval_dir(out_dir)
     cfg = dataclasses.replace(a.train)
     cfg.run = common.RunContext(out_dir, f"{task.name} eval-only")
     metrics = score_and_write(task, model, dev_f, test_f, cfg, tok.token_to_id("[PAD]"), out_dir)

@@ -541,6 +541,7 @@ def evaluate_saved(a: SquadArgs, name: str, t0: float) -> dict[str, Any]:
                         f"--version {a.version}")
     data = _subset(read_squad(a.predict_file, a.version), a.max_eval_samples)
     out_dir = Path(a.output_dir) / name
+    common.check_eval_dir(out_dir)
     cfg = dataclasses.replace(a.train)
     cfg.run = common.RunContext(out_dir, f"{name} eval-only")
     metrics = predict_and_write(model, data, _saved_features(tok, data, saved), cfg,
