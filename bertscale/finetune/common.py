@@ -1,9 +1,19 @@
-"""What every fine-tuning task shares: the checkpoint loader, the training loop, the seed /
-learning-rate grid, and result files.
+"""What every fine-tuning task shares: building models from checkpoints, the training loop, the
+seed / learning-rate grid, progress and metrics, and result files.
 
-Checkpoints: a Hugging Face BERT folder (config.json + weights + vocab.txt) or a bertscale
-pretraining run / checkpoint directory (any ZeRO stage, consolidated on load, no converter to
-run by hand). The vocabulary and casing always come with the checkpoint.
+Checkpoints (bertscale.pretrained, the loader `bertscale.from_pretrained` is): a Hugging Face
+BERT folder (config.json + weights + vocab.txt) or a bertscale pretraining run / checkpoint
+directory (any ZeRO stage, consolidated on load, no converter to run by hand). The vocabulary
+and casing always come with the checkpoint.
+
+Reporting (bertscale.reporting, as pretraining): a progress bar with ETA on a terminal for the
+training steps and every prediction pass, plain lines otherwise; every step's loss, lr and
+gradient norm in the run folder's metrics.jsonl, and to W&B / TensorBoard when asked.
+
+A grid is resumable: a run whose results.json is written is finished and skipped on a re-run;
+an unfinished one continues from its train_state.pt (--checkpoint-every). OUT/<task>/settings.json
+names the settings a folder's results belong to; other settings are refused (or cleared with
+--overwrite), so results of two settings never mix.
 
 Training is the paper's recipe with the pretraining code's optimizer and schedule
 (bertscale.optim): AdamW with eps 1e-6 and weight decay 0.01 (none on biases and LayerNorm
@@ -30,7 +40,11 @@ Limits, stated honestly:
   results. The model's fast paths (--unpad, --compile, --checkpoint-activations) are off by
   default; each has a parity test against the plain path.
 - Fine-tuned weights are saved only with --save-model (a Hugging Face folder per run, head
-  included), since a learning-rate x seed grid would otherwise write one model per run.
+  included, with bertscale_task.json), since a learning-rate x seed grid would otherwise write
+  one model per run. A finished run skipped on a re-run is not saved again.
+- A resumed run restores rank 0's random stream only: with several ranks and dropout, the
+  resumed run is equal in distribution, not bit for bit (with one rank, or dropout off, it is
+  the uninterrupted run).
 - The paper picks the best learning rate on the dev set; so do we, which means the dev score of
   the chosen setting is optimistic in the same way the paper's is.
 """
