@@ -241,3 +241,28 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, shared_data: Path
     assert other.returncode == 2, err_d[-2000:]
     assert "holds results of other settings" in err_d and "max_steps: 8 there, 6 now" in err_d
     assert "Traceback" not in err_d
+
+
+def test_every_finetune_flag_has_help_and_says_its_default() -> None:
+    """The parsers `bertscale finetune TASK --help` prints: every flag explains itself and names
+    its default; --lr gives the actual grid (the GLUE default is 4 runs per seed)."""
+    import argparse
+
+    from bertscale.finetune.cli import register
+    parser = argparse.ArgumentParser(prog="bertscale")
+    register(parser.add_subparsers(dest="command"))
+    finetune = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["finetune"]
+    tasks = next(a for a in finetune._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(tasks) == {"glue", "squad", "swag", "ner", "predict"}
+    for name, p in tasks.items():
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction) or not action.option_strings:
+                continue
+            flag = f"finetune {name} {action.option_strings[0]}"
+            assert action.help, f"{flag} has no help text"
+            if action.default not in (None, False, True, argparse.SUPPRESS):
+                assert "default" in action.help, f"{flag}: help names no default"
+    lr = {n: next(a for a in p._actions if "--lr" in a.option_strings).help
+          for n, p in tasks.items() if n != "predict"}
+    assert "5e-5,4e-5,3e-5,2e-5: 4 runs per seed" in lr["glue"]
+    assert "5e-5 (v1.1), 5e-5 (v2.0)" in lr["squad"] and "1e-3 (--mode feature)" in lr["ner"]

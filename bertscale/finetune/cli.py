@@ -94,7 +94,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "OUTPUT_DIR/<task>/predict_subset.json (the same N questions in the official layout) "
         "is what the printed score is computed against: give it, not the full file, to the "
         "official evaluate script"))
-    s.add_argument("--version", required=True, choices=("1.1", "2.0"))
+    s.add_argument("--version", required=True, choices=("1.1", "2.0"),
+                   help="the SQuAD version of the files (v2.0 has unanswerable questions)")
     s.add_argument("--train-file", type=Path, help="e.g. train-v1.1.json (not with --eval-only)")
     s.add_argument("--predict-file", type=Path, required=True, help="e.g. dev-v1.1.json")
     s.add_argument("--max-seq-length", type=int, default=384,
@@ -108,7 +109,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--max-answer-length", type=int, default=30,
                    help="longest answer in tokens (default: 30)")
     s.add_argument("--null-score-diff-threshold", type=float, default=0.0,
-                   help="v2.0: answer '' when null score - best span score exceeds this")
+                   help="v2.0: answer '' when null score - best span score exceeds this "
+                        "(default: 0.0)")
     s.add_argument("--write-nbest", action="store_true", help="also write nbest_predictions.json")
     s.set_defaults(func=_squad)
 
@@ -129,19 +131,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     n.add_argument("--dev-file", type=Path, required=True, help="e.g. eng.testa")
     n.add_argument("--test-file", type=Path, help="e.g. eng.testb (scored, not used to choose)")
     n.add_argument("--mode", default="finetune", choices=("finetune", "feature"),
-                   help="finetune the whole model, or train a tagger on frozen BERT features")
+                   help="finetune the whole model, or train a tagger on frozen BERT features "
+                        "(default: finetune)")
     n.add_argument("--max-seq-length", type=int, default=256,
                    help="word pieces per sentence (default: 256)")
     n.add_argument("--tag-scheme", default="iob2", choices=("iob2", "keep"),
                    help="train on IOB2 tags (default) or on the tags as written")
     f = n.add_argument_group("feature mode")
     f.add_argument("--layers", default="concat-last-four",
-                   help="hidden states to use, as `bertscale embed --layers`")
+                   help="hidden states to use, as `bertscale embed --layers` (default: "
+                        "concat-last-four, the paper's best)")
     f.add_argument("--layer-weights", help="weighted-sum: one comma-separated weight per layer")
-    f.add_argument("--tagger", default="bilstm", choices=("bilstm", "linear"))
-    f.add_argument("--tagger-hidden", type=int, default=768, help="BiLSTM units per direction")
-    f.add_argument("--tagger-layers", type=int, default=2)
-    f.add_argument("--tagger-dropout", type=float, default=0.5)
+    f.add_argument("--tagger", default="bilstm", choices=("bilstm", "linear"),
+                   help="the paper's two-layer BiLSTM or one linear layer (default: bilstm)")
+    f.add_argument("--tagger-hidden", type=int, default=768,
+                   help="BiLSTM units per direction (default: 768)")
+    f.add_argument("--tagger-layers", type=int, default=2, help="BiLSTM layers (default: 2)")
+    f.add_argument("--tagger-dropout", type=float, default=0.5,
+                   help="dropout on the features and between layers (default: 0.5)")
     n.set_defaults(func=_ner)
 
     r = tasks.add_parser(
@@ -157,9 +164,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--input", type=Path, required=True, help="the file to predict")
     r.add_argument("--output", type=Path, required=True, help="the prediction file to write")
     r.add_argument("--eval-batch-size", type=int, default=64, help="default: 64")
-    r.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    r.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="default: auto, which is bf16 (or fp16) on a GPU, fp32 on the CPU")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    r.add_argument("--progress", default="auto", choices=("auto", "bar", "plain"))
+    r.add_argument("--progress", default="auto", choices=("auto", "bar", "plain"),
+                   help="a progress bar on a terminal, a closing line otherwise (default: auto)")
     r.add_argument("--verbose", action="store_true", help="show third-party library messages")
     r.set_defaults(func=_predict)
 
@@ -209,7 +218,7 @@ def _common(p: argparse.ArgumentParser, family: str, save_model: bool = False,
     p.add_argument("--max-steps", type=int, help="cap on optimizer steps per run")
     p.add_argument("--eval-batch-size", type=int, default=64, help="default: 64")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto: bf16 (or fp16) on a GPU, fp32 on the CPU")
+                   help="default: auto, which is bf16 (or fp16) on a GPU, fp32 on the CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--max-train-samples", type=int, help="use the first N training examples")
     p.add_argument("--max-eval-samples", type=int, help=f"score only {eval_what}")
@@ -217,7 +226,8 @@ def _common(p: argparse.ArgumentParser, family: str, save_model: bool = False,
                    help="the progress line's loss is the mean of the last N steps; without a "
                         "terminal, a line every N steps (default: 50)")
     p.add_argument("--progress", default="auto", choices=("auto", "bar", "plain"),
-                   help="a progress bar with ETA on a terminal, plain lines otherwise (auto)")
+                   help="a progress bar with ETA on a terminal, plain lines otherwise "
+                        "(default: auto, which picks by the terminal)")
     p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
                    help="log each run to Weights & Biases, offline without an API key "
                         "(default: off)")
