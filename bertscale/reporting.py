@@ -205,6 +205,21 @@ class MetricSinks:
             for k, v in values.items():
                 self.tb.add_scalar(f"{kind}/{k}", v, step)
 
+    def rewind(self, step: int) -> None:
+        """Drop the records after `step` from metrics.jsonl: a run resumed from its step-`step`
+        checkpoint repeats those steps, and each step keeps one record. (W&B keeps what it got:
+        it ignores steps logged again below its last one.)"""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        path = Path(self.jsonl.name)
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        tmp.replace(path)
+        self.jsonl = open(path, "a", encoding="utf-8")
+
     def close(self) -> None:
         if not self.enabled:
             return
@@ -227,7 +242,7 @@ def init_wandb(folder: Path, *, project: str, name: str | None, group: str | Non
 
         chosen = None if "WANDB_MODE" in os.environ else mode
         if chosen == "auto":
-            chosen = "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in(wandb) \
+            chosen = "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in() \
                 else "offline"
         id_file = folder / "wandb_id.txt"
         if not id_file.is_file():
@@ -238,10 +253,14 @@ def init_wandb(folder: Path, *, project: str, name: str | None, group: str | Non
         return None
     for attempt in ([chosen, "offline"] if chosen == "online" else [chosen]):
         try:
-            return wandb.init(project=project, name=name, group=group, id=run_id,
+            run = wandb.init(project=project, name=name, group=group, id=run_id,
                               resume="allow", dir=str(folder), mode=attempt, config=config,
                               settings=wandb.Settings(console="off", init_timeout=90,
                                                       quiet=not VERBOSE))
+            if run is not None and getattr(run.settings, "mode", None) == "offline":
+                print(f"W&B: offline run in {run.dir} (`wandb sync` it later)",
+                      file=sys.stderr, flush=True)
+            return run
         except Exception as e:  # noqa: BLE001
             warn(f"W&B init ({attempt or os.environ.get('WANDB_MODE')}) failed: "
                  f"{type(e).__name__}: {e}")
@@ -249,10 +268,14 @@ def init_wandb(folder: Path, *, project: str, name: str | None, group: str | Non
     return None
 
 
-def _wandb_logged_in(wandb: Any) -> bool:
+def _wandb_logged_in() -> bool:
+    """Whether `wandb login` stored a key: an entry for W&B's host in ~/.netrc (or $NETRC), where
+    the login writes it. (wandb.api.api_key would tell too, but is deprecated and says so.)"""
+    import netrc
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
     try:
-        return bool(wandb.api.api_key)
-    except Exception:  # noqa: BLE001 - no settings file, no key: offline
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
 
 
@@ -297,6 +320,7 @@ def quiet_third_party(verbose: bool = False) -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # shard-loading bars
     os.environ.setdefault("DS_ACCELERATOR_LOG_LEVEL", "error")
+    os.environ.setdefault("WANDB_SILENT", "true")    # init_wandb says where the run went
     for name in ("DeepSpeed", "deepspeed", "accelerator", "transformers", "torch.distributed"):
         lg = logging.getLogger(name)
         if not any(isinstance(f, _DropBenign) for f in lg.filters):

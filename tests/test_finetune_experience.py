@@ -231,6 +231,13 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, shared_data: Path
     assert math.isclose(b["train_loss_last_step"], a["train_loss_last_step"], rel_tol=1e-5)
     assert math.isclose(b["train_loss_last20_mean"], a["train_loss_last20_mean"], rel_tol=1e-5)
     assert not (run_dir / "train_state.pt").exists(), "a finished run keeps no training state"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    straight_records = [json.loads(line) for line in
+                        (tmp_path / "a" / "MRPC" / "runs" / "lr5e-05-seed1" / "metrics.jsonl")
+                        .read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))
+    assert [r["loss"] for r in records if r["kind"] == "train"] == pytest.approx(
+        [r["loss"] for r in straight_records if r["kind"] == "train"], rel=1e-5)
 
     again = _bertscale([*args, "--output-dir", str(tmp_path / "b")], tmp_path)
     _, err_c = again.communicate(timeout=600)

@@ -331,7 +331,7 @@ def run(a: GlueArgs) -> dict[str, Any]:
     extra = dict(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
                  lowercase=pretrained.lowercase, data=str(folder), train_examples=len(train_f),
                  max_seq_length=a.max_seq_length, max_eval_samples=a.max_eval_samples,
-                 save_model=a.save_model)
+                 save_model=a.save_model, predict_test=a.predict_test)
 
     def train_one(cfg: common.TrainConfig, run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
         model = common.build_model(BertForSequenceClassification, pretrained,

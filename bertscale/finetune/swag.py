@@ -180,7 +180,7 @@ def run(a: SwagArgs) -> dict[str, Any]:
     extra = dict(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
                  lowercase=pretrained.lowercase, data=str(d), train_examples=len(train_f),
                  max_seq_length=a.max_seq_length, max_eval_samples=a.max_eval_samples,
-                 save_model=a.save_model)
+                 save_model=a.save_model, predict_test=a.predict_test)
     runs = common.run_grid("SWAG", out_dir, a.lrs, a.seeds, a.train, len(train_f), "examples",
                            train_one, extra)
     return common.finish("SWAG", "accuracy", runs, out_dir,
