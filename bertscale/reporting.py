@@ -258,7 +258,7 @@ def init_wandb(folder: Path, *, project: str, name: str | None, group: str | Non
                               settings=wandb.Settings(console="off", init_timeout=90,
                                                       quiet=not VERBOSE))
             if run is not None and getattr(run.settings, "mode", None) == "offline":
-                print(f"W&B: offline run in {run.dir} (`wandb sync` it later)",
+                print(f"W&B: offline run in {Path(run.dir).parent} (`wandb sync` it later)",
                       file=sys.stderr, flush=True)
             return run
         except Exception as e:  # noqa: BLE001
