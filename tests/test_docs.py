@@ -97,6 +97,7 @@ def test_every_documented_command_parses(where, line, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # the whole quick start in one test: prepare to predict
 def test_docs_check_blocks_run(tmp_path, shared_data):
     blocks = [(path, body) for path in DOC_FILES for lang, info, body in _blocks(path)
               if lang == "bash" and "docs-check" in info.split()]
