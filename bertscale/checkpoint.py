@@ -456,7 +456,9 @@ def load_consolidated(path: str | Path) -> ConsolidatedModel:
     if zero_files:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.root), tag=ckpt.tag)
+        from bertscale.reporting import third_party_output
+        with third_party_output():   # its "Processing zero checkpoint ..." lines; --verbose shows them
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.root), tag=ckpt.tag)
     else:  # ZeRO-0: the model states file holds the full weights
         model_file = ckpt.path / "mp_rank_00_model_states.pt"
         if not model_file.is_file():

@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     source: Path = args.source
     if not source.exists():
         raise UserError(f"{source}: not found")
+    if args.out.exists() and not args.overwrite:   # before reading a checkpoint of gigabytes
+        raise UserError(f"{args.out}: already exists; choose a new folder or pass --overwrite "
+                        f"to replace it")
     if (source / "config.json").is_file():
         ckpt = load_hf_folder(source)
         cfg, state, vocab, lowercase = ckpt.config, ckpt.state_dict, ckpt.vocab_path, ckpt.lowercase

@@ -283,7 +283,8 @@ def export_hf(model_state_dict: Mapping[str, Tensor], cfg: ModelConfig, vocab_pa
         raise UserError(f"unknown architecture {architecture!r}; choose one of {', '.join(HEADS)}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise UserError(f"{out_dir}: already exists; choose a new folder or overwrite it")
+        raise UserError(f"{out_dir}: already exists; choose a new folder or pass --overwrite "
+                        f"(overwrite=True) to replace it")
     vocab_path = Path(vocab_path)
     vocab = read_vocab(vocab_path)
     if len(vocab) > cfg.vocab_size:

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import secrets
 import sys
 import time
 import warnings
@@ -41,6 +39,7 @@ from bertscale import resume as resume_lib
 from bertscale.config import (ModelConfig, PretrainRecipe, load_pretrain_recipe, recipe_to_dict,
                               to_dict)
 from bertscale.errors import ConfigError, UserError
+from bertscale.reporting import hms as _hms
 from bertscale.seeding import seed_all
 
 # The built-in DeepSpeed JSONs ship inside the package (bertscale/deepspeed_configs: in the
@@ -237,31 +236,11 @@ class Reporter:
     def _init_wandb(self) -> Any:
         """A W&B run, resumed across restarts of this run folder; None (with a warning) on any
         failure. Offline when no API key is configured: the run folder keeps the logs to sync."""
-        lg, run_dir = self.plan.recipe.logging, self.plan.run_dir
-        try:
-            import wandb
-
-            mode = None if "WANDB_MODE" in os.environ else lg.wandb_mode
-            if mode == "auto":
-                mode = "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in(wandb) else "offline"
-            id_file = run_dir / "wandb_id.txt"
-            if not id_file.is_file():
-                id_file.write_text(secrets.token_hex(4))
-            run_id = id_file.read_text().strip()
-        except Exception as e:  # noqa: BLE001 - W&B must never stop a training job
-            self.warn(f"W&B is unavailable ({type(e).__name__}: {e}); W&B logging is off")
-            return None
-        for attempt in ([mode, "offline"] if mode == "online" else [mode]):
-            try:
-                return wandb.init(project=lg.wandb_project, name=self.plan.recipe.name, id=run_id,
-                                  resume="allow", dir=str(run_dir), mode=attempt,
-                                  config=recipe_to_dict(self.plan.recipe),
-                                  settings=wandb.Settings(console="off", init_timeout=90))
-            except Exception as e:  # noqa: BLE001
-                self.warn(f"W&B init ({attempt or os.environ.get('WANDB_MODE')}) failed: "
-                          f"{type(e).__name__}: {e}")
-        self.warn("W&B logging is off for this run")
-        return None
+        from bertscale.reporting import init_wandb
+        lg = self.plan.recipe.logging
+        return init_wandb(self.plan.run_dir, project=lg.wandb_project, name=self.plan.recipe.name,
+                          group=None, config=recipe_to_dict(self.plan.recipe), mode=lg.wandb_mode,
+                          warn=self.warn)
 
     def warn(self, msg: str) -> None:
         if self.main:
@@ -326,20 +305,6 @@ class Reporter:
                 self.warn(f"W&B finish failed: {e}")
         if self.tb is not None:
             self.tb.close()
-
-
-def _wandb_logged_in(wandb: Any) -> bool:
-    try:
-        return bool(wandb.api.api_key)
-    except Exception:  # noqa: BLE001 - no settings file, no key: offline
-        return False
-
-
-def _hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "--:--"
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 # ================================================================================ the run
@@ -672,7 +637,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "pretrain", help="pretrain BERT (MLM + NSP) with DeepSpeed ZeRO",
         description="Pretrain BERT from prepared shards. Launch one process per device with "
                     "torchrun, deepspeed, mpirun or srun; a single process needs no launcher.")
-    p.add_argument("recipe", help="recipe TOML file, or a built-in recipe name (e.g. tiny_ci)")
+    p.add_argument("recipe", nargs="?",
+                   help="recipe TOML file, or a built-in recipe name (e.g. tiny_ci; --list "
+                        "shows them)")
+    p.add_argument("--list", action="store_true",
+                   help="list the built-in recipes and model presets, and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved recipe (after --set) and the DeepSpeed JSON it "
+                        "gives at this world size as one JSON object, and exit")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
                    help="override a recipe field, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--run-dir", type=Path, help="run folder (default: recipe run_dir or runs/<name>)")
@@ -682,11 +654,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-wandb", action="store_true", help="disable Weights & Biases")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one device, for MFU")
-    p.add_argument("--verbose", action="store_true", help="keep DeepSpeed's own INFO logging")
+    p.add_argument("--verbose", action="store_true",
+                   help="keep DeepSpeed's own INFO logging and every third-party warning")
     p.set_defaults(func=_handle)
 
 
 def _handle(args: argparse.Namespace) -> int:
+    if args.list:
+        print(_builtin_listing())
+        return 0
+    if args.recipe is None:
+        raise ConfigError("give a recipe (a TOML file or a built-in name); "
+                          "`bertscale pretrain --list` shows the built-in ones")
     overrides = list(args.overrides)
     if args.no_wandb:
         overrides.append("logging.wandb=false")
@@ -697,14 +676,47 @@ def _handle(args: argparse.Namespace) -> int:
     recipe = load_pretrain_recipe(args.recipe, overrides)
     if args.stop_at_step is not None and args.stop_at_step <= 0:
         raise ConfigError(f"--stop-at-step must be positive, got {args.stop_at_step}")
+    if args.print_config:
+        print(_resolved_config(recipe))
+        return 0
     quiet_deepspeed(args.verbose)
     return run(recipe, run_dir=args.run_dir, resume=args.resume, stop_at_step=args.stop_at_step)
+
+
+def _builtin_listing() -> str:
+    """`pretrain --list`: each built-in recipe with the first line of its comment, then the
+    model presets with their shapes."""
+    from bertscale.config import PRESETS, builtin_recipe, preset
+    folder = builtin_recipe("tiny_ci").parent
+    lines = ["built-in recipes (bertscale pretrain NAME; files in bertscale/recipes/):"]
+    for path in sorted(folder.glob("*.toml")):
+        first = next((ln.lstrip("# ").rstrip() for ln in path.read_text().splitlines()
+                      if ln.startswith("#") and ln.strip("# ")), "")
+        lines.append(f"  {path.stem:<20} {first}")
+    lines.append("model presets (model.preset = NAME):")
+    for name in PRESETS:
+        c = preset(name)
+        lines.append(f"  {name:<20} L={c.num_hidden_layers} H={c.hidden_size} "
+                     f"A={c.num_attention_heads} intermediate={c.intermediate_size}")
+    return "\n".join(lines)
+
+
+def _resolved_config(recipe: PretrainRecipe) -> str:
+    """`pretrain --print-config`: the recipe as the run would use it and its DeepSpeed JSON
+    (batch fields injected for the world size a launcher gives, 1 alone)."""
+    import torch
+    world = distributed.discover().world_size
+    ds, path, _, _, _ = deepspeed_config(recipe, world, torch.cuda.is_available())
+    return json.dumps({"recipe": recipe_to_dict(recipe), "world_size": world,
+                       "deepspeed_config_file": str(path), "deepspeed": ds}, indent=2, default=str)
 
 
 def quiet_deepspeed(verbose: bool = False) -> None:
     """DeepSpeed logs every setting at INFO on every rank; keep warnings only unless asked."""
     import logging
 
+    from bertscale.reporting import quiet_third_party
+    quiet_third_party(verbose)
     if not verbose:
         from deepspeed.utils import logger as ds_logger
         ds_logger.setLevel(logging.WARNING)

@@ -97,6 +97,7 @@ def test_every_documented_command_parses(where, line, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # the whole quick start in one test: prepare to predict
 def test_docs_check_blocks_run(tmp_path, shared_data):
     blocks = [(path, body) for path in DOC_FILES for lang, info, body in _blocks(path)
               if lang == "bash" and "docs-check" in info.split()]
@@ -114,16 +115,47 @@ def test_docs_check_blocks_run(tmp_path, shared_data):
 
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                WANDB_MODE="disabled", OMP_NUM_THREADS="2")
+    outputs = []
     for path, body in blocks:
         for line in _commands(body):
             proc = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, text=True,
                                   capture_output=True, timeout=600)
             assert proc.returncode == 0, (f"{path.name}: `{line}` failed with {proc.returncode}:\n"
                                           f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    # What the quick start says each step writes.
+            outputs.append((line, proc.stdout + proc.stderr))
+    # What the quick start says each step writes: every plain file name in its table.
     for expected in ("data/seq128/manifest.json", "hf/tiny/config.json", "hf/tiny/model.safetensors",
                      "features/manifest.json", "finetuned/RTE/results.json"):
         assert (tmp_path / expected).exists(), f"{expected} missing after the docs-check commands"
+    for folder, names in _quickstart_table():
+        for name in names:
+            assert (tmp_path / folder / name).exists(), \
+                f"quickstart.md says {folder}{name} is written; it is not"
+    # Our own lines, not the libraries': DeepSpeed's accelerator and "untested optimizer"
+    # warnings and zero_to_fp32's progress (fine-tuning from runs/tiny) are held back ...
+    for line, out in outputs:
+        for chatter in ("untested optimizer", "Setting ds_accelerator", "Processing zero checkpoint"):
+            assert chatter not in out, f"`{line}` printed DeepSpeed's {chatter!r}"
+    # ... and --verbose shows them.
+    proc = subprocess.run(["bertscale", "finetune", "glue", "--task", "RTE", "--data-dir", "glue/RTE",
+                           "--checkpoint", "runs/tiny", "--output-dir", "verbose", "--max-steps", "1",
+                           "--max-eval-samples", "8", "--no-test", "--verbose"],
+                          cwd=tmp_path, env=env, text=True, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Processing zero checkpoint" in proc.stdout + proc.stderr
+
+
+def _quickstart_table() -> list[tuple[str, list[str]]]:
+    """(folder, plain file names) of the quick start's "what each step wrote" table."""
+    rows = []
+    for line in (REPO / "docs" / "quickstart.md").read_text().splitlines():
+        m = re.match(r"\| `([\w/.-]+/)` \| (.*) \|$", line)
+        if m:
+            names = [n for n in re.findall(r"`([^`]+)`", m.group(2))
+                     if re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)*/?", n) and "_N" not in n]
+            rows.append((m.group(1), names))
+    assert rows, "quickstart.md has no table of what each step wrote"
+    return rows
 
 
 def test_the_command_line_is_built_without_torch():

@@ -282,7 +282,7 @@ def test_real_pretrained_weights_match_transformers(minilm_dir, shared_data, tmp
         args.func(args)
     assert not (tmp_path / "x").exists()
     args = parser.parse_args(["export", "--from", str(minilm_dir), "--to", str(out_dir)])
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="already exists; choose a new folder or pass --overwrite"):
         args.func(args)
 
 

@@ -11,6 +11,7 @@ import filecmp
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -233,14 +234,17 @@ def _write_inputs(shared: Path, folder: Path) -> None:
         "\n\n".join("\n".join(d) for d in docs[half:]).encode()))
 
 
-def test_train_vocab_objectives_and_formats(shared_data: Path, tmp_path: Path) -> None:
+def test_train_vocab_objectives_and_formats(shared_data: Path, tmp_path: Path, capfd) -> None:
     _write_inputs(shared_data, tmp_path / "in")
     outs = []
-    for name in ("one", "two"):
+    for name, progress in (("one", "log"), ("two", "none")):
         out = tmp_path / name
         assert _run_cli([str(tmp_path / "in" / "*"), "--train-vocab", "3000", "--out", str(out),
-                         "--objective", "sop", "--samples-per-shard", "500", "--progress", "none"]) == 0
+                         "--objective", "sop", "--samples-per-shard", "500", "--progress", progress]) == 0
         outs.append(out)
+        if progress == "log":   # vocabulary training reports its two passes over the 2 files
+            err = capfd.readouterr().err
+            assert "two reading passes over 2 files" in err and "vocabulary: trained: 4/4 done" in err
     # Training twice gives the same vocabulary and therefore the same shards.
     _same_tree(outs[0], outs[1])
     m = read_manifest(outs[0] / "seq128")
@@ -280,7 +284,25 @@ def test_progress_output(capsys) -> None:
     log.update(2_000_000, 500, units=1)
     err = capsys.readouterr().err
     assert err.startswith("[rank 1] 1/3 done") and "MB/s" in err and "/s)" in err and "\r" not in err
+    assert re.search(r"ETA \d+:\d\d$", err.strip()), err     # 2 units left at the same pace
+    log.update(units=2)
+    assert "ETA" not in capsys.readouterr().err                # nothing left to wait for
     bar = Progress("bar", total_units=3)
     bar.last = 0.0
     bar.update(1_000_000, 10)
     assert capsys.readouterr().err.startswith("\r")
+
+
+def test_every_flag_has_help_and_says_its_default() -> None:
+    """`bertscale prepare --help` (the parser the command builds): every flag explains itself and
+    names its default; the dupe factor names the references' values."""
+    parser = argparse.ArgumentParser(prog="bertscale")
+    p = register(parser.add_subparsers(dest="command"))
+    for action in p._actions:
+        if isinstance(action, argparse._HelpAction) or not action.option_strings:
+            continue
+        assert action.help, f"{action.option_strings[0]} has no help text"
+        if action.default not in (None, False, True, argparse.SUPPRESS):
+            assert "default" in action.help, f"{action.option_strings[0]}: help names no default"
+    dupe = next(a for a in p._actions if "--dupe-factor" in a.option_strings)
+    assert "default: 1" in dupe.help and "10" in dupe.help and "NVIDIA" in dupe.help

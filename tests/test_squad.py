@@ -223,7 +223,8 @@ def test_squad_entrypoint_end_to_end(tmp_path: Path, minilm_dir: Path, shared_da
     rc = finetune_cli(["finetune", "squad", "--version", version, "--train-file", str(train_file),
                "--predict-file", str(predict_file), "--checkpoint", str(ckpt),
                "--output-dir", str(out), "--lr", "1e-3", "--seeds", "1,2", "--epochs", "1",
-               "--batch-size", "8", "--write-nbest", "--log-every", "0", *limits])
+               "--batch-size", "8", "--write-nbest", "--log-every", "0", *limits,
+               *(["--save-model"] if version == "1.1" else [])])
     assert rc == 0
     task_dir = out / f"SQuAD-v{version}"
     results = json.loads((task_dir / "results.json").read_text())
@@ -243,5 +244,23 @@ def test_squad_entrypoint_end_to_end(tmp_path: Path, minilm_dir: Path, shared_da
         for qid, text in preds.items():   # "" exactly when null beats the best span by > 0
             assert (text == "") == (null_odds[qid] > 0.0)
     assert len(results["runs"]) == 2 and set(results["metrics"]["f1"]) == {"mean", "std"}
+    if version == "1.1":
+        # --max-eval-samples: the printed score is the official one of predictions.json against
+        # the subset file written beside it (the full file would count the rest as wrong).
+        subset = json.loads((task_dir / "predict_subset.json").read_text())
+        assert subset["version"] == "1.1"
+        assert M.squad_v1_evaluate(subset["data"], preds) == best["metrics"]
+        assert results["scored_questions"] == 40
+        assert results["predict_file_questions"] == len(squad.read_squad(predict_file, "1.1").examples)
+        # --eval-only with the saved best model re-scores the same file to the same numbers.
+        model = task_dir / "runs" / best["folder"] / "model"
+        assert (model / "bertscale_task.json").is_file()
+        rc = finetune_cli(["finetune", "squad", "--version", "1.1", "--predict-file",
+                           str(predict_file), "--checkpoint", str(model), "--output-dir",
+                           str(tmp_path / "eval"), "--eval-only", "--max-eval-samples", "40"])
+        assert rc == 0
+        again = json.loads((tmp_path / "eval" / "SQuAD-v1.1" / "results.json").read_text())
+        assert again["metrics"] == best["metrics"]
+        assert json.loads((tmp_path / "eval" / "SQuAD-v1.1" / "predictions.json").read_text()) == preds
     nbest = json.loads((task_dir / "nbest_predictions.json").read_text())
     assert all(abs(sum(c["probability"] for c in v) - 1) < 1e-6 for v in nbest.values())

@@ -238,11 +238,15 @@ class Progress:
             print(f"{self.prefix}{self.line()}", file=sys.stderr, flush=True)
 
     def line(self) -> str:
+        from bertscale.reporting import hms
         dt = max(time.monotonic() - self.t0, 1e-9)
         text = (f"text {self.text_bytes / 1e6:,.1f} MB ({self.text_bytes / 1e6 / dt:,.2f} MB/s)  "
                 if self.text_bytes else "")
-        return (f"{self.units}/{self.total} done  {text}samples {self.samples:,} "
-                f"({self.samples / dt:,.0f}/s)  {dt:,.1f} s")
+        samples = f"samples {self.samples:,} ({self.samples / dt:,.0f}/s)  " if self.samples else ""
+        # The ETA assumes the units left cost what the finished ones did on average.
+        eta = dt / self.units * (self.total - self.units) if self.units else float("nan")
+        tail = f"  ETA {hms(eta)}" if self.units < self.total else ""
+        return f"{self.units}/{self.total} done  {text}{samples}{dt:,.1f} s{tail}"
 
     def done(self, what: str) -> None:
         if self.mode == "none":
@@ -599,10 +603,15 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
             vocab_file = out / "vocab.txt"
             if not vocab_file.is_file():  # written atomically, so present means complete
                 lower = True if cfg.lowercase is None else cfg.lowercase
-                print(f"{prefix}prepare: training a {cfg.train_vocab}-token WordPiece vocabulary",
+                print(f"{prefix}prepare: training a {cfg.train_vocab}-token WordPiece vocabulary "
+                      f"(two reading passes over {len(files)} files, then the merges)",
                       file=sys.stderr)
                 raw = out / "vocab.trained.tmp"
-                train_wordpiece(lambda: _all_paragraphs(files, cfg), raw, cfg.train_vocab, lower)
+                vocab_progress = Progress(mode, 2 * len(files), prefix=f"{prefix}vocabulary: ")
+                train_wordpiece(lambda: _all_paragraphs(files, cfg, vocab_progress), raw,
+                                cfg.train_vocab, lower)
+                if mode != "none":
+                    vocab_progress.done("trained")
                 _canonical_vocab(raw, vocab_file)
 
     collective(ctx, "setup", setup)
@@ -714,10 +723,13 @@ def _canonical_vocab(src: Path, dst: Path) -> None:
     src.unlink()
 
 
-def _all_paragraphs(files: list[Path], cfg: PrepareConfig) -> Iterator[str]:
+def _all_paragraphs(files: list[Path], cfg: PrepareConfig,
+                    progress: Progress | None = None) -> Iterator[str]:
     for f in files:
         for doc in read_documents(f, cfg.format, cfg.text_field):
             yield from doc
+        if progress is not None:
+            progress.update(text_bytes=f.stat().st_size, units=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -739,24 +751,48 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     c = p.add_mutually_exclusive_group()
     c.add_argument("--lowercase", dest="lowercase", action="store_true", default=None,
                    help="uncased tokenization (default: guessed from the vocab)")
-    c.add_argument("--cased", dest="lowercase", action="store_false")
+    c.add_argument("--cased", dest="lowercase", action="store_false",
+                   help="cased tokenization (keep capitals)")
     p.add_argument("--seq-len", type=int, nargs="+", default=[128], dest="seq_lens",
-                   help="sequence lengths, e.g. 128 512 (default 128)")
-    p.add_argument("--objective", choices=OBJECTIVES, default="nsp")
-    p.add_argument("--short-seq-prob", type=float, default=0.1)
-    p.add_argument("--dupe-factor", type=int, default=1)
-    p.add_argument("--samples-per-shard", type=int, default=10_000)
+                   help="sequence lengths, e.g. 128 512 (default: 128)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="nsp",
+                   help="nsp: sentence pairs with the paper's next-sentence label (50%% random "
+                        "B); sop: ALBERT's sentence-order prediction; mlm: masked LM only, "
+                        "one segment per sample (default: nsp)")
+    p.add_argument("--short-seq-prob", type=float, default=0.1,
+                   help="share of samples cut to a random shorter length, so that the model "
+                        "also sees short inputs, as Google's create_pretraining_data "
+                        "(default: 0.1)")
+    p.add_argument("--dupe-factor", type=int, default=1,
+                   help="times each document is turned into samples, with different pairs "
+                        "and cuts each time (default: 1, because masking is dynamic here: the "
+                        "loader draws new masks every epoch; Google's create_pretraining_data "
+                        "used 10 and NVIDIA's scripts 5, with static masks)")
+    p.add_argument("--samples-per-shard", type=int, default=10_000,
+                   help="samples per tar shard (default: 10000)")
     p.add_argument("--eval-fraction", type=float, default=0.01,
-                   help="share of documents held out for the eval split (default 0.01)")
-    p.add_argument("--seed", type=int, default=12345)
-    p.add_argument("--format", choices=FORMATS, default="auto")
-    p.add_argument("--text-field", default="text", help="JSON lines: the field with the text")
+                   help="share of documents held out for the eval split (default: 0.01)")
+    p.add_argument("--seed", type=int, default=12345,
+                   help="seeds the pairing, the cuts and the eval split; the same inputs and "
+                        "seed give the same shards (default: 12345)")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="input format: bert (one sentence or paragraph per line, a blank "
+                        "line between documents), wikiextractor (<doc> blocks), jsonl; auto: "
+                        "from each file's first non-empty line (default: auto)")
+    p.add_argument("--text-field", default="text",
+                   help="JSON lines: the field with the text (default: text)")
     p.add_argument("--no-split-sentences", dest="split_sentences", action="store_false",
                    help="inputs are one sentence per line already")
-    p.add_argument("--docs-per-chunk", type=int, default=1000)
-    p.add_argument("--workers", type=int, default=1, help="local processes (per MPI rank)")
-    p.add_argument("--keep-work", action="store_true", help="keep out/.work after success")
-    p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto")
+    p.add_argument("--docs-per-chunk", type=int, default=1000,
+                   help="documents per unit of work (the unit resumed and shared out among "
+                        "workers and ranks; default: 1000)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="local processes (per MPI rank; default: 1)")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep OUT/.work (spools and the plan) after success (default: removed)")
+    p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
+                   help="a redrawn line with ETA on a terminal (bar), a line every 10 s (log), "
+                        "or nothing; auto: bar on a terminal, else log (default: auto)")
     p.set_defaults(func=handle)
     return p
 

@@ -77,81 +77,174 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tasks.required = True
 
     g = tasks.add_parser("glue", help="a GLUE task (or several) from the GLUE TSV files")
-    _common(g, save_model=True)
+    _common(g, "glue", save_model=True, eval_what="the first N examples of each dev file")
     g.add_argument("--task", required=True,
                    help="CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI; a comma list; "
                         "or 'all' (every task folder with a train.tsv under --data-dir)")
     g.add_argument("--data-dir", type=Path, required=True,
                    help="the GLUE folder holding <Task>/train.tsv ... (or one task's folder)")
-    g.add_argument("--max-seq-length", type=int, default=128)
+    g.add_argument("--max-seq-length", type=int, default=128,
+                   help="word pieces per pair, truncated longest-first (default: 128)")
     g.add_argument("--no-test", action="store_true", help="skip the test-set predictions")
     g.set_defaults(func=_glue)
 
     s = tasks.add_parser("squad", help="SQuAD v1.1 or v2.0 from the official JSON files")
-    _common(s, save_model=True)
-    s.add_argument("--version", required=True, choices=("1.1", "2.0"))
-    s.add_argument("--train-file", type=Path, required=True, help="e.g. train-v1.1.json")
+    _common(s, "squad", save_model=True, eval_what=(
+        "the first N questions of --predict-file; predictions.json then holds only those, and "
+        "OUTPUT_DIR/<task>/predict_subset.json (the same N questions in the official layout) "
+        "is what the printed score is computed against: give it, not the full file, to the "
+        "official evaluate script"))
+    s.add_argument("--version", required=True, choices=("1.1", "2.0"),
+                   help="the SQuAD version of the files (v2.0 has unanswerable questions)")
+    s.add_argument("--train-file", type=Path, help="e.g. train-v1.1.json (not with --eval-only)")
     s.add_argument("--predict-file", type=Path, required=True, help="e.g. dev-v1.1.json")
-    s.add_argument("--max-seq-length", type=int, default=384)
-    s.add_argument("--doc-stride", type=int, default=128)
-    s.add_argument("--max-query-length", type=int, default=64)
-    s.add_argument("--n-best-size", type=int, default=20)
-    s.add_argument("--max-answer-length", type=int, default=30)
+    s.add_argument("--max-seq-length", type=int, default=384,
+                   help="word pieces per window (default: 384)")
+    s.add_argument("--doc-stride", type=int, default=128,
+                   help="tokens between window starts over a long context (default: 128)")
+    s.add_argument("--max-query-length", type=int, default=64,
+                   help="question word pieces kept (default: 64)")
+    s.add_argument("--n-best-size", type=int, default=20,
+                   help="start/end candidates per window when decoding (default: 20)")
+    s.add_argument("--max-answer-length", type=int, default=30,
+                   help="longest answer in tokens (default: 30)")
     s.add_argument("--null-score-diff-threshold", type=float, default=0.0,
-                   help="v2.0: answer '' when null score - best span score exceeds this")
+                   help="v2.0: answer '' when null score - best span score exceeds this "
+                        "(default: 0.0)")
     s.add_argument("--write-nbest", action="store_true", help="also write nbest_predictions.json")
     s.set_defaults(func=_squad)
 
     w = tasks.add_parser("swag", help="SWAG from the official train/val/test CSV files")
-    _common(w, save_model=True)
+    _common(w, "swag", save_model=True, eval_what="the first N val.csv examples")
     w.add_argument("--data-dir", type=Path, required=True, help="folder with train.csv, val.csv "
                    "and optionally test.csv")
-    w.add_argument("--max-seq-length", type=int, default=128)
+    w.add_argument("--max-seq-length", type=int, default=128,
+                   help="word pieces per context + ending (default: 128)")
     w.add_argument("--no-test", action="store_true", help="skip the test-set predictions")
     w.set_defaults(func=_swag)
 
     n = tasks.add_parser("ner", help="named entity recognition from CoNLL-2003-style files",
                          description=NER_DESCRIPTION,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(n)
+    _common(n, "ner", eval_what="the first N sentences of --dev-file (and --test-file)")
     n.add_argument("--train-file", type=Path, required=True, help="e.g. eng.train")
     n.add_argument("--dev-file", type=Path, required=True, help="e.g. eng.testa")
     n.add_argument("--test-file", type=Path, help="e.g. eng.testb (scored, not used to choose)")
     n.add_argument("--mode", default="finetune", choices=("finetune", "feature"),
-                   help="finetune the whole model, or train a tagger on frozen BERT features")
-    n.add_argument("--max-seq-length", type=int, default=256)
+                   help="finetune the whole model, or train a tagger on frozen BERT features "
+                        "(default: finetune)")
+    n.add_argument("--max-seq-length", type=int, default=256,
+                   help="word pieces per sentence (default: 256)")
     n.add_argument("--tag-scheme", default="iob2", choices=("iob2", "keep"),
                    help="train on IOB2 tags (default) or on the tags as written")
     f = n.add_argument_group("feature mode")
     f.add_argument("--layers", default="concat-last-four",
-                   help="hidden states to use, as `bertscale embed --layers`")
+                   help="hidden states to use, as `bertscale embed --layers` (default: "
+                        "concat-last-four, the paper's best)")
     f.add_argument("--layer-weights", help="weighted-sum: one comma-separated weight per layer")
-    f.add_argument("--tagger", default="bilstm", choices=("bilstm", "linear"))
-    f.add_argument("--tagger-hidden", type=int, default=768, help="BiLSTM units per direction")
-    f.add_argument("--tagger-layers", type=int, default=2)
-    f.add_argument("--tagger-dropout", type=float, default=0.5)
+    f.add_argument("--tagger", default="bilstm", choices=("bilstm", "linear"),
+                   help="the paper's two-layer BiLSTM or one linear layer (default: bilstm)")
+    f.add_argument("--tagger-hidden", type=int, default=768,
+                   help="BiLSTM units per direction (default: 768)")
+    f.add_argument("--tagger-layers", type=int, default=2, help="BiLSTM layers (default: 2)")
+    f.add_argument("--tagger-dropout", type=float, default=0.5,
+                   help="dropout on the features and between layers (default: 0.5)")
     n.set_defaults(func=_ner)
 
+    r = tasks.add_parser(
+        "predict", help="predict a new file with a fine-tuned model (--save-model folder)",
+        description="Write predictions for a new file with a model saved by `finetune glue|squad "
+                    "--save-model`: its task, labels and lengths come from the folder's "
+                    "bertscale_task.json. GLUE: a TSV in the task's test layout (an index column "
+                    "and the text columns) -> the GLUE submission TSV (index<TAB>prediction). "
+                    "SQuAD: a SQuAD JSON file (answers not needed) -> predictions.json "
+                    "({id: answer}; v2.0 also null_odds.json beside it).")
+    r.add_argument("--checkpoint", type=Path, required=True,
+                   help="the fine-tuned model folder (OUTPUT_DIR/<task>/runs/<run>/model)")
+    r.add_argument("--input", type=Path, required=True, help="the file to predict")
+    r.add_argument("--output", type=Path, required=True, help="the prediction file to write")
+    r.add_argument("--eval-batch-size", type=int, default=64, help="default: 64")
+    r.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="default: auto, which is bf16 (or fp16) on a GPU, fp32 on the CPU")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    r.add_argument("--progress", default="auto", choices=("auto", "bar", "plain"),
+                   help="a progress bar on a terminal, a closing line otherwise (default: auto)")
+    r.add_argument("--verbose", action="store_true", help="show third-party library messages")
+    r.set_defaults(func=_predict)
 
-def _common(p: argparse.ArgumentParser, save_model: bool = False) -> None:
+
+_RECIPE_NAMES = {"glue": "glue", "squad": "squad1.1", "swag": "swag", "ner": "ner-finetune"}
+
+
+def _lr_help(family: str) -> str:
+    if family == "squad":
+        grids = f"{_RECIPES['squad1.1']['lr']} (v1.1), {_RECIPES['squad2.0']['lr']} (v2.0)"
+    elif family == "ner":
+        grids = (f"{_RECIPES['ner-finetune']['lr']} (--mode finetune), "
+                 f"{_RECIPES['ner-feature']['lr']} (--mode feature)")
+    else:
+        grids = _RECIPES[family]["lr"]
+    n = len(_RECIPES[_RECIPE_NAMES[family]]["lr"].split(","))
+    cost = f": {n} runs per seed" if n > 1 else ""
+    return f"learning rate(s), comma-separated (default: {grids}{cost})"
+
+
+def _default_help(family: str, key: str) -> str:
+    if family == "squad":
+        return f"{_RECIPES['squad1.1'][key]:g} (v1.1), {_RECIPES['squad2.0'][key]:g} (v2.0)"
+    if family == "ner":
+        return (f"{_RECIPES['ner-finetune'][key]:g} (finetune), "
+                f"{_RECIPES['ner-feature'][key]:g} (feature)")
+    return f"{_RECIPES[family][key]:g}"
+
+
+def _common(p: argparse.ArgumentParser, family: str, save_model: bool = False,
+            eval_what: str = "the first N dev examples") -> None:
     """Flags every task shares (bertscale.finetune.ner uses them too)."""
     p.add_argument("--checkpoint", type=Path, required=True,
-                   help="a Hugging Face BERT folder or a bertscale run / checkpoint folder")
+                   help="a Hugging Face BERT folder or a bertscale run / checkpoint folder "
+                        "(with --eval-only: a fine-tuned model folder written by --save-model)")
     p.add_argument("--output-dir", type=Path, required=True,
                    help="results.json and prediction files go to OUTPUT_DIR/<task>/")
-    p.add_argument("--lr", help="learning rate(s), comma-separated (default: the paper's)")
-    p.add_argument("--seeds", default="1", help="comma-separated seeds; mean ± std is reported")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps")
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--lr", help=_lr_help(family))
+    p.add_argument("--seeds", default="1",
+                   help="comma-separated seeds; mean ± std over them is reported (default: 1)")
+    p.add_argument("--epochs", type=float, help=f"default: {_default_help(family, 'epochs')}")
+    p.add_argument("--batch-size", type=int,
+                   help=f"the global batch (default: {_default_help(family, 'batch_size')})")
+    p.add_argument("--warmup", type=float, default=0.1,
+                   help="warmup fraction of the steps (default: 0.1)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW (default: 0.01)")
     p.add_argument("--max-steps", type=int, help="cap on optimizer steps per run")
-    p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="default: 64")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="default: auto, which is bf16 (or fp16) on a GPU, fp32 on the CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--max-train-samples", type=int, help="use the first N training examples")
-    p.add_argument("--max-eval-samples", type=int, help="score the first N dev examples")
-    p.add_argument("--log-every", type=int, default=50, help="print the loss every N steps")
+    p.add_argument("--max-eval-samples", type=int, help=f"score only {eval_what}")
+    p.add_argument("--log-every", type=int, default=50,
+                   help="the progress line's loss is the mean of the last N steps; without a "
+                        "terminal, a line every N steps (default: 50)")
+    p.add_argument("--progress", default="auto", choices=("auto", "bar", "plain"),
+                   help="a progress bar with ETA on a terminal, plain lines otherwise "
+                        "(default: auto, which picks by the terminal)")
+    p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
+                   help="log each run to Weights & Biases, offline without an API key "
+                        "(default: off)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard events to each run folder")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save each run's training state every N steps; a re-run continues it "
+                        "(finished runs are always skipped; default: 0, never)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete OUTPUT_DIR/<task>/ when it holds results of other settings "
+                        "(default: refuse)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show third-party library messages (DeepSpeed, transformers, W&B)")
+    if family in ("glue", "squad"):
+        p.add_argument("--eval-only", action="store_true",
+                       help="no training: score the dev data with the fine-tuned model in "
+                            "--checkpoint (a --save-model folder: its task, labels and lengths)")
     fast = p.add_argument_group("fast paths (off by default; same results, see docs/finetuning.md)")
     fast.add_argument("--unpad", action="store_true",
                       help="run the encoder on the real tokens only: no work on padding")
@@ -162,7 +255,8 @@ def _common(p: argparse.ArgumentParser, save_model: bool = False) -> None:
     if save_model:
         p.add_argument("--save-model", action="store_true",
                        help="also write each run's fine-tuned model (Hugging Face folder, head "
-                            "included) to OUTPUT_DIR/<task>/runs/<run>/model")
+                            "included, with its task in bertscale_task.json) to "
+                            "OUTPUT_DIR/<task>/runs/<run>/model")
 
 
 def _train_config(args: argparse.Namespace, recipe: str):
@@ -186,10 +280,16 @@ def _train_config(args: argparse.Namespace, recipe: str):
         raise UserError(f"--lr {args.lr}: learning rates must be positive")
     fast = FastPaths(unpad=args.unpad, compile=args.compile,
                      checkpoint_activations=args.checkpoint_activations)
+    if args.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be 0 or positive, got {args.checkpoint_every}")
+    from bertscale.reporting import quiet_third_party
+    quiet_third_party(args.verbose)
     cfg = TrainConfig(epochs=args.epochs or r["epochs"], batch_size=args.batch_size or r["batch_size"],
                       warmup=args.warmup, weight_decay=args.weight_decay, max_steps=args.max_steps,
                       eval_batch_size=args.eval_batch_size, precision=args.precision,
-                      device=args.device, log_every=args.log_every, fast=fast)
+                      device=args.device, log_every=args.log_every, fast=fast,
+                      progress=args.progress, wandb=args.wandb, tensorboard=args.tensorboard,
+                      checkpoint_every=args.checkpoint_every, overwrite=args.overwrite)
     return cfg, lrs, parse_list(args.seeds, int, "--seeds")
 
 
@@ -209,7 +309,9 @@ def _glue(args: argparse.Namespace) -> int:
             output_dir=args.output_dir, lrs=lrs, seeds=seeds, train=cfg,
             max_seq_length=args.max_seq_length, max_train_samples=args.max_train_samples,
             max_eval_samples=args.max_eval_samples, predict_test=not args.no_test,
-            save_model=args.save_model))
+            save_model=args.save_model, eval_only=args.eval_only))
+        if args.eval_only:
+            continue
         lines.append(common.console_line(summary, glue.TASKS[name].metric_names,
                                          summary["seconds"]))
     if len(lines) > 1 and common.ranks().is_main:
@@ -220,6 +322,8 @@ def _glue(args: argparse.Namespace) -> int:
 def _squad(args: argparse.Namespace) -> int:
     from bertscale.finetune import squad
     cfg, lrs, seeds = _train_config(args, f"squad{args.version}")
+    if args.train_file is None and not args.eval_only:
+        raise UserError("--train-file is required (unless --eval-only)")
     squad.run(squad.SquadArgs(
         version=args.version, train_file=args.train_file, predict_file=args.predict_file,
         checkpoint=args.checkpoint, output_dir=args.output_dir, lrs=lrs, seeds=seeds, train=cfg,
@@ -228,7 +332,7 @@ def _squad(args: argparse.Namespace) -> int:
         max_answer_length=args.max_answer_length,
         null_score_diff_threshold=args.null_score_diff_threshold,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
-        write_nbest=args.write_nbest, save_model=args.save_model))
+        write_nbest=args.write_nbest, save_model=args.save_model, eval_only=args.eval_only))
     return 0
 
 
@@ -258,4 +362,26 @@ def _ner(args: argparse.Namespace) -> int:
         layers=args.layers, layer_weights=weights, tagger=args.tagger,
         tagger_hidden=args.tagger_hidden, tagger_layers=args.tagger_layers,
         tagger_dropout=args.tagger_dropout))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from bertscale.finetune import common
+    from bertscale.reporting import quiet_third_party
+    if args.eval_batch_size <= 0:
+        raise UserError(f"--eval-batch-size must be positive, got {args.eval_batch_size}")
+    quiet_third_party(args.verbose)
+    cfg = common.TrainConfig(eval_batch_size=args.eval_batch_size, precision=args.precision,
+                             device=args.device, progress=args.progress)
+    common.ranks(cfg.device)
+    family = (common.load_task_info(args.checkpoint) or {}).get("family")
+    if family == "glue":
+        from bertscale.finetune.glue import predict_file
+    elif family == "squad":
+        from bertscale.finetune.squad import predict_file
+    else:
+        raise UserError(f"{args.checkpoint}: not a GLUE or SQuAD model saved by `finetune "
+                        f"--save-model` (no bertscale_task.json naming a glue or squad task)")
+    out = predict_file(args.checkpoint, args.input, args.output, cfg)
+    common.log(f"wrote {out}")
     return 0

@@ -1,9 +1,19 @@
-"""What every fine-tuning task shares: the checkpoint loader, the training loop, the seed /
-learning-rate grid, and result files.
+"""What every fine-tuning task shares: building models from checkpoints, the training loop, the
+seed / learning-rate grid, progress and metrics, and result files.
 
-Checkpoints: a Hugging Face BERT folder (config.json + weights + vocab.txt) or a bertscale
-pretraining run / checkpoint directory (any ZeRO stage, consolidated on load, no converter to
-run by hand). The vocabulary and casing always come with the checkpoint.
+Checkpoints (bertscale.pretrained, the loader `bertscale.from_pretrained` is): a Hugging Face
+BERT folder (config.json + weights + vocab.txt) or a bertscale pretraining run / checkpoint
+directory (any ZeRO stage, consolidated on load, no converter to run by hand). The vocabulary
+and casing always come with the checkpoint.
+
+Reporting (bertscale.reporting, as pretraining): a progress bar with ETA on a terminal for the
+training steps and every prediction pass, plain lines otherwise; every step's loss, lr and
+gradient norm in the run folder's metrics.jsonl, and to W&B / TensorBoard when asked.
+
+A grid is resumable: a run whose results.json is written is finished and skipped on a re-run;
+an unfinished one continues from its train_state.pt (--checkpoint-every). OUT/<task>/settings.json
+names the settings a folder's results belong to; other settings are refused (or cleared with
+--overwrite), so results of two settings never mix.
 
 Training is the paper's recipe with the pretraining code's optimizer and schedule
 (bertscale.optim): AdamW with eps 1e-6 and weight decay 0.01 (none on biases and LayerNorm
@@ -30,7 +40,11 @@ Limits, stated honestly:
   results. The model's fast paths (--unpad, --compile, --checkpoint-activations) are off by
   default; each has a parity test against the plain path.
 - Fine-tuned weights are saved only with --save-model (a Hugging Face folder per run, head
-  included), since a learning-rate x seed grid would otherwise write one model per run.
+  included, with bertscale_task.json), since a learning-rate x seed grid would otherwise write
+  one model per run. A finished run skipped on a re-run is not saved again.
+- A resumed run restores rank 0's random stream only: with several ranks and dropout, the
+  resumed run is equal in distribution, not bit for bit (with one rank, or dropout off, it is
+  the uninterrupted run).
 - The paper picks the best learning rate on the dev set; so do we, which means the dev score of
   the chosen setting is optimistic in the same way the paper's is.
 """
@@ -56,62 +70,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bertscale.config import ModelConfig
 from bertscale.distributed import DistEnv
 from bertscale.errors import UserError
 from bertscale.model import FastPaths
+from bertscale.pretrained import TASK_FILE, Pretrained, build, load_checkpoint  # noqa: F401 - re-exported
+from bertscale.reporting import MetricSinks, Progress
 
 # ------------------------------------------------------------------------ checkpoints
 
 
-@dataclass
-class Pretrained:
-    """A pretrained encoder ready to put under a fine-tuning head."""
-
-    config: ModelConfig
-    state_dict: dict[str, Tensor]
-    """BertForPreTraining keys (bert.*, cls.*); heads that are absent are fine."""
-    vocab_path: Path
-    lowercase: bool
-    source: str
-    """The path as the user gave it, for messages and the results file."""
-    kind: str
-    """"huggingface" or "bertscale"."""
-
-
-def load_checkpoint(path: str | Path) -> Pretrained:
-    """A Hugging Face folder (it has config.json) or a bertscale run / checkpoint folder."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p}: checkpoint not found")
-    if p.is_dir() and (p / "config.json").is_file():
-        from bertscale.hf import load_hf_folder
-        ck = load_hf_folder(p)
-        kind = "huggingface"
-    else:
-        try:
-            from bertscale.checkpoint import load_consolidated
-        except ModuleNotFoundError as e:
-            if e.name != "bertscale.checkpoint":
-                raise
-            raise UserError(f"{p}: no config.json, so not a Hugging Face folder, and this "
-                            f"installation cannot read bertscale checkpoints") from None
-        ck = load_consolidated(p)
-        kind = "bertscale"
-    return Pretrained(config=ck.config, state_dict=dict(ck.state_dict),
-                      vocab_path=Path(ck.vocab_path), lowercase=bool(ck.lowercase),
-                      source=str(p), kind=kind)
-
-
 def build_model(head: Callable[..., nn.Module], pretrained: Pretrained, **kwargs: Any) -> nn.Module:
-    """A fresh head on the pretrained encoder; the head's own weights start from init."""
-    from bertscale.model import load_pretrained
-    model = head(pretrained.config, **kwargs)
-    with warnings.catch_warnings():
-        # An encoder-only checkpoint has no pooler for the classification heads: that is said
-        # once by check_pooler below, not as a library warning per run.
-        warnings.simplefilter("ignore")
-        fresh = load_pretrained(model, pretrained.state_dict, pretrained.source)
+    """`head` on the pretrained encoder (bertscale.pretrained.build, as `from_pretrained`);
+    a head the checkpoint lacks starts from init, a fine-tuned head of the same shape is kept."""
+    model, fresh = build(pretrained, head, **kwargs)
     missing_pooler = [k for k in fresh if ".pooler." in k]
     if missing_pooler:
         log(f"note: {pretrained.source} has no pooler weights; the [CLS] pooler starts from "
@@ -119,15 +90,45 @@ def build_model(head: Callable[..., nn.Module], pretrained: Pretrained, **kwargs
     return model
 
 
-def save_model(model: nn.Module, pretrained: Pretrained, folder: Path, architecture: str) -> Path:
+def save_model(model: nn.Module, pretrained: Pretrained, folder: Path, architecture: str,
+               task: Mapping[str, Any] | None = None) -> Path:
     """The fine-tuned model, head included, as a Hugging Face folder (`folder`/model), written
-    by rank 0 (the replicas are identical)."""
+    by rank 0 (the replicas are identical), with `task` (what the head was trained for: task,
+    labels, recipe, lengths) as bertscale_task.json, which `--eval-only`, `finetune predict`
+    and `bertscale.from_pretrained` read back."""
     from bertscale.hf import export_hf
     if not ranks().is_main:
         return folder / "model"
-    return export_hf(model.state_dict(), pretrained.config, pretrained.vocab_path,
-                     pretrained.lowercase, folder / "model", architecture=architecture,
-                     overwrite=True, source=f"fine-tuned from {pretrained.source}")
+    out = export_hf(model.state_dict(), pretrained.config, pretrained.vocab_path,
+                    pretrained.lowercase, folder / "model", architecture=architecture,
+                    overwrite=True, source=f"fine-tuned from {pretrained.source}")
+    if task is not None:
+        write_json_atomic(out / TASK_FILE, {**task, "fine_tuned_from": pretrained.source})
+    return out
+
+
+def load_task_info(folder: Path) -> dict[str, Any] | None:
+    """bertscale_task.json of a fine-tuned model folder, without loading its weights."""
+    path = Path(folder) / TASK_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def finetuned_task(pretrained: Pretrained, family: str) -> dict[str, Any]:
+    """The saved task of a `--save-model` folder, for --eval-only / predict; a clear error for
+    any other checkpoint or another task family."""
+    if pretrained.task is None:
+        raise UserError(f"{pretrained.source}: no {TASK_FILE}, so not a fine-tuned model; "
+                        f"--eval-only and predict need a folder written by `finetune ... "
+                        f"--save-model` (OUTPUT_DIR/<task>/runs/<run>/model)")
+    if pretrained.task.get("family") != family:
+        raise UserError(f"{pretrained.source}: fine-tuned for {pretrained.task.get('task')} "
+                        f"({pretrained.task.get('family')}), not a {family} task")
+    return pretrained.task
 
 
 def load_task_tokenizer(pretrained: Pretrained, max_length: int | None = None):
@@ -147,13 +148,17 @@ def check_length(pretrained: Pretrained, max_seq_length: int | None) -> None:
                         f"{pretrained.source}")
 
 
-def check_casing(pretrained: Pretrained, unk_rate: float, what: str) -> None:
+def check_casing(pretrained: Pretrained, unk_rate: float, what: str,
+                 texts: Iterable[str] = ()) -> None:
     """Warn when the checkpoint's casing does not suit the data.
 
-    Two signals: the casing flag disagrees with the vocabulary itself (an uncased vocab read
-    case-sensitively turns capitalised words into [UNK]; a cased vocab lower-cased wastes it),
-    and the share of [UNK] word pieces in the task's text is high (above 2%: BERT's own vocab
-    gives well under 1% on English GLUE / SQuAD text)."""
+    Three signals: the casing flag disagrees with the vocabulary itself (an uncased vocab read
+    case-sensitively turns capitalised words into [UNK]; a cased vocab lower-cased wastes it);
+    the share of [UNK] word pieces in the task's text is high (above 2%: BERT's own vocab
+    gives well under 1% on English GLUE / SQuAD text); and the casing of the text itself
+    (`texts`, a sample of it): cased text (over 5% of the words after a sentence's first are
+    capitalised: names, places) given an uncased checkpoint loses its case before
+    tokenization, and all-lower-case text given a cased checkpoint never uses its capitals."""
     from bertscale.tokenizer import guess_lowercase
     vocab_uncased = guess_lowercase(pretrained.vocab_path)
     if vocab_uncased != pretrained.lowercase:
@@ -166,6 +171,34 @@ def check_casing(pretrained: Pretrained, unk_rate: float, what: str) -> None:
             f"{what}: {100 * unk_rate:.1f}% of word pieces are [UNK] with the vocabulary of "
             f"{pretrained.source} (lowercase={pretrained.lowercase}); the checkpoint's casing "
             f"or vocabulary may not match this data", stacklevel=2)
+    capitalised, letters_upper, words = _text_casing(texts)
+    if not words:
+        return
+    if pretrained.lowercase and capitalised > 0.05:
+        warnings.warn(
+            f"{what} is cased ({100 * capitalised:.0f}% of words after the first of a line are "
+            f"capitalised) but {pretrained.source} is uncased: the text is lower-cased before "
+            f"tokenization and its case is lost (fine for most GLUE tasks; named entities and "
+            f"other case-sensitive tasks do better with a cased checkpoint)", stacklevel=2)
+    if not pretrained.lowercase and letters_upper == 0:
+        warnings.warn(
+            f"{what} is all lower-case but {pretrained.source} is cased: its capitalised "
+            f"vocabulary goes unused and the text reads unlike its pretraining data; an "
+            f"uncased checkpoint suits this data better", stacklevel=2)
+
+
+def _text_casing(texts: Iterable[str]) -> tuple[float, int, int]:
+    """(share of non-initial words starting with a capital, upper-case letters, words)."""
+    capital = later = upper = words = 0
+    for text in texts:
+        ws = text.split()
+        words += len(ws)
+        upper += sum(c.isupper() for c in text)
+        for w in ws[1:]:
+            if w[:1].isalpha():
+                later += 1
+                capital += w[0].isupper()
+    return capital / max(later, 1), upper, words
 
 
 def unk_fraction(tok: Any, encodings: Iterable[Sequence[int]]) -> float:
@@ -212,6 +245,28 @@ class TrainConfig:
     fast: FastPaths = field(default_factory=FastPaths)
     """The encoder's optional fast paths (bertscale.model.FastPaths): unpadding is the one that
     pays in fine-tuning, whose batches are mostly padding at GLUE lengths."""
+    progress: str = "auto"
+    """"auto" (a progress bar with ETA when stderr is a terminal, plain lines otherwise), "bar"
+    or "plain"."""
+    wandb: bool = False
+    """Log each run to Weights & Biases (offline without an API key; never stops the run)."""
+    tensorboard: bool = False
+    """Also write TensorBoard events to the run folder (needs the tensorboard package)."""
+    checkpoint_every: int = 0
+    """Save the run's training state every N steps (0: never) so that a re-run continues it."""
+    overwrite: bool = False
+    """Clear an output folder that holds results of other settings instead of refusing it."""
+    run: RunContext | None = field(default=None, compare=False, repr=False)
+    """Set by run_grid for each (lr, seed) run: where its files go and what it reports to."""
+
+
+@dataclass
+class RunContext:
+    """One grid run's folder, its name in progress lines and its metric sinks."""
+
+    folder: Path
+    name: str
+    sinks: Any = None
 
 
 _ranks: DistEnv | None = None
@@ -349,7 +404,15 @@ def model_inputs(batch: Batch) -> dict[str, Tensor]:
 def fit(model: nn.Module, features: Sequence[Feature],
         loss_fn: Callable[[nn.Module, Batch], Tensor], cfg: TrainConfig, pad_id: int = 0) -> dict[str, Any]:
     """Train `model` in place (data-parallel when started as several ranks); returns
-    {"steps", "final_loss", "seconds"}, the loss being the global batch's."""
+    {"steps", "loss_last_step", "loss_last20_mean", "seconds", "resumed_from_step"}, the losses
+    being the global batch's.
+
+    Every step's loss and learning rate go to the run's metric sinks; the progress line shows
+    the mean loss of the last --log-every steps. With cfg.checkpoint_every, the training state
+    (weights, AdamW moments, schedule, loss scaler, the losses so far, rank 0's RNG) is saved
+    atomically in the run folder every N steps, and a run that finds it there continues from
+    it: the data order is replayed from the seed, so the resumed run sees the batches an
+    uninterrupted one would have."""
     if not features:
         raise UserError("the training set is empty")
     r = ranks()
@@ -372,13 +435,27 @@ def fit(model: nn.Module, features: Sequence[Feature],
     total = total_steps(cfg, len(features))
     optimizer, scheduler = build_optimizer(model, cfg, device, total)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    state = TrainState(cfg, total, len(features))
+    running: list[float] = []
+    start = state.load(model, optimizer, scheduler, scaler, running)
+    name = cfg.run.name if cfg.run else "train"
+    sinks = cfg.run.sinks if cfg.run else None
+    bar = Progress(f"{name} train", total, "steps", mode=cfg.progress, every=cfg.log_every,
+                   enabled=r.is_main)
+    if start:
+        bar.note(f"{name}: resuming from the step-{start} checkpoint in {state.path.parent}")
+        if sinks is not None:
+            sinks.rewind(start)
     order = torch.Generator().manual_seed(cfg.seed)
-    step, t0, running = 0, time.perf_counter(), []
+    step = 0
     while step < total:
         perm = torch.randperm(len(features), generator=order).tolist()
         for i in range(0, len(perm), cfg.batch_size):
             if step >= total:
                 break
+            if step < start:     # replaying the data order up to the checkpoint
+                step += 1
+                continue
             global_batch = perm[i:i + cfg.batch_size]
             mine, weight = _share(global_batch, r)
             batch = _to(collate([features[j] for j in mine], pad_id), device)
@@ -391,18 +468,83 @@ def fit(model: nn.Module, features: Sequence[Feature],
                 raise RuntimeError(f"loss became {batch_loss.item()} at step {step} "
                                    f"(lr {cfg.lr}); try a smaller learning rate or fp32")
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             running.append(batch_loss.item())
             step += 1
-            if cfg.log_every and step % cfg.log_every == 0:
-                log(f"  step {step}/{total}  loss {np.mean(running[-cfg.log_every:]):.4f}  "
-                    f"lr {scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.0f}s")
-    return {"steps": step, "final_loss": float(np.mean(running[-min(len(running), 20):])),
-            "seconds": time.perf_counter() - t0}
+            if sinks is not None:
+                sinks.record("train", step, {"loss": running[-1], "lr": lr,
+                                             "grad_norm": float(grad_norm)})
+            window = running[-max(cfg.log_every, 1):]
+            bar.update(step, loss=float(np.mean(window)), lr=float(lr))
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                state.save(step, model, optimizer, scheduler, scaler, running)
+    seconds = bar.close(f"loss {float(np.mean(running[-min(len(running), 20):])):.4f} "
+                        f"(mean of the last {min(len(running), 20)} steps)")
+    return {"steps": step, "loss_last_step": running[-1],
+            "loss_last20_mean": float(np.mean(running[-min(len(running), 20):])),
+            "seconds": seconds, "resumed_from_step": start}
+
+
+class TrainState:
+    """A run's training state in its folder (train_state.pt), for --checkpoint-every.
+
+    Written by rank 0 (the replicas are identical) through a temporary file and a rename, so
+    a process killed while saving leaves the previous state. A state saved for other settings
+    (learning rate, seed, steps, training set size) is not used. Only rank 0's RNG is saved:
+    with several ranks, the other ranks' dropout streams restart on resume, so a resumed
+    multi-rank run with dropout is equal in distribution, not bit for bit."""
+
+    def __init__(self, cfg: TrainConfig, total: int, num_features: int):
+        self.path = (cfg.run.folder / "train_state.pt") if cfg.run else None
+        self.enabled = bool(cfg.checkpoint_every and self.path is not None)
+        self.key = {"lr": cfg.lr, "seed": cfg.seed, "total_steps": total,
+                    "batch_size": cfg.batch_size, "examples": num_features}
+
+    def save(self, step: int, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
+             running: list[float]) -> None:
+        if not self.enabled or not ranks().is_main:
+            return
+        from bertscale.checkpoint import fsync_path
+        blob = {"key": self.key, "step": step, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "running": running,
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        torch.save(blob, tmp)
+        fsync_path(tmp)
+        tmp.replace(self.path)
+
+    def load(self, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
+             running: list[float]) -> int:
+        """Restore a saved state into the given objects; returns its step (0: none)."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        blob = torch.load(self.path, map_location="cpu", weights_only=False)
+        if blob.get("key") != self.key:
+            log(f"note: {self.path} was saved for other settings ({blob.get('key')}); "
+                f"starting this run from step 0")
+            return 0
+        model.load_state_dict(blob["model"])
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        scaler.load_state_dict(blob["scaler"])
+        running.extend(blob["running"])
+        if ranks().is_main:
+            torch.set_rng_state(blob["rng"])
+            if blob["cuda_rng"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(blob["cuda_rng"])
+        return int(blob["step"])
+
+    def remove(self) -> None:
+        if self.path is not None and ranks().is_main:
+            self.path.unlink(missing_ok=True)
 
 
 def _share(global_batch: list[int], r: DistEnv) -> tuple[list[int], float]:
@@ -446,7 +588,7 @@ def _num_tokens(feature: Feature) -> int:
 @torch.no_grad()
 def predict(model: nn.Module, features: Sequence[Feature],
             forward: Callable[[nn.Module, Batch], Tensor | tuple[Tensor, ...]],
-            cfg: TrainConfig, pad_id: int = 0) -> list[np.ndarray]:
+            cfg: TrainConfig, pad_id: int = 0, what: str = "predict") -> list[np.ndarray]:
     """Run `forward` over `features`; each output concatenated along the batch as float32
     numpy, in the order of `features` (a tuple output gives one array per element, each
     (N, ...) possibly with a ragged last axis, padded with -1e4; callers slice to each
@@ -454,7 +596,7 @@ def predict(model: nn.Module, features: Sequence[Feature],
 
     Batches are cut from the features sorted by length, so a batch pads to a length its
     members nearly share (GLUE dev sets range from a few tokens to 128): the same outputs with
-    a fraction of the padded work."""
+    a fraction of the padded work. `what` names the pass in its progress line ("dev", "test")."""
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
     apply_fast_paths(model, cfg.fast)
@@ -463,7 +605,10 @@ def predict(model: nn.Module, features: Sequence[Feature],
     r = ranks()
     starts = list(range(0, len(order), cfg.eval_batch_size))
     chunks: dict[int, list[np.ndarray]] = {}
-    for b in range(r.rank, len(starts), r.world_size):   # batches dealt round the ranks
+    mine = range(r.rank, len(starts), r.world_size)      # batches dealt round the ranks
+    bar = Progress(f"{cfg.run.name if cfg.run else 'predict'} {what}", len(mine), "batches",
+                   mode=cfg.progress, enabled=r.is_main)
+    for done, b in enumerate(mine, start=1):
         part = [features[j] for j in order[starts[b]:starts[b] + cfg.eval_batch_size]]
         batch = _to(collate(part, pad_id), device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
@@ -471,6 +616,8 @@ def predict(model: nn.Module, features: Sequence[Feature],
             out = forward(model, batch)
         outs = out if isinstance(out, tuple) else (out,)
         chunks[b] = [o.float().cpu().numpy() for o in outs]
+        bar.update(done)
+    bar.close(f"{len(features)} examples")
     if r.world_size > 1:
         import torch.distributed as dist
         gathered: list[dict[int, list[np.ndarray]] | None] = [None] * r.world_size
@@ -527,7 +674,8 @@ def summarize(task: str, main_metric: str, runs: Sequence[RunResult]) -> dict[st
     for lr, rs in by_lr.items():
         names = [k for k in rs[0].metrics if all(k in r.metrics for r in rs)]
         per_lr[lr] = {k: {"mean": statistics.fmean(r.metrics[k] for r in rs),
-                          "std": statistics.stdev(r.metrics[k] for r in rs) if len(rs) > 1 else 0.0}
+                          # the spread of one run is undefined, not zero
+                          "std": statistics.stdev(r.metrics[k] for r in rs) if len(rs) > 1 else None}
                       for k in names}
     best_lr = max(per_lr, key=lambda lr: per_lr[lr][main_metric]["mean"])
     best_run = max(by_lr[best_lr], key=lambda r: r.metrics[main_metric])
@@ -543,18 +691,52 @@ def summarize(task: str, main_metric: str, runs: Sequence[RunResult]) -> dict[st
     }
 
 
+def _pm(m: Mapping[str, Any], scale: float) -> str:
+    """`88.1 ± 0.4`, or `88.1` for one run (whose spread is undefined)."""
+    if m.get("std") is None:
+        return f"{scale * m['mean']:.1f}"
+    return f"{scale * m['mean']:.1f} ± {scale * m['std']:.1f}"
+
+
 def console_line(summary: Mapping[str, Any], names: Sequence[str], seconds: float,
                  scale: float = 100.0) -> str:
-    """`MRPC  f1 88.1 ± 0.4  accuracy 84.2 ± 0.5  (3 seeds, lr 2e-05, 412 s)`."""
+    """`MRPC  f1 88.1 ± 0.4  accuracy 84.2 ± 0.5  (3 seeds, lr 2e-05, 412 s)`; one seed shows
+    no spread."""
     parts = [summary["task"]]
     for n in names:
         m = summary["metrics"].get(n)
         if m is not None:
-            parts.append(f"{n} {scale * m['mean']:.1f} ± {scale * m['std']:.1f}")
+            parts.append(f"{n} {_pm(m, scale)}")
     seeds = sum(1 for r in summary["runs"] if r["lr"] == summary["best_lr"])
     parts.append(f"({seeds} seed{'s' if seeds != 1 else ''}, lr {summary['best_lr']:g}, "
                  f"{seconds:.0f} s)")
     return "  ".join(parts)
+
+
+def grid_table(summary: Mapping[str, Any], names: Sequence[str], scale: float = 100.0) -> str:
+    """The lr x seed table: one row per learning rate, the first metric of every seed, then
+    mean ± std of each metric; `*` marks the chosen learning rate."""
+    names = [n for n in names if n in summary["metrics"]] or [summary["main_metric"]]
+    seeds = sorted({r["seed"] for r in summary["runs"]})
+    head = ["", "lr"] + [f"seed {s}" for s in seeds] + list(names)
+    rows = [head]
+    for lr_text, per in summary["by_lr"].items():
+        lr = float(lr_text)
+        by_seed = {r["seed"]: r for r in summary["runs"] if r["lr"] == lr}
+        cells = ["*" if lr == summary["best_lr"] else "", lr_text]
+        cells += [f"{scale * by_seed[s]['metrics'][names[0]]:.1f}" if s in by_seed else "-"
+                  for s in seeds]
+        cells += [_pm(per[n], scale) if n in per else "-" for n in names]
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    n_seeds = len(seeds)
+    title = (f"{summary['task']} dev {names[0]} per seed; mean"
+             + (" ± std" if n_seeds > 1 else "") + f" over {n_seeds} seed{'s' if n_seeds != 1 else ''}"
+             + f" (x{scale:g})" * (scale != 1))
+    foot = (f"* best mean {summary['main_metric']}: lr {summary['best_lr']:g}; its seed "
+            f"{summary['best_seed']} run's predictions are published")
+    return "\n".join([title, *lines, foot])
 
 
 def run_folder(out_dir: Path, lr: float, seed: int) -> Path:
@@ -564,23 +746,111 @@ def run_folder(out_dir: Path, lr: float, seed: int) -> Path:
 TrainOne = Callable[[TrainConfig, Path], tuple[dict[str, float], dict[str, Any]]]
 
 
+def grid_settings(task: str, base: TrainConfig, num_train: int,
+                  settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What decides a run's result besides its (lr, seed): two grids with equal settings can
+    share an output folder, and their finished runs are interchangeable."""
+    return json.loads(json.dumps({"task": task, **settings, "train_examples": num_train,
+                                  "recipe": recipe(base)}, default=str))
+
+
+def check_output_dir(out_dir: Path, settings: Mapping[str, Any], overwrite: bool) -> None:
+    """A task folder holds the results of one setting: OUT/<task>/settings.json names it. Other
+    settings are refused (or, with --overwrite, the folder is cleared) so that results of two
+    settings never mix."""
+    path = out_dir / "settings.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            old = None
+        if old != settings:
+            if not overwrite:
+                diff = _diff(old or {}, settings)
+                raise UserError(
+                    f"{out_dir} holds results of other settings ({diff}); use another "
+                    f"--output-dir, or --overwrite to delete those results")
+            if ranks().is_main:
+                shutil.rmtree(out_dir)
+    elif overwrite and out_dir.is_dir() and ranks().is_main:
+        shutil.rmtree(out_dir)
+    elif (out_dir / "runs").is_dir() and not overwrite:
+        raise UserError(f"{out_dir} holds runs without a settings.json (an older bertscale); "
+                        f"use another --output-dir, or --overwrite to delete them")
+    barrier()
+    write_json_atomic(path, settings)
+
+
+def check_eval_dir(out_dir: Path) -> None:
+    """--eval-only writes results.json and prediction files into OUT/<task>/: never into a
+    grid's folder (it has settings.json), whose results it would replace."""
+    if (out_dir / "settings.json").is_file():
+        raise UserError(f"{out_dir} holds the results of a fine-tuning grid; give --eval-only "
+                        f"another --output-dir")
+
+
+def _diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> str:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = _diff(a, b, f"{prefix}{k}.")
+            if sub:
+                out.append(sub)
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} there, {b!r} now")
+    return "; ".join(out)
+
+
+def barrier() -> None:
+    if ranks().world_size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
 def run_grid(task: str, out_dir: Path, lrs: Sequence[float], seeds: Sequence[int],
-             base: TrainConfig, num_train: int, unit: str, train_one: TrainOne) -> list[RunResult]:
+             base: TrainConfig, num_train: int, unit: str, train_one: TrainOne,
+             settings: Mapping[str, Any]) -> list[RunResult]:
     """One run per (learning rate, seed): seed everything, then `train_one(cfg, folder)` builds
     its model, trains, predicts, writes its prediction files into `folder` and returns
-    (dev metrics, training stats); the run's results.json is written here. The model is local
-    to `train_one`, so one run's weights are freed before the next is built."""
+    (dev metrics, training stats); the run's results.json is written here and marks it
+    finished: a re-run of the grid in the same folder skips it, and continues an unfinished
+    run from its last training-state checkpoint (--checkpoint-every). The model is local to
+    `train_one`, so one run's weights are freed before the next is built."""
+    check_output_dir(out_dir, grid_settings(task, base, num_train, settings), base.overwrite)
     runs: list[RunResult] = []
     for lr in lrs:
         for seed in seeds:
-            cfg = dataclasses.replace(base, lr=lr, seed=seed)
-            log(f"{task}: lr {lr:g} seed {seed}: {num_train} {unit}, {cfg.epochs:g} epochs = "
-                f"{total_steps(cfg, num_train)} steps, batch {cfg.batch_size}")
-            seed_everything(seed)
             folder = run_folder(out_dir, lr, seed)
-            metrics, stats = train_one(cfg, folder)
-            write_json_atomic(folder / "results.json", {"task": task, "lr": lr, "seed": seed,
-                                                        "metrics": metrics, "train": stats})
+            done = folder / "results.json"
+            if done.is_file():
+                prev = json.loads(done.read_text(encoding="utf-8"))
+                log(f"{task}: lr {lr:g} seed {seed}: finished earlier ({done}); skipped")
+                runs.append(RunResult(lr, seed, prev["metrics"], folder, prev["train"]))
+                continue
+            name = f"{task} lr {lr:g} seed {seed}"
+            cfg = dataclasses.replace(base, lr=lr, seed=seed)
+            uncapped = total_steps(dataclasses.replace(cfg, max_steps=None), num_train)
+            steps = total_steps(cfg, num_train)
+            plan = (f"{cfg.epochs:g} epochs = {uncapped} steps" if steps == uncapped else
+                    f"{steps} steps (--max-steps; {cfg.epochs:g} epochs would be {uncapped})")
+            log(f"{task}: lr {lr:g} seed {seed}: {num_train} {unit}, {plan}, batch "
+                f"{cfg.batch_size}")
+            sinks = MetricSinks(folder, enabled=ranks().is_main, wandb=base.wandb,
+                                tensorboard=base.tensorboard, project="bertscale-finetune",
+                                name=f"{task}-lr{lr:g}-seed{seed}", group=task,
+                                wandb_config={"task": task, "lr": lr, "seed": seed,
+                                              **recipe(base)}, warn=lambda m: log(f"warning: {m}"))
+            cfg.run = RunContext(folder, name, sinks)
+            seed_everything(seed)
+            try:
+                metrics, stats = train_one(cfg, folder)
+                sinks.record("eval", stats["steps"], metrics)
+            finally:
+                sinks.close()
+            write_json_atomic(done, {"task": task, "lr": lr, "seed": seed,
+                                     "metrics": metrics, "train": stats})
+            TrainState(cfg, 0, 0).remove()
             runs.append(RunResult(lr, seed, metrics, folder, stats))
     return runs
 
@@ -597,7 +867,7 @@ def finish(task: str, main_metric: str, runs: Sequence[RunResult], out_dir: Path
            files: Iterable[str], base: TrainConfig, started: float, names: Sequence[str],
            scale: float = 100.0, **extra: Any) -> dict[str, Any]:
     """Summarise the grid, publish the chosen run's prediction files, write the task's
-    results.json and print its console line; returns the summary."""
+    results.json and print its lr x seed table and console line; returns the summary."""
     summary = summarize(task, main_metric, runs)
     best = run_folder(out_dir, summary["best_lr"], summary["best_seed"])
     published = publish(best, out_dir, files)
@@ -605,6 +875,7 @@ def finish(task: str, main_metric: str, runs: Sequence[RunResult], out_dir: Path
                    world_size=ranks().world_size, seconds=time.perf_counter() - started)
     write_json_atomic(out_dir / "results.json", summary)
     if ranks().is_main:
+        print(grid_table(summary, names, scale), flush=True)
         print(console_line(summary, names, summary["seconds"], scale), flush=True)
     return summary
 

@@ -20,6 +20,7 @@ outside the task's set stops the run with the file and line named.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -199,12 +200,12 @@ def read_tsv(path: Path, task: Task, layout: Layout, labelled: bool) -> list[Exa
     return out
 
 
-def find_task_dir(data_dir: Path, task: Task) -> Path:
+def find_task_dir(data_dir: Path, task: Task, need: str = "train.tsv") -> Path:
     """`data_dir` is the GLUE root (holding <Task>/) or the task folder itself."""
     for cand in (data_dir / task.name, data_dir):
-        if (cand / "train.tsv").is_file():
+        if (cand / need).is_file():
             return cand
-    raise UserError(f"{data_dir}: no {task.name}/train.tsv (nor train.tsv) here; pass the GLUE "
+    raise UserError(f"{data_dir}: no {task.name}/{need} (nor {need}) here; pass the GLUE "
                     f"folder that holds {task.name}/ or the {task.name} folder itself")
 
 
@@ -294,6 +295,8 @@ class GlueArgs:
     max_eval_samples: int | None = None
     predict_test: bool = True
     save_model: bool = False
+    eval_only: bool = False
+    """Score the dev set with the fine-tuned model in `checkpoint` (a --save-model folder)."""
 
 
 def run(a: GlueArgs) -> dict[str, Any]:
@@ -301,15 +304,61 @@ def run(a: GlueArgs) -> dict[str, Any]:
     common.ranks(a.train.device)  # one process, or the data-parallel group of a launcher
     t0 = time.perf_counter()
     task = task_by_name(a.task)
+    if a.eval_only:
+        return evaluate_saved(a, task, t0)
     folder = find_task_dir(a.data_dir, task)
     regression = task.labels is None
     train_ex = read_tsv(folder / "train.tsv", task, task.train, labelled=True)
+    dev_sets, tests = read_eval_sets(folder, task, a)
+    if a.max_train_samples:
+        train_ex = train_ex[:a.max_train_samples]
+
+    pretrained = common.load_checkpoint(a.checkpoint)
+    tok = common.load_task_tokenizer(pretrained, a.max_seq_length)
+    train_f = featurize(tok, train_ex, regression)
+    dev_f = [(f, s, featurize(tok, ex, regression), ex) for f, s, ex in dev_sets]
+    test_f = [(name, featurize(tok, ex, regression), ex) for name, ex in tests]
+    common.check_casing(pretrained, common.unk_fraction(tok, (f["input_ids"] for f in train_f)),
+                        f"{task.name} training text", [e.text_a for e in train_ex[:2000]])
+    pad_id = tok.token_to_id("[PAD]")
+
+    for fname, suffix in task.dev_files:
+        path = folder / fname
+        if not path.is_file():
+            raise UserError(f"{folder}: no {fname}; the dev set is needed to score the run")
+    from bertscale.model import BertForSequenceClassification
+    out_dir = Path(a.output_dir) / task.name
+    extra = dict(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+                 lowercase=pretrained.lowercase, data=str(folder), train_examples=len(train_f),
+                 max_seq_length=a.max_seq_length, max_eval_samples=a.max_eval_samples,
+                 save_model=a.save_model, predict_test=a.predict_test)
+
+    def train_one(cfg: common.TrainConfig, run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
+        model = common.build_model(BertForSequenceClassification, pretrained,
+                                   num_labels=1 if regression else len(task.labels or ()))
+        stats = common.fit(model, train_f, loss_fn(regression), cfg, pad_id)
+        metrics = score_and_write(task, model, dev_f, test_f, cfg, pad_id, run_dir)
+        if a.save_model:
+            common.save_model(model, pretrained, run_dir, "BertForSequenceClassification",
+                              saved_task(task, a.max_seq_length, cfg))
+        return metrics, stats
+
+    runs = common.run_grid(task.name, out_dir, a.lrs, a.seeds, a.train, len(train_f),
+                           "examples", train_one, extra)
+    return common.finish(task.name, task.main_metric, runs, out_dir,
+                         [name for name, _, _ in test_f], a.train, t0, task.metric_names, **extra)
+
+
+def read_eval_sets(folder: Path, task: Task, a: GlueArgs) -> tuple[list, list]:
+    """The dev sets [(file, metric suffix, examples)] (first --max-eval-samples of each) and
+    the test sets [(submission name, examples)] of a task folder."""
     dev_sets = []
     for fname, suffix in task.dev_files:
         path = folder / fname
         if not path.is_file():
             raise UserError(f"{folder}: no {fname}; the dev set is needed to score the run")
-        dev_sets.append((fname, suffix, read_tsv(path, task, task.train, labelled=True)))
+        dev_sets.append((fname, suffix, read_tsv(path, task, task.train, labelled=True)
+                         [:a.max_eval_samples or None]))
     tests: list[tuple[str, list[Example]]] = []
     if a.predict_test:
         for fname, _ in task.test_files:
@@ -321,51 +370,90 @@ def run(a: GlueArgs) -> dict[str, Any]:
                 if ax.is_file():
                     tests.append(("AX.tsv", read_tsv(ax, task, _AX_LAYOUT, labelled=False)))
                     break
-    if a.max_train_samples:
-        train_ex = train_ex[:a.max_train_samples]
-    if a.max_eval_samples:
-        dev_sets = [(f, s, ex[:a.max_eval_samples]) for f, s, ex in dev_sets]
+    return dev_sets, tests
 
-    pretrained = common.load_checkpoint(a.checkpoint)
-    tok = common.load_task_tokenizer(pretrained, a.max_seq_length)
-    train_f = featurize(tok, train_ex, regression)
+
+def load_saved(checkpoint: Path, task_name: str | None = None
+               ) -> tuple[Task, nn.Module, Any, dict[str, Any], common.Pretrained]:
+    """A `--save-model` folder: (task, model with its trained head, tokenizer, saved task)."""
+    pretrained = common.load_checkpoint(checkpoint)
+    saved = common.finetuned_task(pretrained, "glue")
+    task = task_by_name(saved["task"])
+    if task_name is not None and task_by_name(task_name).name != task.name:
+        raise UserError(f"{checkpoint}: fine-tuned for {task.name}, not {task_name}")
+    model = common.build_model(None, pretrained)
+    tok = common.load_task_tokenizer(pretrained, saved["max_seq_length"])
+    return task, model, tok, saved, pretrained
+
+
+def evaluate_saved(a: GlueArgs, task: Task, t0: float) -> dict[str, Any]:
+    """--eval-only: score the dev sets (and predict the test sets) with a saved fine-tuned
+    model, through the same prediction and scoring code as training."""
+    task, model, tok, saved, pretrained = load_saved(a.checkpoint, task.name)
+    folder = find_task_dir(a.data_dir, task, task.dev_files[0][0])
+    dev_sets, tests = read_eval_sets(folder, task, a)
+    regression = task.labels is None
     dev_f = [(f, s, featurize(tok, ex, regression), ex) for f, s, ex in dev_sets]
     test_f = [(name, featurize(tok, ex, regression), ex) for name, ex in tests]
-    common.check_casing(pretrained, common.unk_fraction(tok, (f["input_ids"] for f in train_f)),
-                        f"{task.name} training text")
-    pad_id = tok.token_to_id("[PAD]")
-
-    from bertscale.model import BertForSequenceClassification
     out_dir = Path(a.output_dir) / task.name
+    common.check_eval_dir(out_dir)
+    cfg = dataclasses.replace(a.train)
+    cfg.run = common.RunContext(out_dir, f"{task.name} eval-only")
+    metrics = score_and_write(task, model, dev_f, test_f, cfg, tok.token_to_id("[PAD]"), out_dir)
+    summary = {"task": task.name, "eval_only": True, "checkpoint": pretrained.source,
+               "trained": saved, "metrics": metrics, "data": str(folder),
+               "max_eval_samples": a.max_eval_samples,
+               "predictions": [name for name, _, _ in test_f],
+               "seconds": time.perf_counter() - t0}
+    common.write_json_atomic(out_dir / "results.json", summary)
+    if common.ranks().is_main:
+        shown = "  ".join(f"{k} {100 * metrics[k]:.2f}" for k in task.metric_names if k in metrics)
+        print(f"{task.name} (eval-only, {pretrained.source})  {shown}", flush=True)
+    return summary
 
-    def train_one(cfg: common.TrainConfig, run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
-        model = common.build_model(BertForSequenceClassification, pretrained,
-                                   num_labels=1 if regression else len(task.labels or ()))
-        stats = common.fit(model, train_f, loss_fn(regression), cfg, pad_id)
-        metrics: dict[str, float] = {}
-        for fname, suffix, feats, ex in dev_f:
-            (logits,) = common.predict(model, feats, _forward, cfg, pad_id)
-            preds = predict_labels(task, logits)
-            labels = np.array([f["label"] for f in feats])
-            for k, v in compute_metrics(task, preds, labels).items():
-                metrics[k + suffix] = v
-            common.write_text_atomic(run_dir / dev_predictions_name(fname),
-                                     dev_predictions_tsv(task, ex, preds))
-        for name, feats, ex in test_f:
-            (logits,) = common.predict(model, feats, _forward, cfg, pad_id)
-            common.write_text_atomic(run_dir / name, submission_tsv(
-                task, [e.guid for e in ex], predict_labels(task, logits)))
-        if a.save_model:
-            common.save_model(model, pretrained, run_dir, "BertForSequenceClassification")
-        return metrics, stats
 
-    runs = common.run_grid(task.name, out_dir, a.lrs, a.seeds, a.train, len(train_f),
-                           "examples", train_one)
-    return common.finish(task.name, task.main_metric, runs, out_dir,
-                         [name for name, _, _ in test_f], a.train, t0, task.metric_names,
-                         checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
-                         lowercase=pretrained.lowercase, data=str(folder),
-                         train_examples=len(train_f), max_seq_length=a.max_seq_length)
+def predict_file(checkpoint: Path, input_file: Path, output: Path,
+                 cfg: common.TrainConfig) -> Path:
+    """`finetune predict` for a GLUE model: `input_file` in the task's test layout (index and
+    text columns; the label column, if any, is ignored) -> the GLUE submission TSV."""
+    task, model, tok, _, _ = load_saved(checkpoint)
+    layout = task.test if task.name != "MNLI" else _AX_LAYOUT
+    examples = read_tsv(input_file, task, layout, labelled=False)
+    feats = featurize(tok, examples, task.labels is None)
+    cfg = dataclasses.replace(cfg)
+    cfg.run = common.RunContext(output.parent, f"{task.name} predict")
+    (logits,) = common.predict(model, feats, _forward, cfg, tok.token_to_id("[PAD]"),
+                               what=input_file.name)
+    common.write_text_atomic(output, submission_tsv(task, [e.guid for e in examples],
+                                                    predict_labels(task, logits)))
+    return output
+
+
+def saved_task(task: Task, max_seq_length: int, cfg: common.TrainConfig) -> dict[str, Any]:
+    return {"family": "glue", "task": task.name, "labels": list(task.labels) if task.labels
+            else None, "max_seq_length": max_seq_length, "lr": cfg.lr, "seed": cfg.seed,
+            "recipe": common.recipe(cfg)}
+
+
+def score_and_write(task: Task, model: nn.Module, dev_f: Sequence[tuple], test_f: Sequence[tuple],
+                    cfg: common.TrainConfig, pad_id: int, run_dir: Path) -> dict[str, float]:
+    """Predict the dev sets (scored; id/prediction/label files) and the test sets (submission
+    files) into `run_dir`; returns the dev metrics. Training and --eval-only share it, which is
+    why re-scoring a saved model gives the run's own numbers."""
+    metrics: dict[str, float] = {}
+    for fname, suffix, feats, ex in dev_f:
+        (logits,) = common.predict(model, feats, _forward, cfg, pad_id, what=fname)
+        preds = predict_labels(task, logits)
+        labels = np.array([f["label"] for f in feats])
+        for k, v in compute_metrics(task, preds, labels).items():
+            metrics[k + suffix] = v
+        common.write_text_atomic(run_dir / dev_predictions_name(fname),
+                                 dev_predictions_tsv(task, ex, preds))
+    for name, feats, ex in test_f:
+        (logits,) = common.predict(model, feats, _forward, cfg, pad_id, what=name)
+        common.write_text_atomic(run_dir / name, submission_tsv(
+            task, [e.guid for e in ex], predict_labels(task, logits)))
+    return metrics
 
 
 def predict_labels(task: Task, logits: np.ndarray) -> np.ndarray:

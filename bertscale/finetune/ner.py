@@ -273,7 +273,7 @@ def run(a: NerArgs) -> dict[str, Any]:
     tok = common.load_task_tokenizer(pretrained)   # no truncation: encode_words cuts and counts
     common.check_casing(pretrained, common.unk_fraction(
         tok, (e.ids for e in tok.encode_batch([s.words for s in train_s], is_pretokenized=True))),
-        str(a.train_file))
+        str(a.train_file), [" ".join(s.words) for s in train_s[:2000]])
 
     named = [("train", train_s), ("dev", dev_s)] + ([("test", test_s)] if test_s else [])
     splits: dict[str, _Split] = {}
@@ -330,7 +330,8 @@ def run(a: NerArgs) -> dict[str, Any]:
         for name in ("dev", "test"):
             if name not in splits:
                 continue
-            (preds,) = common.predict(model, splits[name].features, _argmax, cfg, pad_id)
+            (preds,) = common.predict(model, splits[name].features, _argmax, cfg, pad_id,
+                                      what=name)
             tags = _decode(splits[name], preds, labels)
             scores = seqeval.evaluate(gold[name], tags)
             prefix = "" if name == "dev" else "test_"
@@ -339,8 +340,6 @@ def run(a: NerArgs) -> dict[str, Any]:
                 splits[name].sentences, gold[name], tags))
         return metrics, stats
 
-    runs = common.run_grid(task, out_dir, a.lrs, a.seeds, a.train,
-                           len(splits["train"].features), "sentences", train_one)
     extra: dict[str, Any] = dict(
         checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
         lowercase=pretrained.lowercase, mode=a.mode, labels=labels, tag_scheme=a.tag_scheme,
@@ -348,9 +347,13 @@ def run(a: NerArgs) -> dict[str, Any]:
         test_file=str(a.test_file) if a.test_file else None,
         train_sentences=len(train_s), dev_sentences=len(dev_s),
         majority_tag=majority_tag, majority_accuracy=majority_acc,
-        max_seq_length=a.max_seq_length, truncated_sentences=cut_total)
+        max_seq_length=a.max_seq_length, truncated_sentences=cut_total,
+        max_eval_samples=a.max_eval_samples)
     if a.mode == "feature":
-        extra.update(layers=a.layers, tagger=a.tagger, tagger_hidden=a.tagger_hidden,
-                     tagger_layers=a.tagger_layers)
+        extra.update(layers=a.layers, layer_weights=a.layer_weights, tagger=a.tagger,
+                     tagger_hidden=a.tagger_hidden, tagger_layers=a.tagger_layers,
+                     tagger_dropout=a.tagger_dropout)
+    runs = common.run_grid(task, out_dir, a.lrs, a.seeds, a.train,
+                           len(splits["train"].features), "sentences", train_one, extra)
     return common.finish(task, "f1", runs, out_dir, ["dev_predictions.txt", "test_predictions.txt"],
                          a.train, t0, ("f1", "precision", "recall", "accuracy"), **extra)

@@ -27,6 +27,7 @@ Limits: answers whose text does not match the context at answer_start are skippe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -392,6 +393,8 @@ class SquadArgs:
     max_eval_samples: int | None = None
     write_nbest: bool = False
     save_model: bool = False
+    eval_only: bool = False
+    """Score --predict-file with the fine-tuned model in `checkpoint` (a --save-model folder)."""
 
 
 def _subset(data: SquadFile, n: int | None) -> SquadFile:
@@ -412,12 +415,20 @@ def _subset(data: SquadFile, n: int | None) -> SquadFile:
     return SquadFile(data.path, data.version, dataset, data.contexts, data.examples[:n])
 
 
+SUBSET_FILE = "predict_subset.json"
+"""With --max-eval-samples: the questions that were predicted and scored, in the official
+layout, so that the official script reproduces the printed score from predictions.json."""
+
+
 def run(a: SquadArgs) -> dict[str, Any]:
     common.ranks(a.train.device)  # one process, or the data-parallel group of a launcher
     t0 = time.perf_counter()
     name = f"SQuAD-v{a.version}"
+    if a.eval_only:
+        return evaluate_saved(a, name, t0)
     train_data = _subset(read_squad(a.train_file, a.version), a.max_train_samples)
-    eval_data = _subset(read_squad(a.predict_file, a.version), a.max_eval_samples)
+    full_eval = read_squad(a.predict_file, a.version)
+    eval_data = _subset(full_eval, a.max_eval_samples)
     pretrained = common.load_checkpoint(a.checkpoint)
     tok = common.load_task_tokenizer(pretrained)
     common.check_length(pretrained, a.max_seq_length)
@@ -429,41 +440,137 @@ def run(a: SquadArgs) -> dict[str, Any]:
                    f"answer text does not match the context at answer_start")
     eval_f = featurize(tok, eval_data, training=False, **shape)
     common.check_casing(pretrained, common.unk_fraction(tok, (f["input_ids"] for f in train_f.inputs)),
-                        f"{a.train_file}")
+                        f"{a.train_file}", [e.question for e in train_data.examples[:2000]])
     pad_id = tok.token_to_id("[PAD]")
     from bertscale.model import BertForQuestionAnswering
     out_dir = Path(a.output_dir) / name
-    files = ["predictions.json"] + (["null_odds.json"] if a.version == "2.0" else []) \
-        + (["nbest_predictions.json"] if a.write_nbest else [])
-    main = "f1"
+    files = _files(a)
+    extra = dict(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+                 lowercase=pretrained.lowercase, train_file=str(a.train_file),
+                 predict_file=str(a.predict_file),
+                 train_questions=len(train_data.examples),
+                 train_windows=len(train_f.inputs), skipped_train_questions=train_f.skipped,
+                 scored_questions=len(eval_data.examples),
+                 predict_file_questions=len(full_eval.examples),
+                 max_eval_samples=a.max_eval_samples, save_model=a.save_model,
+                 **shape, **_decoding(a))
 
     def train_one(cfg: common.TrainConfig, run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
         model = common.build_model(BertForQuestionAnswering, pretrained)
         stats = common.fit(model, train_f.inputs, _loss, cfg, pad_id)
-        start, end = common.predict(model, eval_f.inputs, _forward, cfg, pad_id)
-        n = [len(f["input_ids"]) for f in eval_f.inputs]
-        decoded = decode(eval_data, eval_f, [s[:k] for s, k in zip(start, n)],
-                         [e[:k] for e, k in zip(end, n)], version_2=a.version == "2.0",
-                         n_best=a.n_best_size, max_answer_length=a.max_answer_length,
-                         null_score_diff_threshold=a.null_score_diff_threshold)
-        common.write_json_atomic(run_dir / "predictions.json", decoded.predictions)
-        if a.version == "2.0":
-            common.write_json_atomic(run_dir / "null_odds.json", decoded.null_odds)
-        if a.write_nbest:
-            common.write_json_atomic(run_dir / "nbest_predictions.json", decoded.nbest)
+        metrics = predict_and_write(model, eval_data, eval_f, cfg, pad_id, run_dir, a)
         if a.save_model:
-            common.save_model(model, pretrained, run_dir, "BertForQuestionAnswering")
-        # A predict file without answers (a test set) has nothing to score.
-        metrics = evaluate(eval_data, decoded) if eval_data.has_answers else {}
-        return {k: float(v) for k, v in metrics.items()} or {main: float("nan")}, stats
+            common.save_model(model, pretrained, run_dir, "BertForQuestionAnswering",
+                              {"family": "squad", "task": name, "version": a.version, **shape,
+                               **_decoding(a), "lr": cfg.lr, "seed": cfg.seed,
+                               "recipe": common.recipe(cfg)})
+        return metrics, stats
 
+    if len(eval_data.examples) < len(full_eval.examples):
+        common.write_json_atomic(out_dir / SUBSET_FILE, {"version": a.version,
+                                                          "data": eval_data.dataset})
+        common.log(f"{name}: scoring the first {len(eval_data.examples)} of the "
+                   f"{len(full_eval.examples)} questions of {a.predict_file} (--max-eval-samples); "
+                   f"{out_dir / SUBSET_FILE} holds them for the official script")
     runs = common.run_grid(name, out_dir, a.lrs, a.seeds, a.train, len(train_f.inputs),
-                           f"windows of {len(train_data.examples)} questions", train_one)
+                           f"windows of {len(train_data.examples)} questions", train_one, extra)
     names = ("exact_match", "f1") if a.version == "1.1" else ("exact", "f1", "best_f1")
-    return common.finish(name, main, runs, out_dir, files, a.train, t0, names, scale=1.0,
-                         checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
-                         lowercase=pretrained.lowercase, train_file=str(a.train_file),
-                         predict_file=str(a.predict_file),
-                         train_questions=len(train_data.examples),
-                         train_windows=len(train_f.inputs), skipped_train_questions=train_f.skipped,
-                         **shape)
+    return common.finish(name, "f1", runs, out_dir, files, a.train, t0, names, scale=1.0, **extra)
+
+
+def _files(a: SquadArgs) -> list[str]:
+    return ["predictions.json"] + (["null_odds.json"] if a.version == "2.0" else []) \
+        + (["nbest_predictions.json"] if a.write_nbest else [])
+
+
+def _decoding(a: Any) -> dict[str, Any]:
+    return dict(n_best_size=a.n_best_size, max_answer_length=a.max_answer_length,
+                null_score_diff_threshold=a.null_score_diff_threshold)
+
+
+def predict_and_write(model: nn.Module, data: SquadFile, feats: Features, cfg: common.TrainConfig,
+                      pad_id: int, folder: Path, a: Any, write_nbest: bool | None = None
+                      ) -> dict[str, float]:
+    """Predict `data`, decode, write predictions.json (null_odds.json for v2.0, the n-best with
+    --write-nbest) into `folder`; returns the official metrics (empty-file: {"f1": nan})."""
+    version = data.version
+    start, end = common.predict(model, feats.inputs, _forward, cfg, pad_id,
+                                what=Path(data.path).name)
+    n = [len(f["input_ids"]) for f in feats.inputs]
+    decoded = decode(data, feats, [s[:k] for s, k in zip(start, n)],
+                     [e[:k] for e, k in zip(end, n)], version_2=version == "2.0",
+                     n_best=a.n_best_size, max_answer_length=a.max_answer_length,
+                     null_score_diff_threshold=a.null_score_diff_threshold)
+    common.write_json_atomic(folder / "predictions.json", decoded.predictions)
+    if version == "2.0":
+        common.write_json_atomic(folder / "null_odds.json", decoded.null_odds)
+    if getattr(a, "write_nbest", False) if write_nbest is None else write_nbest:
+        common.write_json_atomic(folder / "nbest_predictions.json", decoded.nbest)
+    # A predict file without answers (a test set) has nothing to score.
+    metrics = evaluate(data, decoded) if data.has_answers else {}
+    return {k: float(v) for k, v in metrics.items()} or {"f1": float("nan")}
+
+
+@dataclass
+class _Saved:
+    """A --save-model folder's decoding settings, as predict_and_write reads them."""
+
+    n_best_size: int
+    max_answer_length: int
+    null_score_diff_threshold: float
+
+
+def load_saved(checkpoint: Path) -> tuple[nn.Module, Any, dict[str, Any], common.Pretrained]:
+    pretrained = common.load_checkpoint(checkpoint)
+    saved = common.finetuned_task(pretrained, "squad")
+    return common.build_model(None, pretrained), common.load_task_tokenizer(pretrained), saved, \
+        pretrained
+
+
+def _saved_features(tok: Any, data: SquadFile, saved: dict[str, Any]) -> Features:
+    return featurize(tok, data, training=False, max_seq_length=saved["max_seq_length"],
+                     doc_stride=saved["doc_stride"], max_query_length=saved["max_query_length"])
+
+
+def evaluate_saved(a: SquadArgs, name: str, t0: float) -> dict[str, Any]:
+    """--eval-only: score --predict-file with a saved fine-tuned model (its saved windowing and
+    decoding settings), through the same code as training."""
+    model, tok, saved, pretrained = load_saved(a.checkpoint)
+    if saved["version"] != a.version:
+        raise UserError(f"{a.checkpoint}: fine-tuned for SQuAD v{saved['version']}, not "
+                        f"--version {a.version}")
+    data = _subset(read_squad(a.predict_file, a.version), a.max_eval_samples)
+    out_dir = Path(a.output_dir) / name
+    common.check_eval_dir(out_dir)
+    cfg = dataclasses.replace(a.train)
+    cfg.run = common.RunContext(out_dir, f"{name} eval-only")
+    metrics = predict_and_write(model, data, _saved_features(tok, data, saved), cfg,
+                                tok.token_to_id("[PAD]"), out_dir, _Saved(
+                                    saved["n_best_size"], saved["max_answer_length"],
+                                    saved["null_score_diff_threshold"]), a.write_nbest)
+    summary = {"task": name, "eval_only": True, "checkpoint": pretrained.source, "trained": saved,
+               "metrics": metrics, "predict_file": str(a.predict_file),
+               "scored_questions": len(data.examples), "seconds": time.perf_counter() - t0}
+    common.write_json_atomic(out_dir / "results.json", summary)
+    if common.ranks().is_main:
+        shown = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
+                          if k in ("exact_match", "exact", "f1", "best_f1"))
+        print(f"{name} (eval-only, {pretrained.source})  {shown}", flush=True)
+    return summary
+
+
+def predict_file(checkpoint: Path, input_file: Path, output: Path, cfg: common.TrainConfig) -> Path:
+    """`finetune predict` for a SQuAD model: a SQuAD JSON file (answers not needed) ->
+    predictions.json ({id: answer}, the official format; v2.0 also null_odds.json beside it)."""
+    model, tok, saved, _ = load_saved(checkpoint)
+    data = read_squad(input_file, saved["version"])
+    cfg = dataclasses.replace(cfg)
+    cfg.run = common.RunContext(output.parent, f"{saved['task']} predict")
+    tmp_dir = output.parent
+    predict_and_write(model, data, _saved_features(tok, data, saved), cfg,
+                      tok.token_to_id("[PAD]"), tmp_dir, _Saved(
+                          saved["n_best_size"], saved["max_answer_length"],
+                          saved["null_score_diff_threshold"]), False)
+    if output.name != "predictions.json" and common.ranks().is_main:
+        (tmp_dir / "predictions.json").replace(output)
+    return output

@@ -153,7 +153,8 @@ def run(a: SwagArgs) -> dict[str, Any]:
     tok = common.load_task_tokenizer(pretrained, a.max_seq_length)
     train_f, val_f, test_f = featurize(tok, train_ex), featurize(tok, val_ex), featurize(tok, test_ex)
     common.check_casing(pretrained, common.unk_fraction(
-        tok, (ids for f in train_f for ids in f["input_ids"])), f"{d / 'train.csv'}")
+        tok, (ids for f in train_f for ids in f["input_ids"])), f"{d / 'train.csv'}",
+        [e.context for e in train_ex[:2000]])
     pad_id = tok.token_to_id("[PAD]")
     from bertscale.model import BertForMultipleChoice
     out_dir = Path(a.output_dir) / "SWAG"
@@ -161,22 +162,27 @@ def run(a: SwagArgs) -> dict[str, Any]:
     def train_one(cfg: common.TrainConfig, run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
         model = common.build_model(BertForMultipleChoice, pretrained)
         stats = common.fit(model, train_f, _loss, cfg, pad_id)
-        (logits,) = common.predict(model, val_f, _forward, cfg, pad_id)
+        (logits,) = common.predict(model, val_f, _forward, cfg, pad_id, what="val")
         metrics = {"accuracy": M.accuracy(logits.argmax(-1), [f["label"] for f in val_f])}
         common.write_text_atomic(run_dir / "val_predictions.csv",
                                  predictions_csv(val_ex, logits.argmax(-1), with_label=True))
         if test_f:
-            (logits,) = common.predict(model, test_f, _forward, cfg, pad_id)
+            (logits,) = common.predict(model, test_f, _forward, cfg, pad_id, what="test")
             common.write_text_atomic(run_dir / "predictions.csv",
                                      predictions_csv(test_ex, logits.argmax(-1)))
         if a.save_model:
-            common.save_model(model, pretrained, run_dir, "BertForMultipleChoice")
+            common.save_model(model, pretrained, run_dir, "BertForMultipleChoice",
+                              {"family": "swag", "task": "SWAG", "lr": cfg.lr, "seed": cfg.seed,
+                               "max_seq_length": a.max_seq_length,
+                               "recipe": common.recipe(cfg)})
         return metrics, stats
 
+    extra = dict(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+                 lowercase=pretrained.lowercase, data=str(d), train_examples=len(train_f),
+                 max_seq_length=a.max_seq_length, max_eval_samples=a.max_eval_samples,
+                 save_model=a.save_model, predict_test=a.predict_test)
     runs = common.run_grid("SWAG", out_dir, a.lrs, a.seeds, a.train, len(train_f), "examples",
-                           train_one)
+                           train_one, extra)
     return common.finish("SWAG", "accuracy", runs, out_dir,
                          ["predictions.csv"] if test_f else [], a.train, t0, ("accuracy",),
-                         checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
-                         lowercase=pretrained.lowercase, data=str(d), train_examples=len(train_f),
-                         max_seq_length=a.max_seq_length)
+                         **extra)

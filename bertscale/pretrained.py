@@ -1,0 +1,147 @@
+"""One call from a checkpoint folder to a ready model: `bertscale.from_pretrained`.
+
+    import bertscale
+    model = bertscale.from_pretrained("hf/bert-base-uncased", head="sequence-classification",
+                                      num_labels=2)          # a fresh head on the encoder
+    model = bertscale.from_pretrained("finetuned/MRPC/runs/lr2e-05-seed1/model")   # with its head
+    tok = bertscale.tokenizer_for("finetuned/MRPC/runs/lr2e-05-seed1/model")
+
+A folder is a Hugging Face BERT folder (config.json + weights + vocab.txt; bertscale's own
+`export` and `finetune --save-model` write these) or a bertscale pretraining run / checkpoint
+folder (any ZeRO stage, consolidated in memory). The vocabulary and casing always come with
+the checkpoint. A folder written by `finetune --save-model` also holds bertscale_task.json
+(task, labels, the recipe, the sequence lengths): `head=None` then rebuilds that head with its
+trained weights, which is how `finetune … --eval-only` and `finetune predict` load it. The
+fine-tuning commands build every model through `build` below.
+
+Limits: the model is returned on the CPU in eval mode; heads are bertscale.model's classes
+(HF-compatible names), not `transformers` classes.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from bertscale.config import ModelConfig
+from bertscale.errors import UserError
+
+TASK_FILE = "bertscale_task.json"
+"""Written beside a fine-tuned model: what the head was trained for."""
+
+HEAD_ALIASES = {
+    "encoder": "BertModel", "pretraining": "BertForPreTraining", "masked-lm": "BertForMaskedLM",
+    "sequence-classification": "BertForSequenceClassification",
+    "question-answering": "BertForQuestionAnswering", "multiple-choice": "BertForMultipleChoice",
+    "token-classification": "BertForTokenClassification",
+}
+_NEEDS_LABELS = ("BertForSequenceClassification", "BertForTokenClassification")
+
+
+@dataclass
+class Pretrained:
+    """A checkpoint read into memory, ready to build a model from."""
+
+    config: ModelConfig
+    state_dict: dict[str, Tensor]
+    """BertForPreTraining keys (bert.*, cls.*) plus any fine-tuned head (classifier.*,
+    qa_outputs.*); parts that are absent are fine."""
+    vocab_path: Path
+    lowercase: bool
+    source: str
+    """The path as the user gave it, for messages and the results file."""
+    kind: str
+    """"huggingface" or "bertscale"."""
+    architecture: str = "BertForPreTraining"
+    """The head the folder was saved with (config.json's architectures[0])."""
+    task: dict[str, Any] | None = None
+    """bertscale_task.json of a `finetune --save-model` folder, else None."""
+
+
+def load_checkpoint(path: str | Path) -> Pretrained:
+    """A Hugging Face folder (it has config.json) or a bertscale run / checkpoint folder."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: checkpoint not found")
+    if p.is_dir() and (p / "config.json").is_file():
+        from bertscale.hf import load_hf_folder
+        ck = load_hf_folder(p)
+        kind, architecture = "huggingface", ck.architecture
+    else:
+        try:
+            from bertscale.checkpoint import load_consolidated
+        except ModuleNotFoundError as e:
+            if e.name != "bertscale.checkpoint":
+                raise
+            raise UserError(f"{p}: no config.json, so not a Hugging Face folder, and this "
+                            f"installation cannot read bertscale checkpoints") from None
+        ck = load_consolidated(p)
+        kind, architecture = "bertscale", "BertForPreTraining"
+    task = None
+    if p.is_dir() and (p / TASK_FILE).is_file():
+        try:
+            task = json.loads((p / TASK_FILE).read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise UserError(f"{p / TASK_FILE}: not valid JSON ({e})") from None
+    return Pretrained(config=ck.config, state_dict=dict(ck.state_dict),
+                      vocab_path=Path(ck.vocab_path), lowercase=bool(ck.lowercase),
+                      source=str(p), kind=kind, architecture=architecture, task=task)
+
+
+def head_class(head: str | type) -> type:
+    """A bertscale.model head class from a class, its name, or an alias ("sequence-classification")."""
+    from bertscale import model as M
+    if isinstance(head, type):
+        return head
+    name = HEAD_ALIASES.get(head, head)
+    cls = getattr(M, name, None) if name.startswith("Bert") else None
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise UserError(f"unknown head {head!r}; choose one of {', '.join(HEAD_ALIASES)} "
+                        f"(or a class name: {', '.join(HEAD_ALIASES.values())})")
+    return cls
+
+
+def build(pretrained: Pretrained, head: str | type | None = None, **kwargs: Any) -> tuple[nn.Module, list[str]]:
+    """The model `head` (default: the checkpoint's own) with the checkpoint's weights; returns
+    (model, keys that kept their fresh initialisation). A classification head's num_labels
+    defaults to the checkpoint's trained head, when it has one."""
+    from bertscale.model import load_pretrained
+    cls = head_class(head or pretrained.architecture)
+    if cls.__name__ in _NEEDS_LABELS and "num_labels" not in kwargs:
+        trained = pretrained.state_dict.get("classifier.weight")
+        if trained is None:
+            raise UserError(f"{pretrained.source}: head {cls.__name__} needs num_labels (the "
+                            f"checkpoint has no trained classifier to take it from)")
+        kwargs["num_labels"] = int(trained.shape[0])
+    model = cls(pretrained.config, **kwargs)
+    with warnings.catch_warnings():
+        # An encoder-only checkpoint has no pooler for the classification heads: callers say
+        # that once (the returned keys), not as a library warning per model.
+        warnings.simplefilter("ignore")
+        fresh = load_pretrained(model, pretrained.state_dict, pretrained.source)
+    return model, fresh
+
+
+def from_pretrained(path: str | Path, head: str | type | None = None, **kwargs: Any) -> nn.Module:
+    """A ready model (CPU, eval mode) from a Hugging Face folder, a bertscale run or checkpoint
+    folder, or a `finetune --save-model` folder. `head`: a bertscale.model class, its name, or
+    one of HEAD_ALIASES; None = the head the folder was saved with (its trained weights
+    included). Extra keyword arguments go to the head (e.g. num_labels)."""
+    model, _ = build(load_checkpoint(path), head, **kwargs)
+    return model.eval()
+
+
+def tokenizer_for(path: str | Path, max_length: int | None = None) -> Any:
+    """The checkpoint's WordPiece tokenizer (tokenizers.Tokenizer) with its own casing;
+    optional longest-first truncation to `max_length` tokens."""
+    from bertscale.tokenizer import load_tokenizer
+    p = load_checkpoint(path)
+    tok = load_tokenizer(p.vocab_path, p.lowercase)
+    if max_length is not None:
+        tok.enable_truncation(max_length=max_length, strategy="longest_first")
+    return tok

@@ -1,0 +1,350 @@
+"""Progress and metrics that any long job shows and keeps: a progress line with an ETA, and the
+metric sinks (metrics.jsonl, Weights & Biases, TensorBoard).
+
+`Progress` draws one pass of known length (training steps, prediction batches, documents): on a
+terminal a bar redrawn in place that never exceeds the terminal's width (it is cut to fit, so
+it never wraps and scrolls); elsewhere (a log file, a SLURM job) plain lines at a chosen
+cadence and one at the end. The ETA counts from the end of the first item, which pays for
+warm-up (allocation, compilation, the first data read).
+
+`MetricSinks` writes every record as one JSON line and, when asked, to W&B and TensorBoard. A
+sink that fails (no network, no package) warns once and switches itself off: logging never
+stops or stalls a job. W&B runs offline without an API key (it writes its folder for a later
+`wandb sync`); an online init that fails falls back to offline.
+
+Limits: the bar assumes one writer on the stream (rank 0's); lines printed by other code while a
+bar is open are kept on their own line only if they go through `Progress.note` (or the bar is
+closed first). Terminal width is read at every redraw, so a resized window is followed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def hms(seconds: float) -> str:
+    """`1:02:03`, `2:03`, or `--:--` when unknown."""
+    if not math.isfinite(seconds):
+        return "--:--"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def use_bar(mode: str, stream: TextIO) -> bool:
+    """"bar", "plain", or "auto" (a bar when the stream is a terminal)."""
+    if mode not in ("auto", "bar", "plain"):
+        raise ValueError(f"progress mode {mode!r}: choose auto, bar or plain")
+    if mode == "auto":
+        try:
+            return stream.isatty()
+        except (AttributeError, ValueError):
+            return False
+    return mode == "bar"
+
+
+def terminal_width(stream: TextIO, fallback: int = 100) -> int:
+    """The width of the terminal `stream` writes to (COLUMNS wins, as for shutil)."""
+    if os.environ.get("COLUMNS", "").isdigit():
+        return int(os.environ["COLUMNS"])
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return shutil.get_terminal_size((fallback, 24)).columns
+
+
+class Progress:
+    """One pass of `total` items: `update(done, **values)` after each item, `close()` at the end.
+
+    Plain mode prints a line every `every` items (0: only the closing line)."""
+
+    BAR_MIN, BAR_MAX = 10, 30
+
+    def __init__(self, label: str, total: int, unit: str = "steps", *, mode: str = "auto",
+                 every: int = 0, stream: TextIO | None = None, enabled: bool = True):
+        self.label, self.total, self.unit = label, max(int(total), 0), unit
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.bar = enabled and use_bar(mode, self.stream)
+        self.every = every
+        self.done = 0
+        self.t0 = time.monotonic()
+        self.t_first: float | None = None
+        self.first_done = 0
+        self.open = False
+        self.values: dict[str, Any] = {}
+
+    def eta(self) -> float:
+        if self.t_first is None or self.done <= self.first_done:
+            return float("nan")
+        rate = (time.monotonic() - self.t_first) / (self.done - self.first_done)
+        return rate * (self.total - self.done)
+
+    def _text(self, values: list[tuple[str, Any]]) -> str:
+        extra = "  ".join(f"{k} {v}" for k, v in values)
+        return (f"{self.done}/{self.total} {self.unit}" + (f"  {extra}" if extra else "")
+                + f"  ETA {hms(self.eta())}")
+
+    def render(self, width: int) -> str:
+        """The line for a `width`-column terminal, at most width - 1 characters (the last
+        column wraps on some terminals). What gives way, in order: the bar, then the values
+        from the last (loss stays longest), then the label's start; the counts and the ETA
+        always show."""
+        room = max(width - 1, 1)
+        values = list(self.values.items())
+        text = self._text(values)
+        n = min(room - len(self.label) - len(text) - 4, self.BAR_MAX)    # "label [bar] text"
+        if n >= self.BAR_MIN:
+            fill = int(n * self.done / self.total) if self.total else n
+            return f"{self.label} [{'#' * fill}{'.' * (n - fill)}] {text}"
+        while values and len(self.label) + 1 + len(text) > room:
+            values.pop()
+            text = self._text(values)
+        label = self.label[max(len(self.label) + 1 + len(text) - room, 0):]
+        return f"{label} {text}"[:room]
+
+    def update(self, done: int, **values: Any) -> None:
+        if not self.enabled:
+            return
+        self.done = done
+        if self.t_first is None:
+            self.t_first, self.first_done = time.monotonic(), done
+        self.values = {k: _fmt(v) for k, v in values.items()}
+        if self.bar:
+            self.stream.write("\r" + self.render(terminal_width(self.stream)) + "\x1b[K")
+            self.stream.flush()
+            self.open = True
+        elif self.every and done % self.every == 0 and done < self.total:
+            self._line(self._text(list(self.values.items())))
+
+    def note(self, msg: str) -> None:
+        """A line of its own, below an open bar (which the next update redraws)."""
+        if not self.enabled:
+            return
+        self._end_bar()
+        print(msg, file=self.stream, flush=True)
+
+    def _line(self, msg: str) -> None:
+        print(f"{self.label} {msg}", file=self.stream, flush=True)
+
+    def _end_bar(self) -> None:
+        if self.open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open = False
+
+    def close(self, summary: str = "") -> float:
+        """End the pass with one line (`label done N steps in 12 s  summary`); returns seconds."""
+        seconds = time.monotonic() - self.t0
+        if self.enabled:
+            if self.bar:
+                self.stream.write("\r\x1b[K")
+                self.open = False
+            self._line(f"{self.done}/{self.total} {self.unit} in {seconds:.1f} s"
+                       + (f"  {summary}" if summary else ""))
+        return seconds
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.2e}" if v and (abs(v) < 1e-3 or abs(v) >= 1e5) else f"{v:.4f}"
+    return str(v)
+
+
+class MetricSinks:
+    """metrics.jsonl in `folder`, plus W&B and TensorBoard when asked; rank 0 only (`enabled`).
+
+    `wandb_config` is the run's settings as W&B shows them; `name` / `group` name the W&B run
+    (a fine-tuning grid puts its runs in one group). The W&B run id is kept in the folder, so a
+    resumed run continues the same W&B run."""
+
+    def __init__(self, folder: Path, *, enabled: bool = True, wandb: bool = False,
+                 tensorboard: bool = False, project: str = "bertscale", name: str | None = None,
+                 group: str | None = None, wandb_config: Mapping[str, Any] | None = None,
+                 wandb_mode: str = "auto", warn: Any = None):
+        self.enabled = enabled
+        self.warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
+        self.jsonl = self.wandb = self.tb = None
+        if not enabled:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(folder / "metrics.jsonl", "a", encoding="utf-8")
+        if wandb:
+            self.wandb = init_wandb(folder, project=project, name=name, group=group,
+                                    config=dict(wandb_config or {}), mode=wandb_mode,
+                                    warn=self.warn)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(folder / "tensorboard"))
+            except Exception as e:  # noqa: BLE001 - e.g. the tensorboard package is missing
+                self.warn(f"TensorBoard is unavailable ({type(e).__name__}: {e}); "
+                          f"pip install tensorboard")
+
+    def record(self, kind: str, step: int, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"kind": kind, "step": step, "time": round(time.time(), 3),
+                                     **values}) + "\n")
+        self.jsonl.flush()
+        if self.wandb is not None:
+            try:
+                self.wandb.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
+            except Exception as e:  # noqa: BLE001
+                self.warn(f"W&B log failed ({type(e).__name__}: {e}); W&B logging is off")
+                self.wandb = None
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def rewind(self, step: int) -> None:
+        """Drop the records after `step` from metrics.jsonl: a run resumed from its step-`step`
+        checkpoint repeats those steps, and each step keeps one record. (W&B keeps what it got:
+        it ignores steps logged again below its last one.)"""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        path = Path(self.jsonl.name)
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        tmp.replace(path)
+        self.jsonl = open(path, "a", encoding="utf-8")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception as e:  # noqa: BLE001
+                self.warn(f"W&B finish failed: {e}")
+        if self.tb is not None:
+            self.tb.close()
+
+
+def init_wandb(folder: Path, *, project: str, name: str | None, group: str | None,
+               config: dict[str, Any], mode: str, warn: Any) -> Any:
+    """A W&B run kept in `folder`, resumed across restarts; None (with a warning) on any
+    failure. "auto": online when an API key is configured, else offline; WANDB_MODE wins."""
+    try:
+        import wandb
+
+        chosen = None if "WANDB_MODE" in os.environ else mode
+        if chosen == "auto":
+            chosen = "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in() \
+                else "offline"
+        id_file = folder / "wandb_id.txt"
+        if not id_file.is_file():
+            id_file.write_text(secrets.token_hex(4))
+        run_id = id_file.read_text().strip()
+    except Exception as e:  # noqa: BLE001 - W&B must never stop a job
+        warn(f"W&B is unavailable ({type(e).__name__}: {e}); W&B logging is off")
+        return None
+    for attempt in ([chosen, "offline"] if chosen == "online" else [chosen]):
+        try:
+            run = wandb.init(project=project, name=name, group=group, id=run_id,
+                              resume="allow", dir=str(folder), mode=attempt, config=config,
+                              settings=wandb.Settings(console="off", init_timeout=90,
+                                                      quiet=not VERBOSE))
+            if run is not None and getattr(run.settings, "mode", None) == "offline":
+                print(f"W&B: offline run in {Path(run.dir).parent} (`wandb sync` it later)",
+                      file=sys.stderr, flush=True)
+            return run
+        except Exception as e:  # noqa: BLE001
+            warn(f"W&B init ({attempt or os.environ.get('WANDB_MODE')}) failed: "
+                 f"{type(e).__name__}: {e}")
+    warn("W&B logging is off for this run")
+    return None
+
+
+def _wandb_logged_in() -> bool:
+    """Whether `wandb login` stored a key: an entry for W&B's host in ~/.netrc (or $NETRC), where
+    the login writes it. (wandb.api.api_key would tell too, but is deprecated and says so.)"""
+    import netrc
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+# ------------------------------------------------------------------ third-party chatter
+
+# Messages of libraries we drive that say nothing a user must act on; they drown our own lines.
+# `--verbose` shows them all again.
+BENIGN = (
+    "untested optimizer",              # ours is a client LAMB/AdamW, correct under ZeRO
+    "Setting ds_accelerator to",       # DeepSpeed's accelerator auto-detection; on a GPU
+    "Setting accelerator to CPU",      # host that torch cannot see, `bertscale doctor` says so
+    "ds_accelerator",
+    "torch.distributed.reduce_op",
+    "all_gather_into_tensor",
+)
+VERBOSE = False
+"""Set by quiet_third_party; read by `third_party_output`."""
+
+
+class _DropBenign:
+    def filter(self, record: Any) -> bool:
+        msg = record.getMessage()
+        return not any(b in msg for b in BENIGN)
+
+
+def quiet_third_party(verbose: bool = False) -> None:
+    """Lower what DeepSpeed, transformers and huggingface_hub print to what matters (errors and
+    warnings that are not on the BENIGN list); `verbose` keeps everything. Call before the
+    libraries are imported (environment variables) or at any time (loggers)."""
+    import logging
+    import warnings
+
+    global VERBOSE
+    VERBOSE = verbose
+    # Our own warnings (casing, pooler) read as one line, not file:line plus a source line.
+    warnings.formatwarning = lambda message, category, *rest, **kw: (
+        f"warning: {message}\n" if issubclass(category, UserWarning)
+        else f"{category.__name__}: {message}\n")
+    if verbose:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # shard-loading bars
+    os.environ.setdefault("DS_ACCELERATOR_LOG_LEVEL", "error")
+    os.environ.setdefault("WANDB_SILENT", "true")    # init_wandb says where the run went
+    for name in ("DeepSpeed", "deepspeed", "accelerator", "transformers", "torch.distributed"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _DropBenign) for f in lg.filters):
+            lg.addFilter(_DropBenign())
+    for b in BENIGN:
+        warnings.filterwarnings("ignore", message=f".*{b}.*")
+
+
+class third_party_output:
+    """Swallow what a library call prints to stdout/stderr (e.g. zero_to_fp32's "Processing zero
+    checkpoint" lines) unless --verbose; printed after all if the call raises, so nothing that
+    explains a failure is lost."""
+
+    def __enter__(self) -> third_party_output:
+        import contextlib
+        import io
+        self.buffer = io.StringIO()
+        self.stack = contextlib.ExitStack()
+        if not VERBOSE:
+            self.stack.enter_context(contextlib.redirect_stdout(self.buffer))
+            self.stack.enter_context(contextlib.redirect_stderr(self.buffer))
+        return self
+
+    def __exit__(self, kind: Any, *rest: Any) -> None:
+        self.stack.close()
+        if kind is not None and self.buffer.getvalue():
+            sys.stderr.write(self.buffer.getvalue())
