@@ -316,8 +316,9 @@ class TrainSection:
     """Phase 2: run folder (or checkpoint folder) of phase 1; its newest committed weights are
     loaded, nothing else (fresh optimizer, schedule and data position)."""
     max_loss_scale_skips: int = 50
-    """fp16 only: stop when this many optimizer steps in a row were skipped for overflow
-    (loss-scale collapse) instead of training on with a scale near zero."""
+    """Stop when this many optimizer updates in a row were skipped for gradient overflow (fp16:
+    loss-scale collapse) instead of training on with a scale near zero. Skipped updates are not
+    steps: they are logged and counted, and their samples count as consumed."""
 
 
 @dataclass
@@ -388,6 +389,10 @@ class DebugSection:
 
     nan_loss_at_step: int = 0
     """Turn the loss of this optimizer step (1-based) into NaN on rank 0 (0: off)."""
+    overflow_at_steps: list[int] = field(default_factory=list)
+    """Make one gradient inf (on rank 0) while the update that would become each of these steps
+    (1-based) is computed, so that DeepSpeed skips it as after an fp16 overflow; a step listed
+    k times is skipped k times. ZeRO-1/2 (any precision); for tests of the step accounting."""
 
 
 @dataclass
@@ -442,6 +447,9 @@ class PretrainRecipe:
                              ("logging.peak_tflops", self.logging.peak_tflops)):
             if value < 0:
                 raise ConfigError(f"{where} must be >= 0, got {value}")
+        if any(s <= 0 for s in self.debug.overflow_at_steps):
+            raise ConfigError(f"debug.overflow_at_steps must hold positive step numbers, got "
+                              f"{self.debug.overflow_at_steps}")
         if self.logging.every <= 0:
             raise ConfigError(f"logging.every must be positive, got {self.logging.every}")
         if t.max_loss_scale_skips <= 0:

@@ -38,6 +38,7 @@ from typing import Any
 
 from bertscale import checkpoint as ckpt_lib
 from bertscale import distributed
+from bertscale import steps as steps_lib
 from bertscale.config import (ModelConfig, PretrainRecipe, load_pretrain_recipe, recipe_to_dict,
                               to_dict)
 from bertscale.errors import ConfigError, UserError
@@ -314,6 +315,15 @@ class Reporter:
         elif log_now:
             print(line, flush=True)
 
+    def skipped(self, step: int, values: dict[str, float]) -> None:
+        """An optimizer update skipped for gradient overflow: always logged, never a step."""
+        if not self.main:
+            return
+        self.record("skip", step, values)
+        scale = f", loss scale now {values['loss_scale']:g}" if "loss_scale" in values else ""
+        self.info(f"step {step + 1}/{self.total}: update skipped (gradient overflow{scale}); "
+                  f"{values['skipped_steps']} skipped in all, not counted as steps")
+
     def close(self) -> None:
         if not self.main:
             return
@@ -415,14 +425,16 @@ def train(plan: Plan) -> int:
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: optim.build_scheduler(opt, recipe.schedule, t.steps))
     optim.make_zero_aware(optimizer, engine)  # LAMB: trust ratios per original tensor under ZeRO
+    overflow = steps_lib.OverflowInjector(model, recipe.debug.overflow_at_steps if env.is_main else [])
     device = engine.device
 
     # ---- where we start: a committed checkpoint of this run, or step 0
-    step, consumed = 0, 0
+    step, consumed, skips = 0, 0, steps_lib.Skips()
     if plan.resume_from is not None:
         ckpt_lib.load(engine, plan.resume_from, load_dir=load_dir, tag=load_tag,
                       restore_rng=not universal)
         step, consumed = int(plan.resume_state["step"]), int(plan.resume_state["consumed_samples"])
+        skips.total = int(plan.resume_state.get("skipped_steps", 0))
         if universal:  # per-rank RNG streams cannot be mapped to other ranks: reseed, reproducibly
             seed_all(t.seed + 7919 * (step + 1) + env.rank)
     else:
@@ -456,7 +468,8 @@ def train(plan: Plan) -> int:
                   f"steps {step}->{t.steps}, run folder {run_dir}")
 
     def state_for_checkpoint() -> dict[str, Any]:
-        return {"step": step, "consumed_samples": consumed, "recipe": recipe_to_dict(recipe),
+        return {"step": step, "consumed_samples": consumed, "skipped_steps": skips.total,
+                "recipe": recipe_to_dict(recipe),
                 "model_config": to_dict(plan.model_config), "tokenizer_hash": plan.tokenizer_hash,
                 "manifest_fingerprint": plan.manifest.fingerprint,
                 "manifest_path": str(plan.manifest.path), "lowercase": bool(plan.manifest.lowercase),
@@ -529,7 +542,6 @@ def train(plan: Plan) -> int:
 
     # ---- the step loop
     exit_code = 0
-    skipped_in_a_row = 0
     engine.train()
     stop_at = min(t.steps, plan.stop_at_step) if plan.stop_at_step else t.steps
     try:
@@ -539,6 +551,7 @@ def train(plan: Plan) -> int:
             # non-finite micro-batches, preemption flag: one all-reduce per optimizer step.
             stats = torch.zeros(10, dtype=torch.float64, device=device)
             seen: list[tuple[Any, Any]] = []  # (finite?, sample_ids) per micro-batch, no sync
+            overflow.arm(step + 1)
             for micro in range(plan.grad_accum):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
                 out = engine(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
@@ -587,24 +600,31 @@ def train(plan: Plan) -> int:
                 if "loss scale already at minimum" not in str(e):
                     raise
                 collapsed = True
-            if plan.precision == "fp16":
-                skipped_in_a_row = 0 if engine.was_step_applied() else skipped_in_a_row + 1
-                collapsed = collapsed or skipped_in_a_row >= t.max_loss_scale_skips
-            if collapsed:
-                scale = getattr(engine.optimizer, "cur_scale", "?")
-                reporter.info(f"error: step {step + 1}: the fp16 loss scale collapsed (scale {scale}, "
-                              f"{skipped_in_a_row} overflowing steps in a row); stopping without saving")
+            # A skipped update (gradient overflow) is not a step; its samples were consumed.
+            applied = not collapsed and engine.was_step_applied()
+            skips.record(applied)
+            consumed += G
+            scale = steps_lib.loss_scale(engine) if plan.precision == "fp16" else None
+            if collapsed or skips.in_a_row >= t.max_loss_scale_skips:
+                reporter.info(f"error: step {step + 1}: {skips.in_a_row} optimizer updates in a row "
+                              f"skipped for gradient overflow (loss scale {scale}); stopping "
+                              f"without saving")
                 exit_code = distributed.NONFINITE_EXIT_CODE
                 break
+            if not applied:
+                # A preemption flag stays set: the next applied step saves and exits.
+                reporter.skipped(step, {"skipped_steps": skips.total, "consumed_samples": consumed,
+                                        "loss": loss_s / (W * plan.grad_accum),
+                                        **({"loss_scale": scale} if scale is not None else {})})
+                continue
             step += 1
-            consumed += G
             dt = time.perf_counter() - t0
             n = W * plan.grad_accum
             tflops = flops_per_step(plan.model_config, G, plan.manifest.seq_len, mlm_n) / dt / 1e12
             values = {"loss": loss_s / n, "mlm_loss": mlm_s / n, "mlm_acc": mlm_ok / max(mlm_n, 1),
                       "lr": lr, "samples_per_s": G / dt,
                       "tokens_per_s": tokens / dt, "tflops": tflops, "step_time_s": dt,
-                      "consumed_samples": consumed}
+                      "consumed_samples": consumed, "skipped_steps": skips.total}
             if nsp_n:
                 values.update(nsp_loss=nsp_s / n, nsp_acc=nsp_ok / nsp_n)
             grad_norm = engine.get_global_grad_norm()
