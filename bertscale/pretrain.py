@@ -16,9 +16,10 @@ Honest limits:
   emulated on CPUs without native bf16 and is many times slower there).
 - With ZeRO-Offload the optimizer is the recipe's torch optimizer running on the CPU partitions,
   not DeepSpeed's CPU Adam kernel: correct, slower than DeepSpeed's own offload path.
-- Model FLOPs (for TFLOP/s and MFU) count matmuls only: 6 x dense parameters per token over the
-  full (padded) sequence, attention scores and values 12 x L x H x T^2 per sequence, the MLM head
-  only at the real masked positions; embeddings, norms and softmax are not counted.
+- Model FLOPs (for TFLOP/s and MFU) are bertscale.perf's one count: matmuls on the real
+  (non-padding) tokens only, attention over each sequence's real length, the MLM head at the
+  masked positions; embeddings, norms, softmax and padding are not counted. MFU is against
+  `logging.peak_tflops`, else the CUDA device's datasheet peak (bertscale.perf.datasheet_peak).
 """
 
 from __future__ import annotations
@@ -206,16 +207,6 @@ def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, 
 # ================================================================================ metrics
 
 
-def flops_per_step(cfg: ModelConfig, sequences: int, seq_len: int, masked_tokens: float) -> float:
-    """Model FLOPs of one optimizer step (forward + backward = 3 x forward), matmuls only."""
-    H, L, I, V, T = (cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size,
-                     cfg.vocab_size, seq_len)
-    per_layer = 2 * T * (4 * H * H + 2 * H * I) + 4 * T * T * H   # QKV+out+FFN; QK^T and AV
-    per_sequence = L * per_layer + 2 * H * H + 2 * 2 * H            # + pooler + NSP
-    per_masked = 2 * H * H + 2 * H * V                              # transform + decoder
-    return 3.0 * (sequences * per_sequence + masked_tokens * per_masked)
-
-
 class Reporter:
     """Rank 0's outputs: terminal (bar or plain lines), metrics.jsonl, W&B, TensorBoard. Every
     optional sink fails soft: a warning, never a crashed or stalled job."""
@@ -375,7 +366,7 @@ def train(plan: Plan) -> int:
     import torch
     import torch.distributed as dist
 
-    from bertscale import optim
+    from bertscale import optim, perf
     from bertscale.data.loader import MaskingConfig, PretrainLoader, verify_shards
     from bertscale.model import BertForPreTraining, FastPaths, pretraining_loss
 
@@ -454,6 +445,7 @@ def train(plan: Plan) -> int:
     batches = iter(loader)
 
     reporter = Reporter(plan, step)
+    peak = perf.mfu_peak(recipe.logging.peak_tflops, device, plan.precision)  # (TFLOP/s, source)
     n_params = sum(p.numel() for p in model.parameters())
     if plan.resume_from is not None:
         how = (f", converted from {plan.resume_from.marker.get('world_size')} ranks through a "
@@ -466,6 +458,9 @@ def train(plan: Plan) -> int:
                   f"ZeRO-{plan.zero_stage} {plan.precision}, global batch {G} = {t.micro_batch_size} "
                   f"x {plan.grad_accum} accumulation x {W}, seq {plan.manifest.seq_len}, "
                   f"steps {step}->{t.steps}, run folder {run_dir}")
+    reporter.info(f"MFU against {peak[0]:g} TFLOP/s per device ({peak[1]}, {plan.precision}); model "
+                  f"FLOPs on real tokens (bertscale.perf)" if peak else
+                  "MFU not reported: set logging.peak_tflops (no datasheet peak for this device)")
 
     def state_for_checkpoint() -> dict[str, Any]:
         return {"step": step, "consumed_samples": consumed, "skipped_steps": skips.total,
@@ -548,8 +543,9 @@ def train(plan: Plan) -> int:
         while step < stop_at:
             t0 = time.perf_counter()
             # loss, mlm loss, nsp loss, mlm hits, mlm count, nsp hits, nsp count, real tokens,
-            # non-finite micro-batches, preemption flag: one all-reduce per optimizer step.
-            stats = torch.zeros(10, dtype=torch.float64, device=device)
+            # squared real lengths (the FLOP count's attention term), non-finite micro-batches,
+            # preemption flag: one all-reduce per optimizer step.
+            stats = torch.zeros(11, dtype=torch.float64, device=device)
             seen: list[tuple[Any, Any]] = []  # (finite?, sample_ids) per micro-batch, no sync
             overflow.arm(step + 1)
             for micro in range(plan.grad_accum):
@@ -569,11 +565,11 @@ def train(plan: Plan) -> int:
                 stats += _vec(
                     torch.where(finite, loss.detach(), 0.0), torch.where(finite, parts.mlm.detach(), 0.0),
                     torch.where(finite, parts.nsp.detach(), 0.0), parts.mlm_correct, parts.mlm_count,
-                    parts.nsp_correct, parts.nsp_count, batch["attention_mask"].sum(), ~finite,
-                    torch.zeros((), device=device))
-            stats[9] = 1.0 if distributed.local_preemption_flag() else 0.0
+                    parts.nsp_correct, parts.nsp_count, *perf.batch_length_sums(batch["attention_mask"]),
+                    ~finite, torch.zeros((), device=device))
+            stats[10] = 1.0 if distributed.local_preemption_flag() else 0.0
             dist.all_reduce(stats)
-            (loss_s, mlm_s, nsp_s, mlm_ok, mlm_n, nsp_ok, nsp_n, tokens, nonfinite,
+            (loss_s, mlm_s, nsp_s, mlm_ok, mlm_n, nsp_ok, nsp_n, tokens, tokens_sq, nonfinite,
              preempt) = stats.tolist()
 
             if nonfinite:
@@ -620,18 +616,21 @@ def train(plan: Plan) -> int:
             step += 1
             dt = time.perf_counter() - t0
             n = W * plan.grad_accum
-            tflops = flops_per_step(plan.model_config, G, plan.manifest.seq_len, mlm_n) / dt / 1e12
+            model_flops = perf.step_flops_from_sums(plan.model_config, G, int(tokens), int(tokens_sq),
+                                                    int(mlm_n), nsp=nsp_n > 0).train
+            tflops = model_flops / dt / 1e12
             values = {"loss": loss_s / n, "mlm_loss": mlm_s / n, "mlm_acc": mlm_ok / max(mlm_n, 1),
                       "lr": lr, "samples_per_s": G / dt,
-                      "tokens_per_s": tokens / dt, "tflops": tflops, "step_time_s": dt,
+                      "tokens_per_s": tokens / dt, "model_flops": model_flops, "tflops": tflops,
+                      "step_time_s": dt,
                       "consumed_samples": consumed, "skipped_steps": skips.total}
             if nsp_n:
                 values.update(nsp_loss=nsp_s / n, nsp_acc=nsp_ok / nsp_n)
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 values["grad_norm"] = float(grad_norm)
-            if recipe.logging.peak_tflops:
-                values["mfu"] = tflops / (recipe.logging.peak_tflops * W)
+            if peak is not None:
+                values["mfu"] = tflops / (peak[0] * W)
             last = step == t.steps
             reporter.train_step(step, values, log_now=step % recipe.logging.every == 0 or last or step == 1)
 

@@ -293,7 +293,7 @@ def test_model_flops_match_torch_flop_counter():
 
     from bertscale.config import preset
     from bertscale.model import BertForPreTraining, pretraining_loss
-    from bertscale.pretrain import flops_per_step
+    from bertscale.perf import step_flops
 
     cfg = preset("tiny", vocab_size=1000)
     model = BertForPreTraining(cfg)
@@ -306,7 +306,7 @@ def test_model_flops_match_torch_flop_counter():
     with sdpa_kernel(SDPBackend.MATH), counter:
         out = model(ids, torch.zeros_like(ids), None, pos)
         pretraining_loss(out, labels, torch.tensor([0, 1, 0])).total.backward()
-    assert counter.get_total_flops() == flops_per_step(cfg, B, T, masked_tokens=B * P)
+    assert counter.get_total_flops() == step_flops(cfg, [T] * B, num_predictions=B * P).train
 
 
 def test_fast_paths_train_like_the_plain_path(manifest, tmp_path):
