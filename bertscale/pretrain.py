@@ -413,7 +413,8 @@ def train(plan: Plan) -> int:
         ds_config = elastic.with_load_universal(ds_config)
     optimizer = optim.build_optimizer(recipe.optimizer, model)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config,
+        # The device is local_rank modulo the visible GPUs, not DeepSpeed's LOCAL_RANK as is.
+        args=argparse.Namespace(device_rank=distributed.local_device_index(env)), model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: optim.build_scheduler(opt, recipe.schedule, t.steps))
     optim.make_zero_aware(optimizer, engine)  # LAMB: trust ratios per original tensor under ZeRO
     overflow = steps_lib.OverflowInjector(model, recipe.debug.overflow_at_steps if env.is_main else [])
@@ -669,6 +670,7 @@ def run(recipe: PretrainRecipe, *, run_dir: str | Path | None = None, resume: st
         stop_at_step: int | None = None) -> int:
     """Validate, then train. The Python entry point behind `bertscale pretrain`."""
     env = distributed.discover()
+    distributed.require_usable_gpus()
     run_dir = Path(run_dir or recipe.run_dir or Path("runs") / recipe.name)
     plan = build_plan(recipe, env, run_dir, resume, stop_at_step)
     return train(plan)
