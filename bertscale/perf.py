@@ -118,6 +118,13 @@ def mfu_peak(given_tflops: float, device: str | torch.device,
     return None
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 tensor cores for fp32 matmuls and cuDNN convolutions on CUDA (process-wide torch
+    flags; they do nothing on the CPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 # ------------------------------------------------------------------------------------ peak
 
 

@@ -394,6 +394,7 @@ def train(plan: Plan) -> int:
     # ---- model (same initial weights on every rank), optimizer, schedule, engine
     seed_all(t.seed)
     fast = recipe.fast
+    perf.set_tf32(fast.tf32)
     model = BertForPreTraining(plan.model_config, fast=FastPaths(
         unpad=fast.unpad, checkpoint_activations=fast.checkpoint_activations, compile=fast.compile))
     if plan.init_from is not None:
