@@ -118,6 +118,17 @@ def mfu_peak(given_tflops: float, device: str | torch.device,
     return None
 
 
+def peak_memory_gib(device: str | torch.device) -> dict[str, float]:
+    """The run's peak memory so far: {"max_memory_gib": ...} allocated by torch on a CUDA device,
+    or {"max_rss_gib": ...} of this process on the CPU (Linux reports ru_maxrss in KiB)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 def set_tf32(enabled: bool) -> None:
     """TF32 tensor cores for fp32 matmuls and cuDNN convolutions on CUDA (process-wide torch
     flags; they do nothing on the CPU)."""

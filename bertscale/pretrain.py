@@ -633,6 +633,7 @@ def train(plan: Plan) -> int:
                 values["grad_norm"] = float(grad_norm)
             if peak is not None:
                 values["mfu"] = tflops / (peak[0] * W)
+            values.update(perf.peak_memory_gib(device))
             last = step == t.steps
             reporter.train_step(step, values, log_now=step % recipe.logging.every == 0 or last or step == 1)
 

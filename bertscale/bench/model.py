@@ -253,7 +253,8 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
         print(f"bench: {hf_note}", file=sys.stderr)
 
     fast = FastPaths(unpad=args.unpad, checkpoint_activations=args.checkpoint_activations,
-                     compile=args.compile, compile_backend=args.compile_backend)
+                     compile=args.compile,
+                     compile_backend=getattr(args, "compile_backend", "inductor"))
     ours, hf_model = build_models(cfg, fast, device, with_hf, seed=args.seed)
     # torch has fused AdamW kernels on CPU and CUDA; LAMB (ours) is foreach.
     impl = args.optimizer_impl or ("fused" if args.optimizer == "adamw" else "foreach")
@@ -340,7 +341,7 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
         precision=("fp32" if dtype == torch.float32 else "bf16 autocast, fp32 weights and "
                    "optimizer state"),
         optimizer=f"{args.optimizer} ({impl})", fast_paths=fast_paths,
-        compile_error=compile_error,
+        compile_error=compile_error, compile_backend=fast.compile_backend if fast.compile else None,
         lengths_from=str(args.lengths_from) if args.lengths_from else None,
         mean_real_tokens=tokens, fill=tokens / (args.batch * args.seq_len),
         flops_per_step=flops, peak_tflops=peak / 1e12, peak_source="measured matmul",
