@@ -151,7 +151,7 @@ def test_a_failed_step_exits_2_and_is_named_and_transformers_may_be_missing(tmp_
     assert "== data skipped (GPU_CHECK_SKIP)" in log and "!! pretrain cases: no shards" in log
     compiled = json.loads((out / "phase1_compile.json").read_text())
     assert compiled["fast_paths"]["compile"] is False and compiled["compile_backend"] == "tvm"
-    assert "Please install apache-tvm" in compiled["compile_error"]
+    assert "tvm" in compiled["compile_error"].split(":", 1)[1]   # the compiler's own error
     assert "!! phase1_compile: torch.compile failed and bertscale ran eager" in log
     assert "phase1_compile     torch.compile FAILED, bertscale ran eager: backend 'tvm'" in log
     assert "--batch, --repeats and --steps >= 1" in log
