@@ -87,6 +87,7 @@ def _summary(log: str) -> list[list[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)   # ~8 pretrain invocations and 4 bench runs: minutes on a shared CPU
 def test_dry_run_measures_both_models_in_every_phase(tmp_path):
     pytest.importorskip("transformers")
     p, out, log = _run(tmp_path, GPU_CHECK_2RANK="1")
