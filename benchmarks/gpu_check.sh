@@ -195,7 +195,7 @@ CASE=("$PY" benchmarks/pretrain_case.py --manifest "$MANIFEST" --out "$RESULTS"
       --set "train.micro_batch_size=$BATCH_PT" --set "train.global_batch_size=$((2 * BATCH_PT))"
       --set checkpoint.every=0 --set eval.every=0 --set eval.at_start=false
       --set eval.max_batches=2 --set logging.every=1 --set logging.progress=\"plain\"
-      --set logging.wandb=false --set optimizer.lr=1e-3)
+      --set logging.wandb=false --set logging.peak_tflops=0 --set optimizer.lr=1e-3)
 if [ -f "$MANIFEST" ]; then
   step pt_zero1_lamb 150 "${CASE[@]}" --name pt_zero1_lamb --set "train.deepspeed=\"zero1_$BF\"" \
     --set fast.unpad=true

@@ -365,7 +365,8 @@ class LoggingSection:
     """Also write TensorBoard event files to <run>/tensorboard (needs the tensorboard package)."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of ONE device in the training precision, for MFU (H100 SXM bf16:
-    989; A100 bf16: 312). 0: MFU is not reported."""
+    989; A100 bf16: 312). 0: the CUDA device's datasheet peak when bertscale.perf knows it
+    (H100, H200, A100), else MFU is not reported."""
 
 
 @dataclass

@@ -45,3 +45,16 @@ def test_trainer_mfu_is_the_shared_count_on_real_tokens(manifest, tmp_path):
         assert sum(lengths) < seq_len * len(lengths) and expect < padded_like
     loader.close()
     assert padded_like
+
+
+def test_datasheet_peaks_are_named_and_matched_by_device_name():
+    """The trainer's default MFU peak (no GPU here, so as a function): torch's device names."""
+    from bertscale.perf import datasheet_peak, mfu_peak
+
+    assert datasheet_peak("NVIDIA H200", "bf16") == (989.4, "NVIDIA H200 (SXM) datasheet")
+    assert datasheet_peak("NVIDIA H100 80GB HBM3", "bf16")[1] == "NVIDIA H100 SXM datasheet"
+    assert datasheet_peak("NVIDIA H100 PCIe", "fp16") == (756.0, "NVIDIA H100 PCIe datasheet")
+    assert datasheet_peak("NVIDIA A100-SXM4-80GB", "fp32") == (156.0, "NVIDIA A100 datasheet")
+    assert datasheet_peak("Tesla V100-SXM2-16GB", "bf16") is None
+    assert mfu_peak(0.0, "cpu", "fp32") is None
+    assert mfu_peak(312.0, "cpu", "bf16") == (312.0, "logging.peak_tflops")
