@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pretrain_case {args.name}: invocation {attempt} exited {p.returncode}")
             return 1
         if attempt == 2 and f"(step {half}," not in p.stdout:
-            print(f"pretrain_case {args.name}: the second invocation did not resume from step {half}")
+            print(f"pretrain_case {args.name}: the second invocation did not resume from "
+                  f"step {half}")
             return 1
 
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         "name": args.name, "steps": args.steps, "resumed_at": half, "nproc": args.nproc,
         "seq_per_s": median("samples_per_s"), "tokens_per_s": median("tokens_per_s"),
         "tflops": tflops, "mfu_datasheet": median("mfu"),
-        "mfu_measured": tflops / (args.peak_tflops * args.nproc) if tflops and args.peak_tflops else None,
+        "mfu_measured": (tflops / (args.peak_tflops * args.nproc)
+                         if tflops and args.peak_tflops else None),
         "skipped_updates": len(skips), "loss_scales": [r.get("loss_scale") for r in skips],
         "peak_memory_gib": max((m for m in memory if m is not None), default=None),
         "memory_kind": "cuda max allocated" if "max_memory_gib" in train[-1] else "cpu max rss",

@@ -415,10 +415,12 @@ def train(plan: Plan) -> int:
     optimizer = optim.build_optimizer(recipe.optimizer, model)
     engine, _, _, scheduler = deepspeed.initialize(
         # The device is local_rank modulo the visible GPUs, not DeepSpeed's LOCAL_RANK as is.
-        args=argparse.Namespace(device_rank=distributed.local_device_index(env)), model=model, optimizer=optimizer, config=ds_config,
+        args=argparse.Namespace(device_rank=distributed.local_device_index(env)),
+        model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: optim.build_scheduler(opt, recipe.schedule, t.steps))
     optim.make_zero_aware(optimizer, engine)  # LAMB: trust ratios per original tensor under ZeRO
-    overflow = steps_lib.OverflowInjector(model, recipe.debug.overflow_at_steps if env.is_main else [])
+    overflow = steps_lib.OverflowInjector(model,
+                                          recipe.debug.overflow_at_steps if env.is_main else [])
     device = engine.device
 
     # ---- where we start: a committed checkpoint of this run, or step 0
@@ -567,7 +569,8 @@ def train(plan: Plan) -> int:
                 stats += _vec(
                     torch.where(finite, loss.detach(), 0.0), torch.where(finite, parts.mlm.detach(), 0.0),
                     torch.where(finite, parts.nsp.detach(), 0.0), parts.mlm_correct, parts.mlm_count,
-                    parts.nsp_correct, parts.nsp_count, *perf.batch_length_sums(batch["attention_mask"]),
+                    parts.nsp_correct, parts.nsp_count,
+                    *perf.batch_length_sums(batch["attention_mask"]),
                     ~finite, torch.zeros((), device=device))
             stats[10] = 1.0 if distributed.local_preemption_flag() else 0.0
             dist.all_reduce(stats)
@@ -618,8 +621,8 @@ def train(plan: Plan) -> int:
             step += 1
             dt = time.perf_counter() - t0
             n = W * plan.grad_accum
-            model_flops = perf.step_flops_from_sums(plan.model_config, G, int(tokens), int(tokens_sq),
-                                                    int(mlm_n), nsp=nsp_n > 0).train
+            model_flops = perf.step_flops_from_sums(plan.model_config, G, int(tokens),
+                                                    int(tokens_sq), int(mlm_n), nsp=nsp_n > 0).train
             tflops = model_flops / dt / 1e12
             values = {"loss": loss_s / n, "mlm_loss": mlm_s / n, "mlm_acc": mlm_ok / max(mlm_n, 1),
                       "lr": lr, "samples_per_s": G / dt,
