@@ -318,8 +318,9 @@ class TrainSection:
     """Phase 2: run folder (or checkpoint folder) of phase 1; its newest committed weights are
     loaded, nothing else (fresh optimizer, schedule and data position)."""
     max_loss_scale_skips: int = 50
-    """fp16 only: stop when this many optimizer steps in a row were skipped for overflow
-    (loss-scale collapse) instead of training on with a scale near zero."""
+    """Stop when this many optimizer updates in a row were skipped for gradient overflow (fp16:
+    loss-scale collapse) instead of training on with a scale near zero. Skipped updates are not
+    steps: they are logged and counted, and their samples count as consumed."""
 
 
 @dataclass
@@ -371,7 +372,8 @@ class LoggingSection:
     """Also write TensorBoard event files to <run>/tensorboard (needs the tensorboard package)."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of ONE device in the training precision, for MFU (H100 SXM bf16:
-    989; A100 bf16: 312). 0: MFU is not reported."""
+    989; A100 bf16: 312). 0: the CUDA device's datasheet peak when bertscale.perf knows it
+    (H100, H200, A100), else MFU is not reported."""
 
 
 @dataclass
@@ -387,6 +389,10 @@ class FastSection:
     (phase 2 at 512 tokens)."""
     compile: bool = False
     """torch.compile each encoder layer; falls back to eager with one warning if it fails."""
+    tf32: bool = False
+    """Let fp32 matmuls and convolutions on CUDA use TF32 tensor cores (about 8x the fp32 rate on
+    A100/H100, 10-bit mantissa inputs, fp32 accumulation). No effect on the CPU, nor on what
+    already runs in bf16/fp16."""
 
 
 @dataclass
@@ -395,6 +401,10 @@ class DebugSection:
 
     nan_loss_at_step: int = 0
     """Turn the loss of this optimizer step (1-based) into NaN on rank 0 (0: off)."""
+    overflow_at_steps: list[int] = field(default_factory=list)
+    """Make one gradient inf (on rank 0) while the update that would become each of these steps
+    (1-based) is computed, so that DeepSpeed skips it as after an fp16 overflow; a step listed
+    k times is skipped k times. ZeRO-1/2 (any precision); for tests of the step accounting."""
 
 
 @dataclass
@@ -449,6 +459,9 @@ class PretrainRecipe:
                              ("logging.peak_tflops", self.logging.peak_tflops)):
             if value < 0:
                 raise ConfigError(f"{where} must be >= 0, got {value}")
+        if any(s <= 0 for s in self.debug.overflow_at_steps):
+            raise ConfigError(f"debug.overflow_at_steps must hold positive step numbers, got "
+                              f"{self.debug.overflow_at_steps}")
         if self.logging.every <= 0:
             raise ConfigError(f"logging.every must be positive, got {self.logging.every}")
         if t.max_loss_scale_skips <= 0:

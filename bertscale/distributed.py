@@ -238,9 +238,60 @@ def init(env: DistEnv, timeout_s: float = 1800) -> None:
         return
     accel = get_accelerator()
     if accel.device_name() != "cpu":
-        accel.set_device(env.local_rank)
+        accel.set_device(device_index(env.local_rank, accel.device_count()))
     deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
+
+
+# ------------------------------------------------------------------------------ devices
+
+# What the launcher or scheduler says about GPUs given to this process. Empty, "-1" or SLURM's
+# "NoDevFiles" mean none; SLURM_GPUS_ON_NODE is a count (0: none), the others list devices.
+GPU_ENV_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE")
+_NO_GPUS = ("", "-1", "none", "nodevfiles", "void")
+
+
+def allocated_gpus(environ: Mapping[str, str] | None = None) -> str | None:
+    """`NAME=value` of the first variable that gives this process GPUs, or None."""
+    environ = os.environ if environ is None else environ
+    for name in GPU_ENV_VARS:
+        value = environ.get(name, "").strip()
+        if value.lower() in _NO_GPUS or (name == "SLURM_GPUS_ON_NODE" and value == "0"):
+            continue
+        return f"{name}={value}"
+    return None
+
+
+def require_usable_gpus(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse to start when GPUs are allocated but torch cannot use them (a CPU-only torch on a
+    GPU node would otherwise train on the CPU without complaint, bf16 included). An explicit
+    DS_ACCELERATOR=cpu is the way to train on the CPU anyway."""
+    environ = os.environ if environ is None else environ
+    given = allocated_gpus(environ)
+    if given is None or environ.get("DS_ACCELERATOR", "").lower() == "cpu":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    why = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None else
+           f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use them (no driver, or "
+           f"no device visible)")
+    raise UserError(f"{given}: GPUs are allocated to this job, but {why}; install a CUDA build of "
+                    f"torch, or set DS_ACCELERATOR=cpu to run on the CPU on purpose")
+
+
+def device_index(local_rank: int, device_count: int) -> int:
+    """The GPU a rank binds to: its local rank modulo the devices it sees (a scheduler that gives
+    each task its own CUDA_VISIBLE_DEVICES leaves every task one device, index 0)."""
+    return local_rank % device_count if device_count > 0 else 0
+
+
+def local_device_index(env: DistEnv) -> int:
+    """`device_index` for this rank on DeepSpeed's accelerator (what the engine is given)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return device_index(env.local_rank, get_accelerator().device_count())
 
 
 def init_torch(env: DistEnv, backend: str, timeout_s: float = 1800) -> None:

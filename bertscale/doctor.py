@@ -7,8 +7,10 @@ launcher or mpirun), it checks, with a clear one-line message per failure and a 
               as the trainer discovers it), on which hosts
   all-reduce  a 4 MiB all-reduce completes within --timeout with the right sum (on the GPUs
               with NCCL when there are GPUs, else gloo), and how long it took
-  gpus        each rank sees a GPU for its local rank, all of the same model; on a CPU-only job
-              "none", which is fine unless --require-gpu
+  gpus        each rank sees a GPU (local rank modulo the GPUs it sees), all of the same model,
+              no two ranks on one GPU; on a CPU-only job "none", which is fine unless
+              --require-gpu. GPUs allocated (CUDA_VISIBLE_DEVICES, SLURM_*_GPUS) to a torch that
+              cannot use them (a CPU-only build) is one line and exit 2 (unless --cpu).
   checkpoint  the checkpoint folder is writable by every rank (temp file, fsync, rename, delete)
               and is ONE folder shared by all of them (rank 0 commits what the others write, and
               elastic conversion runs on rank 0), with the free space
@@ -90,18 +92,35 @@ def check_allreduce(dist, device, rank: int, world: int) -> Finding:
     return Finding("all-reduce", OK, f"4 MiB {backend} all-reduce correct in {ms:.1f} ms", rank)
 
 
+def shared_gpus(devices: list[tuple[str, str | None]]) -> list[Finding]:
+    """One FAIL per GPU that several ranks bound to, from each rank's (node, GPU uuid or None).
+    NCCL refuses such a group ("Duplicate GPU detected"), and so would the memory."""
+    ranks_of: dict[tuple[str, str], list[int]] = {}
+    for r, (host, uuid) in enumerate(devices):
+        if uuid is not None:
+            ranks_of.setdefault((host, uuid), []).append(r)
+    return [Finding("gpus", FAIL, f"ranks {', '.join(map(str, ranks))} share one GPU ({uuid}) on "
+                    f"{host}; give each rank its own GPU (the launcher's LOCAL_RANK, srun "
+                    f"--gpus-per-task=1 or --ntasks-per-node = GPUs per node)", ranks[0], host)
+            for (host, uuid), ranks in ranks_of.items() if len(ranks) > 1]
+
+
 def check_gpus(dist, local_rank: int, require_gpu: bool, rank: int, world: int) -> list[Finding]:
     import torch
-    mine = None
-    if torch.cuda.is_available() and torch.cuda.device_count() > local_rank:
-        p = torch.cuda.get_device_properties(local_rank)
-        mine = (p.name, round(p.total_memory / 2**30, 1))
+
+    from bertscale.distributed import device_index
+    mine, uuid = None, None
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible:
+        index = device_index(local_rank, visible)
+        p = torch.cuda.get_device_properties(index)
+        mine = (p.name, round(p.total_memory / 2**30, 1))
+        uuid = str(getattr(p, "uuid", "") or f"index {index}")
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, (mine, visible, _node_name()))
+    dist.all_gather_object(everyone, (mine, visible, _node_name(), uuid))
     if rank != 0:
         return []
-    missing = [(r, host, n) for r, (gpu, n, host) in enumerate(everyone) if gpu is None]
+    missing = [(r, host, n) for r, (gpu, n, host, _) in enumerate(everyone) if gpu is None]
     if len(missing) == world:
         status = FAIL if require_gpu else OK
         return [Finding("gpus", status, "none visible (CPU run)" +
@@ -110,7 +129,8 @@ def check_gpus(dist, local_rank: int, require_gpu: bool, rank: int, world: int) 
     for r, host, n in missing:
         out.append(Finding("gpus", FAIL, f"no GPU for local rank of rank {r} ({n} visible on "
                            f"that node; check CUDA_VISIBLE_DEVICES and --gpus-per-node)", r, host))
-    models = {gpu for gpu, _, _ in everyone if gpu is not None}
+    out += shared_gpus([(host, uuid) for _, _, host, uuid in everyone])
+    models = {gpu for gpu, _, _, _ in everyone if gpu is not None}
     if len(models) > 1:
         out.append(Finding("gpus", FAIL, "ranks see different GPUs: " +
                            ", ".join(f"{m[0]} {m[1]} GiB" for m in sorted(models))))
@@ -311,9 +331,11 @@ def run_checks(args: argparse.Namespace) -> int:
 
     env = distributed.discover()
     distributed.export_env(env)
+    if not args.cpu:
+        distributed.require_usable_gpus()
     use_cuda = torch.cuda.is_available() and not args.cpu
     if use_cuda:
-        torch.cuda.set_device(env.local_rank % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(distributed.device_index(env.local_rank, torch.cuda.device_count()))
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     folder = args.checkpoint_dir or (args.run_dir / "checkpoints" if args.run_dir else None)
     t0 = time.monotonic()

@@ -333,6 +333,8 @@ class BertModel(nn.Module):
         # so they add no state-dict keys.
         self._compiled: list[Callable[..., Tensor]] | None = None
         self._compile_failed = False
+        self.compile_error: str | None = None
+        """Why torch.compile fell back to eager (None: it did not, or compile is off)."""
 
     @property
     def fast(self) -> FastPaths:
@@ -370,10 +372,10 @@ class BertModel(nn.Module):
                         break
                     root = inner
                 first = (str(root).strip().splitlines() or [""])[0]
-                warnings.warn(f"torch.compile (backend "
-                              f"{getattr(backend, '__name__', backend)!r}) failed, running "
-                              f"the model eager from now on: {type(root).__name__}: {first}",
-                              RuntimeWarning, stacklevel=2)
+                self.compile_error = (f"backend {getattr(backend, '__name__', backend)!r}: "
+                                      f"{type(root).__name__}: {first}")
+                warnings.warn(f"torch.compile ({self.compile_error}) failed, running the model "
+                              f"eager from now on", RuntimeWarning, stacklevel=2)
                 return layer(x, mask)
         return run
 

@@ -31,7 +31,8 @@ import torch
 from bertscale.config import ModelConfig
 from bertscale.errors import UserError
 
-__all__ = ["StepFlops", "step_flops", "measure_matmul_peak", "is_out_of_memory",
+__all__ = ["StepFlops", "step_flops", "step_flops_from_sums", "batch_length_sums",
+           "datasheet_peak", "measure_matmul_peak", "is_out_of_memory",
            "MicroBatchPlan", "find_max_micro_batch", "plan_accumulation", "find_micro_batch"]
 
 
@@ -60,13 +61,79 @@ def step_flops(cfg: ModelConfig, lengths: Sequence[int], num_predictions: int,
                nsp: bool = True) -> StepFlops:
     """Model FLOPs of one batch whose sequences have these real `lengths`, with
     `num_predictions` masked tokens in all (labels != -100), with or without the NSP head."""
+    return step_flops_from_sums(cfg, len(lengths), sum(int(n) for n in lengths),
+                                sum(int(n) * int(n) for n in lengths), num_predictions, nsp)
+
+
+def step_flops_from_sums(cfg: ModelConfig, sequences: int, tokens: int, tokens_squared: int,
+                         num_predictions: int, nsp: bool = True) -> StepFlops:
+    """`step_flops` from what a trainer can all-reduce cheaply: the number of sequences, the sum
+    of their real lengths and the sum of the squared lengths (attention is quadratic per
+    sequence). The one FLOP count behind the trainer's log, `bertscale bench` and the GPU check."""
     H, I, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size)
-    tokens = sum(int(n) for n in lengths)
-    dense = 2 * L * tokens * (4 * H * H + 2 * H * I)
-    attention = 2 * L * 2 * H * sum(int(n) * int(n) for n in lengths)
+    dense = 2 * L * int(tokens) * (4 * H * H + 2 * H * I)
+    attention = 2 * L * 2 * H * int(tokens_squared)
     mlm = 2 * int(num_predictions) * (H * H + H * V)
-    pooler_nsp = 2 * len(lengths) * (H * H + 2 * H) if nsp else 0
+    pooler_nsp = 2 * int(sequences) * (H * H + 2 * H) if nsp else 0
     return StepFlops(dense, attention, mlm, pooler_nsp)
+
+
+def batch_length_sums(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of real lengths, sum of squared real lengths) of a (B, T) attention mask, as 0-dim
+    tensors on its device (no host sync)."""
+    lengths = attention_mask.sum(dim=1, dtype=torch.int64)   # (B,)
+    return lengths.sum(), (lengths * lengths).sum()
+
+
+# Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets, in TFLOP/s per GPU, matched
+# against torch.cuda.get_device_name() (first match wins: the more specific names first).
+# "fp32" is TF32 tensor-core math; plain fp32 CUDA-core peaks are far lower (H100 SXM: 67).
+_DATASHEET: tuple[tuple[str, str, dict[str, float]], ...] = (
+    ("H200", "NVIDIA H200 (SXM) datasheet", {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7}),
+    ("H100 PCIe", "NVIDIA H100 PCIe datasheet", {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0}),
+    ("H100 NVL", "NVIDIA H100 NVL datasheet", {"bf16": 835.0, "fp16": 835.0, "fp32": 417.5}),
+    ("H100", "NVIDIA H100 SXM datasheet", {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7}),
+    ("A100", "NVIDIA A100 datasheet", {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}),
+)
+
+
+def datasheet_peak(device_name: str, precision: str) -> tuple[float, str] | None:
+    """(TFLOP/s, source) of one device in "bf16" | "fp16" | "fp32" (TF32) from NVIDIA's
+    datasheet, or None for a device not in the table (then pass `logging.peak_tflops`)."""
+    for key, source, peaks in _DATASHEET:
+        if key.lower() in device_name.lower() and precision in peaks:
+            return peaks[precision], source
+    return None
+
+
+def mfu_peak(given_tflops: float, device: str | torch.device,
+             precision: str) -> tuple[float, str] | None:
+    """The per-device peak MFU is reported against: `given_tflops` when positive (a recipe's
+    `logging.peak_tflops`), else the datasheet's for this CUDA device, else None (no MFU)."""
+    if given_tflops > 0:
+        return given_tflops, "logging.peak_tflops"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return datasheet_peak(torch.cuda.get_device_name(device), precision)
+    return None
+
+
+def peak_memory_gib(device: str | torch.device) -> dict[str, float]:
+    """The run's peak memory so far: {"max_memory_gib": ...} allocated by torch on a CUDA device,
+    or {"max_rss_gib": ...} of this process on the CPU (Linux reports ru_maxrss in KiB)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 tensor cores for fp32 matmuls and cuDNN convolutions on CUDA (process-wide torch
+    flags; they do nothing on the CPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 # ------------------------------------------------------------------------------------ peak

@@ -16,9 +16,10 @@ Honest limits:
   emulated on CPUs without native bf16 and is many times slower there).
 - With ZeRO-Offload the optimizer is the recipe's torch optimizer running on the CPU partitions,
   not DeepSpeed's CPU Adam kernel: correct, slower than DeepSpeed's own offload path.
-- Model FLOPs (for TFLOP/s and MFU) count matmuls only: 6 x dense parameters per token over the
-  full (padded) sequence, attention scores and values 12 x L x H x T^2 per sequence, the MLM head
-  only at the real masked positions; embeddings, norms and softmax are not counted.
+- Model FLOPs (for TFLOP/s and MFU) are bertscale.perf's one count: matmuls on the real
+  (non-padding) tokens only, attention over each sequence's real length, the MLM head at the
+  masked positions; embeddings, norms, softmax and padding are not counted. MFU is against
+  `logging.peak_tflops`, else the CUDA device's datasheet peak (bertscale.perf.datasheet_peak).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 from bertscale import checkpoint as ckpt_lib
 from bertscale import distributed, runlock
 from bertscale import resume as resume_lib
+from bertscale import steps as steps_lib
 from bertscale.config import (ModelConfig, PretrainRecipe, load_pretrain_recipe, recipe_to_dict,
                               to_dict)
 from bertscale.errors import ConfigError, UserError
@@ -204,16 +206,6 @@ def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, 
 # ================================================================================ metrics
 
 
-def flops_per_step(cfg: ModelConfig, sequences: int, seq_len: int, masked_tokens: float) -> float:
-    """Model FLOPs of one optimizer step (forward + backward = 3 x forward), matmuls only."""
-    H, L, I, V, T = (cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size,
-                     cfg.vocab_size, seq_len)
-    per_layer = 2 * T * (4 * H * H + 2 * H * I) + 4 * T * T * H   # QKV+out+FFN; QK^T and AV
-    per_sequence = L * per_layer + 2 * H * H + 2 * 2 * H            # + pooler + NSP
-    per_masked = 2 * H * H + 2 * H * V                              # transform + decoder
-    return 3.0 * (sequences * per_sequence + masked_tokens * per_masked)
-
-
 class Reporter:
     """Rank 0's outputs: terminal (bar or plain lines), metrics.jsonl, W&B, TensorBoard. Every
     optional sink fails soft: a warning, never a crashed or stalled job."""
@@ -293,6 +285,15 @@ class Reporter:
         elif log_now:
             print(line, flush=True)
 
+    def skipped(self, step: int, values: dict[str, float]) -> None:
+        """An optimizer update skipped for gradient overflow: always logged, never a step."""
+        if not self.main:
+            return
+        self.record("skip", step, values)
+        scale = f", loss scale now {values['loss_scale']:g}" if "loss_scale" in values else ""
+        self.info(f"step {step + 1}/{self.total}: update skipped (gradient overflow{scale}); "
+                  f"{values['skipped_steps']} skipped in all, not counted as steps")
+
     def close(self) -> None:
         if not self.main:
             return
@@ -330,7 +331,7 @@ def train(plan: Plan) -> int:
     import torch
     import torch.distributed as dist
 
-    from bertscale import optim
+    from bertscale import optim, perf
     from bertscale.data.loader import MaskingConfig, PretrainLoader, verify_shards
     from bertscale.model import BertForPreTraining, FastPaths, pretraining_loss
 
@@ -361,6 +362,7 @@ def train(plan: Plan) -> int:
     # committed checkpoint this run continues, if any (bertscale.resume: the one resume path)
     seed_all(t.seed)
     fast = recipe.fast
+    perf.set_tf32(fast.tf32)
     model = BertForPreTraining(plan.model_config, fast=FastPaths(
         unpad=fast.unpad, checkpoint_activations=fast.checkpoint_activations, compile=fast.compile))
     if plan.init_from is not None:
@@ -373,6 +375,8 @@ def train(plan: Plan) -> int:
 
     def build_engine(ds_config: dict[str, Any]) -> tuple[Any, Any]:
         engine, _, _, scheduler = deepspeed.initialize(
+            # The device is local_rank modulo the visible GPUs, not DeepSpeed's LOCAL_RANK as is.
+            args=argparse.Namespace(device_rank=distributed.local_device_index(env)),
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: optim.build_scheduler(opt, recipe.schedule, t.steps))
         optim.make_zero_aware(optimizer, engine)  # LAMB: trust ratios per original tensor under ZeRO
@@ -380,9 +384,15 @@ def train(plan: Plan) -> int:
 
     (engine, scheduler), start = resume_lib.restore(plan.resume_from, plan.ds_config, build_engine,
                                                     rank=env.rank, world_size=W, seed=t.seed)
+    overflow = steps_lib.OverflowInjector(model,
+                                          recipe.debug.overflow_at_steps if env.is_main else [])
     device = engine.device
     step = start.step
     last_saved = step if start.resumed_from is not None else None
+
+    skips = steps_lib.Skips()
+    if plan.resume_from is not None:
+        skips.total = int(plan.resume_from.state.get("skipped_steps", 0))
 
     # ---- data: the loader owns the global position (consumed_samples)
     masking = MaskingConfig(mask_prob=recipe.data.mask_prob,
@@ -398,6 +408,7 @@ def train(plan: Plan) -> int:
     batches = iter(loader)
 
     reporter = Reporter(plan, step)
+    peak = perf.mfu_peak(recipe.logging.peak_tflops, device, plan.precision)  # (TFLOP/s, source)
     n_params = sum(p.numel() for p in model.parameters())
     if start.resumed_from is not None:
         how = (f", converted from {start.saved_world_size} ranks through a universal checkpoint"
@@ -410,6 +421,9 @@ def train(plan: Plan) -> int:
                   f"ZeRO-{plan.zero_stage} {plan.precision}, global batch {G} = {t.micro_batch_size} "
                   f"x {plan.grad_accum} accumulation x {W}, seq {plan.manifest.seq_len}, "
                   f"steps {step}->{t.steps}, run folder {run_dir}")
+    reporter.info(f"MFU against {peak[0]:g} TFLOP/s per device ({peak[1]}, {plan.precision}); model "
+                  f"FLOPs on real tokens (bertscale.perf)" if peak else
+                  "MFU not reported: set logging.peak_tflops (no datasheet peak for this device)")
 
     def agree_on_data(error: str | None) -> None:
         """A data error met by one rank stops every rank at the same point with the same line
@@ -422,6 +436,7 @@ def train(plan: Plan) -> int:
 
     def state_for_checkpoint() -> dict[str, Any]:
         return {"step": step, "consumed_samples": loader.consumed_samples,
+                "skipped_steps": skips.total,
                 "recipe": recipe_to_dict(recipe),
                 "model_config": to_dict(plan.model_config), "tokenizer_hash": plan.tokenizer_hash,
                 "manifest_fingerprint": plan.manifest.fingerprint,
@@ -499,7 +514,6 @@ def train(plan: Plan) -> int:
 
     # ---- the step loop
     exit_code = 0
-    skipped_in_a_row = 0
     stop_at = min(t.steps, plan.stop_at_step) if plan.stop_at_step else t.steps
     try:
         if recipe.eval.at_start and step == 0:
@@ -510,9 +524,11 @@ def train(plan: Plan) -> int:
             micro_batches, data_error = _fetch(batches, plan.grad_accum)
             agree_on_data(data_error)
             # loss, mlm loss, nsp loss, mlm hits, mlm count, nsp hits, nsp count, real tokens,
-            # non-finite micro-batches, preemption flag: one all-reduce per optimizer step.
-            stats = torch.zeros(10, dtype=torch.float64, device=device)
+            # squared real lengths (the FLOP count's attention term), non-finite micro-batches,
+            # preemption flag: one all-reduce per optimizer step.
+            stats = torch.zeros(11, dtype=torch.float64, device=device)
             seen: list[tuple[Any, Any]] = []  # (finite?, sample_ids) per micro-batch, no sync
+            overflow.arm(step + 1)
             for micro, cpu_batch in enumerate(micro_batches):
                 batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
                 out = engine(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
@@ -530,11 +546,12 @@ def train(plan: Plan) -> int:
                 stats += _vec(
                     torch.where(finite, loss.detach(), 0.0), torch.where(finite, parts.mlm.detach(), 0.0),
                     torch.where(finite, parts.nsp.detach(), 0.0), parts.mlm_correct, parts.mlm_count,
-                    parts.nsp_correct, parts.nsp_count, batch["attention_mask"].sum(), ~finite,
-                    torch.zeros((), device=device))
-            stats[9] = 1.0 if distributed.local_preemption_flag() else 0.0
+                    parts.nsp_correct, parts.nsp_count,
+                    *perf.batch_length_sums(batch["attention_mask"]),
+                    ~finite, torch.zeros((), device=device))
+            stats[10] = 1.0 if distributed.local_preemption_flag() else 0.0
             dist.all_reduce(stats)
-            (loss_s, mlm_s, nsp_s, mlm_ok, mlm_n, nsp_ok, nsp_n, tokens, nonfinite,
+            (loss_s, mlm_s, nsp_s, mlm_ok, mlm_n, nsp_ok, nsp_n, tokens, tokens_sq, nonfinite,
              preempt) = stats.tolist()
             if nonfinite:
                 # Stop BEFORE the optimizer step: the weights stay those of step `step`.
@@ -560,30 +577,42 @@ def train(plan: Plan) -> int:
                 if "loss scale already at minimum" not in str(e):
                     raise
                 collapsed = True
-            if plan.precision == "fp16":
-                skipped_in_a_row = 0 if engine.was_step_applied() else skipped_in_a_row + 1
-                collapsed = collapsed or skipped_in_a_row >= t.max_loss_scale_skips
-            if collapsed:
-                scale = getattr(engine.optimizer, "cur_scale", "?")
-                reporter.info(f"error: step {step + 1}: the fp16 loss scale collapsed (scale {scale}, "
-                              f"{skipped_in_a_row} overflowing steps in a row); stopping without saving")
+            # A skipped update (gradient overflow) is not a step; its samples were consumed.
+            applied = not collapsed and engine.was_step_applied()
+            skips.record(applied)
+            scale = steps_lib.loss_scale(engine) if plan.precision == "fp16" else None
+            if collapsed or skips.in_a_row >= t.max_loss_scale_skips:
+                reporter.info(f"error: step {step + 1}: {skips.in_a_row} optimizer updates in a row "
+                              f"skipped for gradient overflow (loss scale {scale}); stopping "
+                              f"without saving")
                 exit_code = distributed.NONFINITE_EXIT_CODE
                 break
+            if not applied:
+                # A preemption flag stays set: the next applied step saves and exits.
+                reporter.skipped(step, {"skipped_steps": skips.total,
+                                        "consumed_samples": loader.consumed_samples,
+                                        "loss": loss_s / (W * plan.grad_accum),
+                                        **({"loss_scale": scale} if scale is not None else {})})
+                continue
             step += 1
             dt = time.perf_counter() - t0
             n = W * plan.grad_accum
-            tflops = flops_per_step(plan.model_config, G, plan.manifest.seq_len, mlm_n) / dt / 1e12
+            model_flops = perf.step_flops_from_sums(plan.model_config, G, int(tokens),
+                                                    int(tokens_sq), int(mlm_n), nsp=nsp_n > 0).train
+            tflops = model_flops / dt / 1e12
             values = {"loss": loss_s / n, "mlm_loss": mlm_s / n, "mlm_acc": mlm_ok / max(mlm_n, 1),
                       "lr": lr, "samples_per_s": G / dt,
-                      "tokens_per_s": tokens / dt, "tflops": tflops, "step_time_s": dt,
-                      "consumed_samples": loader.consumed_samples}
+                      "tokens_per_s": tokens / dt, "model_flops": model_flops, "tflops": tflops,
+                      "step_time_s": dt,
+                      "consumed_samples": loader.consumed_samples, "skipped_steps": skips.total}
             if nsp_n:
                 values.update(nsp_loss=nsp_s / n, nsp_acc=nsp_ok / nsp_n)
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 values["grad_norm"] = float(grad_norm)
-            if recipe.logging.peak_tflops:
-                values["mfu"] = tflops / (recipe.logging.peak_tflops * W)
+            if peak is not None:
+                values["mfu"] = tflops / (peak[0] * W)
+            values.update(perf.peak_memory_gib(device))
             last = step == t.steps
             reporter.train_step(step, values, log_now=step % recipe.logging.every == 0 or last or step == 1)
 
@@ -624,6 +653,7 @@ def run(recipe: PretrainRecipe, *, run_dir: str | Path | None = None, resume: st
         stop_at_step: int | None = None) -> int:
     """Validate, then train. The Python entry point behind `bertscale pretrain`."""
     env = distributed.discover()
+    distributed.require_usable_gpus()
     run_dir = Path(run_dir or recipe.run_dir or Path("runs") / recipe.name)
     plan = build_plan(recipe, env, run_dir, resume, stop_at_step)
     try:

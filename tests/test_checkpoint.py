@@ -54,7 +54,7 @@ def test_uncommitted_checkpoint_is_ignored_on_resume(run_copy, manifest):
     assert ckpt_lib.resolve(run_copy).step == 30
     recipe = load_pretrain_recipe("tiny_ci", [f"data.manifest={json.dumps(str(manifest))}", *WS1])
     plan = build_plan(recipe, distributed.discover({}), run_copy, "require")
-    assert plan.resume_from.step == 30 and plan.resume_state["consumed_samples"] == 480
+    assert plan.resume_from.step == 30 and plan.resume_from.consumed_samples == 480
     # A marker that names another checkpoint is damage, not a commit.
     ckpt_lib.write_json_atomic(torn / ckpt_lib.COMMIT_FILE, {"tag": "step_30", "step": 30})
     with pytest.raises(UserError, match="does not name this checkpoint"):

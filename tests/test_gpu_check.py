@@ -1,8 +1,13 @@
 """benchmarks/gpu_check.sh, the script prepared for a single GPU run, in its CPU dry-run mode
-(tiny model, fp32, small batches): every step runs end to end and its results are real (both
-models measured, on the same weights and batch), the summary has a row per phase, nothing is
-left outside the results folder, and a failed step makes the script exit 2 and name the step.
-Started from a directory other than the repository, as on a GPU machine."""
+(tiny model, fp32, small batches): every step runs end to end and its results are real (the
+real `bertscale pretrain` in each case, stopped, resumed and checked; both models of the step
+table measured on the same weights and batch), the summary has a row per case and phase,
+nothing is left outside the results folder, a failed step makes the script exit 2 and name the
+step, a torch.compile that fell back to eager is reported as a failure, and the preflight names
+what is missing. Started from a directory other than the repository, as on a GPU machine.
+
+What the dry run cannot show: CUDA, NCCL (the 2-rank case runs on gloo), fp16 (its case runs
+fp32 with `debug.overflow_at_steps` forcing the skipped updates) and bf16 (run as fp32)."""
 
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 PHASES = {"phase1": (128, 4), "phase2": (512, 2), "phase1_real_unpad": (128, 4),
           "phase2_real_unpad": (512, 2)}
+CASES = ("pt_zero1_lamb", "pt_zero2_fp16", "pt_zero3", "pt_2rank_nccl")
 
 pytestmark = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("timeout")),
                                 reason="needs bash and GNU timeout")
@@ -35,15 +41,42 @@ def _run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, Path,
     before = set(tmp_path.iterdir())
     full_env = dict(os.environ, PRESET="tiny", DEVICE="cpu", DTYPE="fp32", BATCH1="4",
                     BATCH2="2", REPEATS="2", GPU_CHECK_BUDGET_S="0", GPU_CHECK_OUT="out",
-                    PEAK_N="512", PYTHON=sys.executable, TMPDIR=str(tmp))
+                    PEAK_N="512", PYTHON=sys.executable, TMPDIR=str(tmp), BATCH_PT="4",
+                    STEPS_PT="4", GPU_CHECK_LIMIT_SCALE="4")
     full_env.update(env)
     p = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=full_env, capture_output=True,
-                       text=True, timeout=400)
+                       text=True, timeout=1800)
     # GPU_CHECK_OUT=out is relative to where the script was started, and its scratch is gone.
     assert out.is_dir(), p.stdout + p.stderr
     assert set(tmp_path.iterdir()) == before | {out} and list(tmp.iterdir()) == []
     log = (out / "gpu_check.log").read_text()
     return p, out, log
+
+
+def _check_pretrain_cases(out: Path, log: str) -> None:
+    """Each case ran the real trainer twice (stopped at step 2, resumed to 4) and passed its
+    checks; the numbers are the trainer's own."""
+    for name in CASES:
+        assert f"pretrain_case {name}: ok, resumed at step 2" in log, name
+        r = json.loads((out / f"{name}.json").read_text())
+        assert r["problems"] == [] and r["steps"] == 4 and r["resumed_at"] == 2
+        assert r["seq_per_s"] > 0 and r["tflops"] > 0 and r["mfu_measured"] > 0
+        assert r["mfu_datasheet"] is None          # no datasheet peak for a CPU
+        assert r["peak_memory_gib"] > 0 and r["memory_kind"] == "cpu max rss"
+        assert r["nproc"] == (2 if name == "pt_2rank_nccl" else 1)
+        # The fp16 case's stand-in forces two skipped updates (steps 2 and 3 overflow once).
+        assert r["skipped_updates"] == (2 if name == "pt_zero2_fp16" else 0), (name, r)
+        metrics = (out / "pretrain" / f"run_{name}" / "metrics.jsonl").read_text()
+        assert '"kind": "train", "step": 4' in metrics
+        assert not (out / "pretrain" / f"run_{name}" / "checkpoints").exists()   # cleaned up
+    assert "resumed from" in log and "--resume require" in log
+    table = log.split("\n== summary", 1)[1]
+    rows = [line.split() for line in table.splitlines()
+            if line.split()[:1] and line.split()[0] in CASES]
+    assert [row[0] for row in rows] == list(CASES), table
+    # case, seq/s, TFLOP/s, MFU sheet, MFU measured, skips, peak GiB, resume
+    assert all(row[3] == "n/a" and row[4].endswith("%") and row[7] == "ok" for row in rows), rows
+    assert [row[5] for row in rows] == ["0", "2", "0", "0"]
 
 
 def _summary(log: str) -> list[list[str]]:
@@ -55,10 +88,13 @@ def _summary(log: str) -> list[list[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)   # ~8 pretrain invocations and 4 bench runs: minutes on a shared CPU
 def test_dry_run_measures_both_models_in_every_phase(tmp_path):
     pytest.importorskip("transformers")
-    p, out, log = _run(tmp_path)
+    p, out, log = _run(tmp_path, GPU_CHECK_2RANK="1")
     assert p.returncode == 0, log + p.stderr
+    assert re.search(r"preflight: have Python 3\.\d+\.\d+, torch .*tokenizers .*pytest", log)
+    _check_pretrain_cases(out, log)
     assert log.rstrip().endswith("all steps passed")
     assert "!!" not in log
     # The CUDA kernel's parity test is selected: skipped on a CPU, passed with a GPU.
@@ -66,7 +102,7 @@ def test_dry_run_measures_both_models_in_every_phase(tmp_path):
     assert re.search(r"matmul peak on cpu \(cpu\) fp32: \d+\.\d+ TFLOP/s", log)
     assert "== phase1_compile skipped" in log and "== microbatch skipped" in log
     assert sorted(f.name for f in out.iterdir()) == sorted(
-        ["gpu_check.log", *(f"{name}.json" for name in PHASES)])
+        ["gpu_check.log", "pretrain", *(f"{name}.json" for name in (*PHASES, *CASES))])
     # An untrained model's loss: ln(vocab) for the masked tokens plus ln(2) for next sentence.
     untrained = math.log(preset("tiny").vocab_size) + math.log(2)
     for name, (seq_len, batch) in PHASES.items():
@@ -97,18 +133,29 @@ def test_dry_run_measures_both_models_in_every_phase(tmp_path):
 
 def test_a_failed_step_exits_2_and_is_named_and_transformers_may_be_missing(tmp_path):
     """BATCH2=0 makes both seq-512 steps fail; a `transformers` that cannot be imported (as on a
-    GPU machine without it) leaves the seq-128 ones measuring bertscale alone."""
+    GPU machine without it) leaves the seq-128 ones measuring bertscale alone; a torch.compile
+    backend that fails (tvm, not installed) makes bertscale run eager, and the check says so
+    instead of reporting compiled numbers; without the data step the pretrain cases are
+    reported missing."""
     blocked = tmp_path / "no_transformers" / "transformers"
     blocked.mkdir(parents=True)
     (blocked / "__init__.py").write_text("raise ImportError('transformers blocked by the test')\n")
     p, out, log = _run(tmp_path, BATCH1="2", BATCH2="0", REPEATS="1",
-                       PYTHONPATH=str(blocked.parent))
+                       PYTHONPATH=str(blocked.parent), GPU_CHECK_BUDGET_S="100000",
+                       COMPILE_BACKEND="tvm", GPU_CHECK_SKIP="data parity")
     assert p.returncode == 2, log + p.stderr
-    assert "transformers MISSING" in log
+    assert "preflight: optional, missing: transformers" in log
     for name in ("phase2", "phase2_real_unpad"):
         assert f"!! {name}: failed (exit 2)" in log
         assert not (out / f"{name}.json").exists()
-    assert log.rstrip().endswith("steps that failed or timed out: phase2 phase2_real_unpad")
+    assert log.rstrip().endswith("steps that failed or timed out: pretrain phase2 "
+                                 "phase2_real_unpad phase1_compile")
+    assert "== data skipped (GPU_CHECK_SKIP)" in log and "!! pretrain cases: no shards" in log
+    compiled = json.loads((out / "phase1_compile.json").read_text())
+    assert compiled["fast_paths"]["compile"] is False and compiled["compile_backend"] == "tvm"
+    assert "tvm" in compiled["compile_error"].split(":", 1)[1]   # the compiler's own error
+    assert "!! phase1_compile: torch.compile failed and bertscale ran eager" in log
+    assert "phase1_compile     torch.compile FAILED, bertscale ran eager: backend 'tvm'" in log
     assert "--batch, --repeats and --steps >= 1" in log
     for name in ("phase1", "phase1_real_unpad"):
         r = json.loads((out / f"{name}.json").read_text())
@@ -120,3 +167,18 @@ def test_a_failed_step_exits_2_and_is_named_and_transformers_may_be_missing(tmp_
                                          ["phase1_real_unpad", "transformers"]], rows
     assert "phase1             transformers  not measured: transformers is not installed" in log
     assert "phase2             no result" in log and ", no transformers," in log
+
+
+def test_preflight_names_what_is_missing(tmp_path):
+    """A `tokenizers` that cannot be imported: the preflight names it and the check stops (exit
+    1) before measuring anything; what is there is listed too."""
+    blocked = tmp_path / "blocked" / "tokenizers"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('tokenizers blocked by the test')\n")
+    p, out, log = _run(tmp_path, PYTHONPATH=str(blocked.parent))
+    assert p.returncode == 1, log + p.stderr
+    assert ("preflight: MISSING: tokenizers (the data step and the trainer's shards; "
+            "ImportError: tokenizers blocked by the test)") in log
+    assert re.search(r"preflight: have Python \S+, torch \S+, deepspeed", log)
+    assert log.rstrip().endswith("preflight found missing pieces (above); nothing measured")
+    assert sorted(f.name for f in out.iterdir()) == ["gpu_check.log"]

@@ -59,6 +59,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     m.add_argument("--unpad", action="store_true", help="bertscale fast path: drop padding")
     m.add_argument("--checkpoint-activations", action="store_true")
     m.add_argument("--compile", action="store_true", help="torch.compile bertscale's layers")
+    m.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend for --compile (default inductor)")
     m.add_argument("--optimizer", choices=("adamw", "lamb"), default="adamw")
     m.add_argument("--optimizer-impl", choices=("foreach", "fused", "loop"), default=None,
                    help="default: fused for adamw, foreach for lamb (the same for both models)")

@@ -236,7 +236,7 @@ def _sync(device: torch.device) -> None:
 def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     from bertscale.model import FastPaths
     from bertscale.optim import OptimizerConfig, build_optimizer
-    from bertscale.perf import measure_matmul_peak, step_flops
+    from bertscale.perf import datasheet_peak, measure_matmul_peak, step_flops
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -253,7 +253,8 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
         print(f"bench: {hf_note}", file=sys.stderr)
 
     fast = FastPaths(unpad=args.unpad, checkpoint_activations=args.checkpoint_activations,
-                     compile=args.compile)
+                     compile=args.compile,
+                     compile_backend=getattr(args, "compile_backend", "inductor"))
     ours, hf_model = build_models(cfg, fast, device, with_hf, seed=args.seed)
     # torch has fused AdamW kernels on CPU and CUDA; LAMB (ours) is foreach.
     impl = args.optimizer_impl or ("fused" if args.optimizer == "adamw" else "foreach")
@@ -299,6 +300,7 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     # The best of two peak measurements: a busy machine only ever lowers it.
     peak = max(peak, measure_matmul_peak(device, dtype, n=args.peak_n))
 
+    sheet = datasheet_peak(_device_name(device), "fp32" if dtype == torch.float32 else "bf16")
     flops = statistics.fmean(flops_of.values())
     tokens = statistics.fmean(sum(b.lengths) for b in batches)
     results: dict[str, Any] = {}
@@ -310,7 +312,8 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
                              cpu_s=statistics.median(c for _, c, _, _ in samples[name]),
                              seq_per_s=args.batch / t,
                              tokens_per_s=statistics.median(n / w for w, _, _, n in samples[name]),
-                             tflops=achieved / 1e12, mfu=achieved / peak)
+                             tflops=achieved / 1e12, mfu=achieved / peak,
+                             mfu_datasheet=achieved / (sheet[0] * 1e12) if sheet else None)
     if len(names) == 2:
         results["speedup"] = results["transformers"]["step_s"] / results["bertscale"]["step_s"]
         # Each repeat ran the two back to back on the same batch: the median of those paired
@@ -321,6 +324,12 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
             results["speedup_cpu_time"] = (results["transformers"]["cpu_s"]
                                            / results["bertscale"]["cpu_s"])
     transformers = import_transformers() if with_hf else None
+    # What ran, not what was asked: a compile that fell back to eager is not reported compiled.
+    fast_paths = dataclasses.asdict(fast)
+    fast_paths.pop("compile_backend", None)
+    compile_error = ours.bert.compile_error
+    if compile_error:
+        fast_paths["compile"] = False
     return dict(
         argv=sys.argv[1:],
         date=time.strftime("%Y-%m-%d"),
@@ -331,10 +340,12 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
         preset=args.preset, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype,
         precision=("fp32" if dtype == torch.float32 else "bf16 autocast, fp32 weights and "
                    "optimizer state"),
-        optimizer=f"{args.optimizer} ({impl})", fast_paths=dataclasses.asdict(fast),
+        optimizer=f"{args.optimizer} ({impl})", fast_paths=fast_paths,
+        compile_error=compile_error, compile_backend=fast.compile_backend if fast.compile else None,
         lengths_from=str(args.lengths_from) if args.lengths_from else None,
         mean_real_tokens=tokens, fill=tokens / (args.batch * args.seq_len),
-        flops_per_step=flops, peak_tflops=peak / 1e12,
+        flops_per_step=flops, peak_tflops=peak / 1e12, peak_source="measured matmul",
+        datasheet_tflops=sheet[0] if sheet else None, datasheet_source=sheet[1] if sheet else None,
         warmup=args.warmup, repeats=args.repeats, steps_per_repeat=args.steps,
         initial_loss=initial_loss, results=results)
 
@@ -371,7 +382,9 @@ def format_table(r: dict[str, Any]) -> str:
     head = (f"{r['preset']} seq {r['seq_len']} batch {r['batch']} {r['dtype']} on {r['device']}, "
             f"{r['threads']} threads, fill {r['fill']:.0%}, fast paths "
             f"{', '.join(on) or 'none'}"
-            f", optimizer {r['optimizer']}, peak {r['peak_tflops']:.3f} TFLOP/s (matmul)")
+            f", optimizer {r['optimizer']}, peak {r['peak_tflops']:.3f} TFLOP/s (measured matmul)"
+            + (f", {r['datasheet_tflops']:g} ({r['datasheet_source']})"
+               if r.get("datasheet_tflops") else ""))
     lines = [head, f"{'':14}{'step s':>10}{'seq/s':>10}{'tokens/s':>11}{'TFLOP/s':>10}"
                    f"{'MFU':>8}"]
     for name in ("bertscale", "transformers"):
@@ -386,6 +399,8 @@ def format_table(r: dict[str, Any]) -> str:
                      + (f", {cpu:.2f}x process CPU time" if cpu else "")
                      + f" (medians of {r['repeats']} alternating repeats; load average "
                      f"{r['load_avg_before'][0]:.1f} -> {r['load_avg_after'][0]:.1f})")
+    if r.get("compile_error"):
+        lines.append(f"torch.compile FAILED, bertscale ran eager: {r['compile_error']}")
     if r.get("note"):
         lines.append(r["note"])
     return "\n".join(lines)
