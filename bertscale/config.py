@@ -296,6 +296,11 @@ class DataSection:
     share the work (shard i is read by rank i mod world size), so the corpus is read once per
     job; a bad shard stops every rank with its name. Remote shards are checked as they are
     fetched, whatever this says."""
+    shard_base: str | None = None
+    """Where the shards are when not beside the manifest (overrides the manifest's own
+    shard_base): a folder, a store prefix (``s3://bucket/bert/seq128``, after copying the shards
+    there yourself) or a template with ``{name}`` (``pipe:aws s3 cp s3://b/p/{name} -``). The
+    data's identity (fingerprint) does not depend on it."""
     cache_dir: Path | None = None
     """Remote shards: the node-local folder every rank of a node shares (fetched once per node,
     kept across requeues). Default: $BERTSCALE_CACHE/shards, else ~/.cache/bertscale/shards.

@@ -134,7 +134,8 @@ def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, 
 
     from bertscale.data.shards import read_manifest
 
-    manifest = read_manifest(recipe.data.manifest, cache_dir=recipe.data.cache_dir)
+    manifest = read_manifest(recipe.data.manifest, shard_base=recipe.data.shard_base,
+                             cache_dir=recipe.data.cache_dir)
     vocab_file, vocab_size = Path(manifest.vocab_file), manifest.vocab_size
     # The manifest's tokenizer hash is the tokenizer's identity for resumes and init_from.
     tokenizer_hash = manifest.tokenizer_hash

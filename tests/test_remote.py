@@ -5,8 +5,9 @@ layer that counts the bytes it serves per object and can cut a transfer midway),
 
 - 2 ranks trained from the store give the losses of the same run from local shards
   (tests/pretrain_runs.py's cached ZeRO-2 run, same recipe and seed); each shard is downloaded
-  once for the node although both ranks read it; an eval shard whose first transfer is cut midway
-  leaves no partial file and is fetched again; a requeue (resume) reuses the cache, fetching none.
+  once for the node although both ranks read it; a job killed during its downloads leaves no
+  partial shard, and the next job cleans up and fetches again; an eval shard whose first transfer
+  the server cuts midway is fetched again; a requeue (resume) reuses the cache, fetching none.
 - A corrupt object stops the run with exit 2 and one line naming it.
 - The cache bound holds at every step over several epochs (library level: only the loader can
   be looked at between steps), and a bound too small for two windows is refused at start.
@@ -16,6 +17,9 @@ layer that counts the bytes it serves per object and can cut a transfer midway),
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +78,7 @@ def _stderr_lines(results) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # three trainer starts (and the local run, when not cached yet)
 def test_pretrain_from_s3_equals_local_once_per_node(s3, store, manifest, ws2_straight, tmp_path):
     from bertscale.data.shards import read_manifest
     local, remote_m = read_manifest(manifest), read_manifest(store, cache_dir=tmp_path / "m")
@@ -81,13 +86,34 @@ def test_pretrain_from_s3_equals_local_once_per_node(s3, store, manifest, ws2_st
     assert remote_m.shard_location("train", 0).startswith(f"s3://{BUCKET}/wiki/seq128/")
     cache, run = tmp_path / "cache", tmp_path / "run"
     argv = pretrain_argv(run, store, *WS2, f"data.cache_dir={str(cache)!r}")
+    sizes = {_key(remote_m.shard_location(sp, i)): info.bytes
+             for sp, infos in remote_m.shards.items() for i, info in enumerate(infos)}
+
+    # A job killed (SIGKILL) in the middle of its downloads, over a slow link: it leaves .part
+    # files only, never a partial shard under a shard's name.
+    s3.reset_counts()
+    s3.bandwidth = 200e3
+    killed = subprocess.Popen([sys.executable, *pretrain_argv(tmp_path / "killed", store, *WS2,
+                                                              f"data.cache_dir={str(cache)!r}")],
+                              env={**os.environ, **s3.env()}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(0 < s3.served[k] < n // 2 for k, n in sizes.items()):
+            assert killed.poll() is None and time.monotonic() < deadline, "no download began"
+            time.sleep(0.05)
+    finally:
+        killed.kill()
+        killed.wait()
+        s3.bandwidth = 0.0
+    assert list(cache.rglob("*.part-*")), "the kill came after the downloads"
+    assert not list(cache.rglob("*.tar"))
+
     eval_shard = remote_m.shard_location("eval", 0)
     s3.reset_counts()
     s3.cut_next(_key(eval_shard), 0.5)  # its first transfer breaks off halfway
 
     run_ranks(argv + ["--stop-at-step", "4"], 2, env=s3.env(), timeout=400)
-    sizes = {_key(remote_m.shard_location(sp, i)): info.bytes
-             for sp, infos in remote_m.shards.items() for i, info in enumerate(infos)}
     fetched = {k: n for k, n in s3.served.items() if k in sizes}
     assert fetched, "nothing was read from the store"
     cut = _key(eval_shard)
