@@ -36,6 +36,7 @@ class LocalS3:
         self.gets: Counter[str] = Counter()
         self.served: Counter[str] = Counter()
         self._cuts: dict[str, float] = {}
+        self.active = 0  # object bodies being sent
         self._lock = threading.Lock()
         self._link_free = 0.0  # when the shared, throttled link is next idle
         self.server = make_server("127.0.0.1", 0, self._wsgi, threaded=True)
@@ -52,6 +53,13 @@ class LocalS3:
         """The next GET of `key` (bucket/key, no leading slash) stops after `share` of its body."""
         with self._lock:
             self._cuts[key] = share
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Until no object body is being sent (a killed client's responses stop at the next
+        write that fails)."""
+        deadline = time.monotonic() + timeout
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def reset_counts(self) -> None:
         with self._lock:
@@ -76,21 +84,27 @@ class LocalS3:
         return self._stream(key, body, cut)
 
     def _stream(self, key: str, body: Iterable[bytes], cut: float | None) -> Iterable[bytes]:
-        data = b"".join(body)
-        if self.latency:
-            time.sleep(self.latency)
-        limit = len(data) if cut is None else int(len(data) * cut)
-        step = 1 << 16
-        for pos in range(0, limit, step):
-            chunk = data[pos:min(pos + step, limit)]
-            if self.bandwidth:
+        with self._lock:
+            self.active += 1
+        try:
+            data = b"".join(body)
+            if self.latency:
+                time.sleep(self.latency)
+            limit = len(data) if cut is None else int(len(data) * cut)
+            step = 1 << 16
+            for pos in range(0, limit, step):
+                chunk = data[pos:min(pos + step, limit)]
+                if self.bandwidth:
+                    with self._lock:
+                        begin = max(time.monotonic(), self._link_free)
+                        self._link_free = begin + len(chunk) / self.bandwidth
+                        done = self._link_free
+                    time.sleep(max(0.0, done - time.monotonic()))
                 with self._lock:
-                    begin = max(time.monotonic(), self._link_free)
-                    self._link_free = begin + len(chunk) / self.bandwidth
-                    done = self._link_free
-                time.sleep(max(0.0, done - time.monotonic()))
+                    self.served[key] += len(chunk)
+                yield chunk
+            if cut is not None:
+                raise ConnectionAbortedError(f"cut {key} after {limit} of {len(data)} bytes")
+        finally:
             with self._lock:
-                self.served[key] += len(chunk)
-            yield chunk
-        if cut is not None:
-            raise ConnectionAbortedError(f"cut {key} after {limit} of {len(data)} bytes")
+                self.active -= 1

@@ -38,9 +38,10 @@ import fcntl
 import hashlib
 import logging
 import os
+import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +233,48 @@ class NodeCache:
                 f.truncate(size)
 
 
+class _DaemonPool:
+    """Background fetch threads that never hold up the process's exit (a preempted job must
+    leave within its grace time; a download cut off leaves a .part that the next one removes).
+    concurrent.futures' pool joins its threads at exit, which would wait for every transfer."""
+
+    def __init__(self, workers: int):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        for k in range(workers):
+            threading.Thread(target=self._work, name=f"bertscale-fetch-{k}", daemon=True).start()
+        self.workers = workers
+
+    def submit(self, fn: Any, *args: Any) -> Future:
+        fut: Future = Future()
+        self.jobs.put((fut, fn, args))
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            fut, fn, args = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on it
+                fut.set_exception(e)
+
+    def shutdown(self) -> None:
+        """Drop queued fetches; the ones in flight finish (or die with the process)."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[0].cancel()
+        for _ in range(self.workers):
+            self.jobs.put(None)
+
+
 class ShardFetcher:
     """Remote shards of one split of a manifest -> paths in the node cache, with prefetch."""
 
@@ -244,7 +287,7 @@ class ShardFetcher:
         self.cache = NodeCache(settings.cache_dir or default_cache_root(), settings.limit_bytes)
         self.protected: frozenset[Path] = frozenset()
         self.futures: dict[int, Future] = {}
-        self.pool: ThreadPoolExecutor | None = None
+        self.pool: _DaemonPool | None = None
         self.wait_s = 0.0
         """Seconds this process's reads waited for a shard to arrive."""
         self.lock = threading.Lock()
@@ -266,7 +309,9 @@ class ShardFetcher:
             start = time.perf_counter()
             with self.lock:
                 fut = self.futures.get(i)
-            got = fut.result() if fut is not None else self._fetch(i)
+            if fut is not None:
+                fut.result()  # raises what the background fetch met
+            got = self._fetch(i)  # at once if the fetch above put it there (or evicted: again)
             self.wait_s += time.perf_counter() - start
         self.cache.touch(got)
         return got
@@ -279,8 +324,7 @@ class ShardFetcher:
         if not self.settings.prefetch:
             return
         if self.pool is None:
-            self.pool = ThreadPoolExecutor(self.settings.concurrency,
-                                           thread_name_prefix="bertscale-fetch")
+            self.pool = _DaemonPool(self.settings.concurrency)
         for group in (current, following):
             k = self.rank % len(group) if group else 0
             for i in group[k:] + group[:k]:
@@ -290,13 +334,13 @@ class ShardFetcher:
         with self.lock:  # forget finished fetches outside the two windows (refetch if evicted)
             keep = set(current) | set(following)
             for i in [i for i, f in self.futures.items() if i not in keep and f.done()
-                      and f.exception() is None]:
+                      and (f.cancelled() or f.exception() is None)]:
                 del self.futures[i]
 
     def check(self) -> None:
         """Raise the first background fetch that failed for good."""
         with self.lock:
-            done = [f for f in self.futures.values() if f.done()]
+            done = [f for f in self.futures.values() if f.done() and not f.cancelled()]
         for f in done:
             e = f.exception()
             if e is not None:
@@ -304,7 +348,7 @@ class ShardFetcher:
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool.shutdown()
             self.pool = None
 
     def worker_copy(self) -> "ShardFetcher":
