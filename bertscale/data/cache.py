@@ -28,7 +28,9 @@ that window and the next one; a thread pool (``data.fetch_concurrency`` download
 fetches them into the cache while the current window trains. Transient errors (connections
 reset, timeouts, 5xx, a short read) are retried ``data.fetch_retries`` times with exponential
 backoff; a missing object, refused credentials or a sha256 mismatch fail at once. A failure is
-raised, as a `UserError` naming the object, when the loader next yields a batch.
+raised, as a `UserError` naming the object, when the loader next yields a batch. The fetch
+threads are daemons: a preempted job exits without waiting for transfers in flight (each leaves a
+``.part`` that the next fetch of that shard removes).
 """
 
 from __future__ import annotations
