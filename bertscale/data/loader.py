@@ -346,6 +346,11 @@ class PretrainLoader:
             fetch = dataclasses.replace(fetch, cache_dir=Path(cache_dir))
         self.fetcher = (ShardFetcher(m, split, fetch, rank)
                         if _is_remote(m.shard_location(split, 0)) else None)
+        if self.fetcher is not None and num_workers:
+            # A forked worker hung in the store client (fsspec's I/O loop) in one of three tries
+            # here; reading in the rank's process is fast enough (see benchmarks).
+            raise UserError(f"data.num_workers = {num_workers} with shards in an object store "
+                            f"({m.shard_location(split, 0)}) is not supported yet: set it to 0")
         if self.fetcher is not None and fetch.limit_bytes:
             self._check_cache_bound(fetch.limit_bytes)
         self._window: tuple | None = None
