@@ -274,8 +274,10 @@ def model_config_from(data: dict[str, Any] | str, where: str = "model") -> Model
 class DataSection:
     """Where the samples come from and how they are masked (the loader's knobs)."""
 
-    manifest: Path = Path("shards/manifest.json")
-    """Manifest written by `bertscale prepare`; its train split is trained on, its eval split
+    manifest: str = "shards/manifest.json"
+    """Manifest written by `bertscale prepare`: a local path, or a URL in an object store
+    (``s3://bucket/prefix/seq128/manifest.json``, ``gs://…``, ``az://…``) whose shards are then
+    read from the store through the node cache. Its train split is trained on, its eval split
     evaluated. Its tokenizer defines the vocabulary size unless model.vocab_size says more."""
     mask_prob: float = 0.15
     """Share of tokens masked per sequence (the paper: 15%)."""
@@ -294,7 +296,29 @@ class DataSection:
     sizes and sample counts are always checked, from the tar headers only). The ranks share the
     work (shard i is read by rank i mod world size), so the corpus is read once per job; a bad
     shard stops every rank with its name. Off, a damaged sample met mid-run still stops every
-    rank at the same step with one line naming shard, sample and position."""
+    rank at the same step with one line naming shard, sample and position. Remote shards are
+    checked as they are fetched, whatever this says."""
+    shard_base: str | None = None
+    """Where the shards are when not beside the manifest (overrides the manifest's own
+    shard_base): a folder, a store prefix (``s3://bucket/bert/seq128``, after copying the shards
+    there yourself) or a template with ``{name}`` (``pipe:aws s3 cp s3://b/p/{name} -``). The
+    data's identity (fingerprint) does not depend on it."""
+    cache_dir: Path | None = None
+    """Remote shards: the node-local folder every rank of a node shares (fetched once per node,
+    kept across requeues). Default: $BERTSCALE_CACHE/shards, else ~/.cache/bertscale/shards.
+    Must be a local disk (the per-shard locks are flock locks)."""
+    cache_limit_gb: float = 0.0
+    """Remote shards: the cache's size bound in GB (10^9 bytes), least recently used shards
+    evicted first, never one of the current or next shuffle window; 0 = no bound. Must hold two
+    shuffle windows (checked at start)."""
+    prefetch: bool = True
+    """Remote shards: download the next shuffle window's shards in the background while the
+    current one trains. Off, a step waits for each new shard's transfer."""
+    fetch_concurrency: int = 4
+    """Remote shards: concurrent downloads per rank (threads)."""
+    fetch_retries: int = 5
+    """Remote shards: retries of a transient failure (reset connection, timeout, 5xx, short
+    read), with backoff from 0.5 s doubling; a missing object or a sha256 mismatch fails at once."""
 
 
 @dataclass
@@ -449,6 +473,13 @@ class PretrainRecipe:
                               f"{self.data.max_predictions_per_seq}")
         if self.data.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
+        for where, value in (("data.cache_limit_gb", self.data.cache_limit_gb),
+                             ("data.fetch_retries", self.data.fetch_retries)):
+            if value < 0:
+                raise ConfigError(f"{where} must be >= 0, got {value}")
+        if self.data.fetch_concurrency < 1:
+            raise ConfigError(f"data.fetch_concurrency must be >= 1, got "
+                              f"{self.data.fetch_concurrency}")
         if self.checkpoint.keep < 2:
             raise ConfigError(f"checkpoint.keep must be at least 2 (a crash during a save must "
                               f"leave a committed one), got {self.checkpoint.keep}")

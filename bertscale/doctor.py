@@ -15,7 +15,8 @@ launcher or mpirun), it checks, with a clear one-line message per failure and a 
               and is ONE folder shared by all of them (rank 0 commits what the others write, and
               elastic conversion runs on rank 0), with the free space
   shards      every shard in the manifest is there with the size and sha256 the manifest says
-              (the ranks split the shards between them); remote shards are counted, not read
+              (the ranks split the shards between them); for shards in an object store, rank 0
+              reads the first and last shard's size and first block with the job's credentials
   wandb       offline/disabled, or online with an API key and api.wandb.ai reachable; otherwise a
               warning (the trainer then logs offline; it never fails a job over wandb)
 
@@ -207,7 +208,8 @@ def check_shards(dist, manifest_path: Path | None, verify_sha256: bool, rank: in
     n_shards = 0
     try:
         from bertscale.data.shards import read_manifest, sha256_file
-        manifest = read_manifest(Path(manifest_path).resolve())
+        manifest = read_manifest(manifest_path if "://" in str(manifest_path)
+                                 else Path(manifest_path).resolve())
     except UserError as e:
         manifest = None
         problems.append(str(e))
@@ -236,6 +238,8 @@ def check_shards(dist, manifest_path: Path | None, verify_sha256: bool, rank: in
                 continue
             checked += 1
             nbytes += info.bytes
+    if manifest is not None and remote and rank == 0:
+        problems += _probe_remote(manifest)
     everyone: list = [None] * world
     dist.all_gather_object(everyone, (problems, checked, remote, nbytes, _node_name()))
     if rank != 0:
@@ -255,8 +259,34 @@ def check_shards(dist, manifest_path: Path | None, verify_sha256: bool, rank: in
     how = "sha256 verified" if verify_sha256 else "sizes checked (sha256 skipped)"
     detail = f"{checked}/{n_shards} shards, {nbytes / 2**20:.1f} MiB, {how}"
     if remote:
-        detail += f"; {remote} remote shard(s) not read"
+        detail += f"; {remote} remote shard(s): the first and last are readable"
     return [Finding("shards", OK, detail)]
+
+
+def _probe_remote(manifest) -> list[str]:
+    """Read access to the first and last remote shard: size as the manifest says, and the first
+    tar header (one ranged GET each), with the credentials this job's environment gives."""
+    from bertscale.data import remote
+
+    work = [(split, i) for split, infos in manifest.shards.items() for i in range(len(infos))
+            if remote.is_remote(manifest.shard_location(split, i))]
+    problems = []
+    for split, i in dict.fromkeys([work[0], work[-1]]):
+        url, info = manifest.shard_location(split, i), manifest.shards[split][i]
+        if url.startswith("pipe:"):
+            continue
+        try:
+            size = remote.object_size(url)
+            head = remote.read_range(url, 0, 512)
+        except Exception as e:  # noqa: BLE001 - any store client error becomes one line
+            problems.append(f"{url}: cannot be read: {remote.reason(e)}")
+            continue
+        if size != info.bytes:
+            problems.append(f"{url}: {size} bytes, the manifest says {info.bytes} "
+                            f"(truncated or replaced)")
+        elif head[257:262] != b"ustar":
+            problems.append(f"{url}: does not start with a tar header (not a shard)")
+    return problems
 
 
 def check_wandb(disabled: bool, timeout: float = 5.0) -> Finding:
@@ -398,7 +428,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", type=Path, help="run folder; its checkpoints/ folder is checked")
     p.add_argument("--checkpoint-dir", type=Path, help="checkpoint folder to check (instead of "
                    "RUN_DIR/checkpoints)")
-    p.add_argument("--manifest", type=Path, help="data manifest (or its folder): check every shard")
+    p.add_argument("--manifest", help="data manifest (or its folder; or its s3://, gs://, az:// "
+                   "URL): check every shard")
     p.add_argument("--no-sha256", action="store_true", help="check shard sizes only (fast)")
     p.add_argument("--require-gpu", action="store_true", help="fail when no GPU is visible")
     p.add_argument("--cpu", action="store_true", help="use gloo on the CPU even if GPUs exist")

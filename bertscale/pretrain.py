@@ -138,7 +138,8 @@ def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, 
 
     from bertscale.data.shards import read_manifest
 
-    manifest = read_manifest(recipe.data.manifest)
+    manifest = read_manifest(recipe.data.manifest, shard_base=recipe.data.shard_base,
+                             cache_dir=recipe.data.cache_dir)
     vocab_file, vocab_size = Path(manifest.vocab_file), manifest.vocab_size
     # The manifest's tokenizer hash is the tokenizer's identity for resumes and init_from.
     tokenizer_hash = manifest.tokenizer_hash
@@ -332,6 +333,7 @@ def train(plan: Plan) -> int:
     import torch.distributed as dist
 
     from bertscale import optim, perf
+    from bertscale.data.cache import FetchSettings
     from bertscale.data.loader import MaskingConfig, PretrainLoader, verify_shards
     from bertscale.model import BertForPreTraining, FastPaths, pretraining_loss
 
@@ -404,7 +406,8 @@ def train(plan: Plan) -> int:
                             num_workers=recipe.data.num_workers,
                             bad_sample_policy=recipe.data.bad_sample_policy,
                             max_bad_samples=recipe.data.max_bad_samples,
-                            verify_sha256=False)  # checked above, a share per rank
+                            verify_sha256=False,  # checked above, a share per rank
+                            fetch=FetchSettings.of(recipe.data))
     batches = iter(loader)
 
     reporter = Reporter(plan, step)
@@ -474,7 +477,8 @@ def train(plan: Plan) -> int:
         eval_loader = PretrainLoader(plan.manifest, split="eval", global_batch_size=micro * W,
                                      micro_batch_size=micro, rank=env.rank, world_size=W, seed=t.seed,
                                      masking=masking, verify_sha256=False,
-                                     max_samples=recipe.eval.samples)
+                                     max_samples=recipe.eval.samples,
+                                     fetch=FetchSettings.of(recipe.data))
         sums = torch.zeros(8, dtype=torch.float64, device=device)
         engine.eval()
         try:

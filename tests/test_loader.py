@@ -334,7 +334,7 @@ def test_remote_shards_through_pipe(data: Path, tmp_path: Path) -> None:
     assert m.fingerprint == read_manifest(data).fingerprint  # same data wherever it is stored
     remote = _take(_loader(m, cache_dir=tmp_path / "cache"), 12)
     _same(remote, _take(_loader(data), 12))
-    assert len(list((tmp_path / "cache").glob("train-*.tar"))) >= 1
+    assert len(list((tmp_path / "cache").rglob("train-*.tar"))) >= 1
     bad = _copy(data, tmp_path / "bad")
     raw = bytearray((bad / "train-000000.tar").read_bytes())
     raw[2000] ^= 0xFF

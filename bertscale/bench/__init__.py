@@ -6,9 +6,12 @@
     bertscale bench microbatch --preset large --seq-len 512 --global-batch 256 --device cuda
     bertscale bench finetune --task MRPC --data-dir GLUE (--checkpoint DIR | --preset base --vocab V)
     bertscale bench data ...   (the data pipeline's benchmark: prepare and loader throughput)
+    bertscale bench remote [--bandwidth-mbs 2] [--latency-ms 100] [--step-ms 100]
+                               (steps' wait for object-store shards, prefetch off and on)
 
 model, microbatch: bertscale.bench.model (a pretraining step against `transformers`); finetune:
-bertscale.bench.finetune (GLUE steps and prediction by batch shape); data: bertscale.data.bench.
+bertscale.bench.finetune (GLUE steps and prediction by batch shape); data: bertscale.data.bench;
+remote: bertscale.data.bench_remote.
 This module is only the command line: it imports torch when a benchmark runs, not to list them.
 """
 
@@ -118,6 +121,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--vocab", help="vocab.txt (default: the sample's uncased BERT vocab)")
     d.add_argument("--seconds", type=float, default=3.0, help="loader measurement time")
     d.set_defaults(func=_data)
+
+    r = sub.add_parser("remote", help="steps' wait for shards in an object store, prefetch off "
+                       "and on, over a throttled local S3 (bertscale.data.bench_remote)")
+    from bertscale.data.bench_remote import add_arguments
+    add_arguments(r)
+    r.set_defaults(func=_run("bertscale.data.bench_remote", "handle"))
     return p
 
 

@@ -90,14 +90,18 @@ def bench_data(files: list[str | Path], vocab: str | Path, loader_seconds: float
     return res
 
 
+def shared_data_dir() -> Path:
+    """Default inputs: the real Wikipedia sample beside a source checkout (../shared/data)."""
+    return Path(os.environ.get("BERTSCALE_SHARED_DATA",
+                               Path(__file__).resolve().parents[2].parent / "shared" / "data"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """`bertscale bench data [--files F ...] [--vocab V] [--seconds S]`."""
     import argparse
     import sys
 
-    # Default inputs: the real Wikipedia sample beside a source checkout (../shared/data).
-    shared = Path(os.environ.get("BERTSCALE_SHARED_DATA",
-                                 Path(__file__).resolve().parents[2].parent / "shared" / "data"))
+    shared = shared_data_dir()
     p = argparse.ArgumentParser(prog="bertscale bench data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", nargs="+", help="raw text files (default: wiki_00..07 of the "

@@ -27,9 +27,11 @@ rank waits for another (guarantee 8) and losses/metrics ignore the filler.
 
 Shards and bad data (guarantee 7)
 ---------------------------------
-Shard locations come from the manifest: local paths, or anything ``webdataset.gopen`` opens
-(``pipe:…``, ``http(s)://``, and object stores through ``pipe:`` commands); remote shards are
-copied once into ``cache_dir`` and checked against their sha256 on the way. Local shards are
+Shard locations come from the manifest: local paths, object stores (``s3://``, ``gs://``,
+``az://``), ``http(s)://`` and ``pipe:…`` (`bertscale.data.remote`); remote shards are fetched
+whole, once per node, into a node-level cache, checked against their sha256 on the way, and the
+next shuffle window's shards are prefetched while the current one trains
+(`bertscale.data.cache`). Local shards are
 checked against the manifest's sha256 when the loader is built (``verify_sha256``, default on;
 it reads every shard of the split once, so turn it off for very large local datasets that are
 known good). A damaged sample (truncated shard, corrupt header or payload: every sample carries
@@ -50,9 +52,8 @@ rank check its share (``verify_shards``) and sets it off.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import logging
-import os
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -62,7 +63,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from bertscale.data.cache import FetchSettings, ShardFetcher
 from bertscale.data.masking import Masker, MaskingConfig
+from bertscale.data.remote import is_remote as _is_remote
 from bertscale.data.shards import (HEADER, MAGIC, FORMAT_VERSION, Manifest, TarIndex,
                                    count_members, index_tar, open_mmap, read_manifest, sha256_file)
 from bertscale.errors import UserError
@@ -77,8 +80,6 @@ PAD_SAMPLE_ID = -1
 BAD_SAMPLE_ID = -2
 
 
-def _is_remote(location: str) -> bool:
-    return "://" in location or location.startswith("pipe:")
 
 
 @dataclass
@@ -93,11 +94,12 @@ class _Shard:
 class ShardStore:
     """Open shards (memory maps + indexes), least recently used closed first."""
 
-    def __init__(self, manifest: Manifest, split: str, cache_dir: Path | None, max_open: int = 64):
+    def __init__(self, manifest: Manifest, split: str, fetcher: ShardFetcher | None,
+                 max_open: int = 64):
         self.manifest = manifest
         self.split = split
         self.infos = manifest.shards[split]
-        self.cache_dir = cache_dir
+        self.fetcher = fetcher
         self.max_open = max_open
         self.open: OrderedDict[int, _Shard] = OrderedDict()
         self.width = 2 if manifest.token_dtype == "uint16" else 4
@@ -106,34 +108,8 @@ class ShardStore:
         location = self.manifest.shard_location(self.split, i)
         if not _is_remote(location):
             return Path(location)
-        info = self.infos[i]
-        assert self.cache_dir is not None
-        path = self.cache_dir / info.name
-        if path.is_file() and path.stat().st_size == info.bytes:
-            return path
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        from webdataset.gopen import gopen  # only when shards are remote
-
-        h = hashlib.sha256()
-        try:
-            with gopen(location, "rb") as src, open(tmp, "wb") as dst:
-                while True:
-                    b = src.read(1 << 22)
-                    if not b:
-                        break
-                    h.update(b)
-                    dst.write(b)
-        except Exception as e:
-            tmp.unlink(missing_ok=True)
-            raise UserError(f"shard {info.name}: cannot fetch {location}: {e}") from None
-        if h.hexdigest() != info.sha256:
-            tmp.unlink(missing_ok=True)
-            raise UserError(f"shard {info.name} fetched from {location}: sha256 "
-                            f"{h.hexdigest()[:16]}… differs from the manifest's "
-                            f"{info.sha256[:16]}… (corrupt or another run's)")
-        os.replace(tmp, path)
-        return path
+        assert self.fetcher is not None
+        return self.fetcher.path(i)
 
     def get(self, i: int) -> _Shard:
         shard = self.open.get(i)
@@ -145,7 +121,9 @@ class ShardStore:
         try:
             mm = open_mmap(path)
         except FileNotFoundError:
-            raise UserError(f"shard {info.name}: file {path} not found") from None
+            if self.fetcher is None:
+                raise UserError(f"shard {info.name}: file {path} not found") from None
+            mm = open_mmap(self.local_path(i))  # evicted between its fetch and here: again
         index = index_tar(mm, self.split, i, info.samples)
         if len(mm) != info.bytes:
             log.warning("shard %s (%s) is %d bytes, the manifest says %d (truncated or replaced)",
@@ -156,6 +134,16 @@ class ShardStore:
             _, old = self.open.popitem(last=False)
             _close_map(old.mm)
         return shard
+
+    def retain(self, keep: set[int]) -> None:
+        """Unmap shards outside `keep` (an evicted file's disk space is freed only when no map
+        of it is left)."""
+        for i in [i for i in self.open if i not in keep]:
+            try:
+                self.open[i].mm.close()
+            except BufferError:  # a sample of it is still referenced: unmap it later
+                continue
+            del self.open[i]
 
     def close(self) -> None:
         for s in self.open.values():
@@ -254,6 +242,22 @@ class GlobalOrder:
             offset[sel] = jj - (ends[k] - self.counts[order[k]])
         return shard, offset
 
+    def window_of(self, position: int) -> tuple[int, int]:
+        """(epoch, window) of a global position."""
+        return position // self.n, position % self.n // self.window
+
+    def next_window(self, epoch: int, window: int) -> tuple[int, int]:
+        return (epoch, window + 1) if (window + 1) * self.window < self.n else (epoch + 1, 0)
+
+    def window_shards(self, epoch: int, window: int) -> list[int]:
+        """The shards a window reads: a window shuffles a contiguous range of the epoch's shard
+        concatenation, so they are the shards that range overlaps (what `locate` maps to)."""
+        order, ends = self._epoch(epoch)
+        lo = window * self.window
+        hi = min(lo + self.window, self.n) - 1
+        a, b = np.searchsorted(ends, [lo, hi], side="right").tolist()
+        return order[a:b + 1].tolist()
+
 
 def verify_shards(m: Manifest, split: str, rank: int = 0, world_size: int = 1, *,
                   sha256: bool = True) -> list[str]:
@@ -304,7 +308,7 @@ class PretrainLoader:
                  num_workers: int = 0, bad_sample_policy: str = "raise",
                  max_bad_samples: int = 100, verify_sha256: bool = True,
                  shuffle_window: int | None = None, cache_dir: str | Path | None = None,
-                 max_samples: int = 0):
+                 max_samples: int = 0, fetch: FetchSettings | None = None):
         self.manifest = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
         m = self.manifest
         if split not in m.shards:
@@ -365,16 +369,74 @@ class PretrainLoader:
             raise UserError(f"shuffle_window {shuffle_window} must be >= 1")
         self.order = GlobalOrder([s.samples for s in m.shards[split]], seed, self.is_train,
                                  shuffle_window)
-        if cache_dir is None:  # remote shards only
-            root = Path(os.environ.get("BERTSCALE_CACHE", Path.home() / ".cache" / "bertscale"))
-            cache_dir = root / "shards" / m.fingerprint[:16] / split
-        self.cache_dir = Path(cache_dir)
-        self.store = ShardStore(m, split, self.cache_dir)
+        # Remote shards: the node cache (cache_dir: its root) and the prefetcher.
+        fetch = fetch or FetchSettings()
+        if cache_dir is not None:
+            fetch = dataclasses.replace(fetch, cache_dir=Path(cache_dir))
+        self.fetcher = (ShardFetcher(m, split, fetch, rank)
+                        if _is_remote(m.shard_location(split, 0)) else None)
+        if self.fetcher is not None and num_workers:
+            # A forked worker hung in the store client (fsspec's I/O loop) in one of three tries
+            # here; reading in the rank's process is fast enough (see benchmarks).
+            raise UserError(f"data.num_workers = {num_workers} with shards in an object store "
+                            f"({m.shard_location(split, 0)}) is not supported yet: set it to 0")
+        if self.fetcher is not None and fetch.limit_bytes:
+            self._check_cache_bound(fetch.limit_bytes)
+        self._window: tuple | None = None
+        self.store = ShardStore(m, split, self.fetcher)
         self.id_base = 0 if split == "train" else EVAL_ID_BIT
         if verify_sha256:
             self._verify()
 
     # -- integrity --------------------------------------------------------------------------
+
+    def _check_cache_bound(self, limit: int) -> None:
+        """The current and next window must fit the cache, in any epoch's shard order. A window
+        (W consecutive samples of the shard concatenation) touches at most k + 1 shards, where
+        k is the fewest shards holding W samples counting the smallest first (the shards fully
+        inside it hold fewer than W); two windows, twice that; priced as the largest shards."""
+        counts = sorted(s.samples for s in self.manifest.shards[self.split])
+        sizes = sorted((s.bytes for s in self.manifest.shards[self.split]), reverse=True)
+        k, seen = 0, 0
+        while k < len(counts) and seen < self.order.window:
+            seen += counts[k]
+            k += 1
+        most = min(2 * (k + 1), len(sizes))
+        need = sum(sizes[:most])
+        if need > limit:
+            raise UserError(f"data.cache_limit_gb = {limit / 1e9:g} is smaller than two shuffle "
+                            f"windows of split {self.split!r} (up to {most} shards, "
+                            f"{need / 1e9:.3g} GB): raise it")
+
+    def _ahead(self, k: int) -> None:
+        """Tell the fetcher which windows micro-batch k's global batch reads, and the next."""
+        if self.fetcher is None:
+            return
+        b = k // self.micro_per_batch
+        first = self.start + b * self.G
+        last = first + self.G - 1
+        if not self.is_train:
+            first, last = min(first, self.n - 1), min(last, self.n - 1)
+        span = (self.order.window_of(first), self.order.window_of(last))
+        if span == self._window:
+            return
+        self._window = span
+        current: list[int] = []
+        w = span[0]
+        while True:
+            current += [i for i in self.order.window_shards(*w) if i not in current]
+            if w == span[1]:
+                break
+            w = self.order.next_window(*w)
+        following = [i for i in self.order.window_shards(*self.order.next_window(*span[1]))
+                     if i not in current]
+        self.fetcher.ahead(current, following)
+        self.store.retain(set(current) | set(following))
+
+    @property
+    def fetch_wait_s(self) -> float:
+        """Seconds this process's reads waited for remote shards (0 for local shards)."""
+        return self.fetcher.wait_s if self.fetcher is not None else 0.0
 
     def _verify(self) -> None:
         problems = verify_shards(self.manifest, self.split)
@@ -404,6 +466,7 @@ class PretrainLoader:
         k = worker
         end = None if self.is_train else self._eval_micro_batches()
         while end is None or k < end:
+            self._ahead(k)
             yield self.make_batch(self.positions(k))
             k += num_workers
 
@@ -472,9 +535,14 @@ class PretrainLoader:
             source = torch.utils.data.DataLoader(_Workers(self), batch_size=None,
                                                  num_workers=self.num_workers)
         count = 0
+        if self.num_workers:
+            self._ahead(0)  # the workers read through the cache; this process prefetches
         for batch in _worker_errors_unwrapped(source):
             if self.num_workers:
                 self._tally_bad(batch)
+                self._ahead(count + 1)
+            if self.fetcher is not None:
+                self.fetcher.check()  # a background fetch failed for good: stop, naming it
             count += 1
             if self.is_train and count % self.micro_per_batch == 0:
                 self.consumed_samples += self.G
@@ -495,6 +563,8 @@ class PretrainLoader:
 
     def close(self) -> None:
         self.store.close()
+        if self.fetcher is not None:
+            self.fetcher.close()
 
 
 def _worker_errors_unwrapped(source: Any) -> Iterator[dict[str, torch.Tensor]]:
@@ -522,6 +592,9 @@ class _Workers(torch.utils.data.IterableDataset):
         if info is None:
             yield from self.loader.micro_batches()
         else:
+            fetcher = self.loader.fetcher
+            if fetcher is not None:  # the parent prefetches; a worker waits for the cache
+                fetcher = fetcher.worker_copy()
             self.loader.store = ShardStore(self.loader.manifest, self.loader.split,
-                                           self.loader.cache_dir)  # no maps shared across fork
+                                           fetcher)  # no maps shared across fork
             yield from self.loader.micro_batches(info.id, info.num_workers)

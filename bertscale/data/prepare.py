@@ -743,7 +743,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                     "sequence length. Runs in parallel over --workers processes, and over ranks "
                     "under mpirun/srun.")
     p.add_argument("inputs", nargs="+", help="files, folders or glob patterns")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--out", required=True,
+                   help="output folder, or an object-store prefix (s3://bucket/prefix, gs://…, "
+                        "az://…): shards are written to --stage, then uploaded")
+    p.add_argument("--stage", type=Path,
+                   help="with --out in an object store: the local (or shared, under MPI) folder "
+                        "the shards are written to first (default: ./bertscale-stage)")
     v = p.add_mutually_exclusive_group(required=True)
     v.add_argument("--vocab", type=Path, help="WordPiece vocab.txt to tokenize with")
     v.add_argument("--train-vocab", type=int, metavar="SIZE",
@@ -798,7 +803,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def handle(args: argparse.Namespace) -> int:
-    cfg = PrepareConfig(inputs=args.inputs, out=args.out, vocab=args.vocab,
+    from bertscale.data import remote
+
+    url = args.out if remote.is_remote(args.out) else None
+    if url is not None and remote.scheme(url) in ("pipe", "http", "https"):
+        raise UserError(f"--out {url}: prepare uploads to s3://, gs:// or az:// prefixes only")
+    out = Path(args.stage or "bertscale-stage") if url else Path(args.out)
+    if url is not None:
+        remote.filesystem(url)  # a missing store package fails now, not after the prepare
+    cfg = PrepareConfig(inputs=args.inputs, out=out, vocab=args.vocab,
                         lowercase=args.lowercase, train_vocab=args.train_vocab,
                         seq_lens=args.seq_lens, objective=args.objective,
                         short_seq_prob=args.short_seq_prob, dupe_factor=args.dupe_factor,
@@ -806,8 +819,44 @@ def handle(args: argparse.Namespace) -> int:
                         seed=args.seed, format=args.format, text_field=args.text_field,
                         split_sentences=args.split_sentences, docs_per_chunk=args.docs_per_chunk,
                         workers=args.workers, keep_work=args.keep_work, progress=args.progress)
-    run_prepare(cfg)
+    ctx = detect_context()
+    manifests = run_prepare(cfg, ctx)
+    if url is not None and ctx.rank == 0:
+        for L, manifest in manifests.items():
+            upload_prepared(manifest, remote.join(url, f"seq{L}"), cfg.progress != "none")
     return 0
+
+
+def upload_prepared(manifest: Path, url: str, verbose: bool = True) -> str:
+    """Upload one prepared folder (shards, vocabulary, then the manifest) to the store prefix
+    `url`. Shard names in the manifest stay relative to it, so they resolve beside the
+    manifest's URL and the prefix can be copied or moved whole (``aws s3 sync``). Objects
+    already there with the right size are not sent again, so a re-run after a failed upload
+    resumes it. Returns the manifest's URL."""
+    from bertscale.data import remote
+
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    names = [row["name"] for rows in data["shards"].values() for row in rows]
+    fs = remote.filesystem(url)
+    sent = 0
+    for name in [*names, data["vocab_file"]]:
+        local, target = manifest.parent / name, remote.join(url, name)
+        try:
+            if fs.exists(target) and remote.object_size(target) == local.stat().st_size:
+                continue
+            remote.upload(local, target)
+        except Exception as e:  # noqa: BLE001 - any store client error becomes one line
+            raise UserError(f"uploading {local} to {target}: {remote.reason(e)}") from None
+        sent += 1
+    target = remote.join(url, MANIFEST_NAME)
+    try:  # last: a reader never sees a manifest before its shards
+        remote.upload(manifest, target)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"uploading {manifest} to {target}: {remote.reason(e)}") from None
+    if verbose:
+        print(f"prepare: uploaded {sent} of {len(names) + 1} files (the rest were there) and the "
+              f"manifest -> {target}", file=sys.stderr)
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:

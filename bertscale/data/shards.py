@@ -346,6 +346,13 @@ class Manifest:
         return str(Path(base) / name)
 
 
+def _stored_base(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("shard_base")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 _REQUIRED = {"format": str, "format_version": int, "seq_len": int, "pair_objective": str,
              "tokenizer_hash": str, "vocab_file": str, "lowercase": bool, "seed": int,
              "vocab_size": int, "token_dtype": str, "samples_per_shard": int, "shards": dict}
@@ -370,8 +377,16 @@ def write_manifest(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(path: str | Path, shard_base: str | None = None) -> Manifest:
-    """Read and check a manifest (the JSON file, or the folder that holds manifest.json)."""
+def read_manifest(path: str | Path, shard_base: str | None = None,
+                  cache_dir: Path | None = None) -> Manifest:
+    """Read and check a manifest (the JSON file, or the folder that holds manifest.json). A
+    manifest in an object store (``s3://…/manifest.json``) is copied with its vocabulary into the
+    node cache (`cache_dir`, see `bertscale.data.cache`); its shards are read from beside it."""
+    if isinstance(path, str) and "://" in path:
+        from bertscale.data import cache, remote
+        url = path if path.endswith(".json") else remote.join(path, MANIFEST_NAME)
+        path = remote.fetch_manifest(url, cache_dir or cache.default_cache_root())
+        shard_base = shard_base or _stored_base(path) or remote.parent(url)
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME

@@ -1,0 +1,132 @@
+"""How long training steps wait on the network for shards in an object store, prefetch off and on
+(`bertscale bench remote`).
+
+Shards are prepared from real text, uploaded to a local S3 server on 127.0.0.1 (moto's, through
+`bertscale.bench.s3_server`, so the test extra ``moto[server]`` is needed) whose object reads are
+throttled to ``--bandwidth-mbs`` MB/s on one shared link with ``--latency-ms`` before each
+response's first byte. One rank's train loader then reads ``--windows`` shuffle windows from a
+fresh cache, and a training step is simulated by sleeping ``--step-ms`` after each global batch
+(the GPU's time: a data loader only has to keep up with it). Per step it records the time its
+reads waited for a shard to arrive (``PretrainLoader.fetch_wait_s``) and the time in ``next()``.
+
+It prints, for prefetch off and on: the wait in the first window (a cold cache: nothing to
+prefetch from), in the later windows (the steady state), and the longest single wait there.
+Limits: one process on one node (the node cache's once-per-node sharing is tested in
+tests/test_remote.py, not timed here); the throttle models bandwidth and latency, not a store's
+request-rate limits or tail latencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def bench_remote(files: list[Path], vocab: Path, *, samples_per_shard: int, window_shards: int,
+                 global_batch: int, step_ms: float, windows: int, bandwidth_mbs: float,
+                 latency_ms: float, concurrency: int, work_dir: Path | None = None) -> dict[str, Any]:
+    import fsspec
+
+    from bertscale.bench.s3_server import LocalS3
+    from bertscale.data.cache import FetchSettings
+    from bertscale.data.loader import PretrainLoader
+    from bertscale.data.prepare import PrepareConfig, run_prepare, upload_prepared
+    from bertscale.data.shards import read_manifest
+
+    server = LocalS3(bandwidth=bandwidth_mbs * 1e6, latency=latency_ms / 1e3)
+    os.environ.update(server.env())
+    result: dict[str, Any] = {"bandwidth_mbs": bandwidth_mbs, "latency_ms": latency_ms,
+                              "step_ms": step_ms, "global_batch": global_batch,
+                              "samples_per_shard": samples_per_shard,
+                              "window_shards": window_shards, "concurrency": concurrency}
+    try:
+        with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+            local = run_prepare(PrepareConfig(inputs=[str(f) for f in files], out=Path(tmp) / "d",
+                                              vocab=vocab, seq_lens=[128],
+                                              samples_per_shard=samples_per_shard,
+                                              progress="none"))[128]
+            fsspec.filesystem("s3").mkdir("bench")
+            bw, server.bandwidth = server.bandwidth, 0.0  # upload unthrottled
+            url = upload_prepared(local, "s3://bench/d/seq128", verbose=False)
+            server.bandwidth = bw
+            m = read_manifest(url, cache_dir=Path(tmp) / "m")
+            shard_mb = sum(s.bytes for s in m.shards["train"]) / len(m.shards["train"]) / 1e6
+            window = window_shards * samples_per_shard
+            steps_per_window = window / global_batch
+            steps = min(int(windows * steps_per_window), 10 * m.num_samples("train") // global_batch)
+            result.update(shard_mb=shard_mb, steps=steps, steps_per_window=steps_per_window,
+                          train_shards=len(m.shards["train"]))
+            print(f"{len(m.shards['train'])} train shards of {shard_mb:.2f} MB, windows of "
+                  f"{window_shards} shards ({steps_per_window:.1f} steps of {global_batch}); link "
+                  f"{bandwidth_mbs:g} MB/s + {latency_ms:g} ms latency; a step computes "
+                  f"{step_ms:g} ms; {steps} steps")
+            print(f"{'prefetch':>8} | {'first window wait':>17} | {'later windows wait':>18} | "
+                  f"{'longest later wait':>18} | {'steps waiting >1 ms':>19} | {'wall':>6}")
+            for prefetch in (False, True):
+                loader = PretrainLoader(m, split="train", global_batch_size=global_batch,
+                                        micro_batch_size=global_batch, rank=0, world_size=1,
+                                        seed=1, shuffle_window=window, verify_sha256=False,
+                                        fetch=FetchSettings(cache_dir=Path(tmp) / f"c{prefetch}",
+                                                            prefetch=prefetch,
+                                                            concurrency=concurrency))
+                waits = []
+                it = iter(loader)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    before = loader.fetch_wait_s
+                    next(it)
+                    waits.append(loader.fetch_wait_s - before)
+                    time.sleep(step_ms / 1e3)  # the device's step
+                wall = time.perf_counter() - start
+                loader.close()
+                first = int(steps_per_window)
+                later = waits[first:]
+                row = {"first_window_wait_s": sum(waits[:first]),
+                       "later_wait_s": sum(later), "later_max_wait_ms": 1e3 * max(later, default=0),
+                       "later_steps_waiting": sum(w > 1e-3 for w in later),
+                       "later_steps": len(later), "wall_s": wall}
+                result["prefetch_on" if prefetch else "prefetch_off"] = row
+                print(f"{'on' if prefetch else 'off':>8} | {row['first_window_wait_s']:15.2f} s | "
+                      f"{row['later_wait_s']:16.2f} s | {row['later_max_wait_ms']:15.1f} ms | "
+                      f"{row['later_steps_waiting']:>9} of {row['later_steps']:<6} | "
+                      f"{wall:5.1f}s")
+    finally:
+        server.stop()
+    return result
+
+
+def handle(args: argparse.Namespace) -> int:
+    from bertscale.data.bench import shared_data_dir
+
+    shared = shared_data_dir()
+    files = [Path(f) for f in args.files] if args.files else [
+        shared / "wikipedia" / f"wiki_0{i}.gz" for i in range(4)]
+    vocab = Path(args.vocab) if args.vocab else shared / "vocab" / "bert-base-uncased-vocab.txt"
+    res = bench_remote(files, vocab, samples_per_shard=args.samples_per_shard,
+                       window_shards=args.window_shards, global_batch=args.global_batch,
+                       step_ms=args.step_ms, windows=args.windows,
+                       bandwidth_mbs=args.bandwidth_mbs, latency_ms=args.latency_ms,
+                       concurrency=args.concurrency)
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--files", nargs="+", help="raw text (default: wiki_00..03 of the shared "
+                   "Wikipedia sample)")
+    p.add_argument("--vocab", help="vocab.txt (default: the sample's uncased BERT vocab)")
+    p.add_argument("--samples-per-shard", type=int, default=500)
+    p.add_argument("--window-shards", type=int, default=2, help="shuffle window, in shards")
+    p.add_argument("--global-batch", type=int, default=64)
+    p.add_argument("--step-ms", type=float, default=100.0, help="simulated compute per step")
+    p.add_argument("--windows", type=int, default=6, help="shuffle windows to read")
+    p.add_argument("--bandwidth-mbs", type=float, default=2.0, help="link bandwidth, MB/s")
+    p.add_argument("--latency-ms", type=float, default=100.0, help="before each response")
+    p.add_argument("--concurrency", type=int, default=4, help="data.fetch_concurrency")
+    p.add_argument("--out", type=Path, help="write the result as JSON")
