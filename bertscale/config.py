@@ -402,8 +402,9 @@ class LoggingSection:
 
 @dataclass
 class FastSection:
-    """Speed-ups of the model (bertscale.model.FastPaths); none changes the parameters, so
-    checkpoints and exports are the same with or without them. Each has a parity test."""
+    """Speed-ups of the model (bertscale.model.FastPaths). Only pad_vocab_multiple changes the
+    parameters (rows no token reaches; export drops them), so exports are the same with or
+    without any of them. Each has a parity test."""
 
     unpad: bool = False
     """Run the encoder on the real tokens only (phase 2 and short documents); attention per
@@ -417,6 +418,17 @@ class FastSection:
     """Let fp32 matmuls and convolutions on CUDA use TF32 tensor cores (about 8x the fp32 rate on
     A100/H100, 10-bit mantissa inputs, fp32 accumulation). No effect on the CPU, nor on what
     already runs in bf16/fp16."""
+    pad_vocab_multiple: int = 1
+    """Round the word-embedding / MLM-decoder rows up to a multiple of this (NVIDIA pads 30,522
+    to 30,528, a multiple of 8; 64 fills whole tensor-core tiles of the decoder matmul). The
+    padded rows are never predicted: the MLM loss and accuracy use the tokenizer's vocabulary
+    only, so the loss equals the unpadded model's; `export` writes the real vocabulary size.
+    1: no padding. Ignored when [model] sets vocab_size itself."""
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple`."""
+    return -(-vocab_size // multiple) * multiple
 
 
 @dataclass
@@ -493,6 +505,9 @@ class PretrainRecipe:
         if any(s <= 0 for s in self.debug.overflow_at_steps):
             raise ConfigError(f"debug.overflow_at_steps must hold positive step numbers, got "
                               f"{self.debug.overflow_at_steps}")
+        if self.fast.pad_vocab_multiple <= 0:
+            raise ConfigError(f"fast.pad_vocab_multiple must be positive (1: no padding), got "
+                              f"{self.fast.pad_vocab_multiple}")
         if self.logging.every <= 0:
             raise ConfigError(f"logging.every must be positive, got {self.logging.every}")
         if t.max_loss_scale_skips <= 0:

@@ -271,6 +271,12 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+# Weights with one row per vocabulary entry, under their Hugging Face names.
+_VOCAB_ROWS = frozenset({"bert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight",
+                         "cls.predictions.decoder.weight", "cls.predictions.decoder.bias",
+                         "cls.predictions.bias"})
+
+
 def export_hf(model_state_dict: Mapping[str, Tensor], cfg: ModelConfig, vocab_path: str | Path,
               lowercase: bool, out_dir: str | Path, architecture: str = "BertForPreTraining",
               overwrite: bool = False, source: str = "model state") -> Path:
@@ -291,6 +297,11 @@ def export_hf(model_state_dict: Mapping[str, Tensor], cfg: ModelConfig, vocab_pa
         raise UserError(f"{vocab_path}: {len(vocab)} tokens exceed model vocab_size "
                         f"{cfg.vocab_size}")
     tensors = _to_hf_keys(model_state_dict, cfg, architecture, source)
+    if cfg.vocab_size > len(vocab):
+        # Rows past the vocabulary (fast.pad_vocab_multiple, or a larger model.vocab_size) are
+        # reached by no token: the export is the model the vocabulary defines.
+        tensors = {k: v[:len(vocab)] if k in _VOCAB_ROWS else v for k, v in tensors.items()}
+        cfg = dataclasses.replace(cfg, vocab_size=len(vocab))
 
     hf_config = config_to_hf(cfg)
     hf_config["architectures"] = [architecture]

@@ -495,12 +495,15 @@ class BertForPreTraining(nn.Module):
 
 
 def pretraining_loss(out: PreTrainingOutput, masked_labels: Tensor,
-                     next_sentence_label: Tensor) -> LossParts:
+                     next_sentence_label: Tensor, vocab_size: int | None = None) -> LossParts:
     """Google's pretraining loss: mean MLM cross-entropy over predicted tokens plus mean NSP
     cross-entropy, computed in fp32 whatever the logits' dtype. Labels of -100 are ignored;
-    an all-ignored term is 0 (not NaN), so the MLM-only objective needs no special case."""
-    V = out.mlm_logits.shape[-1]
-    mlm_logits = out.mlm_logits.reshape(-1, V).float()                        # (B*P, V)
+    an all-ignored term is 0 (not NaN), so the MLM-only objective needs no special case.
+    `vocab_size`: the tokenizer's vocabulary when the model's rows are padded past it; the
+    padded rows' logits are dropped, so they are never predicted and the loss is the unpadded
+    model's."""
+    V = vocab_size or out.mlm_logits.shape[-1]
+    mlm_logits = out.mlm_logits[..., :V].reshape(-1, V).float()               # (B*P, V)
     mlm_labels = masked_labels.reshape(-1)                                    # (B*P,)
     mlm_valid = mlm_labels != -100
     mlm_count = mlm_valid.sum()

@@ -38,8 +38,8 @@ from bertscale import checkpoint as ckpt_lib
 from bertscale import distributed, runlock
 from bertscale import resume as resume_lib
 from bertscale import steps as steps_lib
-from bertscale.config import (ModelConfig, PretrainRecipe, load_pretrain_recipe, recipe_to_dict,
-                              to_dict)
+from bertscale.config import (ModelConfig, PretrainRecipe, load_pretrain_recipe, padded_vocab_size,
+                              recipe_to_dict, to_dict)
 from bertscale.errors import ConfigError, UserError
 from bertscale.reporting import hms as _hms
 from bertscale.seeding import seed_all
@@ -145,7 +145,8 @@ def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, 
     tokenizer_hash = manifest.tokenizer_hash
     model = recipe.model
     if not recipe.vocab_size_explicit:
-        model = dataclasses.replace(model, vocab_size=vocab_size)
+        model = dataclasses.replace(model, vocab_size=padded_vocab_size(
+            vocab_size, recipe.fast.pad_vocab_multiple))
     elif model.vocab_size < vocab_size:
         raise ConfigError(f"model.vocab_size {model.vocab_size} is smaller than the manifest's "
                           f"vocabulary ({vocab_size} tokens in {vocab_file})")
@@ -491,7 +492,8 @@ def train(plan: Plan) -> int:
                     out = engine(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
                                  attention_mask=batch["attention_mask"],
                                  masked_positions=batch["masked_positions"])
-                    p = pretraining_loss(out, batch["masked_labels"], batch["next_sentence_label"])
+                    p = pretraining_loss(out, batch["masked_labels"], batch["next_sentence_label"],
+                                         vocab_size=plan.manifest.vocab_size)
                     # Sums, not means: a token-weighted MLM loss and exact counts after the all-reduce.
                     sums += _vec(p.mlm * p.mlm_count, p.nsp * p.nsp_count, p.mlm_correct, p.mlm_count,
                                  p.nsp_correct, p.nsp_count, (batch["sample_ids"] >= 0).sum(),
@@ -538,7 +540,8 @@ def train(plan: Plan) -> int:
                 out = engine(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
                              attention_mask=batch["attention_mask"],
                              masked_positions=batch["masked_positions"])
-                parts = pretraining_loss(out, batch["masked_labels"], batch["next_sentence_label"])
+                parts = pretraining_loss(out, batch["masked_labels"], batch["next_sentence_label"],
+                                         vocab_size=plan.manifest.vocab_size)
                 loss = parts.total
                 if recipe.debug.nan_loss_at_step == step + 1 and env.is_main:
                     loss = loss * float("nan")  # fault injection (tests): the NaN path end to end

@@ -223,3 +223,40 @@ def test_flash_varlen_matches_per_sequence_on_cuda():
     for name in g0:
         rel = (g0[name] - g1[name]).norm() / g0[name].norm().clamp(min=1e-12)
         assert rel < 5e-2, name
+
+
+def test_padded_vocab_gives_the_unpadded_loss_gradients_and_predictions():
+    """fast.pad_vocab_multiple: a model with rows past the vocabulary, whose real rows are the
+    unpadded model's, has the same MLM/NSP loss, the same gradients on every shared weight and
+    the same predictions, even with the padded rows' decoder bias set to win every argmax: the
+    padded rows are never predicted. (The trainer passes the tokenizer's size as vocab_size.)"""
+    from bertscale.config import padded_vocab_size
+
+    torch.manual_seed(0)
+    plain = BertForPreTraining(_cfg()).train()
+    padded_v = padded_vocab_size(V, 64)
+    assert padded_v == 704 and padded_vocab_size(30522, 64) == 30528 and padded_vocab_size(64, 64) == 64
+    padded = BertForPreTraining(dataclasses.replace(_cfg(), vocab_size=padded_v)).train()
+    with torch.no_grad():
+        for (name, p), q in zip(padded.named_parameters(), plain.parameters()):
+            if p.shape == q.shape:
+                p.copy_(q)
+            else:                           # the vocabulary rows: real ones equal, extra ones loud
+                p[:V].copy_(q)
+                p[V:].fill_(50.0 if name.endswith("bias") else 0.3)
+    batch = _batch()
+    ids, tt, am, pos, labels, nsp = batch
+    out0, loss0, g0 = _loss_and_grads(plain, batch)
+    padded.zero_grad(set_to_none=True)
+    out1 = padded(ids, tt, am, masked_positions=pos)
+    assert out1.mlm_logits.shape[-1] == padded_v
+    loss1 = pretraining_loss(out1, labels, nsp, vocab_size=V)
+    loss1.total.backward()
+    _assert_same(loss1.total, loss0.total, atol=1e-6, what="loss")
+    assert int(loss1.mlm_correct) == int(loss0.mlm_correct)
+    # Without vocab_size the padded rows' huge bias would take every prediction.
+    assert int(pretraining_loss(out1, labels, nsp).mlm_correct) == 0
+    for name, p in padded.named_parameters():
+        want = g0[name]
+        got = p.grad[:V] if p.grad.shape != want.shape else p.grad
+        _assert_same(got, want, atol=2e-6, what=name)

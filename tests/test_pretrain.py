@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bertscale import checkpoint as ckpt_lib
 from bertscale.distributed import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
@@ -395,3 +396,38 @@ def test_a_corrupt_shard_stops_every_rank_with_its_name(manifest, tmp_path):
         assert "differs from the manifest's" in r.stderr and "(found by rank 1)" in r.stderr
     assert ckpt_lib.latest_committed(tmp_path / "run") is None
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not train_losses(tmp_path / "run")
+
+
+def test_padded_vocab_trains_and_exports_the_real_vocabulary(manifest, tmp_path):
+    """`fast.pad_vocab_multiple = 64` through the CLI: the run's model has 30,528 rows for the
+    30,522-token vocabulary; `bertscale export` writes a Hugging Face folder of the real size that
+    transformers loads with no missing or mismatched weights and whose logits are the run's
+    (the consolidated weights' real rows) for real text."""
+    import transformers
+
+    from bertscale.model import BertForPreTraining
+
+    run, hf_dir = tmp_path / "run", tmp_path / "hf"
+    pretrain(run, manifest, 1, "train.steps=2", "schedule.warmup=1", "checkpoint.every=2",
+             "eval.every=2", "eval.at_start=false", "eval.samples=16", "fast.pad_vocab_multiple=64")
+    state = ckpt_lib.read_state(ckpt_lib.latest_committed(run))
+    assert state["model_config"]["vocab_size"] == 30528
+    assert records(run, "eval")[-1]["mlm_acc"] >= 0  # evaluated over the real vocabulary
+    done = subprocess.run([sys.executable, "-m", "bertscale.cli", "export", "--from", str(run),
+                           "--to", str(hf_dir)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((hf_dir / "config.json").read_text())["vocab_size"] == 30522
+    hf, info = transformers.BertForPreTraining.from_pretrained(hf_dir, output_loading_info=True,
+                                                               attn_implementation="eager")
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    weights = ckpt_lib.load_consolidated(run)
+    ours = BertForPreTraining(weights.config).eval()
+    ours.load_state_dict(weights.state_dict)
+    ids = torch.tensor([[101, 7592, 2088, 2003, 2307, 1012, 102, 2009, 2003, 102]])
+    tt = torch.tensor([[0] * 7 + [1] * 3])
+    am = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = hf.eval()(input_ids=ids, token_type_ids=tt, attention_mask=am)
+        out = ours(ids, tt, am)
+    assert (out.mlm_logits[..., :30522] - ref.prediction_logits).abs().max() < 1e-4
+    assert (out.nsp_logits - ref.seq_relationship_logits).abs().max() < 1e-4
