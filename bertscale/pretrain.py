@@ -41,6 +41,7 @@ from bertscale import steps as steps_lib
 from bertscale.config import (ModelConfig, PretrainRecipe, load_pretrain_recipe, padded_vocab_size,
                               recipe_to_dict, to_dict)
 from bertscale.errors import ConfigError, UserError
+from bertscale.reporting import MetricSinks
 from bertscale.reporting import hms as _hms
 from bertscale.seeding import seed_all
 
@@ -220,21 +221,11 @@ class Reporter:
         lg = plan.recipe.logging
         self.bar = self.main and (lg.progress == "bar" or (lg.progress == "auto" and sys.stdout.isatty()))
         self.bar_open = False
-        self.jsonl = open(plan.run_dir / "metrics.jsonl", "a", encoding="utf-8") if self.main else None
-        self.wandb = self._init_wandb() if self.main and lg.wandb else None
-        self.tb = None
-        if self.main and lg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(plan.run_dir / "tensorboard"))
-
-    def _init_wandb(self) -> Any:
-        """A W&B run, resumed across restarts of this run folder; None (with a warning) on any
-        failure. Offline when no API key is configured: the run folder keeps the logs to sync."""
-        from bertscale.reporting import init_wandb
-        lg = self.plan.recipe.logging
-        return init_wandb(self.plan.run_dir, project=lg.wandb_project, name=self.plan.recipe.name,
-                          group=None, config=recipe_to_dict(self.plan.recipe), mode=lg.wandb_mode,
-                          warn=self.warn)
+        # metrics.jsonl, W&B and TensorBoard: the sinks fine-tuning writes through too.
+        self.sinks = MetricSinks(plan.run_dir, enabled=self.main, wandb=lg.wandb,
+                                 tensorboard=lg.tensorboard, project=lg.wandb_project,
+                                 name=plan.recipe.name, wandb_config=recipe_to_dict(plan.recipe),
+                                 wandb_mode=lg.wandb_mode, warn=self.warn)
 
     def warn(self, msg: str) -> None:
         if self.main:
@@ -252,20 +243,7 @@ class Reporter:
             self.bar_open = False
 
     def record(self, kind: str, step: int, values: dict[str, float]) -> None:
-        if not self.main:
-            return
-        record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        if self.wandb is not None:
-            try:
-                self.wandb.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
-            except Exception as e:  # noqa: BLE001
-                self.warn(f"W&B log failed ({type(e).__name__}: {e}); W&B logging is off")
-                self.wandb = None
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(f"{kind}/{k}", v, step)
+        self.sinks.record(kind, step, values)
 
     def train_step(self, step: int, values: dict[str, float], log_now: bool) -> None:
         if not self.main:
@@ -300,14 +278,7 @@ class Reporter:
         if not self.main:
             return
         self._end_bar()
-        self.jsonl.close()
-        if self.wandb is not None:
-            try:
-                self.wandb.finish()
-            except Exception as e:  # noqa: BLE001
-                self.warn(f"W&B finish failed: {e}")
-        if self.tb is not None:
-            self.tb.close()
+        self.sinks.close()
 
 
 # ================================================================================ the run

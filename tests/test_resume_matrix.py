@@ -81,6 +81,32 @@ def references(manifest, tmp_path_factory) -> dict[str, Path]:
     return cached("resume_matrix_refs", build)
 
 
+def test_resume_of_the_gpu_recipes_bf16_zero1_on_fewer_then_more_ranks(manifest, tmp_path):
+    """The GPU recipes' setting: ZeRO-1 bf16 with fp32 gradient accumulation, which DeepSpeed runs
+    through its BF16_Optimizer (its own checkpoint files, bf16_zero_pp_rank_*). The same chain
+    against an uninterrupted 1-rank run in the same precision; bf16 on these CPUs is emulated,
+    so this is the one bf16 cell, and its tolerance is bf16's (3e-3 relative)."""
+    sets = (*BASE, *OPTIMIZERS["adamw"], "train.deepspeed=\"zero1_bf16\"")
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    pretrain(ref, manifest, 1, *sets)
+    outputs = [pretrain(run, manifest, world, *sets,
+                        extra=("--stop-at-step", str(stop)) if stop < STEPS else ())[0].stdout
+               for world, stop in CHAIN]
+    assert "converted from 2 ranks through a universal checkpoint" in outputs[1]
+    assert "converted from 1 ranks through a universal checkpoint" in outputs[2]
+    assert list(ckpt_lib.latest_committed(run).path.glob("bf16_zero_pp_rank_*"))
+    want, got = train_losses(ref), train_losses(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=3e-3), step
+    groups, steps = optimizer_state(ckpt_lib.latest_committed(run).path)
+    ref_groups, ref_steps = optimizer_state(ckpt_lib.latest_committed(ref).path)
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
+    for mine, theirs in zip(groups, ref_groups):
+        assert mine["lr"] == pytest.approx(theirs["lr"])
+    assert steps == ref_steps == {STEPS}
+
+
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_on_fewer_then_more_ranks_trains_the_same_model(stage, optimizer, references,
