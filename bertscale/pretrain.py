@@ -160,10 +160,11 @@ def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, 
     if manifest.num_samples("eval") == 0:
         raise UserError(f"{manifest.path}: the eval split has no samples (prepare with an "
                         f"eval fraction above 0)")
-    if recipe.eval.samples > manifest.num_samples("eval"):
-        raise ConfigError(f"eval.samples = {recipe.eval.samples}, but the eval split of "
-                          f"{manifest.path} has {manifest.num_samples('eval')} samples; lower it, "
-                          f"or 0 for the whole split")
+    if recipe.eval.samples > manifest.num_samples("eval") and env.is_main:
+        # Still the same samples on any number of ranks: all of them.
+        print(f"warning: eval.samples = {recipe.eval.samples}, but the eval split of "
+              f"{manifest.path} has {manifest.num_samples('eval')} samples: evaluating on all of "
+              f"them", file=sys.stderr, flush=True)
     # A sequence of T tokens has T - 3 maskable tokens ([CLS] and two [SEP]) at most.
     maskable = manifest.seq_len - 3
     if recipe.data.max_predictions_per_seq > maskable:

@@ -216,7 +216,6 @@ def _cli(args: list[str]) -> int:
     (["data.max_predictions_per_seq=500"],
      "data.max_predictions_per_seq = 500 is more than the 125 maskable tokens of a 128-token"),
     (["eval.max_batches=8"], "eval.max_batches was replaced by eval.samples"),
-    (["eval.samples=1000000"], "eval.samples = 1000000, but the eval split of"),
 ])
 def test_bad_recipe_is_refused_before_the_process_group(manifest, tmp_path, two_rank_env, capsys,
                                                         sets, message):
