@@ -223,7 +223,7 @@ def test_feature_mode_learns_the_fixture(tmp_path: Path, minilm_dir: Path) -> No
 
 
 def test_eval_only_and_predict_reproduce_the_run(tmp_path: Path, minilm_dir: Path) -> None:
-    """The real MiniLM weights fine-tuned 2 steps with --save-model: `finetune ner --eval-only`
+    """The real MiniLM weights fine-tuned 10 steps with --save-model: `finetune ner --eval-only`
     on the saved folder gives the run's own dev and test metrics exactly and byte-equal
     prediction files; `finetune predict` writes CoNLL-style `word<TAB>tag` lines whose tags are
     the ones --eval-only scored, from a tagged file and from a words-only one alike."""
@@ -233,9 +233,9 @@ def test_eval_only_and_predict_reproduce_the_run(tmp_path: Path, minilm_dir: Pat
                    "--log-every", "0"]
     assert finetune_cli(["finetune", "ner", "--checkpoint", str(minilm_dir), "--train-file",
                          str(FIXTURES / "train.txt"), "--output-dir", str(out),
-                         "--max-train-samples", "32", "--max-steps", "2", "--batch-size", "16",
-                         "--lr", "3e-4", "--save-model", *common_args]) == 0
-    run_dir = out / "NER" / "runs" / "lr0.0003-seed1"
+                         "--max-train-samples", "80", "--max-steps", "10", "--batch-size", "8",
+                         "--lr", "5e-4", "--save-model", *common_args]) == 0
+    run_dir = out / "NER" / "runs" / "lr0.0005-seed1"
     saved = json.loads((run_dir / "model" / "bertscale_task.json").read_text())
     results = json.loads((out / "NER" / "results.json").read_text())
     assert (saved["family"], saved["task"], saved["tag_scheme"]) == ("ner", "NER", "iob2")
@@ -255,6 +255,9 @@ def test_eval_only_and_predict_reproduce_the_run(tmp_path: Path, minilm_dir: Pat
     words_only.write_text("\n\n".join("\n".join(s.words) for s in dev) + "\n", encoding="utf-8")
     scored = [[line.split()[2] for line in b.splitlines()]
               for b in (run_dir / "dev_predictions.txt").read_text().strip().split("\n\n")]
+    # 10 steps are enough for some entity tags (measured: 5 B-LOC among 141 dev words), so the
+    # comparison below checks real decisions of the saved head, not an all-O tagger.
+    assert any(t != "O" for tags in scored for t in tags)
     for source in (words_only, FIXTURES / "dev.txt"):
         pred = tmp_path / "pred" / f"{source.stem}.conll"
         assert finetune_cli(["finetune", "predict", "--checkpoint", str(run_dir / "model"),
