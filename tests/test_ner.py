@@ -272,3 +272,6 @@ def test_eval_only_and_predict_reproduce_the_run(tmp_path: Path, minilm_dir: Pat
         finetune_cli(["finetune", "ner", "--checkpoint", str(minilm_dir), "--mode", "feature",
                       "--train-file", str(FIXTURES / "train.txt"), "--output-dir",
                       str(tmp_path / "f"), "--save-model", *common_args])
+    with pytest.raises(UserError, match=r"--train-file is required \(unless --eval-only\)"):
+        finetune_cli(["finetune", "ner", "--checkpoint", str(minilm_dir), "--output-dir",
+                      str(tmp_path / "f"), *common_args])

@@ -58,6 +58,9 @@ The dev F1 picks the learning rate, as in the paper; `--test-file` is scored wit
 Output: OUTPUT_DIR/NER (or NER-feature)/results.json, runs/lr<lr>-seed<seed>/ with
 dev_predictions.txt (and test_predictions.txt): `word gold predicted` per line, a blank line
 between sentences, gold written in the training scheme, which conlleval scores as is.
+--save-model (finetune mode) also writes runs/<run>/model with its labels and tag scheme;
+`--eval-only --checkpoint <that folder>` re-scores --dev-file (and --test-file) without
+--train-file, and `bertscale finetune predict` tags a new file (word<TAB>tag lines).
 
 Limits, stated honestly:
 - Sentences are encoded alone, without document context. Words past --max-seq-length word
