@@ -94,3 +94,39 @@ def test_swag_entrypoint_end_to_end(tmp_path: Path, minilm_dir: Path) -> None:
     preds = list(csv.DictReader((out / "SWAG" / "predictions.csv").open()))
     assert [r["index"] for r in preds] == ["0", "1"]
     assert all(r["pred"] in {"0", "1", "2", "3"} for r in preds)
+
+
+def test_eval_only_and_predict_reproduce_the_run(tmp_path: Path, minilm_dir: Path) -> None:
+    """The real MiniLM weights fine-tuned 2 steps with --save-model: `finetune swag --eval-only`
+    on the saved folder gives the run's own val accuracy exactly and byte-equal prediction
+    files, and `finetune predict` writes `index,pred` per example id, equal to what was scored."""
+    out = tmp_path / "out"
+    assert finetune_cli(["finetune", "swag", "--data-dir", str(FIXTURES), "--checkpoint",
+                         str(minilm_dir), "--output-dir", str(out), "--max-steps", "2",
+                         "--batch-size", "4", "--log-every", "0", "--save-model"]) == 0
+    run_dir = out / "SWAG" / "runs" / "lr2e-05-seed1"
+    saved = json.loads((run_dir / "model" / "bertscale_task.json").read_text())
+    assert (saved["family"], saved["task"], saved["labels"]) == ("swag", "SWAG", ["0", "1", "2", "3"])
+    assert saved["max_seq_length"] == 128 and saved["recipe"]["batch_size"] == 4
+    run = json.loads((run_dir / "results.json").read_text())
+
+    assert finetune_cli(["finetune", "swag", "--data-dir", str(FIXTURES), "--checkpoint",
+                         str(run_dir / "model"), "--output-dir", str(tmp_path / "eval"),
+                         "--eval-only"]) == 0
+    again = json.loads((tmp_path / "eval" / "SWAG" / "results.json").read_text())
+    assert again["eval_only"] and again["metrics"] == run["metrics"]
+    for name in ("val_predictions.csv", "predictions.csv"):
+        assert (tmp_path / "eval" / "SWAG" / name).read_bytes() == (run_dir / name).read_bytes()
+    with pytest.raises(UserError, match="holds the results of a fine-tuning grid"):
+        finetune_cli(["finetune", "swag", "--data-dir", str(FIXTURES), "--checkpoint",
+                      str(run_dir / "model"), "--output-dir", str(out), "--eval-only"])
+
+    # predict on val.csv (its label column ignored): the ids and endings --eval-only scored.
+    pred = tmp_path / "pred" / "val.csv"
+    assert finetune_cli(["finetune", "predict", "--checkpoint", str(run_dir / "model"),
+                         "--input", str(FIXTURES / "val.csv"), "--output", str(pred)]) == 0
+    rows = list(csv.DictReader(pred.open()))
+    scored = list(csv.DictReader((run_dir / "val_predictions.csv").open()))
+    assert list(rows[0]) == ["index", "pred"]
+    assert [(r["index"], r["pred"]) for r in rows] == [(r["index"], r["pred"]) for r in scored]
+    assert [r["index"] for r in rows] == [e.index for e in swag.read_swag(FIXTURES / "val.csv", True)]

@@ -58,6 +58,9 @@ The dev F1 picks the learning rate, as in the paper; `--test-file` is scored wit
 Output: OUTPUT_DIR/NER (or NER-feature)/results.json, runs/lr<lr>-seed<seed>/ with
 dev_predictions.txt (and test_predictions.txt): `word gold predicted` per line, a blank line
 between sentences, gold written in the training scheme, which conlleval scores as is.
+--save-model (finetune mode) also writes runs/<run>/model with its labels and tag scheme;
+`--eval-only --checkpoint <that folder>` re-scores --dev-file (and --test-file) without
+--train-file, and `bertscale finetune predict` tags a new file (word<TAB>tag lines).
 
 Limits, stated honestly:
 - Sentences are encoded alone, without document context. Words past --max-seq-length word
@@ -126,8 +129,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     n = tasks.add_parser("ner", help="named entity recognition from CoNLL-2003-style files",
                          description=NER_DESCRIPTION,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(n, "ner", eval_what="the first N sentences of --dev-file (and --test-file)")
-    n.add_argument("--train-file", type=Path, required=True, help="e.g. eng.train")
+    _common(n, "ner", save_model=True,
+            eval_what="the first N sentences of --dev-file (and --test-file)")
+    n.add_argument("--train-file", type=Path, help="e.g. eng.train (not with --eval-only)")
     n.add_argument("--dev-file", type=Path, required=True, help="e.g. eng.testa")
     n.add_argument("--test-file", type=Path, help="e.g. eng.testb (scored, not used to choose)")
     n.add_argument("--mode", default="finetune", choices=("finetune", "feature"),
@@ -153,12 +157,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     r = tasks.add_parser(
         "predict", help="predict a new file with a fine-tuned model (--save-model folder)",
-        description="Write predictions for a new file with a model saved by `finetune glue|squad "
-                    "--save-model`: its task, labels and lengths come from the folder's "
-                    "bertscale_task.json. GLUE: a TSV in the task's test layout (an index column "
-                    "and the text columns) -> the GLUE submission TSV (index<TAB>prediction). "
-                    "SQuAD: a SQuAD JSON file (answers not needed) -> predictions.json "
-                    "({id: answer}; v2.0 also null_odds.json beside it).")
+        description="Write predictions for a new file with a model saved by `finetune "
+                    "glue|squad|swag|ner --save-model`: its task, labels and lengths come from "
+                    "the folder's bertscale_task.json. GLUE: a TSV in the task's test layout (an "
+                    "index column and the text columns) -> the GLUE submission TSV "
+                    "(index<TAB>prediction). SQuAD: a SQuAD JSON file (answers not needed) -> "
+                    "predictions.json ({id: answer}; v2.0 also null_odds.json beside it). SWAG: "
+                    "a CSV in the official layout (label not needed) -> index,pred (the chosen "
+                    "ending 0-3 per example id). NER: a CoNLL-style file (the word first on each "
+                    "line, other columns ignored) -> word<TAB>predicted tag lines, a blank line "
+                    "between sentences.")
     r.add_argument("--checkpoint", type=Path, required=True,
                    help="the fine-tuned model folder (OUTPUT_DIR/<task>/runs/<run>/model)")
     r.add_argument("--input", type=Path, required=True, help="the file to predict")
@@ -241,7 +249,7 @@ def _common(p: argparse.ArgumentParser, family: str, save_model: bool = False,
                         "(default: refuse)")
     p.add_argument("--verbose", action="store_true",
                    help="show third-party library messages (DeepSpeed, transformers, W&B)")
-    if family in ("glue", "squad"):
+    if family in ("glue", "squad", "swag", "ner"):
         p.add_argument("--eval-only", action="store_true",
                        help="no training: score the dev data with the fine-tuned model in "
                             "--checkpoint (a --save-model folder: its task, labels and lengths)")
@@ -343,7 +351,7 @@ def _swag(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, checkpoint=args.checkpoint, output_dir=args.output_dir,
         lrs=lrs, seeds=seeds, train=cfg, max_seq_length=args.max_seq_length,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
-        predict_test=not args.no_test, save_model=args.save_model))
+        predict_test=not args.no_test, save_model=args.save_model, eval_only=args.eval_only))
     return 0
 
 
@@ -361,7 +369,8 @@ def _ner(args: argparse.Namespace) -> int:
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         layers=args.layers, layer_weights=weights, tagger=args.tagger,
         tagger_hidden=args.tagger_hidden, tagger_layers=args.tagger_layers,
-        tagger_dropout=args.tagger_dropout))
+        tagger_dropout=args.tagger_dropout, save_model=args.save_model,
+        eval_only=args.eval_only))
     return 0
 
 
@@ -379,9 +388,13 @@ def _predict(args: argparse.Namespace) -> int:
         from bertscale.finetune.glue import predict_file
     elif family == "squad":
         from bertscale.finetune.squad import predict_file
+    elif family == "swag":
+        from bertscale.finetune.swag import predict_file
+    elif family == "ner":
+        from bertscale.finetune.ner import predict_file
     else:
-        raise UserError(f"{args.checkpoint}: not a GLUE or SQuAD model saved by `finetune "
-                        f"--save-model` (no bertscale_task.json naming a glue or squad task)")
+        raise UserError(f"{args.checkpoint}: not a model saved by `finetune --save-model` (no "
+                        f"bertscale_task.json naming a glue, squad, swag or ner task)")
     out = predict_file(args.checkpoint, args.input, args.output, cfg)
     common.log(f"wrote {out}")
     return 0

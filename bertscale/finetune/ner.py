@@ -4,11 +4,18 @@
 What it does and its limits are the `bertscale finetune ner --help` text
 (`bertscale.finetune.cli.NER_DESCRIPTION`); its flags are parsed in that module too, so that
 `bertscale --help` does not import torch.
+
+Fine-tune mode only: --save-model writes each run's BertForTokenClassification (head included)
+with bertscale_task.json (labels, tag scheme, length, recipe); `--eval-only` re-scores a dev
+(and test) file with such a folder through the same prediction and scoring code as training, and
+`finetune predict` tags a new file (word per line, other columns ignored) as CoNLL-style
+`word<TAB>tag` lines. Feature mode's tagger is not saved (it is not a Hugging Face model).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,8 +45,9 @@ class Sentence:
     """1-based line number of its first token (for messages)."""
 
 
-def read_conll(path: str | Path) -> list[Sentence]:
-    """Read a CoNLL-2003-style file; errors name the file, the line and the problem."""
+def read_conll(path: str | Path, tagged: bool = True) -> list[Sentence]:
+    """Read a CoNLL-2003-style file; errors name the file, the line and the problem. Untagged
+    (`finetune predict`): the first column is the word, any others are ignored, tags are []."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -67,6 +75,11 @@ def read_conll(path: str | Path) -> list[Sentence]:
             continue
         if cols[0] == "-DOCSTART-":
             close()
+            continue
+        if not tagged:
+            if not words:
+                start = n
+            words.append(cols[0])
             continue
         if len(cols) < 2:
             raise UserError(f"{path}:{n}: {line.strip()!r} has no tag column (a CoNLL line is "
@@ -186,7 +199,7 @@ def _argmax(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 @dataclass
 class NerArgs:
-    train_file: Path
+    train_file: Path | None
     dev_file: Path
     checkpoint: Path
     output_dir: Path
@@ -207,6 +220,10 @@ class NerArgs:
     tagger_hidden: int = 768
     tagger_layers: int = 2
     tagger_dropout: float = 0.5
+    save_model: bool = False
+    """Fine-tune mode: write each run's model with its labels (bertscale_task.json)."""
+    eval_only: bool = False
+    """Score dev (and test) with a --save-model folder in `checkpoint`; no training."""
 
 
 @dataclass
@@ -240,6 +257,107 @@ def _predictions_text(sentences: Sequence[Sentence], gold: Sequence[Sequence[str
     return "\n".join(lines) + "\n"
 
 
+def _tagged_text(sentences: Sequence[Sentence], pred: Sequence[Sequence[str]]) -> str:
+    """`finetune predict`: CoNLL-style `word<TAB>predicted tag`, a blank line between sentences."""
+    lines = []
+    for s, p in zip(sentences, pred):
+        lines += [f"{w}\t{t}" for w, t in zip(s.words, p)]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def score_and_write(model: nn.Module, splits: dict[str, _Split], labels: list[str],
+                    scheme: str, cfg: common.TrainConfig, pad_id: int,
+                    run_dir: Path) -> dict[str, float]:
+    """Predict and score the dev (and test) split, writing <split>_predictions.txt into
+    `run_dir`; test metrics are prefixed test_. Training and --eval-only share it, which is why
+    re-scoring a saved model gives the run's own numbers."""
+    metrics: dict[str, float] = {}
+    for name in ("dev", "test"):
+        if name not in splits:
+            continue
+        sp = splits[name]
+        (preds,) = common.predict(model, sp.features, _argmax, cfg, pad_id, what=name)
+        tags = _decode(sp, preds, labels)
+        gold = [_scheme(s.tags, scheme) for s in sp.sentences]
+        prefix = "" if name == "dev" else "test_"
+        metrics.update({prefix + k: v for k, v in seqeval.evaluate(gold, tags).as_metrics().items()})
+        common.write_text_atomic(run_dir / f"{name}_predictions.txt",
+                                 _predictions_text(sp.sentences, gold, tags))
+    return metrics
+
+
+def load_saved(checkpoint: Path) -> tuple[nn.Module, Any, dict[str, Any], common.Pretrained]:
+    """A `--save-model` folder: (model with its trained head, tokenizer, saved task)."""
+    pretrained = common.load_checkpoint(checkpoint)
+    saved = common.finetuned_task(pretrained, "ner")
+    return common.build_model(None, pretrained), common.load_task_tokenizer(pretrained), saved, \
+        pretrained
+
+
+def _token_split(tok: Any, name: str, sents: list[Sentence], labels: list[str],
+                 max_length: int, scheme: str) -> tuple[_Split, int]:
+    feats, first, cut = token_features(tok, sents, {t: i for i, t in enumerate(labels)},
+                                       max_length, scheme)
+    return _Split(name, sents, feats, first), cut
+
+
+def _warn_cut(cut: int, max_length: int) -> None:
+    if cut:
+        common.log(f"warning: {cut} sentences exceed --max-seq-length {max_length} "
+                   f"word pieces; their last words are predicted as O")
+
+
+def evaluate_saved(a: NerArgs, t0: float) -> dict[str, Any]:
+    """--eval-only: score --dev-file (and --test-file) with a saved fine-tuned model, its labels,
+    tag scheme and length from bertscale_task.json."""
+    model, tok, saved, pretrained = load_saved(a.checkpoint)
+    labels, scheme, length = saved["labels"], saved["tag_scheme"], saved["max_seq_length"]
+    named = [("dev", read_conll(a.dev_file)[:a.max_eval_samples or None])]
+    named += [("test", read_conll(a.test_file))] if a.test_file else []
+    splits, cut_total = {}, 0
+    for name, sents in named:
+        splits[name], cut = _token_split(tok, name, sents, labels, length, scheme)
+        cut_total += cut
+    _warn_cut(cut_total, length)
+    out_dir = Path(a.output_dir) / "NER"
+    common.check_eval_dir(out_dir)
+    cfg = dataclasses.replace(a.train)
+    cfg.run = common.RunContext(out_dir, "NER eval-only")
+    metrics = score_and_write(model, splits, labels, scheme, cfg, tok.token_to_id("[PAD]"),
+                              out_dir)
+    summary = {"task": "NER", "eval_only": True, "checkpoint": pretrained.source,
+               "trained": saved, "metrics": metrics, "dev_file": str(a.dev_file),
+               "test_file": str(a.test_file) if a.test_file else None,
+               "max_eval_samples": a.max_eval_samples, "truncated_sentences": cut_total,
+               "seconds": time.perf_counter() - t0}
+    common.write_json_atomic(out_dir / "results.json", summary)
+    if common.ranks().is_main:
+        shown = "  ".join(f"{k} {100 * metrics[k]:.2f}" for k in ("f1", "precision", "recall",
+                                                                   "accuracy"))
+        print(f"NER (eval-only, {pretrained.source})  {shown}", flush=True)
+    return summary
+
+
+def predict_file(checkpoint: Path, input_file: Path, output: Path,
+                 cfg: common.TrainConfig) -> Path:
+    """`finetune predict` for a NER model: a CoNLL-style file (the word first on each line; tag
+    and other columns ignored) -> `word<TAB>predicted tag` lines, a blank line between
+    sentences (tags in the scheme the model was trained on)."""
+    model, tok, saved, _ = load_saved(checkpoint)
+    labels, length = saved["labels"], saved["max_seq_length"]
+    split, cut = _token_split(tok, "predict", read_conll(input_file, tagged=False), labels,
+                              length, saved["tag_scheme"])
+    _warn_cut(cut, length)
+    cfg = dataclasses.replace(cfg)
+    cfg.run = common.RunContext(output.parent, "NER predict")
+    (preds,) = common.predict(model, split.features, _argmax, cfg, tok.token_to_id("[PAD]"),
+                              what=input_file.name)
+    common.write_text_atomic(output, _tagged_text(split.sentences,
+                                                  _decode(split, preds, labels)))
+    return output
+
+
 def _majority(train: Sequence[Sentence], gold: Sequence[Sequence[str]], scheme: str
               ) -> tuple[str, float]:
     """The most frequent training tag and the token accuracy of always predicting it."""
@@ -254,6 +372,13 @@ def run(a: NerArgs) -> dict[str, Any]:
     t0 = time.perf_counter()
     if a.mode not in ("finetune", "feature"):
         raise UserError(f"--mode {a.mode!r}: choose finetune or feature")
+    if a.mode == "feature" and (a.save_model or a.eval_only):
+        raise UserError("--save-model and --eval-only are for --mode finetune (feature mode's "
+                        "tagger is not saved)")
+    if a.eval_only:
+        return evaluate_saved(a, t0)
+    if a.train_file is None:
+        raise UserError("--train-file is required (unless --eval-only)")
     if a.tag_scheme not in ("iob2", "keep"):
         raise UserError(f"--tag-scheme {a.tag_scheme!r}: choose iob2 or keep")
     if a.max_seq_length < 3:
@@ -280,9 +405,8 @@ def run(a: NerArgs) -> dict[str, Any]:
     cut_total = 0
     if a.mode == "finetune":
         for name, sents in named:
-            feats, first, cut = token_features(tok, sents, label_to_id, a.max_seq_length,
-                                               a.tag_scheme)
-            splits[name] = _Split(name, sents, feats, first)
+            splits[name], cut = _token_split(tok, name, sents, labels, a.max_seq_length,
+                                             a.tag_scheme)
             cut_total += cut
         pad_id = tok.token_to_id("[PAD]")
         table = None
@@ -307,9 +431,7 @@ def run(a: NerArgs) -> dict[str, Any]:
                    f"{time.perf_counter() - t_feat:.1f} s")
         del ex
         pad_id = 0
-    if cut_total:
-        common.log(f"warning: {cut_total} sentences exceed --max-seq-length {a.max_seq_length} "
-                   f"word pieces; their last words are predicted as O")
+    _warn_cut(cut_total, a.max_seq_length)
 
     gold = {name: [_scheme(s.tags, a.tag_scheme) for s in sp.sentences]
             for name, sp in splits.items()}
@@ -326,18 +448,12 @@ def run(a: NerArgs) -> dict[str, Any]:
             model = FeatureTagger(table, len(labels), a.tagger, a.tagger_hidden,
                                   a.tagger_layers, a.tagger_dropout)
         stats = common.fit(model, splits["train"].features, _loss, cfg, pad_id)
-        metrics: dict[str, float] = {}
-        for name in ("dev", "test"):
-            if name not in splits:
-                continue
-            (preds,) = common.predict(model, splits[name].features, _argmax, cfg, pad_id,
-                                      what=name)
-            tags = _decode(splits[name], preds, labels)
-            scores = seqeval.evaluate(gold[name], tags)
-            prefix = "" if name == "dev" else "test_"
-            metrics.update({prefix + k: v for k, v in scores.as_metrics().items()})
-            common.write_text_atomic(run_dir / f"{name}_predictions.txt", _predictions_text(
-                splits[name].sentences, gold[name], tags))
+        metrics = score_and_write(model, splits, labels, a.tag_scheme, cfg, pad_id, run_dir)
+        if a.save_model:
+            common.save_model(model, pretrained, run_dir, "BertForTokenClassification",
+                              {"family": "ner", "task": "NER", "labels": labels,
+                               "tag_scheme": a.tag_scheme, "max_seq_length": a.max_seq_length,
+                               "lr": cfg.lr, "seed": cfg.seed, "recipe": common.recipe(cfg)})
         return metrics, stats
 
     extra: dict[str, Any] = dict(
@@ -348,7 +464,7 @@ def run(a: NerArgs) -> dict[str, Any]:
         train_sentences=len(train_s), dev_sentences=len(dev_s),
         majority_tag=majority_tag, majority_accuracy=majority_acc,
         max_seq_length=a.max_seq_length, truncated_sentences=cut_total,
-        max_eval_samples=a.max_eval_samples)
+        max_eval_samples=a.max_eval_samples, save_model=a.save_model)
     if a.mode == "feature":
         extra.update(layers=a.layers, layer_weights=a.layer_weights, tagger=a.tagger,
                      tagger_hidden=a.tagger_hidden, tagger_layers=a.tagger_layers,

@@ -11,11 +11,17 @@ with its pooled [CLS] and the four scores go through one softmax (the paper's Se
 Metric: accuracy on val.csv (its predictions: val_predictions.csv, `index,pred,label`).
 test.csv -> predictions.csv (`index,pred`: the file's index column, or the 0-based row when it
 has none, and the chosen ending 0-3).
+
+--save-model writes each run's model (head included) with bertscale_task.json; `--eval-only`
+re-scores val.csv with such a folder (through the same prediction and scoring code as training,
+so it reproduces the run's numbers), and `finetune predict` writes predictions.csv for any CSV in
+this layout (its label column, if any, is ignored).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -130,6 +136,7 @@ class SwagArgs:
     max_eval_samples: int | None = None
     predict_test: bool = True
     save_model: bool = False
+    eval_only: bool = False
 
 
 def predictions_csv(examples: Sequence[SwagExample], preds: np.ndarray,
@@ -141,17 +148,88 @@ def predictions_csv(examples: Sequence[SwagExample], preds: np.ndarray,
     return "\n".join(rows) + "\n"
 
 
-def run(a: SwagArgs) -> dict[str, Any]:
-    common.ranks(a.train.device)  # one process, or the data-parallel group of a launcher
-    t0 = time.perf_counter()
+def score_and_write(model: nn.Module, val: tuple[list[SwagExample], list[dict[str, Any]]],
+                    test: tuple[list[SwagExample], list[dict[str, Any]]],
+                    cfg: common.TrainConfig, pad_id: int, run_dir: Path) -> dict[str, float]:
+    """Predict val (scored; val_predictions.csv) and test (predictions.csv) into `run_dir`;
+    returns the val metrics. Training and --eval-only share it, which is why re-scoring a saved
+    model gives the run's own numbers."""
+    (val_ex, val_f), (test_ex, test_f) = val, test
+    (logits,) = common.predict(model, val_f, _forward, cfg, pad_id, what="val")
+    metrics = {"accuracy": M.accuracy(logits.argmax(-1), [f["label"] for f in val_f])}
+    common.write_text_atomic(run_dir / "val_predictions.csv",
+                             predictions_csv(val_ex, logits.argmax(-1), with_label=True))
+    if test_f:
+        (logits,) = common.predict(model, test_f, _forward, cfg, pad_id, what="test")
+        common.write_text_atomic(run_dir / "predictions.csv",
+                                 predictions_csv(test_ex, logits.argmax(-1)))
+    return metrics
+
+
+def _eval_sets(a: SwagArgs, tok: Any) -> tuple[tuple[list, list], tuple[list, list]]:
+    """(val examples, features) cut to --max-eval-samples, and test's (empty without test.csv
+    or with --no-test)."""
     d = Path(a.data_dir)
-    train_ex = read_swag(d / "train.csv", labelled=True)[:a.max_train_samples or None]
     val_ex = read_swag(d / "val.csv", labelled=True)[:a.max_eval_samples or None]
     test_ex = read_swag(d / "test.csv", labelled=False) \
         if a.predict_test and (d / "test.csv").is_file() else []
+    return (val_ex, featurize(tok, val_ex)), (test_ex, featurize(tok, test_ex))
+
+
+def load_saved(checkpoint: Path) -> tuple[nn.Module, Any, dict[str, Any], common.Pretrained]:
+    """A `--save-model` folder: (model with its trained head, tokenizer, saved task)."""
+    pretrained = common.load_checkpoint(checkpoint)
+    saved = common.finetuned_task(pretrained, "swag")
+    model = common.build_model(None, pretrained)
+    return model, common.load_task_tokenizer(pretrained, saved["max_seq_length"]), saved, pretrained
+
+
+def evaluate_saved(a: SwagArgs, t0: float) -> dict[str, Any]:
+    """--eval-only: score val.csv (and predict test.csv) with a saved fine-tuned model."""
+    model, tok, saved, pretrained = load_saved(a.checkpoint)
+    val, test = _eval_sets(a, tok)
+    out_dir = Path(a.output_dir) / "SWAG"
+    common.check_eval_dir(out_dir)
+    cfg = dataclasses.replace(a.train)
+    cfg.run = common.RunContext(out_dir, "SWAG eval-only")
+    metrics = score_and_write(model, val, test, cfg, tok.token_to_id("[PAD]"), out_dir)
+    summary = {"task": "SWAG", "eval_only": True, "checkpoint": pretrained.source,
+               "trained": saved, "metrics": metrics, "data": str(a.data_dir),
+               "max_eval_samples": a.max_eval_samples,
+               "predictions": ["predictions.csv"] if test[1] else [],
+               "seconds": time.perf_counter() - t0}
+    common.write_json_atomic(out_dir / "results.json", summary)
+    if common.ranks().is_main:
+        print(f"SWAG (eval-only, {pretrained.source})  accuracy {100 * metrics['accuracy']:.2f}",
+              flush=True)
+    return summary
+
+
+def predict_file(checkpoint: Path, input_file: Path, output: Path,
+                 cfg: common.TrainConfig) -> Path:
+    """`finetune predict` for a SWAG model: a CSV in the official layout (a label column, if
+    any, is ignored) -> `index,pred` (the chosen ending 0-3 per example id), as predictions.csv."""
+    model, tok, _, _ = load_saved(checkpoint)
+    examples = read_swag(input_file, labelled=False)
+    cfg = dataclasses.replace(cfg)
+    cfg.run = common.RunContext(output.parent, "SWAG predict")
+    (logits,) = common.predict(model, featurize(tok, examples), _forward, cfg,
+                               tok.token_to_id("[PAD]"), what=input_file.name)
+    common.write_text_atomic(output, predictions_csv(examples, logits.argmax(-1)))
+    return output
+
+
+def run(a: SwagArgs) -> dict[str, Any]:
+    common.ranks(a.train.device)  # one process, or the data-parallel group of a launcher
+    t0 = time.perf_counter()
+    if a.eval_only:
+        return evaluate_saved(a, t0)
+    d = Path(a.data_dir)
+    train_ex = read_swag(d / "train.csv", labelled=True)[:a.max_train_samples or None]
     pretrained = common.load_checkpoint(a.checkpoint)
     tok = common.load_task_tokenizer(pretrained, a.max_seq_length)
-    train_f, val_f, test_f = featurize(tok, train_ex), featurize(tok, val_ex), featurize(tok, test_ex)
+    train_f = featurize(tok, train_ex)
+    val, test = _eval_sets(a, tok)
     common.check_casing(pretrained, common.unk_fraction(
         tok, (ids for f in train_f for ids in f["input_ids"])), f"{d / 'train.csv'}",
         [e.context for e in train_ex[:2000]])
@@ -162,18 +240,12 @@ def run(a: SwagArgs) -> dict[str, Any]:
     def train_one(cfg: common.TrainConfig, run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
         model = common.build_model(BertForMultipleChoice, pretrained)
         stats = common.fit(model, train_f, _loss, cfg, pad_id)
-        (logits,) = common.predict(model, val_f, _forward, cfg, pad_id, what="val")
-        metrics = {"accuracy": M.accuracy(logits.argmax(-1), [f["label"] for f in val_f])}
-        common.write_text_atomic(run_dir / "val_predictions.csv",
-                                 predictions_csv(val_ex, logits.argmax(-1), with_label=True))
-        if test_f:
-            (logits,) = common.predict(model, test_f, _forward, cfg, pad_id, what="test")
-            common.write_text_atomic(run_dir / "predictions.csv",
-                                     predictions_csv(test_ex, logits.argmax(-1)))
+        metrics = score_and_write(model, val, test, cfg, pad_id, run_dir)
         if a.save_model:
             common.save_model(model, pretrained, run_dir, "BertForMultipleChoice",
-                              {"family": "swag", "task": "SWAG", "lr": cfg.lr, "seed": cfg.seed,
-                               "max_seq_length": a.max_seq_length,
+                              {"family": "swag", "task": "SWAG",
+                               "labels": [str(i) for i in range(NUM_CHOICES)], "lr": cfg.lr,
+                               "seed": cfg.seed, "max_seq_length": a.max_seq_length,
                                "recipe": common.recipe(cfg)})
         return metrics, stats
 
@@ -184,5 +256,5 @@ def run(a: SwagArgs) -> dict[str, Any]:
     runs = common.run_grid("SWAG", out_dir, a.lrs, a.seeds, a.train, len(train_f), "examples",
                            train_one, extra)
     return common.finish("SWAG", "accuracy", runs, out_dir,
-                         ["predictions.csv"] if test_f else [], a.train, t0, ("accuracy",),
+                         ["predictions.csv"] if test[1] else [], a.train, t0, ("accuracy",),
                          **extra)
