@@ -302,7 +302,11 @@ def test_every_entrypoint_from_a_bertscale_pretraining_run(tmp_path: Path, share
     encoder = {k: v for k, v in model.state_dict().items() if k.startswith("bert.")}
     assert len(encoder) > 30
     assert all(torch.equal(v, consolidated[k]) for k, v in encoder.items())
-
+    # The one-call loader gives the same model from the run folder (pretraining heads included).
+    import bertscale
+    loaded = bertscale.from_pretrained(run)
+    assert type(loaded).__name__ == "BertForPreTraining" and not loaded.training
+    assert all(torch.equal(v, consolidated[k]) for k, v in loaded.state_dict().items())
     squad_dir = FIXTURES / "squad"
     dev11 = shared_data / "squad" / "v1.1" / "dev-v1.1.json"
     jobs = {
