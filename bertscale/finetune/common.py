@@ -75,6 +75,7 @@ from bertscale.errors import UserError
 from bertscale.model import FastPaths
 from bertscale.pretrained import TASK_FILE, Pretrained, build, load_checkpoint  # noqa: F401 - re-exported
 from bertscale.reporting import MetricSinks, Progress
+from bertscale.seeding import seed_all
 
 # ------------------------------------------------------------------------ checkpoints
 
@@ -329,12 +330,6 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if name == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA GPU (use bf16 or fp32 on the CPU)")
     return torch.bfloat16 if name == "bf16" else torch.float16
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def total_steps(cfg: TrainConfig, num_examples: int) -> int:
@@ -842,7 +837,7 @@ def run_grid(task: str, out_dir: Path, lrs: Sequence[float], seeds: Sequence[int
                                 wandb_config={"task": task, "lr": lr, "seed": seed,
                                               **recipe(base)}, warn=lambda m: log(f"warning: {m}"))
             cfg.run = RunContext(folder, name, sinks)
-            seed_everything(seed)
+            seed_all(seed)
             try:
                 metrics, stats = train_one(cfg, folder)
                 sinks.record("eval", stats["steps"], metrics)
