@@ -55,7 +55,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import shutil
 import statistics
 import sys
