@@ -286,9 +286,16 @@ def checkpoint_bytes_estimate(run_dir: Path, engine: Any) -> int:
     return n * _BYTES_PER_PARAM
 
 
-def _is_write_failure(e: BaseException) -> bool:
-    return isinstance(e, OSError) or (isinstance(e, RuntimeError)
-                                      and any(s in str(e) for s in _WRITE_FAILURE))
+def _is_write_failure(e: BaseException, folder: Path) -> bool:
+    """Whether `e`, raised while writing into `folder`, means the filesystem would not take the
+    write. A full filesystem counts whatever the message: what a writer raises there varies (a
+    directory that could not be made surfaces later as "Parent directory … does not exist")."""
+    if isinstance(e, OSError) or any(s in str(e) for s in _WRITE_FAILURE):
+        return True
+    try:
+        return free_bytes(folder) < 1 << 20
+    except OSError:
+        return True
 
 
 def save(engine: Any, run_dir: str | Path, step: int, state: dict[str, Any], *, keep: int,
@@ -325,7 +332,8 @@ def save(engine: Any, run_dir: str | Path, step: int, state: dict[str, Any], *, 
             shutil.rmtree(tag_dir)
         shutil.rmtree(root / f"{tag}_universal", ignore_errors=True)
     dist.barrier()
-    failure = None
+    failure: str | None = None
+    error: BaseException | None = None
     in_deepspeed = True
     try:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)
@@ -337,20 +345,22 @@ def save(engine: Any, run_dir: str | Path, step: int, state: dict[str, Any], *, 
         for p in tag_dir.iterdir():
             if p.is_file() and _written_by(p.name, rank):
                 fsync_path(p)
-    except Exception as e:
-        if not _is_write_failure(e):
-            raise
-        # The free space as the failing rank saw it: one number, the same line on every rank.
-        failure = (f"{type(e).__name__}: {str(e).splitlines()[0][:200]}; "
-                   f"{_size(free_bytes(root))} free there")
+    except Exception as e:  # noqa: BLE001 - shared with every rank first, then raised
+        # Whatever failed here, the other ranks must hear of it rather than die on a collective
+        # this rank never joins: the ranks whose writes went through wait in the barrier that
+        # ends DeepSpeed's save_checkpoint (its last collective; the writes come after its tag
+        # check), so a rank that failed inside it joins that barrier, then all compare.
+        error = e
+        first = (str(e).splitlines() or [""])[0][:200]
+        failure = f"{type(e).__name__}: {first}; {_size(free_bytes(root))} free there"
         if in_deepspeed:
-            # The ranks whose writes went through wait in the barrier that ends DeepSpeed's
-            # save_checkpoint (its last collective; the writes come after its tag check).
             dist.barrier()
     problems = gather_problems([failure] if failure else [])
     if problems:
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
+        if failure and not _is_write_failure(error, root):
+            raise error  # not the filesystem: a fault of ours, with its traceback
         raise UserError(f"checkpoint step {step}: writing {tag_dir} failed ({problems[0]}); a "
                         f"checkpoint needs about {_size(needed)}" + _newest_committed_note(run_dir))
     marker = {"tag": tag, "step": step, "world_size": world, "format": FORMAT_VERSION,

@@ -185,6 +185,10 @@ def test_cache_bound_holds_every_step(s3, shared_data, tmp_path):
     for k, batch in zip(range(steps), loader):
         used = fetcher.cache.usage()
         assert used <= limit, (k, used, limit)
+        # What may not be evicted is at most two windows (what the check above prices): a batch
+        # across a window boundary does not also protect the window after.
+        held = [i for i in range(len(infos)) if fetcher.cache.path(fetcher.key(i)) in fetcher.protected]
+        assert sum(infos[i].bytes for i in held) <= limit, (k, held)
         e, w = order.window_of(30 * k)
         need = order.window_shards(e, w)
         assert all(fetcher.cache.cached(fetcher.key(i), infos[i].bytes) for i in need)

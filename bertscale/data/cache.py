@@ -47,7 +47,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from bertscale.checkpoint import fsync_path
 from bertscale.data import remote
@@ -131,9 +131,11 @@ class NodeCache:
             pass
 
     def fetch(self, key: str, location: str, size: int, sha256: str, *,
-              protect: frozenset[Path] = frozenset(), retries: int = 5,
+              protect: Callable[[], frozenset[Path]] = frozenset, retries: int = 5,
               backoff_s: float = 0.5) -> Path:
-        """The cached shard, downloading it first if no process of this node has."""
+        """The cached shard, downloading it first if no process of this node has. `protect`
+        gives the shards that must not be evicted; it is asked when room is made, not when the
+        fetch was queued (the windows may have moved on since)."""
         dst = self.path(key)
         name = dst.name
         if self.cached(key, size):
@@ -163,10 +165,10 @@ class NodeCache:
         raise AssertionError("unreachable")
 
     def _download(self, location: str, dst: Path, size: int, sha256: str,
-                  protect: frozenset[Path]) -> None:
+                  protect: Callable[[], frozenset[Path]]) -> None:
         tmp = dst.with_name(f"{dst.name}.part-{os.getpid()}-{threading.get_ident()}")
         try:
-            self._reserve(tmp, size, protect | {dst})
+            self._reserve(tmp, size, lambda: protect() | {dst})
             h = hashlib.sha256()
             got = 0
             with remote.open_read(location) as src, open(tmp, "r+b") as out:
@@ -186,7 +188,10 @@ class NodeCache:
             if h.hexdigest() != sha256:
                 raise _Corrupt(f"sha256 {h.hexdigest()[:16]}… differs from the manifest's "
                                f"{sha256[:16]}…")
-            os.replace(tmp, dst)
+            # Under the cache-wide lock: a scan that counts the cache (`_reserve`) must not list
+            # the folder between the two names and miss the shard under both.
+            with _flock(self.root / ".lock"):
+                os.replace(tmp, dst)
             fsync_path(dst.parent)
         finally:
             tmp.unlink(missing_ok=True)
@@ -210,15 +215,16 @@ class NodeCache:
         """Bytes held (complete shards, and downloads in flight at their final size)."""
         return sum(st.st_size for _, st in self._entries())
 
-    def _reserve(self, tmp: Path, size: int, protect: frozenset[Path]) -> None:
+    def _reserve(self, tmp: Path, size: int, protect: Callable[[], frozenset[Path]]) -> None:
         """Create `tmp` at its full size, first evicting least recently used shards if the bound
         would be passed; under the cache-wide lock, so reservations do not race."""
         with _flock(self.root / ".lock"):
             if self.limit:
+                keep = protect()
                 entries = self._entries()
                 used = sum(st.st_size for _, st in entries)
                 victims = sorted((st.st_mtime, p, st.st_size) for p, st in entries
-                                 if ".part-" not in p.name and p not in protect)
+                                 if ".part-" not in p.name and p not in keep)
                 for _, p, n in victims:
                     if used + size <= self.limit:
                         break
@@ -300,8 +306,15 @@ class ShardFetcher:
     def _fetch(self, i: int) -> Path:
         info = self.infos[i]
         return self.cache.fetch(self.key(i), self.manifest.shard_location(self.split, i),
-                                info.bytes, info.sha256, protect=self.protected,
+                                info.bytes, info.sha256, protect=lambda: self.protected,
                                 retries=self.settings.retries, backoff_s=self.settings.backoff_s)
+
+    def _prefetch(self, i: int) -> Path | None:
+        """A queued background fetch, skipped if the windows moved past shard i before it ran:
+        fetching it then could only push the windows' own shards out of the bound."""
+        if self.cache.path(self.key(i)) not in self.protected:
+            return None
+        return self._fetch(i)
 
     def path(self, i: int) -> Path:
         """Shard i in the cache, waiting for it if it is not there yet."""
@@ -332,7 +345,7 @@ class ShardFetcher:
             for i in group[k:] + group[:k]:
                 with self.lock:
                     if i not in self.futures:
-                        self.futures[i] = self.pool.submit(self._fetch, i)
+                        self.futures[i] = self.pool.submit(self._prefetch, i)
         with self.lock:  # forget finished fetches outside the two windows (refetch if evicted)
             keep = set(current) | set(following)
             for i in [i for i, f in self.futures.items() if i not in keep and f.done()

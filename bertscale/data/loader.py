@@ -401,7 +401,9 @@ class PretrainLoader:
         while k < len(counts) and seen < self.order.window:
             seen += counts[k]
             k += 1
-        most = min(2 * (k + 1), len(sizes))
+        # Two windows (current and next); more when a global batch is longer than a window.
+        held = max(2, -(-(self.G - 1) // self.order.window) + 1)
+        most = min(held * (k + 1), len(sizes))
         need = sum(sizes[:most])
         if need > limit:
             raise UserError(f"data.cache_limit_gb = {limit / 1e9:g} is smaller than two shuffle "
@@ -428,8 +430,12 @@ class PretrainLoader:
             if w == span[1]:
                 break
             w = self.order.next_window(*w)
-        following = [i for i in self.order.window_shards(*self.order.next_window(*span[1]))
-                     if i not in current]
+        # A batch across a window boundary already reads the next window: nothing more is
+        # fetched until the batches are inside it, so at most two windows are ever held (what
+        # `_check_cache_bound` prices), and the window after still has a window's time to come.
+        following = [] if span[0] != span[1] else [
+            i for i in self.order.window_shards(*self.order.next_window(*span[1]))
+            if i not in current]
         self.fetcher.ahead(current, following)
         self.store.retain(set(current) | set(following))
 
