@@ -402,7 +402,7 @@ class LoggingSection:
 
 @dataclass
 class FastSection:
-    """Speed-ups of the model (bertscale.model.FastPaths). Only pad_vocab_multiple changes the
+    """Speed-ups of the model (bertscale.parallelize.FastPaths). Only pad_vocab_multiple changes the
     parameters (rows no token reaches; export drops them), so exports are the same with or
     without any of them. Each has a parity test."""
 

@@ -222,7 +222,8 @@ class FeatureExtractor:
         import torch
 
         from bertscale.finetune.common import resolve_device, resolve_precision
-        from bertscale.model import BertModel, FastPaths, load_pretrained
+        from bertscale.model import BertModel, load_pretrained
+        from bertscale.parallelize import FastPaths, apply_fast_paths
         from bertscale.tokenizer import load_tokenizer
         cfg = pretrained.config
         self.max_seq_length = int(max_seq_length or min(512, cfg.max_position_embeddings))
@@ -247,7 +248,7 @@ class FeatureExtractor:
         fresh = load_pretrained(model, pretrained.state_dict, pretrained.source)
         if fresh:  # load_pretrained refuses an incomplete encoder; this would be a bug
             raise RuntimeError(f"{pretrained.source}: weights left uninitialised: {fresh[:4]}")
-        model.fast = FastPaths(unpad=unpad)
+        apply_fast_paths(model, FastPaths(unpad=unpad))
         self.model = model.eval().requires_grad_(False)
         self._torch = torch
 
@@ -617,7 +618,7 @@ class EmbedArgs:
     progress: bool | None = None
     """Show a progress bar on rank 0; None = when stderr is a terminal."""
     unpad: bool = False
-    """Run the encoder on the real tokens only (bertscale.model.FastPaths.unpad): the same
+    """Run the encoder on the real tokens only (bertscale.parallelize.FastPaths.unpad): the same
     features without the work on padding."""
 
 

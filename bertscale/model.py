@@ -19,37 +19,33 @@ Limits, stated honestly:
 - The [PAD] embedding row is an ordinary row (Google's release neither zeroes nor freezes it;
   Hugging Face zeroes it at init). Padded positions never reach a real token through attention.
 
-Fast paths (`FastPaths`, a constructor keyword of every model class; all off by default, each
-tested against the plain path in tests/test_fastpaths.py):
-- `unpad`: with an attention_mask, the real tokens are gathered once into a (N, H) matrix and
-  every dense layer, LayerNorm, dropout and the FFN run on it, so padding costs nothing. Attention
-  runs per sequence: on CUDA in fp16/bf16 through the variable-length flash kernel
-  (`aten._flash_attention_forward` with cumulative sequence lengths, dropout included); elsewhere
-  one SDPA call per sequence (exact, no padded T x T work). Outputs are re-padded at the end:
-  padded positions of `last_hidden_state` are 0 (the plain path leaves finite junk there), and a
-  sequence with no real token at all gets zeros where the plain path gives uniform attention.
-  Dropout masks differ from the plain path's (other shapes), so parity holds with dropout off.
-- `checkpoint_activations`: each encoder layer's activations are recomputed in the backward
-  (torch.utils.checkpoint, non-reentrant, RNG state restored so dropout matches), for phase 2.
-  Tested against the plain path in plain PyTorch; not yet exercised under DeepSpeed ZeRO-3.
-- `compile`: each encoder layer goes through `torch.compile`; if compiling or running the
-  compiled forward fails, one warning names the error and the model runs eager from then on (a
-  failure inside the compiled backward is raised, not caught). The packed attention call stays
-  outside the compiled graphs (its sequence lengths are data). On this project's CPU it did not
-  speed up a BERT-Base step (GEMM-bound); it is meant for GPUs.
-- The sparse MLM head (`masked_positions`) is always on when positions are given: it is exact.
+The unpadded path (`BertModel.unpad`, off by default; bertscale.parallelize.apply_fast_paths
+switches it with the runtime fast paths, and tests/test_fastpaths.py holds it to the plain path):
+with an attention_mask, the real tokens are gathered once into a (N, H) matrix and every dense
+layer, LayerNorm, dropout and the FFN run on it, so padding costs nothing. Attention runs per
+sequence (`BertModel.varlen_attention`): on CUDA in fp16/bf16 through the variable-length flash
+kernel (`aten._flash_attention_forward` with cumulative sequence lengths, dropout included);
+elsewhere one SDPA call per sequence (exact, no padded T x T work). Outputs are re-padded at the
+end: padded positions of `last_hidden_state` are 0 (the plain path leaves finite junk there), and
+a sequence with no real token at all gets zeros where the plain path gives uniform attention.
+Dropout masks differ from the plain path's (other shapes), so parity holds with dropout off.
+The sparse MLM head (`masked_positions`) is always on when positions are given: it is exact.
+
+Runtime concerns (activation checkpointing, torch.compile) are not here: bertscale.parallelize
+applies them to a built model. Inputs are the caller's to check (sequence length against
+`max_position_embeddings`, the flash kernel's requirements); what reaches `forward` unchecked
+raises ValueError, a programming error.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from bertscale.config import ModelConfig
@@ -59,7 +55,7 @@ __all__ = [
     "BertOutput", "PreTrainingOutput", "LossParts", "BertModel", "BertForPreTraining",
     "BertForSequenceClassification", "BertForQuestionAnswering", "BertForMultipleChoice",
     "BertForTokenClassification", "pretraining_loss", "init_weights", "count_parameters",
-    "load_pretrained", "FastPaths", "set_fast_paths",
+    "load_pretrained", "UNPAD_KERNELS",
 ]
 
 _ACTIVATIONS = {
@@ -76,34 +72,10 @@ def _activation(name: str):
     return _ACTIVATIONS[name]
 
 
-# -------------------------------------------------------------------------------- fast paths
+# ------------------------------------------------------------------------- the unpadded path
 
-
-@dataclass(frozen=True)
-class FastPaths:
-    """Optional speed-ups; none changes the parameters or their names, so checkpoints, Hugging
-    Face interop and ZeRO see the same model. Not a ModelConfig field: the config mirrors
-    config.json (the model's shape), these are how it runs."""
-
-    unpad: bool = False
-    """Drop padding before the encoder: dense layers, LayerNorms and the FFN run on the N real
-    tokens ((N, H)), attention per sequence. Applies only when an attention_mask is given."""
-    varlen_attention: Literal["auto", "flash", "per_sequence"] = "auto"
-    """Attention kernel of the unpadded path. "flash": the variable-length flash kernel (CUDA,
-    fp16/bf16, head dim a multiple of 8 up to 256); "per_sequence": one SDPA call per sequence
-    (any device and dtype); "auto": flash where it applies, else per_sequence."""
-    checkpoint_activations: bool = False
-    """Recompute each encoder layer in the backward instead of storing its activations."""
-    compile: bool = False
-    """torch.compile each encoder layer (falls back to eager, with one warning, on failure)."""
-    compile_backend: str | Callable[..., Any] = "inductor"
-    """torch.compile backend: a name ("inductor"; "aot_eager" compiles fast and fuses nothing)
-    or a backend callable."""
-
-    def validate(self) -> None:
-        if self.varlen_attention not in ("auto", "flash", "per_sequence"):
-            raise UserError(f"varlen_attention {self.varlen_attention!r}: choose auto, flash "
-                            f"or per_sequence")
+UNPAD_KERNELS = ("auto", "flash", "per_sequence")
+"""Attention kernels of the unpadded path (`BertModel.varlen_attention`)."""
 
 
 @dataclass
@@ -154,7 +126,7 @@ def _pack(attention_mask: Tensor, x_dtype: torch.dtype, head_dim: int, device: t
     probe = torch.empty(0, dtype=x_dtype, device=device)
     flash = kernel != "per_sequence" and _flash_varlen_ok(probe, head_dim)
     if kernel == "flash" and not flash:
-        raise UserError(f"varlen_attention 'flash' needs CUDA, fp16/bf16 and a head dim that is "
+        raise ValueError(f"varlen_attention 'flash' needs CUDA, fp16/bf16 and a head dim that is "
                         f"a multiple of 8 up to 256; got {device} {x_dtype} head dim {head_dim}")
     return _Packed(index, cu, lengths, max(lengths, default=0), B, T, flash)
 
@@ -210,8 +182,8 @@ class BertEmbeddings(nn.Module):
         if positions is None:
             T = input_ids.shape[1]
             if T > self.position_embeddings.num_embeddings:
-                raise UserError(f"sequence length {T} exceeds model.max_position_embeddings "
-                                f"{self.position_embeddings.num_embeddings}")
+                raise ValueError(f"sequence length {T} exceeds model.max_position_embeddings "
+                                 f"{self.position_embeddings.num_embeddings}")
             positions = torch.arange(T, device=input_ids.device)              # (T,)
         x = (self.word_embeddings(input_ids)                                  # (B, T, H)
              + self.token_type_embeddings(token_type_ids)                     # (B, T, H)
@@ -319,8 +291,7 @@ class BertPooler(nn.Module):
 class BertModel(nn.Module):
     """The encoder: embeddings, L post-LN Transformer layers, optional [CLS] pooler."""
 
-    def __init__(self, config: ModelConfig, add_pooling_layer: bool = True, *,
-                 fast: FastPaths | None = None):
+    def __init__(self, config: ModelConfig, add_pooling_layer: bool = True):
         super().__init__()
         config.validate()
         self.config = config
@@ -328,77 +299,31 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.apply(lambda m: init_weights(m, config))
-        self.fast = fast or FastPaths()
-        # Compiled wrappers of the layers, built on first use. A plain list, not a ModuleList,
-        # so they add no state-dict keys.
-        self._compiled: list[Callable[..., Tensor]] | None = None
-        self._compile_failed = False
-        self.compile_error: str | None = None
-        """Why torch.compile fell back to eager (None: it did not, or compile is off)."""
-
-    @property
-    def fast(self) -> FastPaths:
-        return self._fast
-
-    @fast.setter
-    def fast(self, fast: FastPaths) -> None:
-        fast.validate()
-        self._fast = fast
-        self._compiled = None
-
-    def _layer_fn(self, i: int) -> Callable[[Tensor, Tensor | _Packed | None], Tensor]:
-        layer = self.encoder.layer[i]
-        if not self.fast.compile or self._compile_failed:
-            return layer
-        if self._compiled is None:
-            self._compiled = [torch.compile(m, backend=self.fast.compile_backend)
-                              for m in self.encoder.layer]
-        compiled = self._compiled[i]
-
-        def run(x: Tensor, mask: Tensor | _Packed | None) -> Tensor:
-            if self._compile_failed:
-                return layer(x, mask)
-            try:
-                return compiled(x, mask)
-            except (torch.OutOfMemoryError, UserError, KeyboardInterrupt):
-                raise
-            except Exception as e:  # noqa: BLE001 - a compiler failure: warn once, run eager
-                self._compile_failed = True
-                backend = self.fast.compile_backend
-                root: BaseException = e
-                while True:  # the compiler's own error rather than dynamo's wrappers
-                    inner = getattr(root, "inner_exception", None) or root.__cause__
-                    if inner is None:
-                        break
-                    root = inner
-                first = (str(root).strip().splitlines() or [""])[0]
-                self.compile_error = (f"backend {getattr(backend, '__name__', backend)!r}: "
-                                      f"{type(root).__name__}: {first}")
-                warnings.warn(f"torch.compile ({self.compile_error}) failed, running the model "
-                              f"eager from now on", RuntimeWarning, stacklevel=2)
-                return layer(x, mask)
-        return run
+        self.unpad = False
+        """Run the encoder on the real tokens only when an attention_mask is given (see the
+        module docstring); the same outputs at real positions."""
+        self.varlen_attention: Literal["auto", "flash", "per_sequence"] = "auto"
+        """The unpadded path's attention kernel, one of UNPAD_KERNELS."""
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None,
                 output_hidden_states: bool = False) -> BertOutput:
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        fast = self.fast
         packed: _Packed | None = None
         mask: Tensor | _Packed | None = None
-        if fast.unpad and attention_mask is not None:
+        if self.unpad and attention_mask is not None:
             # Real tokens only, from the embeddings on: (N, H) with N = attention_mask.sum().
             B, T = input_ids.shape
             if T > self.config.max_position_embeddings:
-                raise UserError(f"sequence length {T} exceeds model.max_position_embeddings "
-                                f"{self.config.max_position_embeddings}")
+                raise ValueError(f"sequence length {T} exceeds model.max_position_embeddings "
+                                 f"{self.config.max_position_embeddings}")
             device = input_ids.device
             # The kernel choice depends on the dtype attention will see (autocast's, if on).
             dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                      else self.embeddings.word_embeddings.weight.dtype)
             head_dim = self.config.hidden_size // self.config.num_attention_heads
-            packed = mask = _pack(attention_mask, dtype, head_dim, device, fast.varlen_attention)
+            packed = mask = _pack(attention_mask, dtype, head_dim, device, self.varlen_attention)
             positions = torch.arange(T, device=device).repeat(B)              # (B*T,)
             x = self.embeddings(input_ids.reshape(-1)[packed.index],          # (N, H)
                                 token_type_ids.reshape(-1)[packed.index],
@@ -416,13 +341,8 @@ class BertModel(nn.Module):
                 mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
                 mask.masked_fill_(~keep, torch.finfo(x.dtype).min)
         hidden: list[Tensor] = [x]
-        checkpointing = fast.checkpoint_activations and torch.is_grad_enabled()
-        for i in range(len(self.encoder.layer)):
-            run = self._layer_fn(i)
-            if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(run, x, mask, use_reentrant=False)
-            else:
-                x = run(x, mask)                                              # (B, T, H)
+        for layer in self.encoder.layer:
+            x = layer(x, mask)                                                # (B, T, H) | (N, H)
             if output_hidden_states:
                 hidden.append(x)
         if packed is not None:                                                # (N, H) -> (B, T, H)
@@ -469,10 +389,10 @@ class BertPreTrainingHeads(nn.Module):
 class BertForPreTraining(nn.Module):
     """Masked LM + next sentence prediction, the paper's pretraining model."""
 
-    def __init__(self, config: ModelConfig, *, fast: FastPaths | None = None):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.bert = BertModel(config, fast=fast)
+        self.bert = BertModel(config)
         self.cls = BertPreTrainingHeads(config, self.bert.embeddings.word_embeddings)
         # Not cls.apply(init): that would redraw the word embeddings through the tied decoder.
         self.cls.predictions.transform.apply(lambda m: init_weights(m, config))
@@ -526,10 +446,10 @@ def pretraining_loss(out: PreTrainingOutput, masked_labels: Tensor,
 class BertForSequenceClassification(nn.Module):
     """[CLS] pooler -> dropout -> linear. num_labels == 1 is regression (STS-B)."""
 
-    def __init__(self, config: ModelConfig, num_labels: int, *, fast: FastPaths | None = None):
+    def __init__(self, config: ModelConfig, num_labels: int):
         super().__init__()
         self.config, self.num_labels = config, num_labels
-        self.bert = BertModel(config, fast=fast)
+        self.bert = BertModel(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_weights(self.classifier, config)
@@ -543,10 +463,10 @@ class BertForSequenceClassification(nn.Module):
 class BertForQuestionAnswering(nn.Module):
     """SQuAD span head: a linear map of each token to (start, end) logits."""
 
-    def __init__(self, config: ModelConfig, *, fast: FastPaths | None = None):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.bert = BertModel(config, add_pooling_layer=False, fast=fast)
+        self.bert = BertModel(config, add_pooling_layer=False)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         init_weights(self.qa_outputs, config)
 
@@ -560,10 +480,10 @@ class BertForQuestionAnswering(nn.Module):
 class BertForMultipleChoice(nn.Module):
     """SWAG: every (context, choice) pair is encoded; one score per choice from the pooler."""
 
-    def __init__(self, config: ModelConfig, *, fast: FastPaths | None = None):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.bert = BertModel(config, fast=fast)
+        self.bert = BertModel(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, 1)
         init_weights(self.classifier, config)
@@ -583,10 +503,10 @@ class BertForMultipleChoice(nn.Module):
 class BertForTokenClassification(nn.Module):
     """NER: a label per token (the paper tags the first sub-token of each word)."""
 
-    def __init__(self, config: ModelConfig, num_labels: int, *, fast: FastPaths | None = None):
+    def __init__(self, config: ModelConfig, num_labels: int):
         super().__init__()
         self.config, self.num_labels = config, num_labels
-        self.bert = BertModel(config, add_pooling_layer=False, fast=fast)
+        self.bert = BertModel(config, add_pooling_layer=False)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_weights(self.classifier, config)
@@ -612,17 +532,6 @@ def init_weights(module: nn.Module, config: ModelConfig) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
-
-
-def set_fast_paths(model: nn.Module, fast: FastPaths) -> None:
-    """Switch the fast paths of every BertModel inside `model` (e.g. after loading weights)."""
-    found = False
-    for m in model.modules():
-        if isinstance(m, BertModel):
-            m.fast = fast
-            found = True
-    if not found:
-        raise UserError(f"{type(model).__name__} holds no BertModel to set fast paths on")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

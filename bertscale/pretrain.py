@@ -308,7 +308,8 @@ def train(plan: Plan) -> int:
     from bertscale import optim, perf
     from bertscale.data.cache import FetchSettings
     from bertscale.data.loader import MaskingConfig, PretrainLoader, verify_shards
-    from bertscale.model import BertForPreTraining, FastPaths, pretraining_loss
+    from bertscale.model import BertForPreTraining, pretraining_loss
+    from bertscale.parallelize import FastPaths, apply_fast_paths
 
     recipe, env, run_dir = plan.recipe, plan.env, plan.run_dir
     t, G, W = recipe.train, recipe.train.global_batch_size, plan.env.world_size
@@ -338,7 +339,8 @@ def train(plan: Plan) -> int:
     seed_all(t.seed)
     fast = recipe.fast
     perf.set_tf32(fast.tf32)
-    model = BertForPreTraining(plan.model_config, fast=FastPaths(
+    model = BertForPreTraining(plan.model_config)
+    apply_fast_paths(model, FastPaths(
         unpad=fast.unpad, checkpoint_activations=fast.checkpoint_activations, compile=fast.compile))
     if plan.init_from is not None:
         from bertscale.model import load_pretrained

@@ -17,7 +17,8 @@ from bertscale import bench
 from bertscale.bench import model as bench_model
 from bertscale.config import preset
 from bertscale.errors import UserError
-from bertscale.model import BertForPreTraining, FastPaths, pretraining_loss
+from bertscale.model import BertForPreTraining, pretraining_loss
+from bertscale.parallelize import FastPaths, apply_fast_paths
 from bertscale.perf import (find_max_micro_batch, find_micro_batch, plan_accumulation,
                             step_flops)
 
@@ -48,7 +49,8 @@ def test_step_flops_equal_flop_counter_on_the_unpadded_model():
     FlopCounterMode over a real forward and backward must give the same number."""
     torch.manual_seed(0)
     cfg = _cfg()
-    model = BertForPreTraining(cfg, fast=FastPaths(unpad=True)).train()
+    model = BertForPreTraining(cfg).train()
+    apply_fast_paths(model, FastPaths(unpad=True))
     lengths, T, P = [16, 9, 3], 16, 2
     ids = torch.randint(5, 300, (3, T))
     am = torch.zeros(3, T, dtype=torch.long)

@@ -1,6 +1,9 @@
-"""Every fast path of bertscale.model against the plain path (which test_hf_interop.py ties to
-transformers): same outputs at real positions, same loss, same gradients. fp32 on the CPU; the
-CUDA-only variable-length flash kernel has its own test, skipped without a GPU."""
+"""Every fast path against the plain path (which test_hf_interop.py ties to transformers), each
+switched the way the product switches it, through bertscale.parallelize.apply_fast_paths: same
+outputs at real positions, same loss, same gradients. fp32 on the CPU; the CUDA-only
+variable-length flash kernel has its own test, skipped without a GPU. (Library calls: what the
+commands cannot show is the model's outputs and gradients; test_pretrain.py and
+test_finetune_fastpaths.py run the same switches through `bertscale pretrain` and `finetune`.)"""
 
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ import torch
 from bertscale.config import preset
 from bertscale.errors import UserError
 from bertscale.model import (BertForPreTraining, BertForQuestionAnswering,
-                             BertForSequenceClassification, BertModel, FastPaths,
-                             pretraining_loss, set_fast_paths)
+                             BertForSequenceClassification, BertModel, pretraining_loss)
+from bertscale.parallelize import FastPaths, apply_fast_paths, compile_failure
 
 V = 700
 
@@ -68,7 +71,7 @@ def test_unpad_matches_plain_outputs_loss_and_gradients():
     model = BertForPreTraining(_cfg()).train()  # train mode: the training code path, dropout 0
     batch = _batch()
     out0, loss0, g0 = _loss_and_grads(model, batch)
-    set_fast_paths(model, FastPaths(unpad=True))
+    apply_fast_paths(model, FastPaths(unpad=True))
     out1, loss1, g1 = _loss_and_grads(model, batch)
     _assert_same(out0.mlm_logits, out1.mlm_logits, what="MLM logits")
     _assert_same(out0.nsp_logits, out1.nsp_logits, what="NSP logits")
@@ -89,7 +92,7 @@ def test_unpad_encoder_outputs_with_holes_and_left_padding():
     am[4, 10:12] = 0  # a hole in the middle
     with torch.no_grad():
         plain = model(ids, tt, am, output_hidden_states=True)
-        model.fast = FastPaths(unpad=True)
+        apply_fast_paths(model, FastPaths(unpad=True))
         fast = model(ids, tt, am, output_hidden_states=True)
     real = am.bool()
     for i, (h0, h1) in enumerate(zip(plain.hidden_states, fast.hidden_states)):
@@ -107,7 +110,8 @@ def test_unpad_encoder_outputs_with_holes_and_left_padding():
 def test_unpad_finetuning_heads(cls, args):
     torch.manual_seed(2)
     plain = cls(_cfg(), *args).eval()
-    fast = cls(_cfg(), *args, fast=FastPaths(unpad=True)).eval()
+    fast = cls(_cfg(), *args).eval()
+    apply_fast_paths(fast, FastPaths(unpad=True))
     fast.load_state_dict(plain.state_dict())
     ids, tt, am, *_ = _batch(seed=2)
     with torch.no_grad():
@@ -119,9 +123,12 @@ def test_unpad_finetuning_heads(cls, args):
 
 
 def test_flash_varlen_is_refused_where_it_cannot_run():
-    model = BertModel(_cfg(), fast=FastPaths(unpad=True, varlen_attention="flash"))
+    """No command lets a user ask for the flash kernel (it is library API): asking for it where
+    it cannot run is a programming error, refused at the first forward."""
+    model = BertModel(_cfg())
+    apply_fast_paths(model, FastPaths(unpad=True, varlen_attention="flash"))
     ids, tt, am, *_ = _batch()
-    with pytest.raises(UserError, match="varlen_attention 'flash' needs CUDA"):
+    with pytest.raises(ValueError, match="varlen_attention 'flash' needs CUDA"):
         model(ids, tt, am)
     with pytest.raises(UserError, match="varlen_attention 'bogus'"):
         FastPaths(varlen_attention="bogus").validate()
@@ -134,7 +141,7 @@ def test_activation_checkpointing_matches_plain_with_dropout_on():
     batch = _batch(seed=3)
     torch.manual_seed(123)
     _, loss0, g0 = _loss_and_grads(model, batch)
-    set_fast_paths(model, FastPaths(checkpoint_activations=True))
+    apply_fast_paths(model, FastPaths(checkpoint_activations=True))
     torch.manual_seed(123)
     _, loss1, g1 = _loss_and_grads(model, batch)
     assert loss0.total.item() == loss1.total.item()
@@ -142,7 +149,7 @@ def test_activation_checkpointing_matches_plain_with_dropout_on():
         _assert_same(g0[name], g1[name], atol=1e-7, what=f"grad {name}")
     # And it did checkpoint: the saved activations of the forward are fewer.
     def saved_bytes(fast):
-        set_fast_paths(model, fast)
+        apply_fast_paths(model, fast)
         total = 0
 
         def pack(t):
@@ -162,11 +169,17 @@ def test_compile_matches_eager_and_keeps_the_state_dict():
     keys = list(model.state_dict())
     batch = _batch(seed=4, lengths=(32, 32, 20, 9, 32))
     _, loss0, g0 = _loss_and_grads(model, batch)
-    set_fast_paths(model, FastPaths(compile=True, compile_backend="aot_eager"))
+    compiled_frames = []
+
+    def aot_eager(gm, example_inputs):  # counts what was compiled, then compiles it
+        compiled_frames.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    apply_fast_paths(model, FastPaths(compile=True, compile_backend=aot_eager))
     with warnings.catch_warnings():  # no fallback warning: it really compiled
         warnings.filterwarnings("error", message="torch.compile", category=RuntimeWarning)
         _, loss1, g1 = _loss_and_grads(model, batch)
-    assert model.bert._compiled is not None and not model.bert._compile_failed
+    assert compiled_frames and compile_failure(model) is None
     assert list(model.state_dict()) == keys
     assert abs(loss0.total.item() - loss1.total.item()) < 1e-6
     for name in g0:
@@ -186,11 +199,13 @@ def test_compile_failure_warns_once_and_runs_eager():
     ids, tt, am, pos, *_ = batch
     with torch.no_grad():
         ref = model(ids, tt, am, masked_positions=pos).mlm_logits
-        set_fast_paths(model, FastPaths(compile=True, compile_backend=broken_backend,
-                                        unpad=True))
+        apply_fast_paths(model, FastPaths(compile=True, compile_backend=broken_backend,
+                                          unpad=True))
         with pytest.warns(RuntimeWarning, match="backend exploded") as record:
             out = model(ids, tt, am, masked_positions=pos).mlm_logits
         assert len(record) == 1 and calls
+        assert compile_failure(model).startswith("backend 'broken_backend': ")
+        assert "backend exploded" in compile_failure(model)
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message="torch.compile", category=RuntimeWarning)
             again = model(ids, tt, am, masked_positions=pos).mlm_logits
@@ -202,8 +217,8 @@ def test_fast_paths_are_not_model_config():
     # ModelConfig mirrors config.json; the switches live elsewhere.
     names = {f.name for f in dataclasses.fields(_cfg())}
     assert not names & {f.name for f in dataclasses.fields(FastPaths)}
-    with pytest.raises(UserError, match="holds no BertModel"):
-        set_fast_paths(torch.nn.Linear(2, 2), FastPaths())
+    with pytest.raises(ValueError, match="holds no BertModel"):
+        apply_fast_paths(torch.nn.Linear(2, 2), FastPaths())
 
 
 @pytest.mark.gpu
@@ -215,7 +230,7 @@ def test_flash_varlen_matches_per_sequence_on_cuda():
     batch = [t.cuda() for t in _batch(seed=6, T=64, lengths=(64, 40, 3, 17, 64))]
     results = {}
     for kernel in ("per_sequence", "flash"):
-        set_fast_paths(model, FastPaths(unpad=True, varlen_attention=kernel))
+        apply_fast_paths(model, FastPaths(unpad=True, varlen_attention=kernel))
         with torch.autocast("cuda", dtype=torch.bfloat16):
             results[kernel] = _loss_and_grads(model, batch)
     (_, l0, g0), (_, l1, g1) = results["per_sequence"], results["flash"]
@@ -260,3 +275,30 @@ def test_padded_vocab_gives_the_unpadded_loss_gradients_and_predictions():
         want = g0[name]
         got = p.grad[:V] if p.grad.shape != want.shape else p.grad
         _assert_same(got, want, atol=2e-6, what=name)
+
+
+def test_checkpointing_and_compile_together_then_switched_back():
+    """Both runtime fast paths at once (the backward recomputes the compiled layers) give the
+    plain loss and gradients; apply_fast_paths replaces what it applied before, so the plain
+    switches give back the plain model bit for bit; no switch adds, drops or renames a key."""
+    torch.manual_seed(7)
+    model = BertForPreTraining(_cfg()).train()
+    names = [n for n, _ in model.named_parameters()]
+    keys = list(model.state_dict())
+    batch = _batch(seed=7)
+    _, loss0, g0 = _loss_and_grads(model, batch)
+    apply_fast_paths(model, FastPaths(checkpoint_activations=True, compile=True,
+                                      compile_backend="aot_eager"))
+    assert [n for n, _ in model.named_parameters()] == names and list(model.state_dict()) == keys
+    with warnings.catch_warnings():  # no fallback warning: it really compiled
+        warnings.filterwarnings("error", message="torch.compile", category=RuntimeWarning)
+        _, loss1, g1 = _loss_and_grads(model, batch)
+    assert compile_failure(model) is None
+    assert abs(loss0.total.item() - loss1.total.item()) < 1e-6
+    for name in g0:
+        _assert_same(g0[name], g1[name], atol=1e-6, what=f"grad {name}")
+    apply_fast_paths(model, FastPaths())
+    assert all("forward" not in layer.__dict__ for layer in model.bert.encoder.layer)
+    _, loss2, g2 = _loss_and_grads(model, batch)
+    assert loss2.total.item() == loss0.total.item()
+    assert all(torch.equal(g0[name], g2[name]) for name in g0)

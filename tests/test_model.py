@@ -120,8 +120,16 @@ def test_dropout_only_in_training():
     assert len(out.hidden_states) == 3 and torch.equal(out.hidden_states[-1], out.last_hidden_state)
 
 
-def test_too_long_sequence_is_a_user_error():
+def test_too_long_sequence_is_refused_by_the_model():
+    """A guard against a caller's bug (the commands refuse a too-long sequence length with a
+    one-line error before any forward: test_pretrain.py, test_glue.py): plain or unpadded, the
+    model says what is wrong instead of indexing past its position embeddings."""
+    from bertscale.parallelize import FastPaths, apply_fast_paths
+
     model = BertModel(preset("tiny", vocab_size=100, max_position_embeddings=16))
-    with pytest.raises(UserError,
-                       match="sequence length 17 exceeds model.max_position_embeddings 16"):
-        model(torch.zeros(1, 17, dtype=torch.long))
+    ids = torch.zeros(1, 17, dtype=torch.long)
+    with pytest.raises(ValueError, match="sequence length 17 exceeds model.max_position_embeddings 16"):
+        model(ids)
+    apply_fast_paths(model, FastPaths(unpad=True))
+    with pytest.raises(ValueError, match="sequence length 17 exceeds model.max_position_embeddings 16"):
+        model(ids, attention_mask=torch.ones_like(ids))

@@ -196,6 +196,16 @@ def _check_run(task_dir: Path, min_f1: float, min_gain: float) -> dict:
     return results
 
 
+def test_too_long_max_seq_length_is_refused_before_training(tmp_path: Path, minilm_dir: Path) -> None:
+    """Past the checkpoint's 512 positions: one line before anything runs, as glue and squad
+    do (the encoder itself only guards against a caller's bug)."""
+    with pytest.raises(UserError, match="--max-seq-length 1024 exceeds the 512 positions of"):
+        finetune_cli(["finetune", "ner", "--checkpoint", str(minilm_dir), "--train-file",
+                      str(FIXTURES / "train.txt"), "--dev-file", str(FIXTURES / "dev.txt"),
+                      "--output-dir", str(tmp_path / "out"), "--max-seq-length", "1024"])
+    assert not (tmp_path / "out" / "NER").exists()
+
+
 @pytest.mark.slow
 def test_finetune_mode_learns_the_fixture(tmp_path: Path, minilm_dir: Path) -> None:
     out = tmp_path / "out"

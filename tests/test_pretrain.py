@@ -216,6 +216,8 @@ def _cli(args: list[str]) -> int:
     (["data.max_predictions_per_seq=500"],
      "data.max_predictions_per_seq = 500 is more than the 125 maskable tokens of a 128-token"),
     (["eval.max_batches=8"], "eval.max_batches was replaced by eval.samples"),
+    (["model.max_position_embeddings=64"],
+     "the shards hold 128-token sequences but model.max_position_embeddings is 64"),
 ])
 def test_bad_recipe_is_refused_before_the_process_group(manifest, tmp_path, two_rank_env, capsys,
                                                         sets, message):

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from bertscale.config import ModelConfig, preset
 from bertscale.errors import UserError
 from bertscale.finetune import common, glue
-from bertscale.model import BertForSequenceClassification, FastPaths
+from bertscale.model import BertForSequenceClassification
+from bertscale.parallelize import FastPaths, apply_fast_paths
 
 TRAIN_VARIANTS = ("max_length", "dynamic", "unpad", "transformers")
 PREDICT_VARIANTS = ("input_order", "sorted", "sorted_unpad")
@@ -151,14 +152,14 @@ def bench_finetune(args: argparse.Namespace) -> dict[str, Any]:
             opt_hf.step()
             opt_hf.zero_grad(set_to_none=True)
             return
-        ours.bert.fast = fast_of[name]
+        apply_fast_paths(ours, fast_of[name])
         loss(ours, batch).backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
     def predict_pass(name: str) -> None:
         if name == "input_order":
-            ours.bert.fast = FastPaths()
+            apply_fast_paths(ours, FastPaths())
             ours.eval()
             with torch.no_grad():
                 for i in range(0, len(dev), args.eval_batch_size):
@@ -177,7 +178,7 @@ def bench_finetune(args: argparse.Namespace) -> dict[str, Any]:
         for name in train_names:
             model = hf if name == "transformers" else ours
             if model is ours:
-                ours.bert.fast = fast_of[name]
+                apply_fast_paths(ours, fast_of[name])
             model.eval()
             b = shaped[name][0]
             first_loss[name] = float((hf_loss if model is hf else loss)(model, b))

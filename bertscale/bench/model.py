@@ -177,10 +177,12 @@ def build_models(cfg: ModelConfig, fast: Any, device: torch.device, with_hf: boo
                  seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     from bertscale.hf import _to_hf_keys, config_to_hf
     from bertscale.model import BertForPreTraining
+    from bertscale.parallelize import apply_fast_paths
 
     torch.manual_seed(seed)
     with device:  # initialise on the device itself: BERT-Large's init is slow on a host CPU
-        ours = BertForPreTraining(cfg, fast=fast)
+        ours = BertForPreTraining(cfg)
+    apply_fast_paths(ours, fast)
     hf_model = None
     if with_hf:
         transformers = import_transformers()
@@ -234,8 +236,8 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_model(args: argparse.Namespace) -> dict[str, Any]:
-    from bertscale.model import FastPaths
     from bertscale.optim import OptimizerConfig, build_optimizer
+    from bertscale.parallelize import FastPaths, compile_failure
     from bertscale.perf import datasheet_peak, measure_matmul_peak, step_flops
 
     device = torch.device(args.device)
@@ -327,7 +329,7 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     # What ran, not what was asked: a compile that fell back to eager is not reported compiled.
     fast_paths = dataclasses.asdict(fast)
     fast_paths.pop("compile_backend", None)
-    compile_error = ours.bert.compile_error
+    compile_error = compile_failure(ours)
     if compile_error:
         fast_paths["compile"] = False
     return dict(
@@ -427,7 +429,8 @@ def handle_model(args: argparse.Namespace) -> int:
 
 
 def handle_microbatch(args: argparse.Namespace) -> int:
-    from bertscale.model import BertForPreTraining, FastPaths, pretraining_loss
+    from bertscale.model import BertForPreTraining, pretraining_loss
+    from bertscale.parallelize import FastPaths, apply_fast_paths
     from bertscale.perf import find_micro_batch
 
     device = torch.device(args.device)
@@ -437,8 +440,10 @@ def handle_microbatch(args: argparse.Namespace) -> int:
                         "the process; use bertscale.perf.find_max_micro_batch with a budget)")
     dtype = DTYPES[args.dtype]
     cfg = preset(args.preset)
-    model = BertForPreTraining(cfg, fast=FastPaths(
-        unpad=args.unpad, checkpoint_activations=args.checkpoint_activations)).to(device).train()
+    model = BertForPreTraining(cfg)
+    apply_fast_paths(model, FastPaths(unpad=args.unpad,
+                                      checkpoint_activations=args.checkpoint_activations))
+    model.to(device).train()
     # The optimizer state takes its memory before the first step: allocate it up front.
     from bertscale.optim import OptimizerConfig, build_optimizer
     opt = build_optimizer(OptimizerConfig(implementation="fused"), model)

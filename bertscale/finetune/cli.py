@@ -269,7 +269,7 @@ def _common(p: argparse.ArgumentParser, family: str, save_model: bool = False,
 
 def _train_config(args: argparse.Namespace, recipe: str):
     from bertscale.finetune.common import TrainConfig, parse_list
-    from bertscale.model import FastPaths
+    from bertscale.parallelize import FastPaths
     r = _RECIPES[recipe]
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
                         ("--max-steps", args.max_steps), ("--eval-batch-size", args.eval_batch_size)):

@@ -71,7 +71,7 @@ from torch import Tensor, nn
 
 from bertscale.distributed import DistEnv
 from bertscale.errors import UserError
-from bertscale.model import FastPaths
+from bertscale.parallelize import FastPaths
 from bertscale.pretrained import TASK_FILE, Pretrained, build, load_checkpoint  # noqa: F401 - re-exported
 from bertscale.reporting import MetricSinks, Progress
 from bertscale.seeding import seed_all
@@ -243,7 +243,7 @@ class TrainConfig:
     log_every: int = 50
     """Print the running loss every N steps (0: never)."""
     fast: FastPaths = field(default_factory=FastPaths)
-    """The encoder's optional fast paths (bertscale.model.FastPaths): unpadding is the one that
+    """The encoder's fast paths (bertscale.parallelize.FastPaths): unpadding is the one that
     pays in fine-tuning, whose batches are mostly padding at GLUE lengths."""
     progress: str = "auto"
     """"auto" (a progress bar with ETA when stderr is a terminal, plain lines otherwise), "bar"
@@ -570,9 +570,10 @@ def _global_mean(weighted_loss: Tensor, r: DistEnv) -> Tensor:
 def apply_fast_paths(model: nn.Module, fast: FastPaths) -> None:
     """Switch the encoder's fast paths; a model without a BERT encoder (the feature-mode
     tagger) has nothing to switch."""
-    from bertscale.model import BertModel, set_fast_paths
+    from bertscale import parallelize
+    from bertscale.model import BertModel
     if any(isinstance(m, BertModel) for m in model.modules()):
-        set_fast_paths(model, fast)
+        parallelize.apply_fast_paths(model, fast)
 
 
 def _num_tokens(feature: Feature) -> int:

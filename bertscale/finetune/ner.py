@@ -395,6 +395,7 @@ def run(a: NerArgs) -> dict[str, Any]:
         common.log(f"note: tags {', '.join(unseen)} of the dev/test files never occur in "
                    f"{a.train_file}; they are scored but cannot be predicted")
     pretrained = common.load_checkpoint(a.checkpoint)
+    common.check_length(pretrained, a.max_seq_length)
     tok = common.load_task_tokenizer(pretrained)   # no truncation: encode_words cuts and counts
     common.check_casing(pretrained, common.unk_fraction(
         tok, (e.ids for e in tok.encode_batch([s.words for s in train_s], is_pretokenized=True))),
