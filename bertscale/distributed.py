@@ -408,11 +408,6 @@ def signal_names() -> list[str]:
     return list(_signal_seen)
 
 
-def clear_preemption() -> None:
-    _preempt.clear()
-    _signal_seen.clear()
-
-
 def preemption_requested() -> bool:
     """Whether ANY rank received a preemption signal: an all-reduce (MAX) of the local flags.
     Every rank must call it at the same step boundary."""

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,8 +65,8 @@ import torch
 from bertscale.data.cache import FetchSettings, ShardFetcher
 from bertscale.data.masking import Masker, MaskingConfig
 from bertscale.data.remote import is_remote as _is_remote
-from bertscale.data.shards import (HEADER, MAGIC, FORMAT_VERSION, Manifest, TarIndex,
-                                   count_members, index_tar, open_mmap, read_manifest, sha256_file)
+from bertscale.data.shards import (Manifest, SampleError, TarIndex, count_members, decode_sample,
+                                   index_tar, open_mmap, read_manifest, sha256_file)
 from bertscale.errors import UserError
 from bertscale.tokenizer import read_vocab
 
@@ -172,19 +171,10 @@ def read_sample(shard: _Shard, offset: int) -> tuple[np.ndarray, int, int] | str
     start = int(shard.index.starts[offset])
     if start < 0:
         return shard.index.problems.get(offset, "missing")
-    size = int(shard.index.sizes[offset])
-    mm = shard.mm
-    if size < HEADER.size:
-        return "sample shorter than its header"
-    magic, version, width, n, a_len, label, crc = HEADER.unpack_from(mm, start)
-    if magic != MAGIC or version != FORMAT_VERSION or width != shard.width:
-        return "bad sample header (corrupt data)"
-    if size != HEADER.size + n * width or not 0 < a_len <= n:
-        return "sample header inconsistent with its size (corrupt data)"
-    body = start + HEADER.size
-    if zlib.crc32(mm[body:start + size], zlib.crc32(mm[start:start + 12])) != crc:
-        return "checksum mismatch (corrupt data)"
-    return np.frombuffer(mm, dtype="<u2" if width == 2 else "<u4", count=n, offset=body), a_len, label
+    try:
+        return decode_sample(shard.mm, start, int(shard.index.sizes[offset]), shard.width)
+    except SampleError as e:
+        return str(e)
 
 
 class GlobalOrder:

@@ -33,6 +33,7 @@ import json
 import mmap
 import os
 import struct
+import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,21 +74,23 @@ def encode_sample(ids: np.ndarray, a_len: int, label: int) -> bytes:
     return head + crc.to_bytes(4, "little") + body
 
 
-def decode_sample(buf: bytes | memoryview) -> tuple[np.ndarray, int, int]:
-    """(ids, a_len, label) from sample bytes; SampleError when they are damaged."""
-    if len(buf) < HEADER.size:
-        raise SampleError(f"sample is {len(buf)} bytes, shorter than its header")
-    magic, version, width, n, a_len, label, crc = HEADER.unpack_from(buf, 0)
-    if magic != MAGIC or version != FORMAT_VERSION or width not in (2, 4):
-        raise SampleError("bad sample header (not a bertscale sample, or corrupt)")
-    if len(buf) != HEADER.size + n * width:
-        raise SampleError(f"sample holds {len(buf) - HEADER.size} bytes of ids, header says "
-                          f"{n} x {width}")
-    view = memoryview(buf)
-    if zlib.crc32(view[HEADER.size:], zlib.crc32(view[:12])) != crc:
+def decode_sample(buf: Any, start: int = 0, size: int | None = None,
+                  width: int | None = None) -> tuple[np.ndarray, int, int]:
+    """(ids, a_len, label) of the sample in `buf[start:start + size]` (all of `buf` by default:
+    bytes, or a shard's memory map, which the ids then view without a copy); SampleError saying
+    what is damaged. `width`: the bytes per id the shard must have (its manifest's)."""
+    size = len(buf) - start if size is None else size
+    if size < HEADER.size:
+        raise SampleError("sample shorter than its header")
+    magic, version, w, n, a_len, label, crc = HEADER.unpack_from(buf, start)
+    if magic != MAGIC or version != FORMAT_VERSION or w not in (2, 4) or width not in (None, w):
+        raise SampleError("bad sample header (corrupt data)")
+    if size != HEADER.size + n * w or not 0 < a_len <= n:
+        raise SampleError("sample header inconsistent with its size (corrupt data)")
+    body = start + HEADER.size
+    if zlib.crc32(buf[body:start + size], zlib.crc32(buf[start:start + 12])) != crc:
         raise SampleError("checksum mismatch (corrupt data)")
-    ids = np.frombuffer(buf, dtype="<u2" if width == 2 else "<u4", count=n, offset=HEADER.size)
-    return ids, a_len, label
+    return np.frombuffer(buf, dtype="<u2" if w == 2 else "<u4", count=n, offset=body), a_len, label
 
 
 def member_name(split: str, shard: int, offset: int) -> str:
@@ -100,27 +103,27 @@ def shard_name(split: str, shard: int) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # tar writing and indexing
+#
+# Member headers come from the standard library (`tarfile.TarInfo.tobuf`, ustar); the archive
+# around them is written here. `tarfile.TarFile` would pad every archive to a multiple of its
+# 10 KiB record size, giving other bytes (and sha256s) than the shards bertscale has always
+# written, and neither hashes as it writes nor fsyncs before the rename. Reading is here too:
+# `tarfile` (and `wids`, the WebDataset authors' indexed reader) stop at the first damaged
+# header, where `index_tar` scans on to the next one and records which samples are lost, and
+# neither knows the per-sample CRC. That is why the project does not depend on `wids`.
 
 BLOCK = 512
 _EOF = b"\0" * (2 * BLOCK)
 
 
 def tar_header(name: str, size: int) -> bytes:
-    h = bytearray(BLOCK)
-    raw = name.encode("ascii")
-    if len(raw) > 100:
+    """The 512-byte ustar header of a regular member with fixed metadata (mode 0644, uid/gid 0,
+    mtime 0, no owner names), so the same samples always give byte-identical shards."""
+    if len(name.encode("ascii")) > 100:  # longer names would be split into ustar's prefix field
         raise ValueError(f"tar member name too long: {name}")
-    h[0:len(raw)] = raw
-    h[100:108] = b"0000644\0"
-    h[108:116] = b"0000000\0"
-    h[116:124] = b"0000000\0"
-    h[124:136] = b"%011o\0" % size
-    h[136:148] = b"00000000000\0"          # mtime 0: byte-identical shards
-    h[148:156] = b" " * 8                  # checksum is computed with this field as spaces
-    h[156] = ord("0")
-    h[257:265] = b"ustar\x0000"
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o644, 0
+    return info.tobuf(tarfile.USTAR_FORMAT, encoding="ascii", errors="strict")
 
 
 class TarWriter:
@@ -167,17 +170,6 @@ class TarIndex:
     starts: np.ndarray  # (n,) int64 byte offset of the payload, -1 if the sample is missing
     sizes: np.ndarray   # (n,) int64
     problems: dict[int, str]  # offset -> what is wrong
-
-
-def _header_ok(mm: Any, pos: int) -> bool:
-    if mm[pos + 257:pos + 262] != b"ustar":
-        return False
-    block = np.frombuffer(mm, dtype=np.uint8, count=BLOCK, offset=pos)
-    try:
-        stored = int(bytes(mm[pos + 148:pos + 156]).strip(b"\0 "), 8)
-    except ValueError:
-        return False
-    return int(block.sum()) - int(block[148:156].sum()) + 8 * 32 == stored
 
 
 def index_tar(mm: Any, split: str, shard: int, expected: int) -> TarIndex:
