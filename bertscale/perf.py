@@ -6,11 +6,16 @@ implementation so that throughput and MFU compare: per layer the dense projectio
 (Q, K, V, output: 4 H^2 multiply-adds per token) and the FFN (2 H I), bidirectional attention
 over each sequence's real length L (Q K^T and attention x V: 2 L^2 H multiply-adds), the MLM
 head (transform H^2 and decoder H V) only at the predicted (labelled) positions, and the pooler
-and NSP classifier once per sequence. A multiply-add is 2 FLOPs; a training step is 3x the
-forward (the backward computes gradients for inputs and weights: 2x). Padding, the decoder at
-unmasked positions, embeddings lookups, softmax, LayerNorm and the optimizer are not counted: an
-implementation that computes them does so at its own cost. This is the convention of the MFU
-figures in the PaLM paper (Chowdhery et al. 2022, appendix B) and of NVIDIA's BERT reports.
+and NSP classifier once per sequence when the batch has NSP labels (with the MLM-only objective
+the model still runs the pooler, but it is not counted). V is the model's vocabulary rows, the
+padded count under `fast.pad_vocab_multiple` (the decoder computes those rows). A multiply-add
+is 2 FLOPs; a training step is 3x the forward (the backward computes gradients for inputs and
+weights: 2x), whatever the step really runs: the recomputation of activation checkpointing is
+not counted, nor are padding, the decoder at unmasked positions, embedding lookups, softmax,
+LayerNorm and the optimizer: an implementation that computes them does so at its own cost. This
+is the model-FLOPs convention of the MFU figures in the PaLM paper (Chowdhery et al. 2022,
+appendix B: rematerialisation excluded), with attention and dense work over real tokens instead
+of the padded length.
 
 Limits: the peak is what one large matmul reaches on this device and dtype right now (a shared
 CPU gives a lower, noisier figure than its datasheet); the micro-batch finder learns only from
