@@ -409,7 +409,7 @@ def markdown(results: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|"]
     for m in ("bertscale", "transformers"):
         p = pre[m]
-        lines.append(f"| {MODEL_LABELS[m]} | {p['steps']} | {p['train_s']:.0f} | {p['tokens']:,} | "
+        lines.append(f"| {m} | {p['steps']} | {p['train_s']:.0f} | {p['tokens']:,} | "
                      f"{p['curve'][-1]['mlm_loss']:.3f} | {p['curve'][-1]['mlm_acc']:.3f} |")
     reach = tg["bertscale_seconds_to_transformers_final_loss"]
     lines += ["", "Targets:",
