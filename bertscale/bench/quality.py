@@ -164,7 +164,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def step_tokens(record: dict[str, Any]) -> int:
     """Real tokens of one logged step (the trainer logs tokens_per_s and step_time_s)."""
-    return int(round(record["tokens_per_s"] * record["step_time_s"]))
+    return round(record["tokens_per_s"] * record["step_time_s"])
 
 
 def bertscale_curve(run_dir: Path) -> dict[str, Any]:
@@ -241,13 +241,11 @@ class TransformersSide:
     @staticmethod
     def dense_labels(batch: dict[str, Any]) -> Any:
         """(B, T) labels for transformers' dense MLM loss from the loader's (positions, labels)."""
-        import torch
+        from bertscale.bench.model import Batch
 
-        out = torch.full_like(batch["input_ids"], -100)
-        valid = batch["masked_labels"] != -100
-        rows = torch.arange(out.shape[0])[:, None].expand_as(valid)
-        out[rows[valid], batch["masked_positions"][valid]] = batch["masked_labels"][valid]
-        return out
+        return Batch(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                     batch["masked_positions"], batch["masked_labels"],
+                     batch["next_sentence_label"]).dense_labels()
 
     def train(self, steps: int, eval_every: int, eval_samples: int,
               evaluate: bool = True) -> tuple[Any, dict[str, Any]]:
@@ -457,22 +455,14 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 # ------------------------------------------------------------------------------ the bench
 
 
-def _list(text: str, kind: type, flag: str) -> list[Any]:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected a comma-separated list") from None
-    if not values:
-        raise UserError(f"{flag} is empty")
-    return values
-
-
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """The settings that decide the results; a re-run into the same --out must give the same."""
     if args.budget_min <= 0 or args.calibrate_steps < 2 or args.evals < 1 or args.eval_samples < 1:
         raise UserError("--budget-min must be > 0, --calibrate-steps >= 2, --evals and "
                         "--eval-samples >= 1")
-    tasks = _list(args.tasks, str, "--tasks")
+    from bertscale.finetune.common import parse_list
+
+    tasks = parse_list(args.tasks, str, "--tasks")
     for t in tasks:
         if not (args.glue / t / "train.tsv").is_file():
             raise UserError(f"--tasks {t}: {args.glue / t / 'train.tsv'} not found")
@@ -486,7 +476,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
                 train_vocab=args.train_vocab, recipe=args.recipe, overrides=list(args.overrides),
                 budget_min=args.budget_min, calibrate_steps=args.calibrate_steps, evals=args.evals,
                 eval_samples=args.eval_samples, tasks=tasks,
-                seeds=_list(args.seeds, int, "--seeds"), lr=args.lr, epochs=args.epochs,
+                seeds=parse_list(args.seeds, int, "--seeds"), lr=args.lr, epochs=args.epochs,
                 batch_size=args.batch_size, max_train_samples=args.max_train_samples,
                 max_eval_samples=args.max_eval_samples,
                 threads=args.threads or os.cpu_count() or 1)
@@ -524,7 +514,7 @@ def handle(args: argparse.Namespace) -> int:
         is given directly (its calibrated count)."""
         p = subprocess.run(bertscale_command() + ["pretrain", s["recipe"], *overrides([]),
                                                   "--print-config"],
-                           env=child_env(threads), capture_output=True, text=True)
+                           env=child_env(threads), capture_output=True, text=True, check=False)
         if p.returncode:
             raise UserError(f"`bertscale pretrain --print-config` failed: {p.stderr.strip()[-800:]}")
         return json.loads(p.stdout)
