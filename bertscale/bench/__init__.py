@@ -8,10 +8,11 @@
     bertscale bench data ...   (the data pipeline's benchmark: prepare and loader throughput)
     bertscale bench remote [--bandwidth-mbs 2] [--latency-ms 100] [--step-ms 100]
                                (steps' wait for object-store shards, prefetch off and on)
+    bertscale bench quality --data WIKI --glue GLUE --vocab VOCAB --out OUT [--budget-min 30]
 
 model, microbatch: bertscale.bench.model (a pretraining step against `transformers`); finetune:
 bertscale.bench.finetune (GLUE steps and prediction by batch shape); data: bertscale.data.bench;
-remote: bertscale.data.bench_remote.
+remote: bertscale.data.bench_remote; quality: bertscale.bench.quality.
 This module is only the command line: it imports torch when a benchmark runs, not to list them.
 """
 
@@ -127,6 +128,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     from bertscale.data.bench_remote import add_arguments
     add_arguments(r)
     r.set_defaults(func=_run("bertscale.data.bench_remote", "handle"))
+
+    q = sub.add_parser("quality", help="prepare, pretrain bertscale and transformers on the same "
+                       "samples in the same time, fine-tune both and random init on GLUE "
+                       "(bertscale.bench.quality)")
+    from bertscale.bench.quality import add_arguments as quality_arguments
+    quality_arguments(q)
+    q.set_defaults(func=_run("bertscale.bench.quality", "handle"))
     return p
 
 
