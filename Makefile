@@ -12,8 +12,12 @@ STAMP  := $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/bertscale demo
 
+# Two test files at a time (pytest-xdist, one file per worker so its fixtures are built once);
+# TEST_JOBS=0 runs them one after the other in this process.
+TEST_JOBS ?= 2
+
 test: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile) $(PYTEST_ARGS)
 
 venv: $(STAMP)
 

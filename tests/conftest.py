@@ -60,6 +60,13 @@ def minilm_no_dropout(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory
     return d
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files marked slow first (stable otherwise): with two workers taking a file at a time, the
+    long multi-process files then start at once and the short ones fill in around them, rather
+    than one long file starting last while the other worker sits idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_sessionstart(session):
     """Remove torch-extension build locks left by a killed process. torch's FileBaton is a bare
     lock file with no owner: a rank killed (a test's kill -9, a timeout) while DeepSpeed's
