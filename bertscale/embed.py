@@ -834,7 +834,7 @@ def _handler(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m bertscale.embed ...`: the same command, without importing the other subcommands."""
-    from bertscale.cli import run_subcommand
+    from bertscale.commands import run_subcommand
     return run_subcommand("embed", argv)
 
 

@@ -861,7 +861,7 @@ def upload_prepared(manifest: Path, url: str, verbose: bool = True) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m bertscale.data.prepare ...`: the same command, without importing the other subcommands."""
-    from bertscale.cli import run_subcommand
+    from bertscale.commands import run_subcommand
     return run_subcommand("prepare", argv)
 
 
