@@ -132,14 +132,14 @@ def test_unpad_and_checkpointing_fine_tune_to_the_plain_results(
 
 
 def test_embed_unpad_gives_the_same_features(pretrained) -> None:
-    from bertscale import embed
+    from bertscale import features
     texts = ["A short one.",
              "A much longer sentence, with several clauses, that pads every other member of "
              "the batch by dozens of positions before it ends.",
              "Medium length text here, really.", "x"]
     words = [t.split() for t in texts]
-    plain = embed.FeatureExtractor(pretrained, "concat-last-four", device="cpu")
-    fast = embed.FeatureExtractor(pretrained, "concat-last-four", device="cpu", unpad=True)
+    plain = features.FeatureExtractor(pretrained, "concat-last-four", device="cpu")
+    fast = features.FeatureExtractor(pretrained, "concat-last-four", device="cpu", unpad=True)
     assert fast.model.fast.unpad and not plain.model.fast.unpad
     for pooling in ("cls", "mean"):
         a, _ = plain.embed_texts(texts, pooling)

@@ -15,6 +15,7 @@ import pytest
 import scipy.stats
 import sklearn.metrics
 
+from bertscale.devices import resolve_device, resolve_precision
 from bertscale.errors import UserError
 from bertscale.finetune import common, glue
 from finetune_helpers import finetune_cli, tiny_hf_checkpoint
@@ -352,5 +353,5 @@ def test_bad_flags_are_refused_before_training(tmp_path: Path, minilm_dir: Path)
     with pytest.raises(UserError, match="--max-seq-length 1024 exceeds the 512 positions of"):
         finetune_cli(base + ["--max-seq-length", "1024"])
     with pytest.raises(UserError, match="--precision fp16 needs a CUDA GPU"):
-        common.resolve_precision("fp16", common.resolve_device("cpu"))
+        resolve_precision("fp16", resolve_device("cpu"))
     assert not (tmp_path / "SST-2").exists()          # nothing half-written

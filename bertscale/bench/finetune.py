@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from bertscale.config import ModelConfig, preset
+from bertscale.devices import resolve_device
 from bertscale.errors import UserError
 from bertscale.finetune import common, glue
 from bertscale.model import BertForSequenceClassification, FastPaths
@@ -104,7 +105,7 @@ def bench_finetune(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = common.resolve_device(args.device)
+    device = resolve_device(args.device, common.ranks().local_rank)
     task = glue.task_by_name(args.task)
     folder = glue.find_task_dir(args.data_dir, task)
     cfg, weights, tok, what = _load(args)

@@ -69,6 +69,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bertscale.devices import resolve_device, resolve_precision
 from bertscale.distributed import DistEnv
 from bertscale.errors import UserError
 from bertscale.model import FastPaths
@@ -302,35 +303,6 @@ def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" is the GPU (this rank's, under a launcher) or the CPU; "cuda" under a launcher is
-    this rank's GPU."""
-    r = ranks()
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", r.local_rank % torch.cuda.device_count())
-    if name == "auto":
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available")
-    return dev
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None = fp32)."""
-    if name not in ("auto", "fp32", "bf16", "fp16"):
-        raise UserError(f"--precision {name!r}: choose auto, fp32, bf16 or fp16")
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if name == "fp32":
-        return None
-    if name == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA GPU (use bf16 or fp32 on the CPU)")
-    return torch.bfloat16 if name == "bf16" else torch.float16
-
-
 def total_steps(cfg: TrainConfig, num_examples: int) -> int:
     """Optimizer steps of a run: epochs x ceil(examples / batch), capped by max_steps."""
     total = max(1, math.ceil(cfg.epochs * math.ceil(num_examples / cfg.batch_size)))
@@ -413,7 +385,7 @@ def fit(model: nn.Module, features: Sequence[Feature],
     if cfg.batch_size < r.world_size:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch and cannot be "
                         f"shared by {r.world_size} ranks; use at least {r.world_size}")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, ranks().local_rank)
     amp_dtype = resolve_precision(cfg.precision, device)
     apply_fast_paths(model, cfg.fast)
     model.to(device).train()
@@ -591,7 +563,7 @@ def predict(model: nn.Module, features: Sequence[Feature],
     Batches are cut from the features sorted by length, so a batch pads to a length its
     members nearly share (GLUE dev sets range from a few tokens to 128): the same outputs with
     a fraction of the padded work. `what` names the pass in its progress line ("dev", "test")."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, ranks().local_rank)
     amp_dtype = resolve_precision(cfg.precision, device)
     apply_fast_paths(model, cfg.fast)
     model.to(device).eval()
@@ -633,17 +605,6 @@ def predict(model: nn.Module, features: Sequence[Feature],
 
 
 # ------------------------------------------------------------------ grid and result files
-
-
-def parse_list(text: str, kind: type, flag: str) -> list[Any]:
-    try:
-        values = [kind(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected a comma-separated list of "
-                        f"{kind.__name__}s") from None
-    if not values:
-        raise UserError(f"{flag} is empty")
-    return values
 
 
 @dataclass

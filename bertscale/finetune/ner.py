@@ -116,7 +116,7 @@ def token_features(tok: Any, sentences: Sequence[Sentence], label_to_id: dict[st
     elsewhere. Returns the features, each sentence's first-piece positions, and how many
     sentences were cut to max_length. Tags the label set lacks are IGNORE (they can only be
     scored, not learned)."""
-    from bertscale.embed import encode_words
+    from bertscale.features import encode_words
     encs = encode_words(tok, [s.words for s in sentences], max_length)
     width = max(len(e.ids) for e in encs)
     feats = []
@@ -411,8 +411,9 @@ def run(a: NerArgs) -> dict[str, Any]:
         pad_id = tok.token_to_id("[PAD]")
         table = None
     else:
-        from bertscale.embed import FeatureExtractor
-        device = common.resolve_device(a.train.device)
+        from bertscale.devices import resolve_device
+        from bertscale.features import FeatureExtractor
+        device = resolve_device(a.train.device, common.ranks().local_rank)
         ex = FeatureExtractor(pretrained, a.layers, a.layer_weights, a.max_seq_length,
                               str(device), a.train.precision, unpad=a.train.fast.unpad)
         rows: list[np.ndarray] = [np.zeros((1, ex.dim), np.float32)]            # row 0: padding
