@@ -229,7 +229,7 @@ def load_hf_folder(path: str | Path) -> HFCheckpoint:
 # ------------------------------------------------------------------------------------ export
 
 
-def _to_hf_keys(sd: Mapping[str, Tensor], cfg: ModelConfig, architecture: str,
+def to_hf_keys(sd: Mapping[str, Tensor], cfg: ModelConfig, architecture: str,
                 source: str) -> dict[str, Tensor]:
     if not any(k.startswith("bert.") for k in sd):  # a bare BertModel state dict
         sd = {("bert." + k if k.startswith(("embeddings.", "encoder.", "pooler.")) else k): v
@@ -296,7 +296,7 @@ def export_hf(model_state_dict: Mapping[str, Tensor], cfg: ModelConfig, vocab_pa
     if len(vocab) > cfg.vocab_size:
         raise UserError(f"{vocab_path}: {len(vocab)} tokens exceed model vocab_size "
                         f"{cfg.vocab_size}")
-    tensors = _to_hf_keys(model_state_dict, cfg, architecture, source)
+    tensors = to_hf_keys(model_state_dict, cfg, architecture, source)
     if cfg.vocab_size > len(vocab):
         # Rows past the vocabulary (fast.pad_vocab_multiple, or a larger model.vocab_size) are
         # reached by no token: the export is the model the vocabulary defines.

@@ -161,7 +161,7 @@ def test_all_nine_tasks_end_to_end_with_submission_files(tmp_path: Path, shared_
         test_files = [f for f, _ in task.test_files] + (["AX.tsv"] if name == "MNLI" else [])
         for sub, test_file in zip(files, test_files):
             rows = _table(out / name / sub)
-            layout = glue._AX_LAYOUT if sub == "AX.tsv" else task.test
+            layout = glue.AX_LAYOUT if sub == "AX.tsv" else task.test
             test = glue.read_tsv(data / name / test_file, task, layout, labelled=False)
             assert rows[0] == ["index", "prediction"]
             assert [r[0] for r in rows[1:]] == [e.guid for e in test]

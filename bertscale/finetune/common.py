@@ -359,7 +359,7 @@ def collate(features: Sequence[Feature], pad_id: int = 0) -> Batch:
     return out
 
 
-def _to(batch: Batch, device: torch.device) -> Batch:
+def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -424,7 +424,7 @@ def fit(model: nn.Module, features: Sequence[Feature],
                 continue
             global_batch = perm[i:i + cfg.batch_size]
             mine, weight = _share(global_batch, r)
-            batch = _to(collate([features[j] for j in mine], pad_id), device)
+            batch = to_device(collate([features[j] for j in mine], pad_id), device)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
                 loss = loss_fn(net, batch) * weight
@@ -576,7 +576,7 @@ def predict(model: nn.Module, features: Sequence[Feature],
                    mode=cfg.progress, enabled=r.is_main)
     for done, b in enumerate(mine, start=1):
         part = [features[j] for j in order[starts[b]:starts[b] + cfg.eval_batch_size]]
-        batch = _to(collate(part, pad_id), device)
+        batch = to_device(collate(part, pad_id), device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
             out = forward(model, batch)

@@ -106,7 +106,7 @@ TASKS: dict[str, Task] = {
                  train=_pair_layout("sentence1", "sentence2", "label"),
                  test=_pair_layout("sentence1", "sentence2", None)),
 }
-_AX_LAYOUT = _pair_layout("sentence1", "sentence2", None)
+AX_LAYOUT = _pair_layout("sentence1", "sentence2", None)
 
 
 def task_by_name(name: str) -> Task:
@@ -236,7 +236,7 @@ def loss_fn(regression: bool):
     return compute
 
 
-def _forward(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def logits_of(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(**common.model_inputs(batch))
 
 
@@ -368,7 +368,7 @@ def read_eval_sets(folder: Path, task: Task, a: GlueArgs) -> tuple[list, list]:
         if task.name == "MNLI":
             for ax in (folder / "AX.tsv", folder.parent / "diagnostic" / "diagnostic.tsv"):
                 if ax.is_file():
-                    tests.append(("AX.tsv", read_tsv(ax, task, _AX_LAYOUT, labelled=False)))
+                    tests.append(("AX.tsv", read_tsv(ax, task, AX_LAYOUT, labelled=False)))
                     break
     return dev_sets, tests
 
@@ -417,12 +417,12 @@ def predict_file(checkpoint: Path, input_file: Path, output: Path,
     """`finetune predict` for a GLUE model: `input_file` in the task's test layout (index and
     text columns; the label column, if any, is ignored) -> the GLUE submission TSV."""
     task, model, tok, _, _ = load_saved(checkpoint)
-    layout = task.test if task.name != "MNLI" else _AX_LAYOUT
+    layout = task.test if task.name != "MNLI" else AX_LAYOUT
     examples = read_tsv(input_file, task, layout, labelled=False)
     feats = featurize(tok, examples, task.labels is None)
     cfg = dataclasses.replace(cfg)
     cfg.run = common.RunContext(output.parent, f"{task.name} predict")
-    (logits,) = common.predict(model, feats, _forward, cfg, tok.token_to_id("[PAD]"),
+    (logits,) = common.predict(model, feats, logits_of, cfg, tok.token_to_id("[PAD]"),
                                what=input_file.name)
     common.write_text_atomic(output, submission_tsv(task, [e.guid for e in examples],
                                                     predict_labels(task, logits)))
@@ -442,7 +442,7 @@ def score_and_write(task: Task, model: nn.Module, dev_f: Sequence[tuple], test_f
     why re-scoring a saved model gives the run's own numbers."""
     metrics: dict[str, float] = {}
     for fname, suffix, feats, ex in dev_f:
-        (logits,) = common.predict(model, feats, _forward, cfg, pad_id, what=fname)
+        (logits,) = common.predict(model, feats, logits_of, cfg, pad_id, what=fname)
         preds = predict_labels(task, logits)
         labels = np.array([f["label"] for f in feats])
         for k, v in compute_metrics(task, preds, labels).items():
@@ -450,7 +450,7 @@ def score_and_write(task: Task, model: nn.Module, dev_f: Sequence[tuple], test_f
         common.write_text_atomic(run_dir / dev_predictions_name(fname),
                                  dev_predictions_tsv(task, ex, preds))
     for name, feats, ex in test_f:
-        (logits,) = common.predict(model, feats, _forward, cfg, pad_id, what=name)
+        (logits,) = common.predict(model, feats, logits_of, cfg, pad_id, what=name)
         common.write_text_atomic(run_dir / name, submission_tsv(
             task, [e.guid for e in ex], predict_labels(task, logits)))
     return metrics

@@ -227,7 +227,7 @@ class NerArgs:
 
 
 @dataclass
-class _Split:
+class Split:
     name: str
     sentences: list[Sentence]
     features: list[dict[str, Any]]
@@ -235,7 +235,7 @@ class _Split:
     """Fine-tuning: each sentence's first-piece positions (predictions are read there)."""
 
 
-def _decode(split: _Split, preds: np.ndarray, labels: list[str]) -> list[list[str]]:
+def decode_tags(split: Split, preds: np.ndarray, labels: list[str]) -> list[list[str]]:
     """Per-word predicted tags; words without a prediction (cut by the length limit) are O."""
     out = []
     for i, s in enumerate(split.sentences):
@@ -266,7 +266,7 @@ def _tagged_text(sentences: Sequence[Sentence], pred: Sequence[Sequence[str]]) -
     return "\n".join(lines) + "\n"
 
 
-def score_and_write(model: nn.Module, splits: dict[str, _Split], labels: list[str],
+def score_and_write(model: nn.Module, splits: dict[str, Split], labels: list[str],
                     scheme: str, cfg: common.TrainConfig, pad_id: int,
                     run_dir: Path) -> dict[str, float]:
     """Predict and score the dev (and test) split, writing <split>_predictions.txt into
@@ -278,7 +278,7 @@ def score_and_write(model: nn.Module, splits: dict[str, _Split], labels: list[st
             continue
         sp = splits[name]
         (preds,) = common.predict(model, sp.features, _argmax, cfg, pad_id, what=name)
-        tags = _decode(sp, preds, labels)
+        tags = decode_tags(sp, preds, labels)
         gold = [_scheme(s.tags, scheme) for s in sp.sentences]
         prefix = "" if name == "dev" else "test_"
         metrics.update({prefix + k: v for k, v in seqeval.evaluate(gold, tags).as_metrics().items()})
@@ -296,10 +296,10 @@ def load_saved(checkpoint: Path) -> tuple[nn.Module, Any, dict[str, Any], common
 
 
 def _token_split(tok: Any, name: str, sents: list[Sentence], labels: list[str],
-                 max_length: int, scheme: str) -> tuple[_Split, int]:
+                 max_length: int, scheme: str) -> tuple[Split, int]:
     feats, first, cut = token_features(tok, sents, {t: i for i, t in enumerate(labels)},
                                        max_length, scheme)
-    return _Split(name, sents, feats, first), cut
+    return Split(name, sents, feats, first), cut
 
 
 def _warn_cut(cut: int, max_length: int) -> None:
@@ -354,7 +354,7 @@ def predict_file(checkpoint: Path, input_file: Path, output: Path,
     (preds,) = common.predict(model, split.features, _argmax, cfg, tok.token_to_id("[PAD]"),
                               what=input_file.name)
     common.write_text_atomic(output, _tagged_text(split.sentences,
-                                                  _decode(split, preds, labels)))
+                                                  decode_tags(split, preds, labels)))
     return output
 
 
@@ -401,7 +401,7 @@ def run(a: NerArgs) -> dict[str, Any]:
         str(a.train_file), [" ".join(s.words) for s in train_s[:2000]])
 
     named = [("train", train_s), ("dev", dev_s)] + ([("test", test_s)] if test_s else [])
-    splits: dict[str, _Split] = {}
+    splits: dict[str, Split] = {}
     cut_total = 0
     if a.mode == "finetune":
         for name, sents in named:
@@ -424,7 +424,7 @@ def run(a: NerArgs) -> dict[str, Any]:
                 vecs, cut = ex.embed_words([s.words for s in sents[i:i + a.train.eval_batch_size]])
                 vectors += vecs
                 cut_total += cut
-            splits[name] = _Split(name, sents, word_features(
+            splits[name] = Split(name, sents, word_features(
                 sum(len(r) for r in rows), vectors, sents, label_to_id, a.tag_scheme))
             rows += [v for v in vectors if len(v)]
         table = torch.from_numpy(np.concatenate(rows))

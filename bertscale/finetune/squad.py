@@ -201,7 +201,7 @@ def windows(n_tokens: int, max_doc: int, stride: int) -> list[tuple[int, int]]:
         start += min(length, stride)
 
 
-def _max_context(spans: Sequence[tuple[int, int]], span_i: int, position: int) -> bool:
+def max_context(spans: Sequence[tuple[int, int]], span_i: int, position: int) -> bool:
     best_score, best_i = None, None
     for i, (s, n) in enumerate(spans):
         if not s <= position < s + n:
@@ -257,7 +257,7 @@ def featurize(tok: Any, data: SquadFile, *, training: bool, max_seq_length: int 
                     f["start_positions"] = f["end_positions"] = 0
             feats.inputs.append(f)
             feats.meta.append(FeatureMeta(ei, ctx_offset, ds, dl,
-                                          [_max_context(spans, si, ds + j) for j in range(dl)]))
+                                          [max_context(spans, si, ds + j) for j in range(dl)]))
     return feats
 
 
@@ -369,7 +369,7 @@ def _loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
             + F.cross_entropy(end.float(), batch["end_positions"])) / 2
 
 
-def _forward(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+def logits_of(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return model(**common.model_inputs(batch))
 
 
@@ -397,7 +397,7 @@ class SquadArgs:
     """Score --predict-file with the fine-tuned model in `checkpoint` (a --save-model folder)."""
 
 
-def _subset(data: SquadFile, n: int | None) -> SquadFile:
+def subset(data: SquadFile, n: int | None) -> SquadFile:
     """The first n questions (whole file when n is None); the dataset keeps only them, so the
     official metric is computed over what was predicted."""
     if not n or n >= len(data.examples):
@@ -426,9 +426,9 @@ def run(a: SquadArgs) -> dict[str, Any]:
     name = f"SQuAD-v{a.version}"
     if a.eval_only:
         return evaluate_saved(a, name, t0)
-    train_data = _subset(read_squad(a.train_file, a.version), a.max_train_samples)
+    train_data = subset(read_squad(a.train_file, a.version), a.max_train_samples)
     full_eval = read_squad(a.predict_file, a.version)
-    eval_data = _subset(full_eval, a.max_eval_samples)
+    eval_data = subset(full_eval, a.max_eval_samples)
     pretrained = common.load_checkpoint(a.checkpoint)
     tok = common.load_task_tokenizer(pretrained)
     common.check_length(pretrained, a.max_seq_length)
@@ -494,7 +494,7 @@ def predict_and_write(model: nn.Module, data: SquadFile, feats: Features, cfg: c
     """Predict `data`, decode, write predictions.json (null_odds.json for v2.0, the n-best with
     --write-nbest) into `folder`; returns the official metrics (empty-file: {"f1": nan})."""
     version = data.version
-    start, end = common.predict(model, feats.inputs, _forward, cfg, pad_id,
+    start, end = common.predict(model, feats.inputs, logits_of, cfg, pad_id,
                                 what=Path(data.path).name)
     n = [len(f["input_ids"]) for f in feats.inputs]
     decoded = decode(data, feats, [s[:k] for s, k in zip(start, n)],
@@ -539,7 +539,7 @@ def evaluate_saved(a: SquadArgs, name: str, t0: float) -> dict[str, Any]:
     if saved["version"] != a.version:
         raise UserError(f"{a.checkpoint}: fine-tuned for SQuAD v{saved['version']}, not "
                         f"--version {a.version}")
-    data = _subset(read_squad(a.predict_file, a.version), a.max_eval_samples)
+    data = subset(read_squad(a.predict_file, a.version), a.max_eval_samples)
     out_dir = Path(a.output_dir) / name
     common.check_eval_dir(out_dir)
     cfg = dataclasses.replace(a.train)
