@@ -61,7 +61,6 @@ import gzip
 import heapq
 import io
 import json
-import os
 import shutil
 import sys
 import tarfile
@@ -75,6 +74,7 @@ import numpy as np
 
 from bertscale.errors import UserError
 from bertscale.features import LAYER_NAMES, FeatureExtractor
+from bertscale.files import publish_dir, write_atomic
 from bertscale.pretrained import load_checkpoint
 
 FORMAT_VERSION = 1
@@ -207,15 +207,6 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 # ----------------------------------------------------------------------------------- output
 
 
-def _save_atomic(path: Path, write: Any) -> None:
-    """write(tmp_path) then fsync and rename: a shard is whole or absent."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 def _write_npy(path: Path, arr: np.ndarray) -> None:
     with path.open("wb") as f:
         np.save(f, arr, allow_pickle=False)
@@ -275,14 +266,14 @@ class ShardWriter:
                 files["offsets"] = f"{stem}.offsets.npy"
                 arrays["offsets"] = offsets
             for key, name in files.items():
-                _save_atomic(self.folder / name, lambda p, x=arrays[key]: _write_npy(p, x))
+                write_atomic(self.folder / name, lambda p, x=arrays[key]: _write_npy(p, x))
             info["files"] = files
         elif self.fmt == "safetensors":
             from safetensors.numpy import save_file
             tensors = {"features": np.ascontiguousarray(feats), "ids": ids}
             if offsets is not None:
                 tensors["offsets"] = offsets
-            _save_atomic(self.folder / f"{stem}.safetensors",
+            write_atomic(self.folder / f"{stem}.safetensors",
                          lambda p: save_file(tensors, str(p), metadata={"format": "bertscale"}))
             info["files"] = {"safetensors": f"{stem}.safetensors"}
         else:
@@ -295,7 +286,7 @@ class ShardWriter:
                         ti = tarfile.TarInfo(f"{int(i):012d}.features.npy")
                         ti.size, ti.mtime, ti.mode = len(data), 0, 0o644  # reproducible bytes
                         tar.addfile(ti, io.BytesIO(data))
-            _save_atomic(self.folder / f"{stem}.tar", write_tar)
+            write_atomic(self.folder / f"{stem}.tar", write_tar)
             info["files"] = {"tar": f"{stem}.tar"}
         self.shards.append(info)
 
@@ -504,7 +495,7 @@ def run(a: EmbedArgs) -> dict[str, Any]:
             bar.close()
         part = {"rank": rank, "records": records, "truncated": truncated,
                 "shards": writer.close()}
-        _save_atomic(partial / f"part-r{rank:05d}.json",
+        write_atomic(partial / f"part-r{rank:05d}.json",
                      lambda p: p.write_text(json.dumps(part), encoding="utf-8"))
         group.barrier()
 
@@ -532,17 +523,12 @@ def run(a: EmbedArgs) -> dict[str, Any]:
                 "shards": [s for p in parts for s in p["shards"]],
                 "seconds": time.perf_counter() - t0,
             }
-            _save_atomic(partial / MANIFEST, lambda p: p.write_text(
+            write_atomic(partial / MANIFEST, lambda p: p.write_text(
                 json.dumps(manifest, indent=2) + "\n", encoding="utf-8"))
             for r in range(world):
                 (partial / f"part-r{r:05d}.json").unlink()
-            if out.exists():  # --overwrite, checked in _validate: move the old one aside first
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                out.rename(old)
-                partial.rename(out)
-                shutil.rmtree(old)
-            else:
-                partial.rename(out)
+            # --overwrite (checked in _validate): the old folder goes only once the new is whole.
+            publish_dir(partial, out, replace=True)
             rate = manifest["records"] / max(manifest["seconds"], 1e-9)
             print(f"embed: {manifest['records']} records -> {out} ({ex.dim} dims, {a.layers}, "
                   f"{a.pooling}, {world} process{'es' if world > 1 else ''}, "

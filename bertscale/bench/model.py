@@ -407,10 +407,9 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
+    from bertscale.files import write_text_atomic
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def handle_model(args: argparse.Namespace) -> int:

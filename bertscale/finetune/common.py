@@ -54,7 +54,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
@@ -72,6 +71,7 @@ from torch import Tensor, nn
 from bertscale.devices import resolve_device, resolve_precision
 from bertscale.distributed import DistEnv
 from bertscale.errors import UserError
+from bertscale.files import copy_atomic, torch_save_atomic, write_text_atomic
 from bertscale.model import FastPaths
 from bertscale.pretrained import TASK_FILE, Pretrained, build, load_checkpoint  # noqa: F401 - re-exported
 from bertscale.reporting import MetricSinks, Progress
@@ -104,7 +104,7 @@ def save_model(model: nn.Module, pretrained: Pretrained, folder: Path, architect
                     pretrained.lowercase, folder / "model", architecture=architecture,
                     overwrite=True, source=f"fine-tuned from {pretrained.source}")
     if task is not None:
-        write_json_atomic(out / TASK_FILE, {**task, "fine_tuned_from": pretrained.source})
+        write_json_on_main(out / TASK_FILE, {**task, "fine_tuned_from": pretrained.source})
     return out
 
 
@@ -475,17 +475,13 @@ class TrainState:
              running: list[float]) -> None:
         if not self.enabled or not ranks().is_main:
             return
-        from bertscale.checkpoint import fsync_path
         blob = {"key": self.key, "step": step, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "running": running,
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        torch.save(blob, tmp)
-        fsync_path(tmp)
-        tmp.replace(self.path)
+        torch_save_atomic(blob, self.path)
 
     def load(self, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
              running: list[float]) -> int:
@@ -733,7 +729,7 @@ def check_output_dir(out_dir: Path, settings: Mapping[str, Any], overwrite: bool
         raise UserError(f"{out_dir} holds runs without a settings.json (an older bertscale); "
                         f"use another --output-dir, or --overwrite to delete them")
     barrier()
-    write_json_atomic(path, settings)
+    write_json_on_main(path, settings)
 
 
 def check_eval_dir(out_dir: Path) -> None:
@@ -803,8 +799,8 @@ def run_grid(task: str, out_dir: Path, lrs: Sequence[float], seeds: Sequence[int
                 sinks.record("eval", stats["steps"], metrics)
             finally:
                 sinks.close()
-            write_json_atomic(done, {"task": task, "lr": lr, "seed": seed,
-                                     "metrics": metrics, "train": stats})
+            write_json_on_main(done, {"task": task, "lr": lr, "seed": seed,
+                                      "metrics": metrics, "train": stats})
             TrainState(cfg, 0, 0).remove()
             runs.append(RunResult(lr, seed, metrics, folder, stats))
     return runs
@@ -828,28 +824,23 @@ def finish(task: str, main_metric: str, runs: Sequence[RunResult], out_dir: Path
     published = publish(best, out_dir, files)
     summary.update(extra, recipe=recipe(base), predictions=[p.name for p in published],
                    world_size=ranks().world_size, seconds=time.perf_counter() - started)
-    write_json_atomic(out_dir / "results.json", summary)
+    write_json_on_main(out_dir / "results.json", summary)
     if ranks().is_main:
         print(grid_table(summary, names, scale), flush=True)
         print(console_line(summary, names, summary["seconds"], scale), flush=True)
     return summary
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` atomically, on rank 0 only (every rank computes the same results)."""
-    if not ranks().is_main:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+def write_text_on_main(path: Path, text: str) -> None:
+    """Rank 0 writes `path` atomically (bertscale.files); the other ranks, which computed the same
+    results, write nothing."""
+    if ranks().is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, text)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+def write_json_on_main(path: Path, data: Any) -> None:
+    write_text_on_main(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def publish(best_folder: Path, out_dir: Path, names: Iterable[str]) -> list[Path]:
@@ -860,9 +851,6 @@ def publish(best_folder: Path, out_dir: Path, names: Iterable[str]) -> list[Path
     for name in names:
         src = best_folder / name
         if src.is_file():
-            dst = out_dir / name
-            tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-            shutil.copyfile(src, tmp)
-            tmp.replace(dst)
-            copied.append(dst)
+            copy_atomic(src, out_dir / name)
+            copied.append(out_dir / name)
     return copied

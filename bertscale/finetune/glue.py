@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bertscale.errors import UserError
+from bertscale.files import read_text
 from bertscale.finetune import common
 from bertscale.finetune import metrics as M
 
@@ -137,15 +138,8 @@ class Example:
 
 def read_tsv(path: Path, task: Task, layout: Layout, labelled: bool) -> list[Example]:
     """Read one GLUE TSV file; every problem names the file and the 1-based line."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    try:
-        text = raw.decode("utf-8-sig")    # MRPC's files start with a byte-order mark
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
+    # utf-8-sig: MRPC's files start with a byte-order mark. Line ends are split below.
+    text = read_text(path, encoding="utf-8-sig", universal_newlines=False)
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -405,7 +399,7 @@ def evaluate_saved(a: GlueArgs, task: Task, t0: float) -> dict[str, Any]:
                "max_eval_samples": a.max_eval_samples,
                "predictions": [name for name, _, _ in test_f],
                "seconds": time.perf_counter() - t0}
-    common.write_json_atomic(out_dir / "results.json", summary)
+    common.write_json_on_main(out_dir / "results.json", summary)
     if common.ranks().is_main:
         shown = "  ".join(f"{k} {100 * metrics[k]:.2f}" for k in task.metric_names if k in metrics)
         print(f"{task.name} (eval-only, {pretrained.source})  {shown}", flush=True)
@@ -424,8 +418,8 @@ def predict_file(checkpoint: Path, input_file: Path, output: Path,
     cfg.run = common.RunContext(output.parent, f"{task.name} predict")
     (logits,) = common.predict(model, feats, logits_of, cfg, tok.token_to_id("[PAD]"),
                                what=input_file.name)
-    common.write_text_atomic(output, submission_tsv(task, [e.guid for e in examples],
-                                                    predict_labels(task, logits)))
+    common.write_text_on_main(output, submission_tsv(task, [e.guid for e in examples],
+                                                     predict_labels(task, logits)))
     return output
 
 
@@ -447,11 +441,11 @@ def score_and_write(task: Task, model: nn.Module, dev_f: Sequence[tuple], test_f
         labels = np.array([f["label"] for f in feats])
         for k, v in compute_metrics(task, preds, labels).items():
             metrics[k + suffix] = v
-        common.write_text_atomic(run_dir / dev_predictions_name(fname),
-                                 dev_predictions_tsv(task, ex, preds))
+        common.write_text_on_main(run_dir / dev_predictions_name(fname),
+                                  dev_predictions_tsv(task, ex, preds))
     for name, feats, ex in test_f:
         (logits,) = common.predict(model, feats, logits_of, cfg, pad_id, what=name)
-        common.write_text_atomic(run_dir / name, submission_tsv(
+        common.write_text_on_main(run_dir / name, submission_tsv(
             task, [e.guid for e in ex], predict_labels(task, logits)))
     return metrics
 

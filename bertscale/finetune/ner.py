@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bertscale.errors import UserError
+from bertscale.files import read_text
 from bertscale.finetune import common
 from bertscale.finetune import seqeval
 
@@ -49,14 +50,7 @@ def read_conll(path: str | Path, tagged: bool = True) -> list[Sentence]:
     """Read a CoNLL-2003-style file; errors name the file, the line and the problem. Untagged
     (`finetune predict`): the first column is the word, any others are ignored, tags are []."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, not a CoNLL file") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(path, "CoNLL file")
     sentences: list[Sentence] = []
     words: list[str] = []
     tags: list[str] = []
@@ -282,8 +276,8 @@ def score_and_write(model: nn.Module, splits: dict[str, Split], labels: list[str
         gold = [_scheme(s.tags, scheme) for s in sp.sentences]
         prefix = "" if name == "dev" else "test_"
         metrics.update({prefix + k: v for k, v in seqeval.evaluate(gold, tags).as_metrics().items()})
-        common.write_text_atomic(run_dir / f"{name}_predictions.txt",
-                                 _predictions_text(sp.sentences, gold, tags))
+        common.write_text_on_main(run_dir / f"{name}_predictions.txt",
+                                  _predictions_text(sp.sentences, gold, tags))
     return metrics
 
 
@@ -331,7 +325,7 @@ def evaluate_saved(a: NerArgs, t0: float) -> dict[str, Any]:
                "test_file": str(a.test_file) if a.test_file else None,
                "max_eval_samples": a.max_eval_samples, "truncated_sentences": cut_total,
                "seconds": time.perf_counter() - t0}
-    common.write_json_atomic(out_dir / "results.json", summary)
+    common.write_json_on_main(out_dir / "results.json", summary)
     if common.ranks().is_main:
         shown = "  ".join(f"{k} {100 * metrics[k]:.2f}" for k in ("f1", "precision", "recall",
                                                                    "accuracy"))
@@ -353,8 +347,8 @@ def predict_file(checkpoint: Path, input_file: Path, output: Path,
     cfg.run = common.RunContext(output.parent, "NER predict")
     (preds,) = common.predict(model, split.features, _argmax, cfg, tok.token_to_id("[PAD]"),
                               what=input_file.name)
-    common.write_text_atomic(output, _tagged_text(split.sentences,
-                                                  decode_tags(split, preds, labels)))
+    common.write_text_on_main(output, _tagged_text(split.sentences,
+                                                   decode_tags(split, preds, labels)))
     return output
 
 

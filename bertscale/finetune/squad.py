@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bertscale.errors import UserError
+from bertscale.files import read_text
 from bertscale.finetune import common
 from bertscale.finetune import metrics as M
 
@@ -87,12 +88,7 @@ def read_squad(path: str | Path, version: str) -> SquadFile:
     path = Path(path)
     if version not in _VERSIONS:
         raise UserError(f"--version {version!r}: choose 1.1 or 2.0")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(path)
     try:
         top = json.loads(text)
     except json.JSONDecodeError as e:
@@ -467,8 +463,8 @@ def run(a: SquadArgs) -> dict[str, Any]:
         return metrics, stats
 
     if len(eval_data.examples) < len(full_eval.examples):
-        common.write_json_atomic(out_dir / SUBSET_FILE, {"version": a.version,
-                                                          "data": eval_data.dataset})
+        common.write_json_on_main(out_dir / SUBSET_FILE, {"version": a.version,
+                                                           "data": eval_data.dataset})
         common.log(f"{name}: scoring the first {len(eval_data.examples)} of the "
                    f"{len(full_eval.examples)} questions of {a.predict_file} (--max-eval-samples); "
                    f"{out_dir / SUBSET_FILE} holds them for the official script")
@@ -501,11 +497,11 @@ def predict_and_write(model: nn.Module, data: SquadFile, feats: Features, cfg: c
                      [e[:k] for e, k in zip(end, n)], version_2=version == "2.0",
                      n_best=a.n_best_size, max_answer_length=a.max_answer_length,
                      null_score_diff_threshold=a.null_score_diff_threshold)
-    common.write_json_atomic(folder / "predictions.json", decoded.predictions)
+    common.write_json_on_main(folder / "predictions.json", decoded.predictions)
     if version == "2.0":
-        common.write_json_atomic(folder / "null_odds.json", decoded.null_odds)
+        common.write_json_on_main(folder / "null_odds.json", decoded.null_odds)
     if getattr(a, "write_nbest", False) if write_nbest is None else write_nbest:
-        common.write_json_atomic(folder / "nbest_predictions.json", decoded.nbest)
+        common.write_json_on_main(folder / "nbest_predictions.json", decoded.nbest)
     # A predict file without answers (a test set) has nothing to score.
     metrics = evaluate(data, decoded) if data.has_answers else {}
     return {k: float(v) for k, v in metrics.items()} or {"f1": float("nan")}
@@ -551,7 +547,7 @@ def evaluate_saved(a: SquadArgs, name: str, t0: float) -> dict[str, Any]:
     summary = {"task": name, "eval_only": True, "checkpoint": pretrained.source, "trained": saved,
                "metrics": metrics, "predict_file": str(a.predict_file),
                "scored_questions": len(data.examples), "seconds": time.perf_counter() - t0}
-    common.write_json_atomic(out_dir / "results.json", summary)
+    common.write_json_on_main(out_dir / "results.json", summary)
     if common.ranks().is_main:
         shown = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
                           if k in ("exact_match", "exact", "f1", "best_f1"))
