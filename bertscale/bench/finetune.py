@@ -44,6 +44,7 @@ from bertscale.devices import resolve_device
 from bertscale.errors import UserError
 from bertscale.finetune import common, glue
 from bertscale.model import BertForSequenceClassification, FastPaths
+from bertscale.seeding import seed_all
 
 TRAIN_VARIANTS = ("max_length", "dynamic", "unpad", "transformers")
 PREDICT_VARIANTS = ("input_order", "sorted", "sorted_unpad")
@@ -118,7 +119,7 @@ def bench_finetune(args: argparse.Namespace) -> dict[str, Any]:
                          regression)[:args.max_eval_samples]
     pad_id = tok.token_to_id("[PAD]")
 
-    torch.manual_seed(args.seed)
+    seed_all(args.seed)
     ours = BertForSequenceClassification(cfg, num_labels)
     if weights is not None:
         from bertscale.model import load_pretrained

@@ -177,8 +177,9 @@ def build_models(cfg: ModelConfig, fast: Any, device: torch.device, with_hf: boo
                  seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     from bertscale.hf import config_to_hf, to_hf_keys
     from bertscale.model import BertForPreTraining
+    from bertscale.seeding import seed_all
 
-    torch.manual_seed(seed)
+    seed_all(seed)
     with device:  # initialise on the device itself: BERT-Large's init is slow on a host CPU
         ours = BertForPreTraining(cfg, fast=fast)
     hf_model = None

@@ -397,7 +397,7 @@ def fit(model: nn.Module, features: Sequence[Feature],
                                       else None)
         # Each rank its own dropout masks; rank 0 keeps the single-process stream.
         if r.rank > 0:
-            torch.manual_seed(cfg.seed + 7919 * r.rank)
+            seed_all(cfg.seed + 7919 * r.rank)
     total = total_steps(cfg, len(features))
     optimizer, scheduler = build_optimizer(model, cfg, device, total)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
