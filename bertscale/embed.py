@@ -75,7 +75,6 @@ import numpy as np
 from bertscale.errors import UserError
 from bertscale.features import LAYER_NAMES, FeatureExtractor
 from bertscale.files import publish_dir, write_atomic
-from bertscale.pretrained import load_checkpoint
 
 FORMAT_VERSION = 1
 POOLINGS = ("cls", "mean", "first-subtoken")
@@ -449,6 +448,7 @@ class _Group:
 def run(a: EmbedArgs) -> dict[str, Any]:
     """Embed `a.input` into `a.output_dir` (see the module doc); returns the manifest (rank 0)
     or this rank's part."""
+    from bertscale.pretrained import load_checkpoint  # torch: only when a run starts
     t0 = time.perf_counter()
     _validate(a)
     group = _Group(a.timeout_s)
