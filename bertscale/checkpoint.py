@@ -35,7 +35,6 @@ it is as strong as the filesystem's close-to-open semantics.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -46,6 +45,8 @@ from typing import Any, Callable
 
 from bertscale.config import ModelConfig, from_dict, to_dict
 from bertscale.errors import UserError
+# The atomic writes are bertscale.files'; pretrain.py and the tests call them by these names too.
+from bertscale.files import copy_atomic, fsync_path, torch_save_atomic, write_json_atomic  # noqa: F401
 
 COMMIT_FILE = "commit.json"
 STATE_FILE = "trainer_state.json"
@@ -82,47 +83,6 @@ class Committed:
     @property
     def run_dir(self) -> Path:
         return self.path.parent.parent
-
-
-# ------------------------------------------------------------------------------ small I/O
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder's entry list, so a rename inside it is durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write temp, fsync, rename, fsync the directory: the file is the old one or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def _torch_save_atomic(obj: Any, path: Path) -> None:
-    import torch
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    fsync_path(tmp)
-    os.replace(tmp, path)
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    fsync_path(tmp)
-    os.replace(tmp, dst)
-    fsync_path(dst.parent)
 
 
 # ------------------------------------------------------------------------------ finding
@@ -338,7 +298,7 @@ def save(engine: Any, run_dir: str | Path, step: int, state: dict[str, Any], *, 
     try:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)
         in_deepspeed = False
-        _torch_save_atomic(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+        torch_save_atomic(rng_state(), tag_dir / f"rng_rank{rank}.pt")
         if rank == 0:
             write_json_atomic(tag_dir / STATE_FILE, {**state, "step": step, "world_size": world,
                                                      "format": FORMAT_VERSION})

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bertscale.errors import UserError
+from bertscale.files import write_atomic
 
 _UNDERLINE = re.compile(r"^\s*([*=\-~^#\"'`+])\1{2,}\s*$")
 
@@ -101,17 +102,18 @@ def stdlib_documents() -> Iterator[list[str]]:
 def write_corpus(path: Path) -> dict[str, int]:
     """The corpus in BERT's plain-text format: one paragraph per line, blank line between
     documents. Deterministic (sorted inputs)."""
-    docs = paragraphs = chars = 0
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for source in (reference_documents(), stdlib_documents()):
-            for doc in source:
-                f.write("\n".join(doc) + "\n\n")
-                docs += 1
-                paragraphs += len(doc)
-                chars += sum(len(p) for p in doc)
-    tmp.replace(path)
-    return {"documents": docs, "paragraphs": paragraphs, "characters": chars}
+    counts = {"documents": 0, "paragraphs": 0, "characters": 0}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for source in (reference_documents(), stdlib_documents()):
+                for doc in source:
+                    f.write("\n".join(doc) + "\n\n")
+                    counts["documents"] += 1
+                    counts["paragraphs"] += len(doc)
+                    counts["characters"] += sum(len(p) for p in doc)
+    write_atomic(path, write)
+    return counts
 
 
 # ------------------------------------------------------------------------------ local ranks

@@ -44,6 +44,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from bertscale.errors import UserError
+from bertscale.files import write_text_atomic
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 
@@ -153,14 +154,14 @@ def check_checkpoint_dir(dist, folder: Path | None, rank: int, world: int) -> li
     if rank == 0:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            _write_synced(shared_probe, token)
+            write_text_atomic(shared_probe, token)
         except OSError as e:
             problem = f"{folder} is not writable ({type(e).__name__}: {e.strerror or e})"
     dist.barrier()
     if not problem:
         own = folder / f".doctor-{token}-rank{rank}"
         try:
-            _write_synced(own, token)
+            write_text_atomic(own, token)
             own.unlink()
         except OSError as e:
             problem = f"{folder} is not writable ({type(e).__name__}: {e.strerror or e})"
@@ -188,15 +189,6 @@ def check_checkpoint_dir(dist, folder: Path | None, rank: int, world: int) -> li
     free = shutil.disk_usage(folder).free / 2**30
     return [Finding("checkpoint", OK, f"{folder} writable and shared by all ranks, "
                     f"{free:.1f} GiB free")]
-
-
-def _write_synced(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def check_shards(dist, manifest_path: Path | None, verify_sha256: bool, rank: int,

@@ -52,8 +52,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from bertscale.checkpoint import bytes_on_disk, fsync_path, space_problem, write_json_atomic
+from bertscale.checkpoint import bytes_on_disk, space_problem
 from bertscale.errors import ConfigError, UserError
+from bertscale.files import publish_dir, write_json_atomic
 
 COMMIT_MARKER = "bertscale_universal.json"
 """File inside a converted folder that says it is complete (written last, atomically)."""
@@ -249,17 +250,6 @@ def is_committed_universal(checkpoint_dir: str | Path, tag: str) -> bool:
             and marker.get("source_fingerprint") == _source_fingerprint(Path(checkpoint_dir) / tag))
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_path(Path(dirpath))
-
-
 def convert_to_universal(checkpoint_dir: str | Path, tag: str, *, log=print) -> Path:
     """Convert `<checkpoint_dir>/<tag>` to `<checkpoint_dir>/<tag>_universal` in this process,
     unless a committed conversion of the same source is already there. Not collective."""
@@ -326,9 +316,7 @@ def convert_to_universal(checkpoint_dir: str | Path, tag: str, *, log=print) -> 
             "deepspeed_version": _deepspeed_version(),
             "seconds": round(time.monotonic() - t0, 2),
         })
-        _fsync_tree(out)
-        os.rename(out, target)
-        fsync_path(checkpoint_dir)
+        publish_dir(out, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log(f"elastic: wrote {target} in {time.monotonic() - t0:.1f}s")

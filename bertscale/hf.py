@@ -23,7 +23,6 @@ import json
 import os
 import pickle
 import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch import Tensor
 
 from bertscale.config import HEADS, ModelConfig, from_dict
 from bertscale.errors import ConfigError, UserError
+from bertscale.files import write_dir_atomic
 from bertscale.tokenizer import SPECIAL_TOKENS, guess_lowercase, read_vocab
 
 # Architectures that Hugging Face builds with add_pooling_layer=False.
@@ -229,7 +229,7 @@ def load_hf_folder(path: str | Path) -> HFCheckpoint:
 # ------------------------------------------------------------------------------------ export
 
 
-def _to_hf_keys(sd: Mapping[str, Tensor], cfg: ModelConfig, architecture: str,
+def to_hf_keys(sd: Mapping[str, Tensor], cfg: ModelConfig, architecture: str,
                 source: str) -> dict[str, Tensor]:
     if not any(k.startswith("bert.") for k in sd):  # a bare BertModel state dict
         sd = {("bert." + k if k.startswith(("embeddings.", "encoder.", "pooler.")) else k): v
@@ -296,7 +296,7 @@ def export_hf(model_state_dict: Mapping[str, Tensor], cfg: ModelConfig, vocab_pa
     if len(vocab) > cfg.vocab_size:
         raise UserError(f"{vocab_path}: {len(vocab)} tokens exceed model vocab_size "
                         f"{cfg.vocab_size}")
-    tensors = _to_hf_keys(model_state_dict, cfg, architecture, source)
+    tensors = to_hf_keys(model_state_dict, cfg, architecture, source)
     if cfg.vocab_size > len(vocab):
         # Rows past the vocabulary (fast.pad_vocab_multiple, or a larger model.vocab_size) are
         # reached by no token: the export is the model the vocabulary defines.
@@ -319,12 +319,7 @@ def export_hf(model_state_dict: Mapping[str, Tensor], cfg: ModelConfig, vocab_pa
     special = {name: tok for name, tok in zip(("pad_token", "unk_token", "cls_token", "sep_token",
                                                 "mask_token"), SPECIAL_TOKENS)}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # os.mkdir, not tempfile.mkdtemp: the folder gets the user's umask (mkdtemp forces 0700,
-    # which would hide an exported model from the rest of a team's cluster).
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "model.safetensors").chmod(_file_mode())  # safetensors writes it 0600
@@ -333,25 +328,7 @@ def export_hf(model_state_dict: Mapping[str, Tensor], cfg: ModelConfig, vocab_pa
                                                    encoding="utf-8")
         (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n",
                                                      encoding="utf-8")
-        for f in tmp.iterdir():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-        if out_dir.exists():  # overwrite: move the old folder aside only once the new is whole
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            tmp.rename(out_dir)
-        dir_fd = os.open(out_dir.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+
+    # Overwriting moves the old folder aside only once the new one is whole.
+    write_dir_atomic(out_dir, fill, replace=True)
     return out_dir

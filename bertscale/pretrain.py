@@ -737,7 +737,7 @@ def quiet_deepspeed(verbose: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m bertscale.pretrain ...`: the same command, without importing the other subcommands."""
-    from bertscale.cli import run_subcommand
+    from bertscale.commands import run_subcommand
     return run_subcommand("pretrain", argv)
 
 

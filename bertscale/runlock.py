@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from bertscale import distributed
-from bertscale.checkpoint import write_json_atomic
 from bertscale.errors import UserError
+from bertscale.files import write_json_atomic
 
 LOCK_FILE = ".lock"
 HOLDER_FILE = "lock.json"

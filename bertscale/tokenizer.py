@@ -17,6 +17,7 @@ from tokenizers import (AddedToken, Tokenizer, decoders, normalizers, pre_tokeni
 from tokenizers.models import WordPiece
 
 from bertscale.errors import UserError
+from bertscale.files import read_text, write_text_atomic
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -24,12 +25,7 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 def read_vocab(path: str | Path) -> dict[str, int]:
     """Read a one-token-per-line vocab.txt; errors name the file and the problem."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: vocabulary file not found") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: vocabulary is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(path, "vocabulary file")
     vocab: dict[str, int] = {}
     for i, line in enumerate(text.split("\n")):
         token = line.rstrip("\r")
@@ -117,10 +113,8 @@ def train_wordpiece(texts: Callable[[], Iterable[str]], out_path: str | Path,
     vocab = {t: i for i, t in enumerate([*special_tokens, *learned])}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-    tmp.write_text("".join(t + "\n" for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])),
-                   encoding="utf-8")
-    tmp.replace(out_path)
+    write_text_atomic(out_path, "".join(t + "\n" for t, _ in sorted(vocab.items(),
+                                                                    key=lambda kv: kv[1])))
     return out_path
 
 

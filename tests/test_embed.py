@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from bertscale import embed
+from bertscale import embed, features
 from bertscale.errors import UserError
 from bertscale.finetune import common
 
@@ -60,7 +60,7 @@ def hf_hidden(minilm_dir: Path, sentences: list[str]) -> list[tuple[list[torch.T
 
 
 def _reference(hs: list[torch.Tensor], layers: str, weights: list[float] | None) -> torch.Tensor:
-    """The paper's combinations written out independently of embed.combine_layers."""
+    """The paper's combinations written out independently of features.combine_layers."""
     if layers == "embeddings":
         return hs[0]
     if layers == "last":
@@ -86,7 +86,7 @@ LAYER_CASES = [("embeddings", None), ("last", None), ("second-to-last", None),
                                                              for l, w in LAYER_CASES])
 def test_features_equal_transformers_hidden_states(pretrained, sentences, hf_hidden, layers,
                                                    weights) -> None:
-    ex = embed.FeatureExtractor(pretrained, layers, weights)
+    ex = features.FeatureExtractor(pretrained, layers, weights)
     sel = ex.selection
     tol = ATOL * (sum(abs(w) for w in sel.weights) if sel.weights else
                   len(sel.indices) if sel.mode == "sum" else 1)
@@ -108,7 +108,7 @@ def test_features_equal_transformers_hidden_states(pretrained, sentences, hf_hid
 def test_padding_never_reaches_a_sentence(pretrained, sentences) -> None:
     """Mean pooling and word vectors of a sentence are the same alone and in a padded batch
     beside a much longer one (the mask is honoured in attention and in the mean)."""
-    ex = embed.FeatureExtractor(pretrained, "last")
+    ex = features.FeatureExtractor(pretrained, "last")
     short = min(sentences, key=len)
     long = " ".join(sentences)                    # ~10x longer: most of short's row is padding
     batch, _ = ex.embed_texts([short, long], "mean")
@@ -123,23 +123,23 @@ def test_padding_never_reaches_a_sentence(pretrained, sentences) -> None:
 
 
 def test_layer_choices_are_checked() -> None:
-    assert embed.select_layers("concat-last-four", 12).indices == (12, 11, 10, 9)
-    assert embed.select_layers("weighted-sum", 4).weights == (0.25,) * 4
-    assert embed.select_layers("-1", 6).indices == (6,)
+    assert features.select_layers("concat-last-four", 12).indices == (12, 11, 10, 9)
+    assert features.select_layers("weighted-sum", 4).weights == (0.25,) * 4
+    assert features.select_layers("-1", 6).indices == (6,)
     with pytest.raises(UserError, match="needs at least 4 encoder layers; the model has 2"):
-        embed.select_layers("sum-last-four", 2)
+        features.select_layers("sum-last-four", 2)
     with pytest.raises(UserError, match="has 3 values; the model has 6 encoder layers"):
-        embed.select_layers("weighted-sum", 6, [1.0, 2.0, 3.0])
+        features.select_layers("weighted-sum", 6, [1.0, 2.0, 3.0])
     with pytest.raises(UserError, match="only for --layers weighted-sum"):
-        embed.select_layers("last", 6, [1.0] * 6)
+        features.select_layers("last", 6, [1.0] * 6)
     with pytest.raises(UserError, match="hidden states 0..6"):
-        embed.select_layers("7", 6)
+        features.select_layers("7", 6)
 
 
 def test_words_the_tokenizer_drops_and_long_inputs(pretrained) -> None:
-    ex = embed.FeatureExtractor(pretrained, "last", max_seq_length=8)
+    ex = features.FeatureExtractor(pretrained, "last", max_seq_length=8)
     # A zero-width space alone makes no word piece: it is read as [UNK], so it still has a vector.
-    (enc,) = embed.encode_words(ex.word_tok, [["Paris", "\u200b", "is", "big"]], 16)
+    (enc,) = features.encode_words(ex.word_tok, [["Paris", "\u200b", "is", "big"]], 16)
     assert len(enc.first) == 4 and enc.ids[enc.first[1]] == ex.word_tok.token_to_id("[UNK]")
     # 8 word pieces hold [CLS] + 6 + [SEP]: words from the 7th on are cut and counted.
     vecs, cut = ex.embed_words([["a"] * 10, ["b"] * 3])
@@ -186,7 +186,7 @@ def one_rank_output(tmp_path_factory, minilm_dir, inputs) -> Path:
 
 def test_output_joins_back_to_the_input_in_every_format(tmp_path, minilm_dir, pretrained,
                                                         sentences, inputs, one_rank_output) -> None:
-    ex = embed.FeatureExtractor(pretrained, "concat-last-four")
+    ex = features.FeatureExtractor(pretrained, "concat-last-four")
     expected, _ = ex.embed_texts(sentences, "mean")
     manifest = embed.read_manifest(one_rank_output)
     assert manifest["records"] == 24 and manifest["world_size"] == 1
@@ -301,9 +301,9 @@ def test_bf16_autocast_on_a_gpu_stays_close_to_fp32(pretrained, sentences) -> No
     precision (measured on an H100: see the thresholds), and fp32 on the GPU matches the CPU."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    cpu = embed.FeatureExtractor(pretrained, "concat-last-four", device="cpu")
-    gpu32 = embed.FeatureExtractor(pretrained, "concat-last-four", device="cuda", precision="fp32")
-    bf16 = embed.FeatureExtractor(pretrained, "concat-last-four", device="cuda")
+    cpu = features.FeatureExtractor(pretrained, "concat-last-four", device="cpu")
+    gpu32 = features.FeatureExtractor(pretrained, "concat-last-four", device="cuda", precision="fp32")
+    bf16 = features.FeatureExtractor(pretrained, "concat-last-four", device="cuda")
     assert bf16.amp_dtype == torch.bfloat16 and gpu32.amp_dtype is None
     ref, _ = cpu.embed_texts(sentences, "mean")
     np.testing.assert_allclose(gpu32.embed_texts(sentences, "mean")[0], ref, atol=1e-4, rtol=0)

@@ -54,8 +54,8 @@ def test_length_sorted_prediction_comes_back_in_input_order(pretrained, mrpc_fea
     torch.manual_seed(0)
     model = common.build_model(BertForSequenceClassification, pretrained, num_labels=2).eval()
     cfg = common.TrainConfig(eval_batch_size=6, device="cpu", precision="fp32")
-    (batched,) = common.predict(model, mrpc_features, glue._forward, cfg)
-    reference = np.stack([r[0] for r in _one_by_one(model, mrpc_features, glue._forward)])
+    (batched,) = common.predict(model, mrpc_features, glue.logits_of, cfg)
+    reference = np.stack([r[0] for r in _one_by_one(model, mrpc_features, glue.logits_of)])
     assert batched.shape == reference.shape == (len(mrpc_features), 2)
     np.testing.assert_allclose(batched, reference, atol=2e-5, rtol=0)
     # The check has teeth: the logits differ from example to example far more than the tolerance.
@@ -68,10 +68,10 @@ def test_ragged_outputs_are_restored_per_example(pretrained, mrpc_features) -> N
     torch.manual_seed(0)
     model = BertForQuestionAnswering(pretrained.config).eval()
     cfg = common.TrainConfig(eval_batch_size=7, device="cpu", precision="fp32")
-    start, end = common.predict(model, mrpc_features, squad._forward, cfg)
+    start, end = common.predict(model, mrpc_features, squad.logits_of, cfg)
     assert start.shape == end.shape == (len(mrpc_features),
                                         max(len(f["input_ids"]) for f in mrpc_features))
-    reference = _one_by_one(model, mrpc_features, squad._forward)
+    reference = _one_by_one(model, mrpc_features, squad.logits_of)
     for i, f in enumerate(mrpc_features):
         n = len(f["input_ids"])
         np.testing.assert_allclose(start[i, :n], reference[i][0], atol=2e-5, rtol=0)
@@ -132,14 +132,14 @@ def test_unpad_and_checkpointing_fine_tune_to_the_plain_results(
 
 
 def test_embed_unpad_gives_the_same_features(pretrained) -> None:
-    from bertscale import embed
+    from bertscale import features
     texts = ["A short one.",
              "A much longer sentence, with several clauses, that pads every other member of "
              "the batch by dozens of positions before it ends.",
              "Medium length text here, really.", "x"]
     words = [t.split() for t in texts]
-    plain = embed.FeatureExtractor(pretrained, "concat-last-four", device="cpu")
-    fast = embed.FeatureExtractor(pretrained, "concat-last-four", device="cpu", unpad=True)
+    plain = features.FeatureExtractor(pretrained, "concat-last-four", device="cpu")
+    fast = features.FeatureExtractor(pretrained, "concat-last-four", device="cpu", unpad=True)
     assert fast.model.unpad and not plain.model.unpad
     for pooling in ("cls", "mean"):
         a, _ = plain.embed_texts(texts, pooling)

@@ -15,6 +15,7 @@ import pytest
 import scipy.stats
 import sklearn.metrics
 
+from bertscale.devices import resolve_device, resolve_precision
 from bertscale.errors import UserError
 from bertscale.finetune import common, glue
 from finetune_helpers import finetune_cli, tiny_hf_checkpoint
@@ -160,7 +161,7 @@ def test_all_nine_tasks_end_to_end_with_submission_files(tmp_path: Path, shared_
         test_files = [f for f, _ in task.test_files] + (["AX.tsv"] if name == "MNLI" else [])
         for sub, test_file in zip(files, test_files):
             rows = _table(out / name / sub)
-            layout = glue._AX_LAYOUT if sub == "AX.tsv" else task.test
+            layout = glue.AX_LAYOUT if sub == "AX.tsv" else task.test
             test = glue.read_tsv(data / name / test_file, task, layout, labelled=False)
             assert rows[0] == ["index", "prediction"]
             assert [r[0] for r in rows[1:]] == [e.guid for e in test]
@@ -352,5 +353,5 @@ def test_bad_flags_are_refused_before_training(tmp_path: Path, minilm_dir: Path)
     with pytest.raises(UserError, match="--max-seq-length 1024 exceeds the 512 positions of"):
         finetune_cli(base + ["--max-seq-length", "1024"])
     with pytest.raises(UserError, match="--precision fp16 needs a CUDA GPU"):
-        common.resolve_precision("fp16", common.resolve_device("cpu"))
+        resolve_precision("fp16", resolve_device("cpu"))
     assert not (tmp_path / "SST-2").exists()          # nothing half-written

@@ -150,8 +150,8 @@ def test_only_the_first_sub_token_carries_the_label(minilm_dir: Path) -> None:
     # Cut to 4 pieces: [CLS] + 2 + [SEP] holds only the first word; the rest is predicted O.
     (short,), (first_short,), cut = ner.token_features(tok, [s], {"O": 0}, 4, "iob2")
     assert cut == 1 and len(short["input_ids"]) == 4 and first_short == [1]
-    split = ner._Split("dev", [s], [short], [first_short])
-    assert ner._decode(split, torch.tensor([[0, 1, 1, 0]]).numpy(), ["O", "B-PER"]) == \
+    split = ner.Split("dev", [s], [short], [first_short])
+    assert ner.decode_tags(split, torch.tensor([[0, 1, 1, 0]]).numpy(), ["O", "B-PER"]) == \
         [["B-PER", "O", "O", "O"]]
 
 

@@ -57,7 +57,7 @@ def test_perfect_logits_decode_to_the_gold_span(dev11: squad.SquadFile, tokenize
     """Given logits that peak at the gold answer in every window that holds it, n-best decoding
     returns the gold text from the original context, also when the answer first appears in a
     second or later window."""
-    data = squad._subset(dev11, 3000 if max_seq_length == 128 else None)
+    data = squad.subset(dev11, 3000 if max_seq_length == 128 else None)
     feats = squad.featurize(tokenizer, data, training=False, max_seq_length=max_seq_length,
                             doc_stride=doc_stride)
     starts, ends, windows_of, spans, first_window = [], [], {}, {}, {}
@@ -105,7 +105,7 @@ def test_perfect_logits_decode_to_the_gold_span(dev11: squad.SquadFile, tokenize
 
 
 def test_training_labels_cover_the_answer(dev11: squad.SquadFile, tokenizer) -> None:
-    data = squad._subset(dev11, 2000)
+    data = squad.subset(dev11, 2000)
     feats = squad.featurize(tokenizer, data, training=True, max_seq_length=128, doc_stride=48)
     assert feats.skipped == 0
     labelled = set()
@@ -132,7 +132,7 @@ def test_windows_cover_every_token_with_the_given_stride() -> None:
     assert squad.windows(0, 4, 2) == [(0, 0)]
     # A token is scored only in the window that gives it the most context on both sides.
     spans = squad.windows(10, 4, 2)
-    assert [i for i in range(len(spans)) if squad._max_context(spans, i, 5)] == [2]
+    assert [i for i in range(len(spans)) if squad.max_context(spans, i, 5)] == [2]
 
 
 def test_v2_null_answer_and_threshold(tokenizer) -> None:
@@ -229,7 +229,7 @@ def test_squad_entrypoint_end_to_end(tmp_path: Path, minilm_dir: Path, shared_da
     task_dir = out / f"SQuAD-v{version}"
     results = json.loads((task_dir / "results.json").read_text())
     preds = json.loads((task_dir / "predictions.json").read_text())
-    data = squad._subset(squad.read_squad(predict_file, version), 40 if version == "1.1" else None)
+    data = squad.subset(squad.read_squad(predict_file, version), 40 if version == "1.1" else None)
     assert list(preds) == [e.qid for e in data.examples]
     for e in data.examples:      # every answer is a piece of its own context, or "" (v2.0)
         assert preds[e.qid] in data.contexts[e.context_index]

@@ -88,7 +88,7 @@ def test_swag_entrypoint_end_to_end(tmp_path: Path, minilm_dir: Path) -> None:
         model = common.build_model(BertForMultipleChoice, saved)
         assert torch.equal(model.classifier.weight, saved.state_dict["classifier.weight"])
         feats = swag.featurize(common.load_task_tokenizer(saved, 128), val)
-        (logits,) = common.predict(model, feats, swag._forward, common.TrainConfig())
+        (logits,) = common.predict(model, feats, swag.logits_of, common.TrainConfig())
         rows = list(csv.DictReader((folder / "val_predictions.csv").open()))
         assert logits.argmax(-1).tolist() == [int(r["pred"]) for r in rows]
     preds = list(csv.DictReader((out / "SWAG" / "predictions.csv").open()))

@@ -155,6 +155,6 @@ def _data(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m bertscale.bench model ...`: the same as `bertscale bench model ...`, for
     machines where the package is on PYTHONPATH but not installed (benchmarks/gpu_check.sh)."""
-    from bertscale.cli import run_subcommand
+    from bertscale.commands import run_subcommand
     return run_subcommand("bench", sys.argv[1:] if argv is None else argv)
 

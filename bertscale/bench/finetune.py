@@ -40,10 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from bertscale.config import ModelConfig, preset
+from bertscale.devices import resolve_device
 from bertscale.errors import UserError
 from bertscale.finetune import common, glue
 from bertscale.model import BertForSequenceClassification
 from bertscale.parallelize import FastPaths, apply_fast_paths
+from bertscale.seeding import seed_all
 
 TRAIN_VARIANTS = ("max_length", "dynamic", "unpad", "transformers")
 PREDICT_VARIANTS = ("input_order", "sorted", "sorted_unpad")
@@ -84,14 +86,14 @@ def _load(args: argparse.Namespace) -> tuple[ModelConfig, dict[str, torch.Tensor
 
 def _transformers_copy(model: torch.nn.Module, cfg: ModelConfig, num_labels: int) -> Any:
     from bertscale.bench.model import import_transformers
-    from bertscale.hf import _to_hf_keys, config_to_hf
+    from bertscale.hf import config_to_hf, to_hf_keys
     transformers = import_transformers()
     if transformers is None:
         return None
     hf_cfg = transformers.BertConfig(**config_to_hf(cfg), num_labels=num_labels)
     hf_cfg._attn_implementation = "sdpa"
     hf = transformers.BertForSequenceClassification(hf_cfg)
-    sd = _to_hf_keys(model.state_dict(), cfg, "BertForSequenceClassification", "bench")
+    sd = to_hf_keys(model.state_dict(), cfg, "BertForSequenceClassification", "bench")
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"weights do not map onto transformers: missing {missing[:3]}, "
@@ -105,7 +107,7 @@ def bench_finetune(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = common.resolve_device(args.device)
+    device = resolve_device(args.device, common.ranks().local_rank)
     task = glue.task_by_name(args.task)
     folder = glue.find_task_dir(args.data_dir, task)
     cfg, weights, tok, what = _load(args)
@@ -118,7 +120,7 @@ def bench_finetune(args: argparse.Namespace) -> dict[str, Any]:
                          regression)[:args.max_eval_samples]
     pad_id = tok.token_to_id("[PAD]")
 
-    torch.manual_seed(args.seed)
+    seed_all(args.seed)
     ours = BertForSequenceClassification(cfg, num_labels)
     if weights is not None:
         from bertscale.model import load_pretrained
@@ -135,7 +137,8 @@ def bench_finetune(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     draws = [rng.choice(len(train), size=min(args.batch, len(train)), replace=False)
              for _ in range(args.num_batches)]
-    dynamic = [common._to(common.collate([train[i] for i in d], pad_id), device) for d in draws]
+    dynamic = [common.to_device(common.collate([train[i] for i in d], pad_id), device)
+               for d in draws]
     shaped = {"max_length": [_pad_to(b, args.max_seq_length, pad_id) for b in dynamic],
               "dynamic": dynamic, "unpad": dynamic, "transformers": dynamic}
     fast_of = {"max_length": FastPaths(), "dynamic": FastPaths(), "unpad": FastPaths(unpad=True)}
@@ -163,12 +166,13 @@ def bench_finetune(args: argparse.Namespace) -> dict[str, Any]:
             ours.eval()
             with torch.no_grad():
                 for i in range(0, len(dev), args.eval_batch_size):
-                    b = common._to(common.collate(dev[i:i + args.eval_batch_size], pad_id), device)
-                    glue._forward(ours, b).float().cpu()
+                    b = common.to_device(common.collate(dev[i:i + args.eval_batch_size], pad_id),
+                                         device)
+                    glue.logits_of(ours, b).float().cpu()
             ours.train()
             return
         fast = FastPaths(unpad=name == "sorted_unpad")
-        common.predict(ours, dev, glue._forward, common.TrainConfig(
+        common.predict(ours, dev, glue.logits_of, common.TrainConfig(
             eval_batch_size=args.eval_batch_size, device=str(device), precision="fp32",
             fast=fast), pad_id)
 
@@ -235,10 +239,10 @@ def bench_finetune(args: argparse.Namespace) -> dict[str, Any]:
         t = statistics.median(predict_s[name])
         predict_results[name] = dict(pass_s=t, times_s=predict_s[name], examples_per_s=len(dev) / t,
                                      speedup_vs_input_order=paired(predict_s, "input_order", name))
-    from bertscale.bench.model import _device_name, import_transformers
+    from bertscale.bench.model import device_name, import_transformers
     transformers = import_transformers() if hf is not None else None
     return dict(
-        argv=sys.argv[1:], date=time.strftime("%Y-%m-%d"), device=_device_name(device),
+        argv=sys.argv[1:], date=time.strftime("%Y-%m-%d"), device=device_name(device),
         threads=torch.get_num_threads(), load_avg_before=load_before, load_avg_after=load_after,
         torch=torch.__version__, transformers=getattr(transformers, "__version__", None),
         task=task.name, model=what, hidden=cfg.hidden_size, layers=cfg.num_hidden_layers,

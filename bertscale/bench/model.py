@@ -175,11 +175,12 @@ def import_transformers() -> Any | None:
 
 def build_models(cfg: ModelConfig, fast: Any, device: torch.device, with_hf: bool,
                  seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    from bertscale.hf import _to_hf_keys, config_to_hf
+    from bertscale.hf import config_to_hf, to_hf_keys
     from bertscale.model import BertForPreTraining
     from bertscale.parallelize import apply_fast_paths
+    from bertscale.seeding import seed_all
 
-    torch.manual_seed(seed)
+    seed_all(seed)
     with device:  # initialise on the device itself: BERT-Large's init is slow on a host CPU
         ours = BertForPreTraining(cfg)
     apply_fast_paths(ours, fast)
@@ -190,7 +191,7 @@ def build_models(cfg: ModelConfig, fast: Any, device: torch.device, with_hf: boo
         hf_cfg._attn_implementation = "sdpa"  # PyTorch's fused attention, as ours
         with device:
             hf_model = transformers.BertForPreTraining(hf_cfg)
-        sd = _to_hf_keys(ours.state_dict(), cfg, "BertForPreTraining", "bench")
+        sd = to_hf_keys(ours.state_dict(), cfg, "BertForPreTraining", "bench")
         missing, unexpected = hf_model.load_state_dict(sd, strict=False)
         missing = [k for k in missing if k not in ("cls.predictions.decoder.weight",
                                                    "cls.predictions.decoder.bias")]
@@ -302,7 +303,7 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     # The best of two peak measurements: a busy machine only ever lowers it.
     peak = max(peak, measure_matmul_peak(device, dtype, n=args.peak_n))
 
-    sheet = datasheet_peak(_device_name(device), "fp32" if dtype == torch.float32 else "bf16")
+    sheet = datasheet_peak(device_name(device), "fp32" if dtype == torch.float32 else "bf16")
     flops = statistics.fmean(flops_of.values())
     tokens = statistics.fmean(sum(b.lengths) for b in batches)
     results: dict[str, Any] = {}
@@ -335,7 +336,7 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         argv=sys.argv[1:],
         date=time.strftime("%Y-%m-%d"),
-        device=_device_name(device), threads=torch.get_num_threads(),
+        device=device_name(device), threads=torch.get_num_threads(),
         load_avg_before=load_before, load_avg_after=load_after,
         torch=torch.__version__, transformers=getattr(transformers, "__version__", None),
         note=hf_note or None,
@@ -372,7 +373,7 @@ def _eval_loss(model: torch.nn.Module, kind: str, b: Batch, device: torch.device
         model.train()
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
@@ -409,10 +410,9 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
+    from bertscale.files import write_text_atomic
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def handle_model(args: argparse.Namespace) -> int:
@@ -466,7 +466,7 @@ def handle_microbatch(args: argparse.Namespace) -> int:
 
     plan = find_micro_batch(try_step, args.global_batch, args.world_size, start=args.start,
                             device=device)
-    print(f"{args.preset} seq {args.seq_len} {args.dtype} on {_device_name(device)}: largest "
+    print(f"{args.preset} seq {args.seq_len} {args.dtype} on {device_name(device)}: largest "
           f"micro-batch that fits {plan.max_fits} (tried {plan.tried}); for global batch "
           f"{args.global_batch} on {args.world_size} ranks: micro-batch {plan.micro_batch} x "
           f"gradient accumulation {plan.grad_accum}")

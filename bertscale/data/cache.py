@@ -49,9 +49,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from bertscale.checkpoint import fsync_path
 from bertscale.data import remote
 from bertscale.errors import UserError
+from bertscale.files import fsync_path
 
 log = logging.getLogger("bertscale.data")
 

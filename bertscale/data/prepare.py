@@ -62,6 +62,8 @@ from bertscale.data.shards import (MANIFEST_NAME, MAX_SAMPLES_PER_SHARD, SPLITS,
                                    shard_name, token_dtype, write_manifest)
 from bertscale.data.text import FORMATS, expand_inputs, read_documents, split_sentences
 from bertscale.errors import UserError
+from bertscale.files import (copy_atomic, publish_dir, remove_stale, temporary_sibling,
+                             write_text_atomic)
 from bertscale.tokenizer import (SPECIAL_TOKENS, guess_lowercase, load_tokenizer, read_vocab,
                                  train_wordpiece, vocab_hash)
 
@@ -329,9 +331,8 @@ def process_unit(task: UnitTask, report: Callable[[int, int], None] | None = Non
     marker = final / "done.json"
     if marker.is_file():
         return json.loads(marker.read_text())
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    for stale in final.parent.glob(f"{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale(final)
+    tmp = temporary_sibling(final)
     tmp.mkdir(parents=True)
     tok, vocab = _tokenizer(task.vocab, task.lowercase)
     dtype = token_dtype(len(vocab))
@@ -390,8 +391,6 @@ def process_unit(task: UnitTask, report: Callable[[int, int], None] | None = Non
             if report is not None:
                 report(text_bytes, made)
         for key, f in files.items():
-            f.flush()
-            os.fsync(f.fileno())  # the rename below commits the unit: its data must be on disk
             f.close()
             np.save(tmp / f"{key}.idx.npy", np.asarray(offsets[key], dtype=np.int64))
         summary["input_bytes"] = os.path.getsize(task.path)
@@ -399,7 +398,7 @@ def process_unit(task: UnitTask, report: Callable[[int, int], None] | None = Non
         summary["counts"] = {k: len(v) - 1 for k, v in offsets.items()}
         summary["stats"] = stats
         (tmp / "done.json").write_text(json.dumps(summary, sort_keys=True))
-        os.rename(tmp, final)  # the unit's commit
+        publish_dir(tmp, final)  # the unit's commit: its data is on disk before the rename
     except BaseException:
         for f in files.values():
             f.close()
@@ -478,9 +477,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
         raise
     info = dict(name=task.path.name, samples=offset, bytes=nbytes, sha256=sha)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(info, sort_keys=True))
-    os.replace(tmp, marker)
+    write_text_atomic(marker, json.dumps(info, sort_keys=True))
     return info
 
 
@@ -596,9 +593,8 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
                     raise UserError(f"{p} exists from a run with other settings; "
                                     f"choose another --out or remove it")
             (out / "vocab.txt").unlink(missing_ok=True)  # never reuse another run's trained vocab
-            tmp = plan_file.with_name("plan.json.tmp")
-            tmp.write_text(json.dumps({"fingerprint": fp, "plan": plan}, sort_keys=True, indent=1))
-            os.replace(tmp, plan_file)
+            write_text_atomic(plan_file, json.dumps({"fingerprint": fp, "plan": plan},
+                                                    sort_keys=True, indent=1))
         if cfg.train_vocab is not None:
             vocab_file = out / "vocab.txt"
             if not vocab_file.is_file():  # written atomically, so present means complete
@@ -661,9 +657,7 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
         for L in cfg.seq_lens:
             d = out / f"seq{L}"
             d.mkdir(parents=True, exist_ok=True)
-            tmp = d / "vocab.txt.tmp"
-            shutil.copyfile(vocab_path, tmp)
-            os.replace(tmp, d / "vocab.txt")
+            copy_atomic(vocab_path, d / "vocab.txt")
             shards: dict[str, list[dict[str, Any]]] = {}
             stats: dict[str, dict[str, int]] = {}
             for split in SPLITS:
@@ -717,9 +711,7 @@ def _canonical_vocab(src: Path, dst: Path) -> None:
     tokens = [t for t in src.read_text(encoding="utf-8").split("\n") if t]
     special = [t for t in tokens if t in SPECIAL_TOKENS]
     rest = sorted(t for t in tokens if t not in SPECIAL_TOKENS)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.write_text("".join(t + "\n" for t in special + rest), encoding="utf-8")
-    os.replace(tmp, dst)
+    write_text_atomic(dst, "".join(t + "\n" for t in special + rest))
     src.unlink()
 
 
@@ -861,7 +853,7 @@ def upload_prepared(manifest: Path, url: str, verbose: bool = True) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m bertscale.data.prepare ...`: the same command, without importing the other subcommands."""
-    from bertscale.cli import run_subcommand
+    from bertscale.commands import run_subcommand
     return run_subcommand("prepare", argv)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import os
 import subprocess
 from pathlib import Path
 from typing import IO, Any
@@ -141,7 +140,7 @@ def fetch_manifest(url: str, cache_root: Path) -> Path:
     local manifest. Its shards stay in the store (their folder is the default shard base)."""
     import json
 
-    from bertscale.checkpoint import fsync_path
+    from bertscale.files import write_bytes_atomic
 
     folder = cache_root / "manifests" / hashlib.sha256(url.encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
@@ -154,10 +153,5 @@ def fetch_manifest(url: str, cache_root: Path) -> Path:
     except Exception as e:  # noqa: BLE001 - any store client error becomes one line
         raise UserError(f"{url}: cannot read the data manifest: {reason(e)}") from None
     for name, data in (("manifest.json", raw), (vocab_name, vocab)):
-        dst = folder / name
-        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        fsync_path(tmp)
-        tmp.replace(dst)
-    fsync_path(folder)
+        write_bytes_atomic(folder / name, data)
     return folder / "manifest.json"

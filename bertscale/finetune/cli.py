@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from bertscale.commands import parse_list
 from bertscale.errors import UserError
 
 _RECIPES: dict[str, dict[str, Any]] = {
@@ -268,7 +269,7 @@ def _common(p: argparse.ArgumentParser, family: str, save_model: bool = False,
 
 
 def _train_config(args: argparse.Namespace, recipe: str):
-    from bertscale.finetune.common import TrainConfig, parse_list
+    from bertscale.finetune.common import TrainConfig
     from bertscale.parallelize import FastPaths
     r = _RECIPES[recipe]
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
@@ -358,9 +359,9 @@ def _swag(args: argparse.Namespace) -> int:
 def _ner(args: argparse.Namespace) -> int:
     if not 0 <= args.tagger_dropout < 1:
         raise UserError(f"--tagger-dropout is a probability in [0, 1), got {args.tagger_dropout:g}")
-    from bertscale.finetune import common, ner
+    from bertscale.finetune import ner
     cfg, lrs, seeds = _train_config(args, f"ner-{args.mode}")
-    weights = (common.parse_list(args.layer_weights, float, "--layer-weights")
+    weights = (parse_list(args.layer_weights, float, "--layer-weights")
                if args.layer_weights else None)
     ner.run(ner.NerArgs(
         train_file=args.train_file, dev_file=args.dev_file, test_file=args.test_file,

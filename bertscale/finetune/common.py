@@ -54,7 +54,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
@@ -69,8 +68,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bertscale.devices import resolve_device, resolve_precision
 from bertscale.distributed import DistEnv
 from bertscale.errors import UserError
+from bertscale.files import copy_atomic, torch_save_atomic, write_text_atomic
 from bertscale.parallelize import FastPaths
 from bertscale.pretrained import TASK_FILE, Pretrained, build, load_checkpoint  # noqa: F401 - re-exported
 from bertscale.reporting import MetricSinks, Progress
@@ -103,7 +104,7 @@ def save_model(model: nn.Module, pretrained: Pretrained, folder: Path, architect
                     pretrained.lowercase, folder / "model", architecture=architecture,
                     overwrite=True, source=f"fine-tuned from {pretrained.source}")
     if task is not None:
-        write_json_atomic(out / TASK_FILE, {**task, "fine_tuned_from": pretrained.source})
+        write_json_on_main(out / TASK_FILE, {**task, "fine_tuned_from": pretrained.source})
     return out
 
 
@@ -302,35 +303,6 @@ def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" is the GPU (this rank's, under a launcher) or the CPU; "cuda" under a launcher is
-    this rank's GPU."""
-    r = ranks()
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", r.local_rank % torch.cuda.device_count())
-    if name == "auto":
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available")
-    return dev
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None = fp32)."""
-    if name not in ("auto", "fp32", "bf16", "fp16"):
-        raise UserError(f"--precision {name!r}: choose auto, fp32, bf16 or fp16")
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if name == "fp32":
-        return None
-    if name == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA GPU (use bf16 or fp32 on the CPU)")
-    return torch.bfloat16 if name == "bf16" else torch.float16
-
-
 def total_steps(cfg: TrainConfig, num_examples: int) -> int:
     """Optimizer steps of a run: epochs x ceil(examples / batch), capped by max_steps."""
     total = max(1, math.ceil(cfg.epochs * math.ceil(num_examples / cfg.batch_size)))
@@ -387,7 +359,7 @@ def collate(features: Sequence[Feature], pad_id: int = 0) -> Batch:
     return out
 
 
-def _to(batch: Batch, device: torch.device) -> Batch:
+def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -413,7 +385,7 @@ def fit(model: nn.Module, features: Sequence[Feature],
     if cfg.batch_size < r.world_size:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch and cannot be "
                         f"shared by {r.world_size} ranks; use at least {r.world_size}")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, ranks().local_rank)
     amp_dtype = resolve_precision(cfg.precision, device)
     apply_fast_paths(model, cfg.fast)
     model.to(device).train()
@@ -425,7 +397,7 @@ def fit(model: nn.Module, features: Sequence[Feature],
                                       else None)
         # Each rank its own dropout masks; rank 0 keeps the single-process stream.
         if r.rank > 0:
-            torch.manual_seed(cfg.seed + 7919 * r.rank)
+            seed_all(cfg.seed + 7919 * r.rank)
     total = total_steps(cfg, len(features))
     optimizer, scheduler = build_optimizer(model, cfg, device, total)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -452,7 +424,7 @@ def fit(model: nn.Module, features: Sequence[Feature],
                 continue
             global_batch = perm[i:i + cfg.batch_size]
             mine, weight = _share(global_batch, r)
-            batch = _to(collate([features[j] for j in mine], pad_id), device)
+            batch = to_device(collate([features[j] for j in mine], pad_id), device)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
                 loss = loss_fn(net, batch) * weight
@@ -503,17 +475,13 @@ class TrainState:
              running: list[float]) -> None:
         if not self.enabled or not ranks().is_main:
             return
-        from bertscale.checkpoint import fsync_path
         blob = {"key": self.key, "step": step, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "running": running,
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        torch.save(blob, tmp)
-        fsync_path(tmp)
-        tmp.replace(self.path)
+        torch_save_atomic(blob, self.path)
 
     def load(self, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
              running: list[float]) -> int:
@@ -592,7 +560,7 @@ def predict(model: nn.Module, features: Sequence[Feature],
     Batches are cut from the features sorted by length, so a batch pads to a length its
     members nearly share (GLUE dev sets range from a few tokens to 128): the same outputs with
     a fraction of the padded work. `what` names the pass in its progress line ("dev", "test")."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, ranks().local_rank)
     amp_dtype = resolve_precision(cfg.precision, device)
     apply_fast_paths(model, cfg.fast)
     model.to(device).eval()
@@ -605,7 +573,7 @@ def predict(model: nn.Module, features: Sequence[Feature],
                    mode=cfg.progress, enabled=r.is_main)
     for done, b in enumerate(mine, start=1):
         part = [features[j] for j in order[starts[b]:starts[b] + cfg.eval_batch_size]]
-        batch = _to(collate(part, pad_id), device)
+        batch = to_device(collate(part, pad_id), device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
             out = forward(model, batch)
@@ -634,17 +602,6 @@ def predict(model: nn.Module, features: Sequence[Feature],
 
 
 # ------------------------------------------------------------------ grid and result files
-
-
-def parse_list(text: str, kind: type, flag: str) -> list[Any]:
-    try:
-        values = [kind(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected a comma-separated list of "
-                        f"{kind.__name__}s") from None
-    if not values:
-        raise UserError(f"{flag} is empty")
-    return values
 
 
 @dataclass
@@ -773,7 +730,7 @@ def check_output_dir(out_dir: Path, settings: Mapping[str, Any], overwrite: bool
         raise UserError(f"{out_dir} holds runs without a settings.json (an older bertscale); "
                         f"use another --output-dir, or --overwrite to delete them")
     barrier()
-    write_json_atomic(path, settings)
+    write_json_on_main(path, settings)
 
 
 def check_eval_dir(out_dir: Path) -> None:
@@ -843,8 +800,8 @@ def run_grid(task: str, out_dir: Path, lrs: Sequence[float], seeds: Sequence[int
                 sinks.record("eval", stats["steps"], metrics)
             finally:
                 sinks.close()
-            write_json_atomic(done, {"task": task, "lr": lr, "seed": seed,
-                                     "metrics": metrics, "train": stats})
+            write_json_on_main(done, {"task": task, "lr": lr, "seed": seed,
+                                      "metrics": metrics, "train": stats})
             TrainState(cfg, 0, 0).remove()
             runs.append(RunResult(lr, seed, metrics, folder, stats))
     return runs
@@ -868,28 +825,23 @@ def finish(task: str, main_metric: str, runs: Sequence[RunResult], out_dir: Path
     published = publish(best, out_dir, files)
     summary.update(extra, recipe=recipe(base), predictions=[p.name for p in published],
                    world_size=ranks().world_size, seconds=time.perf_counter() - started)
-    write_json_atomic(out_dir / "results.json", summary)
+    write_json_on_main(out_dir / "results.json", summary)
     if ranks().is_main:
         print(grid_table(summary, names, scale), flush=True)
         print(console_line(summary, names, summary["seconds"], scale), flush=True)
     return summary
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` atomically, on rank 0 only (every rank computes the same results)."""
-    if not ranks().is_main:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+def write_text_on_main(path: Path, text: str) -> None:
+    """Rank 0 writes `path` atomically (bertscale.files); the other ranks, which computed the same
+    results, write nothing."""
+    if ranks().is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, text)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+def write_json_on_main(path: Path, data: Any) -> None:
+    write_text_on_main(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def publish(best_folder: Path, out_dir: Path, names: Iterable[str]) -> list[Path]:
@@ -900,9 +852,6 @@ def publish(best_folder: Path, out_dir: Path, names: Iterable[str]) -> list[Path
     for name in names:
         src = best_folder / name
         if src.is_file():
-            dst = out_dir / name
-            tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-            shutil.copyfile(src, tmp)
-            tmp.replace(dst)
-            copied.append(dst)
+            copy_atomic(src, out_dir / name)
+            copied.append(out_dir / name)
     return copied

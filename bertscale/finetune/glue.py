@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bertscale.errors import UserError
+from bertscale.files import read_text
 from bertscale.finetune import common
 from bertscale.finetune import metrics as M
 
@@ -106,7 +107,7 @@ TASKS: dict[str, Task] = {
                  train=_pair_layout("sentence1", "sentence2", "label"),
                  test=_pair_layout("sentence1", "sentence2", None)),
 }
-_AX_LAYOUT = _pair_layout("sentence1", "sentence2", None)
+AX_LAYOUT = _pair_layout("sentence1", "sentence2", None)
 
 
 def task_by_name(name: str) -> Task:
@@ -137,15 +138,8 @@ class Example:
 
 def read_tsv(path: Path, task: Task, layout: Layout, labelled: bool) -> list[Example]:
     """Read one GLUE TSV file; every problem names the file and the 1-based line."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    try:
-        text = raw.decode("utf-8-sig")    # MRPC's files start with a byte-order mark
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
+    # utf-8-sig: MRPC's files start with a byte-order mark. Line ends are split below.
+    text = read_text(path, encoding="utf-8-sig", universal_newlines=False)
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -236,7 +230,7 @@ def loss_fn(regression: bool):
     return compute
 
 
-def _forward(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def logits_of(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(**common.model_inputs(batch))
 
 
@@ -368,7 +362,7 @@ def read_eval_sets(folder: Path, task: Task, a: GlueArgs) -> tuple[list, list]:
         if task.name == "MNLI":
             for ax in (folder / "AX.tsv", folder.parent / "diagnostic" / "diagnostic.tsv"):
                 if ax.is_file():
-                    tests.append(("AX.tsv", read_tsv(ax, task, _AX_LAYOUT, labelled=False)))
+                    tests.append(("AX.tsv", read_tsv(ax, task, AX_LAYOUT, labelled=False)))
                     break
     return dev_sets, tests
 
@@ -405,7 +399,7 @@ def evaluate_saved(a: GlueArgs, task: Task, t0: float) -> dict[str, Any]:
                "max_eval_samples": a.max_eval_samples,
                "predictions": [name for name, _, _ in test_f],
                "seconds": time.perf_counter() - t0}
-    common.write_json_atomic(out_dir / "results.json", summary)
+    common.write_json_on_main(out_dir / "results.json", summary)
     if common.ranks().is_main:
         shown = "  ".join(f"{k} {100 * metrics[k]:.2f}" for k in task.metric_names if k in metrics)
         print(f"{task.name} (eval-only, {pretrained.source})  {shown}", flush=True)
@@ -417,15 +411,15 @@ def predict_file(checkpoint: Path, input_file: Path, output: Path,
     """`finetune predict` for a GLUE model: `input_file` in the task's test layout (index and
     text columns; the label column, if any, is ignored) -> the GLUE submission TSV."""
     task, model, tok, _, _ = load_saved(checkpoint)
-    layout = task.test if task.name != "MNLI" else _AX_LAYOUT
+    layout = task.test if task.name != "MNLI" else AX_LAYOUT
     examples = read_tsv(input_file, task, layout, labelled=False)
     feats = featurize(tok, examples, task.labels is None)
     cfg = dataclasses.replace(cfg)
     cfg.run = common.RunContext(output.parent, f"{task.name} predict")
-    (logits,) = common.predict(model, feats, _forward, cfg, tok.token_to_id("[PAD]"),
+    (logits,) = common.predict(model, feats, logits_of, cfg, tok.token_to_id("[PAD]"),
                                what=input_file.name)
-    common.write_text_atomic(output, submission_tsv(task, [e.guid for e in examples],
-                                                    predict_labels(task, logits)))
+    common.write_text_on_main(output, submission_tsv(task, [e.guid for e in examples],
+                                                     predict_labels(task, logits)))
     return output
 
 
@@ -442,16 +436,16 @@ def score_and_write(task: Task, model: nn.Module, dev_f: Sequence[tuple], test_f
     why re-scoring a saved model gives the run's own numbers."""
     metrics: dict[str, float] = {}
     for fname, suffix, feats, ex in dev_f:
-        (logits,) = common.predict(model, feats, _forward, cfg, pad_id, what=fname)
+        (logits,) = common.predict(model, feats, logits_of, cfg, pad_id, what=fname)
         preds = predict_labels(task, logits)
         labels = np.array([f["label"] for f in feats])
         for k, v in compute_metrics(task, preds, labels).items():
             metrics[k + suffix] = v
-        common.write_text_atomic(run_dir / dev_predictions_name(fname),
-                                 dev_predictions_tsv(task, ex, preds))
+        common.write_text_on_main(run_dir / dev_predictions_name(fname),
+                                  dev_predictions_tsv(task, ex, preds))
     for name, feats, ex in test_f:
-        (logits,) = common.predict(model, feats, _forward, cfg, pad_id, what=name)
-        common.write_text_atomic(run_dir / name, submission_tsv(
+        (logits,) = common.predict(model, feats, logits_of, cfg, pad_id, what=name)
+        common.write_text_on_main(run_dir / name, submission_tsv(
             task, [e.guid for e in ex], predict_labels(task, logits)))
     return metrics
 

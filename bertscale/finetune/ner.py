@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bertscale.errors import UserError
+from bertscale.files import read_text
 from bertscale.finetune import common
 from bertscale.finetune import seqeval
 
@@ -49,14 +50,7 @@ def read_conll(path: str | Path, tagged: bool = True) -> list[Sentence]:
     """Read a CoNLL-2003-style file; errors name the file, the line and the problem. Untagged
     (`finetune predict`): the first column is the word, any others are ignored, tags are []."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, not a CoNLL file") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(path, "CoNLL file")
     sentences: list[Sentence] = []
     words: list[str] = []
     tags: list[str] = []
@@ -116,7 +110,7 @@ def token_features(tok: Any, sentences: Sequence[Sentence], label_to_id: dict[st
     elsewhere. Returns the features, each sentence's first-piece positions, and how many
     sentences were cut to max_length. Tags the label set lacks are IGNORE (they can only be
     scored, not learned)."""
-    from bertscale.embed import encode_words
+    from bertscale.features import encode_words
     encs = encode_words(tok, [s.words for s in sentences], max_length)
     width = max(len(e.ids) for e in encs)
     feats = []
@@ -227,7 +221,7 @@ class NerArgs:
 
 
 @dataclass
-class _Split:
+class Split:
     name: str
     sentences: list[Sentence]
     features: list[dict[str, Any]]
@@ -235,7 +229,7 @@ class _Split:
     """Fine-tuning: each sentence's first-piece positions (predictions are read there)."""
 
 
-def _decode(split: _Split, preds: np.ndarray, labels: list[str]) -> list[list[str]]:
+def decode_tags(split: Split, preds: np.ndarray, labels: list[str]) -> list[list[str]]:
     """Per-word predicted tags; words without a prediction (cut by the length limit) are O."""
     out = []
     for i, s in enumerate(split.sentences):
@@ -266,7 +260,7 @@ def _tagged_text(sentences: Sequence[Sentence], pred: Sequence[Sequence[str]]) -
     return "\n".join(lines) + "\n"
 
 
-def score_and_write(model: nn.Module, splits: dict[str, _Split], labels: list[str],
+def score_and_write(model: nn.Module, splits: dict[str, Split], labels: list[str],
                     scheme: str, cfg: common.TrainConfig, pad_id: int,
                     run_dir: Path) -> dict[str, float]:
     """Predict and score the dev (and test) split, writing <split>_predictions.txt into
@@ -278,12 +272,12 @@ def score_and_write(model: nn.Module, splits: dict[str, _Split], labels: list[st
             continue
         sp = splits[name]
         (preds,) = common.predict(model, sp.features, _argmax, cfg, pad_id, what=name)
-        tags = _decode(sp, preds, labels)
+        tags = decode_tags(sp, preds, labels)
         gold = [_scheme(s.tags, scheme) for s in sp.sentences]
         prefix = "" if name == "dev" else "test_"
         metrics.update({prefix + k: v for k, v in seqeval.evaluate(gold, tags).as_metrics().items()})
-        common.write_text_atomic(run_dir / f"{name}_predictions.txt",
-                                 _predictions_text(sp.sentences, gold, tags))
+        common.write_text_on_main(run_dir / f"{name}_predictions.txt",
+                                  _predictions_text(sp.sentences, gold, tags))
     return metrics
 
 
@@ -296,10 +290,10 @@ def load_saved(checkpoint: Path) -> tuple[nn.Module, Any, dict[str, Any], common
 
 
 def _token_split(tok: Any, name: str, sents: list[Sentence], labels: list[str],
-                 max_length: int, scheme: str) -> tuple[_Split, int]:
+                 max_length: int, scheme: str) -> tuple[Split, int]:
     feats, first, cut = token_features(tok, sents, {t: i for i, t in enumerate(labels)},
                                        max_length, scheme)
-    return _Split(name, sents, feats, first), cut
+    return Split(name, sents, feats, first), cut
 
 
 def _warn_cut(cut: int, max_length: int) -> None:
@@ -331,7 +325,7 @@ def evaluate_saved(a: NerArgs, t0: float) -> dict[str, Any]:
                "test_file": str(a.test_file) if a.test_file else None,
                "max_eval_samples": a.max_eval_samples, "truncated_sentences": cut_total,
                "seconds": time.perf_counter() - t0}
-    common.write_json_atomic(out_dir / "results.json", summary)
+    common.write_json_on_main(out_dir / "results.json", summary)
     if common.ranks().is_main:
         shown = "  ".join(f"{k} {100 * metrics[k]:.2f}" for k in ("f1", "precision", "recall",
                                                                    "accuracy"))
@@ -353,8 +347,8 @@ def predict_file(checkpoint: Path, input_file: Path, output: Path,
     cfg.run = common.RunContext(output.parent, "NER predict")
     (preds,) = common.predict(model, split.features, _argmax, cfg, tok.token_to_id("[PAD]"),
                               what=input_file.name)
-    common.write_text_atomic(output, _tagged_text(split.sentences,
-                                                  _decode(split, preds, labels)))
+    common.write_text_on_main(output, _tagged_text(split.sentences,
+                                                   decode_tags(split, preds, labels)))
     return output
 
 
@@ -402,7 +396,7 @@ def run(a: NerArgs) -> dict[str, Any]:
         str(a.train_file), [" ".join(s.words) for s in train_s[:2000]])
 
     named = [("train", train_s), ("dev", dev_s)] + ([("test", test_s)] if test_s else [])
-    splits: dict[str, _Split] = {}
+    splits: dict[str, Split] = {}
     cut_total = 0
     if a.mode == "finetune":
         for name, sents in named:
@@ -412,8 +406,9 @@ def run(a: NerArgs) -> dict[str, Any]:
         pad_id = tok.token_to_id("[PAD]")
         table = None
     else:
-        from bertscale.embed import FeatureExtractor
-        device = common.resolve_device(a.train.device)
+        from bertscale.devices import resolve_device
+        from bertscale.features import FeatureExtractor
+        device = resolve_device(a.train.device, common.ranks().local_rank)
         ex = FeatureExtractor(pretrained, a.layers, a.layer_weights, a.max_seq_length,
                               str(device), a.train.precision, unpad=a.train.fast.unpad)
         rows: list[np.ndarray] = [np.zeros((1, ex.dim), np.float32)]            # row 0: padding
@@ -424,7 +419,7 @@ def run(a: NerArgs) -> dict[str, Any]:
                 vecs, cut = ex.embed_words([s.words for s in sents[i:i + a.train.eval_batch_size]])
                 vectors += vecs
                 cut_total += cut
-            splits[name] = _Split(name, sents, word_features(
+            splits[name] = Split(name, sents, word_features(
                 sum(len(r) for r in rows), vectors, sents, label_to_id, a.tag_scheme))
             rows += [v for v in vectors if len(v)]
         table = torch.from_numpy(np.concatenate(rows))

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bertscale.errors import UserError
+from bertscale.files import read_text
 from bertscale.finetune import common
 from bertscale.finetune import metrics as M
 
@@ -87,12 +88,7 @@ def read_squad(path: str | Path, version: str) -> SquadFile:
     path = Path(path)
     if version not in _VERSIONS:
         raise UserError(f"--version {version!r}: choose 1.1 or 2.0")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(path)
     try:
         top = json.loads(text)
     except json.JSONDecodeError as e:
@@ -201,7 +197,7 @@ def windows(n_tokens: int, max_doc: int, stride: int) -> list[tuple[int, int]]:
         start += min(length, stride)
 
 
-def _max_context(spans: Sequence[tuple[int, int]], span_i: int, position: int) -> bool:
+def max_context(spans: Sequence[tuple[int, int]], span_i: int, position: int) -> bool:
     best_score, best_i = None, None
     for i, (s, n) in enumerate(spans):
         if not s <= position < s + n:
@@ -257,7 +253,7 @@ def featurize(tok: Any, data: SquadFile, *, training: bool, max_seq_length: int 
                     f["start_positions"] = f["end_positions"] = 0
             feats.inputs.append(f)
             feats.meta.append(FeatureMeta(ei, ctx_offset, ds, dl,
-                                          [_max_context(spans, si, ds + j) for j in range(dl)]))
+                                          [max_context(spans, si, ds + j) for j in range(dl)]))
     return feats
 
 
@@ -369,7 +365,7 @@ def _loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
             + F.cross_entropy(end.float(), batch["end_positions"])) / 2
 
 
-def _forward(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+def logits_of(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return model(**common.model_inputs(batch))
 
 
@@ -397,7 +393,7 @@ class SquadArgs:
     """Score --predict-file with the fine-tuned model in `checkpoint` (a --save-model folder)."""
 
 
-def _subset(data: SquadFile, n: int | None) -> SquadFile:
+def subset(data: SquadFile, n: int | None) -> SquadFile:
     """The first n questions (whole file when n is None); the dataset keeps only them, so the
     official metric is computed over what was predicted."""
     if not n or n >= len(data.examples):
@@ -426,9 +422,9 @@ def run(a: SquadArgs) -> dict[str, Any]:
     name = f"SQuAD-v{a.version}"
     if a.eval_only:
         return evaluate_saved(a, name, t0)
-    train_data = _subset(read_squad(a.train_file, a.version), a.max_train_samples)
+    train_data = subset(read_squad(a.train_file, a.version), a.max_train_samples)
     full_eval = read_squad(a.predict_file, a.version)
-    eval_data = _subset(full_eval, a.max_eval_samples)
+    eval_data = subset(full_eval, a.max_eval_samples)
     pretrained = common.load_checkpoint(a.checkpoint)
     tok = common.load_task_tokenizer(pretrained)
     common.check_length(pretrained, a.max_seq_length)
@@ -467,8 +463,8 @@ def run(a: SquadArgs) -> dict[str, Any]:
         return metrics, stats
 
     if len(eval_data.examples) < len(full_eval.examples):
-        common.write_json_atomic(out_dir / SUBSET_FILE, {"version": a.version,
-                                                          "data": eval_data.dataset})
+        common.write_json_on_main(out_dir / SUBSET_FILE, {"version": a.version,
+                                                           "data": eval_data.dataset})
         common.log(f"{name}: scoring the first {len(eval_data.examples)} of the "
                    f"{len(full_eval.examples)} questions of {a.predict_file} (--max-eval-samples); "
                    f"{out_dir / SUBSET_FILE} holds them for the official script")
@@ -494,18 +490,18 @@ def predict_and_write(model: nn.Module, data: SquadFile, feats: Features, cfg: c
     """Predict `data`, decode, write predictions.json (null_odds.json for v2.0, the n-best with
     --write-nbest) into `folder`; returns the official metrics (empty-file: {"f1": nan})."""
     version = data.version
-    start, end = common.predict(model, feats.inputs, _forward, cfg, pad_id,
+    start, end = common.predict(model, feats.inputs, logits_of, cfg, pad_id,
                                 what=Path(data.path).name)
     n = [len(f["input_ids"]) for f in feats.inputs]
     decoded = decode(data, feats, [s[:k] for s, k in zip(start, n)],
                      [e[:k] for e, k in zip(end, n)], version_2=version == "2.0",
                      n_best=a.n_best_size, max_answer_length=a.max_answer_length,
                      null_score_diff_threshold=a.null_score_diff_threshold)
-    common.write_json_atomic(folder / "predictions.json", decoded.predictions)
+    common.write_json_on_main(folder / "predictions.json", decoded.predictions)
     if version == "2.0":
-        common.write_json_atomic(folder / "null_odds.json", decoded.null_odds)
+        common.write_json_on_main(folder / "null_odds.json", decoded.null_odds)
     if getattr(a, "write_nbest", False) if write_nbest is None else write_nbest:
-        common.write_json_atomic(folder / "nbest_predictions.json", decoded.nbest)
+        common.write_json_on_main(folder / "nbest_predictions.json", decoded.nbest)
     # A predict file without answers (a test set) has nothing to score.
     metrics = evaluate(data, decoded) if data.has_answers else {}
     return {k: float(v) for k, v in metrics.items()} or {"f1": float("nan")}
@@ -539,7 +535,7 @@ def evaluate_saved(a: SquadArgs, name: str, t0: float) -> dict[str, Any]:
     if saved["version"] != a.version:
         raise UserError(f"{a.checkpoint}: fine-tuned for SQuAD v{saved['version']}, not "
                         f"--version {a.version}")
-    data = _subset(read_squad(a.predict_file, a.version), a.max_eval_samples)
+    data = subset(read_squad(a.predict_file, a.version), a.max_eval_samples)
     out_dir = Path(a.output_dir) / name
     common.check_eval_dir(out_dir)
     cfg = dataclasses.replace(a.train)
@@ -551,7 +547,7 @@ def evaluate_saved(a: SquadArgs, name: str, t0: float) -> dict[str, Any]:
     summary = {"task": name, "eval_only": True, "checkpoint": pretrained.source, "trained": saved,
                "metrics": metrics, "predict_file": str(a.predict_file),
                "scored_questions": len(data.examples), "seconds": time.perf_counter() - t0}
-    common.write_json_atomic(out_dir / "results.json", summary)
+    common.write_json_on_main(out_dir / "results.json", summary)
     if common.ranks().is_main:
         shown = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
                           if k in ("exact_match", "exact", "f1", "best_f1"))

@@ -119,7 +119,7 @@ def _loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return F.cross_entropy(model(**common.model_inputs(batch)).float(), batch["label"])  # (B, 4)
 
 
-def _forward(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def logits_of(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(**common.model_inputs(batch))
 
 
@@ -155,14 +155,14 @@ def score_and_write(model: nn.Module, val: tuple[list[SwagExample], list[dict[st
     returns the val metrics. Training and --eval-only share it, which is why re-scoring a saved
     model gives the run's own numbers."""
     (val_ex, val_f), (test_ex, test_f) = val, test
-    (logits,) = common.predict(model, val_f, _forward, cfg, pad_id, what="val")
+    (logits,) = common.predict(model, val_f, logits_of, cfg, pad_id, what="val")
     metrics = {"accuracy": M.accuracy(logits.argmax(-1), [f["label"] for f in val_f])}
-    common.write_text_atomic(run_dir / "val_predictions.csv",
-                             predictions_csv(val_ex, logits.argmax(-1), with_label=True))
+    common.write_text_on_main(run_dir / "val_predictions.csv",
+                              predictions_csv(val_ex, logits.argmax(-1), with_label=True))
     if test_f:
-        (logits,) = common.predict(model, test_f, _forward, cfg, pad_id, what="test")
-        common.write_text_atomic(run_dir / "predictions.csv",
-                                 predictions_csv(test_ex, logits.argmax(-1)))
+        (logits,) = common.predict(model, test_f, logits_of, cfg, pad_id, what="test")
+        common.write_text_on_main(run_dir / "predictions.csv",
+                                  predictions_csv(test_ex, logits.argmax(-1)))
     return metrics
 
 
@@ -198,7 +198,7 @@ def evaluate_saved(a: SwagArgs, t0: float) -> dict[str, Any]:
                "max_eval_samples": a.max_eval_samples,
                "predictions": ["predictions.csv"] if test[1] else [],
                "seconds": time.perf_counter() - t0}
-    common.write_json_atomic(out_dir / "results.json", summary)
+    common.write_json_on_main(out_dir / "results.json", summary)
     if common.ranks().is_main:
         print(f"SWAG (eval-only, {pretrained.source})  accuracy {100 * metrics['accuracy']:.2f}",
               flush=True)
@@ -213,9 +213,9 @@ def predict_file(checkpoint: Path, input_file: Path, output: Path,
     examples = read_swag(input_file, labelled=False)
     cfg = dataclasses.replace(cfg)
     cfg.run = common.RunContext(output.parent, "SWAG predict")
-    (logits,) = common.predict(model, featurize(tok, examples), _forward, cfg,
+    (logits,) = common.predict(model, featurize(tok, examples), logits_of, cfg,
                                tok.token_to_id("[PAD]"), what=input_file.name)
-    common.write_text_atomic(output, predictions_csv(examples, logits.argmax(-1)))
+    common.write_text_on_main(output, predictions_csv(examples, logits.argmax(-1)))
     return output
 
 

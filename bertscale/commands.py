@@ -1,0 +1,77 @@
+"""The subcommands by name, and running one of them with the command line's error handling.
+
+This module sits below every command: it names their modules as strings and imports one only
+when it runs, so a command module can use `run_subcommand` for its own `python -m` entry point
+without importing `bertscale.cli` (which would import every other command back) and `python -m
+bertscale.pretrain` on each rank of a launcher pays only for the pretraining imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Any
+
+from bertscale.errors import UserError
+
+# name -> module that registers it (`register(subparsers)` adds its parser and sets `func`).
+# Order is the order of the pipeline, which `bertscale --help` lists.
+COMMANDS: dict[str, str] = {
+    "prepare": "bertscale.data.prepare",
+    "pretrain": "bertscale.pretrain",
+    "demo": "bertscale.demo",
+    "finetune": "bertscale.finetune.cli",
+    "embed": "bertscale.embed",
+    "export": "bertscale.export",
+    "doctor": "bertscale.doctor",
+    "bench": "bertscale.bench",
+}
+
+
+def register(name: str, subparsers: argparse._SubParsersAction) -> None:
+    """Import the command's module (only now) and let it add its parser."""
+    importlib.import_module(COMMANDS[name]).register(subparsers)
+
+
+def run_subcommand(name: str, argv: list[str] | None = None) -> int:
+    """`bertscale <name> ...` with only that command's module imported (each rank of a launcher
+    pays for what it imports), and the same error handling as `bertscale`."""
+    parser = argparse.ArgumentParser(prog="bertscale")
+    register(name, parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args([name, *(sys.argv[1:] if argv is None else argv)]))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Call the parsed command: a `UserError` becomes one line on stderr and its exit code."""
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        # Name the failing rank when launched distributed; rank 0's message needs no prefix.
+        rank = _rank()
+        where = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"bertscale {args.command}: error: {where}{e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"bertscale {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _rank() -> str | None:
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(var) is not None:
+            return os.environ[var]
+    return None
+
+
+def parse_list(text: str, kind: type, flag: str) -> list[Any]:
+    """A comma-separated flag value (`--lr 2e-5,3e-5`) as a list of `kind`, or one clear error."""
+    try:
+        values = [kind(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected a comma-separated list of "
+                        f"{kind.__name__}s") from None
+    if not values:
+        raise UserError(f"{flag} is empty")
+    return values
