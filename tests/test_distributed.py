@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,7 +98,9 @@ def test_single_process_without_launcher():
 
 
 def _records(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    """The workers' one-line JSON records. mpirun forwards each rank's output in chunks, so two
+    ranks' lines can arrive spliced into one: the (flat) objects are found wherever they are."""
+    return [json.loads(m) for m in re.findall(r"\{[^{}]*\}", stdout)]
 
 
 @pytest.mark.slow
