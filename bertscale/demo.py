@@ -148,7 +148,7 @@ def launch_local(argv: list[str], nproc: int, log_dir: Path, cuda: bool = False)
         procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=out,
                                       stderr=subprocess.STDOUT if rank else None))
 
-    def forward(signum, frame):  # noqa: ANN001
+    def forward(signum, frame):
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)

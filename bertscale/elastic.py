@@ -211,7 +211,7 @@ def _load(path: Path) -> dict:
     import torch
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # noqa: BLE001 - a torn file must name itself, not crash obscurely
+    except Exception as e:  # a torn file must name itself, not crash obscurely
         raise UserError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
 
 
@@ -360,7 +360,7 @@ def ensure_universal(checkpoint_dir: str | Path, tag: str) -> Path:
             verdict[0] = ("ok", "")
         except UserError as e:
             verdict[0] = ("user", str(e))
-        except Exception as e:  # noqa: BLE001 - re-raised below on every rank, with its type
+        except Exception as e:  # re-raised below on every rank, with its type
             verdict[0] = ("bug", f"{type(e).__name__}: {e}")
             dist.broadcast_object_list(verdict, src=0)
             raise

@@ -437,7 +437,7 @@ def _build_layout(fragments: list[tuple[int, int, int]], flat: Tensor, numels: l
         run_tensor.append(-1)
     # Every element of every tensor must be owned by exactly one rank.
     covered = torch.zeros(len(numels), dtype=torch.float64)
-    for start, numel, index in fragments:
+    for _start, numel, index in fragments:
         covered[index] += numel
     covered = _all_reduce_sum(covered, pg)
     expected = torch.tensor(numels, dtype=torch.float64)

@@ -75,7 +75,8 @@ def step_flops_from_sums(cfg: ModelConfig, sequences: int, tokens: int, tokens_s
     """`step_flops` from what a trainer can all-reduce cheaply: the number of sequences, the sum
     of their real lengths and the sum of the squared lengths (attention is quadratic per
     sequence). The one FLOP count behind the trainer's log, `bertscale bench` and the GPU check."""
-    H, I, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size)
+    # The paper's names (I: the intermediate size).
+    H, I, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size)  # noqa: E741
     dense = 2 * L * int(tokens) * (4 * H * H + 2 * H * I)
     attention = 2 * L * 2 * H * int(tokens_squared)
     mlm = 2 * int(num_predictions) * (H * H + H * V)
@@ -260,7 +261,7 @@ def find_micro_batch(try_step: Callable[[int], None], global_batch: int, world_s
         try:
             try_step(m)
             return True
-        except Exception as e:  # noqa: BLE001 - only out-of-memory is an answer; re-raise others
+        except Exception as e:  # only out-of-memory is an answer; re-raise others
             if not is_out_of_memory(e):
                 raise
         # Out of memory: drop what the failed step left (its frames are gone once we are out of

@@ -90,7 +90,7 @@ def test_padded_transformers_style_work_is_more_than_model_flops():
 def test_micro_batch_finder_with_a_fake_memory_limit():
     for budget in (1, 5, 37, 64, 1000):
         tried: list[tuple[int, bool]] = []
-        best = find_max_micro_batch(lambda m: 3 * m <= 3 * budget, start=8, limit=512,
+        best = find_max_micro_batch(lambda m, budget=budget: 3 * m <= 3 * budget, start=8, limit=512,
                                     tried=tried)
         assert best == min(budget, 512), (budget, tried)
         assert len(tried) <= 2 * 10 + 2                 # doublings + bisection, not a scan

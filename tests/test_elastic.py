@@ -227,7 +227,7 @@ def test_one_rank_to_two_zero3_bf16(tmp_path):
 
 def _pretrain_available() -> str | None:
     try:
-        import bertscale.pretrain  # noqa: F401
+        import bertscale.pretrain
         import bertscale.data.prepare  # noqa: F401
     except ImportError as e:
         return f"the trainer or data preparation is not importable yet ({e})"

@@ -82,8 +82,8 @@ LAYER_CASES = [("embeddings", None), ("last", None), ("second-to-last", None),
                ("weighted-sum", [0.5, -1.0, 0.25, 2.0, 0.0, 1.5]), ("-3", None)]
 
 
-@pytest.mark.parametrize("layers,weights", LAYER_CASES, ids=[f"{l}{'-given' if w else ''}"
-                                                             for l, w in LAYER_CASES])
+@pytest.mark.parametrize("layers,weights", LAYER_CASES, ids=[f"{name}{'-given' if w else ''}"
+                                                             for name, w in LAYER_CASES])
 def test_features_equal_transformers_hidden_states(pretrained, sentences, hf_hidden, layers,
                                                    weights) -> None:
     ex = features.FeatureExtractor(pretrained, layers, weights)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from bertscale.config import preset
-from bertscale.errors import UserError
 from bertscale.model import BertForPreTraining, BertModel, count_parameters, pretraining_loss
 
 

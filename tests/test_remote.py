@@ -27,9 +27,9 @@ import pytest
 pytest.importorskip("moto.moto_server.werkzeug_app", reason="needs the test extra (moto[server])")
 pytest.importorskip("s3fs", reason="needs the s3 extra (s3fs)")
 
-from bertscale.bench.s3_server import LocalS3  # noqa: E402
-from launch import run_ranks  # noqa: E402
-from pretrain_runs import (WIKI_FILES, WS2, manifest, pretrain_argv, records,  # noqa: E402,F401
+from bertscale.bench.s3_server import LocalS3
+from launch import run_ranks
+from pretrain_runs import (WIKI_FILES, WS2, manifest, pretrain_argv, records,  # noqa: F401
                            train_losses, ws2_straight)
 
 BUCKET = "bkt"

@@ -52,7 +52,7 @@ def latest_step(run: Path) -> int:
 
 
 @pytest.mark.slow
-def test_second_writer_refused_and_stale_locks_never_block(manifest, tmp_path):  # noqa: F811
+def test_second_writer_refused_and_stale_locks_never_block(manifest, tmp_path):
     run = tmp_path / "run"
     argv = [sys.executable, *pretrain_argv(run, manifest, *LIVE)]
     first = start(argv, tmp_path / "first.log", env={"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "0"})
@@ -106,7 +106,7 @@ def test_second_writer_refused_and_stale_locks_never_block(manifest, tmp_path): 
 # ------------------------------------------------------------------ workers and their launcher
 
 
-def torchrun(run: Path, manifest: Path, log: Path, *sets: str) -> subprocess.Popen:  # noqa: F811
+def torchrun(run: Path, manifest: Path, log: Path, *sets: str) -> subprocess.Popen:
     """`torchrun --nproc-per-node 2 -m bertscale.pretrain tiny_ci ...` on loopback."""
     return start([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                   "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
@@ -121,7 +121,7 @@ def requeue_decision(rc: int, run: Path, stop_requested: int = 0) -> subprocess.
 
 
 @pytest.mark.slow
-def test_sigterm_to_torchrun_checkpoints_and_the_record_requeues(manifest, tmp_path):  # noqa: F811
+def test_sigterm_to_torchrun_checkpoints_and_the_record_requeues(manifest, tmp_path):
     """torchrun forwards SIGTERM; the ranks commit a checkpoint and exit 75, which torchrun reports
     as 1: the run folder's preempted.json is what makes slurm/requeue.sh requeue. A resumed run
     that ends normally leaves no record, and the same exit code 1 then does not requeue."""
@@ -151,7 +151,7 @@ def test_sigterm_to_torchrun_checkpoints_and_the_record_requeues(manifest, tmp_p
 
 
 @pytest.mark.slow
-def test_workers_die_with_a_killed_torchrun(manifest, tmp_path):  # noqa: F811
+def test_workers_die_with_a_killed_torchrun(manifest, tmp_path):
     """`kill -9` of torchrun: its workers get the parent-death signal (SIGTERM), take the
     preemption path (commit a checkpoint, record it, exit) and stop committing."""
     import psutil

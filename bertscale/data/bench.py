@@ -62,7 +62,7 @@ def bench_data(files: list[str | Path], vocab: str | Path, loader_seconds: float
             out = Path(tmp) / name
             cfg = PrepareConfig(inputs=[str(f) for f in files], out=out, vocab=Path(vocab),
                                 lowercase=lower, seq_lens=seqs, progress="none")
-            _, pw, pc = _timed(lambda: run_prepare(cfg))
+            _, pw, pc = _timed(lambda cfg=cfg: run_prepare(cfg))
             res[f"prepare_{name}_mb_s"] = text_mb / pw
             res[f"prepare_{name}_mb_cpu_s"] = text_mb / pc
             print(f"prepare seq {name.replace('_', '+'):>7}:   {text_mb / pw:6.2f} MB/s wall  "

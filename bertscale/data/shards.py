@@ -369,7 +369,8 @@ def write_manifest(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(path: str | Path, shard_base: str | None = None,
+# Over ruff's complexity limit on purpose: one check per manifest field, each with its message.
+def read_manifest(path: str | Path, shard_base: str | None = None,  # noqa: C901
                   cache_dir: Path | None = None) -> Manifest:
     """Read and check a manifest (the JSON file, or the folder that holds manifest.json). A
     manifest in an object store (``s3://…/manifest.json``) is copied with its vocabulary into the

@@ -316,7 +316,7 @@ def run(a: GlueArgs) -> dict[str, Any]:
                         f"{task.name} training text", [e.text_a for e in train_ex[:2000]])
     pad_id = tok.token_to_id("[PAD]")
 
-    for fname, suffix in task.dev_files:
+    for fname, _suffix in task.dev_files:
         path = folder / fname
         if not path.is_file():
             raise UserError(f"{folder}: no {fname}; the dev set is needed to score the run")

@@ -361,7 +361,9 @@ def _majority(train: Sequence[Sentence], gold: Sequence[Sequence[str]], scheme: 
     return tag, sum(t == tag for g in gold for t in g) / max(total, 1)
 
 
-def run(a: NerArgs) -> dict[str, Any]:
+# Over ruff's complexity limit on purpose: the NER command's modes (train, eval-only, predict) in
+# one outline.
+def run(a: NerArgs) -> dict[str, Any]:  # noqa: C901
     common.ranks(a.train.device)  # one process, or the data-parallel group of a launcher
     t0 = time.perf_counter()
     if a.mode not in ("finetune", "feature"):

@@ -104,7 +104,7 @@ def ds_config(stage: int, world: int, bf16: bool = False) -> dict:
 def split_facts(opt: Lamb) -> list[tuple[int, int]]:
     """Per flat partition: (tensors this rank holds only part of, tensors it holds any of)."""
     facts = []
-    for flat, layout in opt._zero_layouts.values():
+    for _flat, layout in opt._zero_layouts.values():
         covered: dict[int, int] = {}
         for size, t in zip(layout.run_sizes, layout.run_tensor):
             if t >= 0:
