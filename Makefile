@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv system-deps clean
+.PHONY: demo test lint venv system-deps clean
 
 demo: venv
 	$(VENV)/bin/bertscale demo
@@ -16,8 +16,12 @@ demo: venv
 # TEST_JOBS=0 runs them one after the other in this process.
 TEST_JOBS ?= 2
 
-test: venv
+test: venv lint
 	$(PY) -m pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile) $(PYTEST_ARGS)
+
+# A small rule set ([tool.ruff] in pyproject.toml); `make test` runs it before the suite.
+lint: venv
+	$(VENV)/bin/ruff check bertscale tests benchmarks
 
 venv: $(STAMP)
 
