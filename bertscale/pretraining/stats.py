@@ -40,7 +40,7 @@ class Reduced:
 
     @classmethod
     def unpack(cls: type[R], reduced: Any) -> R:
-        return cls(**dict(zip(cls.names(), reduced.tolist())))
+        return cls(**dict(zip(cls.names(), reduced.tolist(), strict=True)))
 
 
 def _as_f64(value: Any, device: Any) -> Any:
