@@ -19,8 +19,9 @@ exiting (and a launcher from killing rank 0) before the commit exists. A folder 
 `keep` committed checkpoints, un-committing each (marker first) before removing its files.
 
 The trainer state holds what a resume needs to continue the same run and to refuse a different one:
-the step, the global `consumed_samples` counter of the loader, the recipe, the model config, the
-tokenizer hash and the manifest fingerprint. DeepSpeed's `universal_checkpoint_info`, which
+the step and skip count, the loader's own state dict under "data" (its global `consumed_samples`,
+also kept at the top level as format 1 had it), the recipe, the model config, the tokenizer hash
+and the manifest fingerprint (bertscale.pretraining.checkpointer assembles it). DeepSpeed's `universal_checkpoint_info`, which
 `ds_to_universal` requires, is set on the model (DeepSpeed reserves that key in client_state and
 stores it from the module attribute; see `mark_universal`).
 

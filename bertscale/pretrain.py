@@ -1,9 +1,22 @@
 """`bertscale pretrain`: BERT's masked-LM + next-sentence pretraining through DeepSpeed ZeRO.
 
-Read top to bottom: plan (everything validated before any process group) -> process group ->
-model, optimizer, schedule, engine -> resume or init_from -> the step loop (micro-batches with
-gradient accumulation, one all-reduce of the step's statistics, optimizer step, logging, eval,
-checkpoint, preemption) -> exit code.
+`train` is the run as an outline; each part it names lives in bertscale.pretraining:
+
+    plan.py          everything validated before any process group (`build_plan`)
+    build.py         shard check, run-folder files, the engine factory, the loaders
+    step.py          `train_step`: micro-batches with gradient accumulation, ONE all-reduce of
+                     the step's named statistics (stats.py), the non-finite stop
+    steps.py         the optimizer update, skipped updates and the loss-scale stop
+    metrics.py       throughput, model FLOPs, TFLOP/s and MFU of each step
+    evaluator.py     the held-out eval and its cadence
+    checkpointer.py  when to save, and what the trainer state holds
+    agreement.py     the decisions every rank takes together (data errors, finite weights,
+                     preemption)
+    faults.py        the `[debug]` fault injection the failure tests use
+    reporter.py      rank 0's terminal, metrics.jsonl, W&B, TensorBoard
+
+Resuming is bertscale.resume.restore, the one path: it builds the engine, loads it, and hands
+each stateful component (the loop's counters, the loader's data position) its saved state.
 
 One launcher-agnostic entrypoint: `torchrun`, `deepspeed`, `mpirun` and `srun` all work, see
 bertscale.distributed. Exit codes: 0 done; 2 bad input (before anything ran); 3 the loss or the
@@ -26,316 +39,46 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bertscale import checkpoint as ckpt_lib
 from bertscale import distributed, runlock
 from bertscale import resume as resume_lib
-from bertscale import steps as steps_lib
-from bertscale.config import (ModelConfig, PretrainRecipe, load_pretrain_recipe, padded_vocab_size,
-                              recipe_to_dict, to_dict)
-from bertscale.errors import ConfigError, UserError
-from bertscale.reporting import MetricSinks
-from bertscale.reporting import hms as _hms
+from bertscale.config import PretrainRecipe, load_pretrain_recipe, recipe_to_dict
+from bertscale.errors import ConfigError
+from bertscale.pretraining import build
+from bertscale.pretraining.agreement import Preemption, next_micro_batches
+from bertscale.pretraining.checkpointer import Checkpointer
+from bertscale.pretraining.evaluator import Evaluator
+from bertscale.pretraining.faults import DebugHooks
+from bertscale.pretraining.metrics import StepMetrics
+from bertscale.pretraining.plan import (DEEPSPEED_CONFIG_DIR, Plan, build_plan, deepspeed_config,
+                                        resolve_deepspeed_config)
+from bertscale.pretraining.reporter import Reporter
+from bertscale.pretraining.step import train_step
+from bertscale.pretraining.steps import StopTraining, TrainState, Updater
 from bertscale.seeding import seed_all
 
-# The built-in DeepSpeed JSONs ship inside the package (bertscale/deepspeed_configs: in the
-# repository a symlink to the top-level deepspeed_configs/, in a wheel the files themselves), so
-# an installed bertscale finds them from any folder. BERTSCALE_DEEPSPEED_CONFIGS points elsewhere.
-DEEPSPEED_CONFIG_DIR = Path(os.environ.get("BERTSCALE_DEEPSPEED_CONFIGS",
-                                           Path(__file__).parent / "deepspeed_configs"))
-_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-
-
-# =============================================================================== the plan
-# Everything a run needs to know, checked before a process group exists, so a bad recipe, batch,
-# manifest or resume fails in seconds with one clear message instead of N tracebacks.
-
-
-@dataclass
-class Plan:
-    recipe: PretrainRecipe
-    env: distributed.DistEnv
-    run_dir: Path
-    manifest: Any                      # bertscale.data.shards.Manifest
-    model_config: ModelConfig
-    tokenizer_hash: str
-    ds_config: dict[str, Any]          # what deepspeed.initialize gets, batch fields injected
-    ds_config_path: Path
-    precision: str                     # "fp32" | "bf16" | "fp16"
-    zero_stage: int
-    grad_accum: int
-    resume_from: resume_lib.ResumePoint | None
-    init_from: ckpt_lib.Committed | None
-    stop_at_step: int | None
-
-
-def resolve_deepspeed_config(value: str) -> Path:
-    """A DeepSpeed JSON given by path, or by name: ./deepspeed_configs/NAME.json (a user's edited
-    copy in the current folder) first, then the built-in DEEPSPEED_CONFIG_DIR/NAME.json."""
-    path = Path(value)
-    candidates = [path] if path.suffix == ".json" or "/" in value else []
-    candidates += [Path("deepspeed_configs") / f"{value}.json", DEEPSPEED_CONFIG_DIR / f"{value}.json"]
-    for c in candidates:
-        if c.is_file():
-            return c
-    known = sorted(p.stem for p in DEEPSPEED_CONFIG_DIR.glob("*.json"))
-    builtin = f"built-in configs: {', '.join(known)}" if known else f"no built-in configs in {DEEPSPEED_CONFIG_DIR}"
-    raise ConfigError(f"train.deepspeed = {value!r}: no such file; {builtin}")
-
-
-def deepspeed_config(recipe: PretrainRecipe, world_size: int,
-                     cuda: bool) -> tuple[dict[str, Any], Path, str, int, int]:
-    """Read the DeepSpeed JSON and inject the batch fields derived from the recipe."""
-    t = recipe.train
-    path = resolve_deepspeed_config(t.deepspeed)
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
-    # The global batch is the recipe's at every world size (also after an elastic resume);
-    # when it cannot be split, the error lists the world sizes that would work.
-    from bertscale.elastic import plan_batch
-    try:
-        accum = plan_batch(t.global_batch_size, t.micro_batch_size, world_size)
-    except ConfigError as e:
-        raise ConfigError(f"train.global_batch_size / train.micro_batch_size: {e}") from None
-    derived = dict(zip(_BATCH_KEYS, (t.global_batch_size, t.micro_batch_size, accum)))
-    for key, value in derived.items():
-        if key in cfg and cfg[key] != "auto" and cfg[key] != value:
-            raise ConfigError(f"{path}: sets {key} = {cfg[key]}, but the recipe gives {value} "
-                              f"(global {t.global_batch_size} = micro {t.micro_batch_size} x accumulation "
-                              f"{accum} x {world_size} ranks); remove the batch fields from the JSON")
-    for key, section in (("optimizer", "[optimizer]"), ("scheduler", "[schedule]")):
-        if key in cfg:
-            raise ConfigError(f"{path}: has a {key!r} section; the recipe's {section} defines it "
-                              f"(remove it from the JSON)")
-    cfg.update(derived)
-    fp16 = bool(cfg.get("fp16", {}).get("enabled", False))
-    bf16 = bool(cfg.get("bf16", {}).get("enabled", False))
-    if fp16 and bf16:
-        raise ConfigError(f"{path}: enables both fp16 and bf16")
-    if fp16 and not cuda:
-        raise ConfigError(f"{path}: enables fp16, which DeepSpeed supports only on GPUs; on the CPU "
-                          f"use a bf16 or fp32 config (e.g. train.deepspeed = "
-                          f"\"{path.stem.replace('fp16', 'bf16')}\")")
-    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
-    # A client (torch) optimizer under ZeRO is "untested" in DeepSpeed's words; ours are tested.
-    cfg.setdefault("zero_allow_untested_optimizer", True)
-    return cfg, path, "fp16" if fp16 else "bf16" if bf16 else "fp32", stage, accum
-
-
-def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, resume: str,
-               stop_at_step: int | None = None) -> Plan:
-    import dataclasses
-
-    import torch
-
-    from bertscale.data.shards import read_manifest
-
-    manifest = read_manifest(recipe.data.manifest, shard_base=recipe.data.shard_base,
-                             cache_dir=recipe.data.cache_dir)
-    vocab_file, vocab_size = Path(manifest.vocab_file), manifest.vocab_size
-    # The manifest's tokenizer hash is the tokenizer's identity for resumes and init_from.
-    tokenizer_hash = manifest.tokenizer_hash
-    model = recipe.model
-    if not recipe.vocab_size_explicit:
-        model = dataclasses.replace(model, vocab_size=padded_vocab_size(
-            vocab_size, recipe.fast.pad_vocab_multiple))
-    elif model.vocab_size < vocab_size:
-        raise ConfigError(f"model.vocab_size {model.vocab_size} is smaller than the manifest's "
-                          f"vocabulary ({vocab_size} tokens in {vocab_file})")
-    if manifest.seq_len > model.max_position_embeddings:
-        raise ConfigError(f"the shards hold {manifest.seq_len}-token sequences but "
-                          f"model.max_position_embeddings is {model.max_position_embeddings}")
-    if manifest.num_samples("train") < recipe.train.global_batch_size:
-        raise UserError(f"{manifest.path}: the train split has {manifest.num_samples('train')} samples, "
-                        f"fewer than one global batch ({recipe.train.global_batch_size})")
-    if manifest.num_samples("eval") == 0:
-        raise UserError(f"{manifest.path}: the eval split has no samples (prepare with an "
-                        f"eval fraction above 0)")
-    if recipe.eval.samples > manifest.num_samples("eval") and env.is_main:
-        # Still the same samples on any number of ranks: all of them.
-        print(f"warning: eval.samples = {recipe.eval.samples}, but the eval split of "
-              f"{manifest.path} has {manifest.num_samples('eval')} samples: evaluating on all of "
-              f"them", file=sys.stderr, flush=True)
-    # A sequence of T tokens has T - 3 maskable tokens ([CLS] and two [SEP]) at most.
-    maskable = manifest.seq_len - 3
-    if recipe.data.max_predictions_per_seq > maskable:
-        raise ConfigError(f"data.max_predictions_per_seq = {recipe.data.max_predictions_per_seq} "
-                          f"is more than the {maskable} maskable tokens of a {manifest.seq_len}-token "
-                          f"sequence in {manifest.path} (the paper: 20 at 128, 80 at 512)")
-    from bertscale.optim import warmup_steps
-    if warmup_steps(recipe.schedule, recipe.train.steps) > recipe.train.steps:
-        raise ConfigError(f"schedule.warmup {recipe.schedule.warmup} is longer than train.steps "
-                          f"{recipe.train.steps}")
-    if recipe.logging.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ConfigError("logging.tensorboard = true (--tensorboard) needs the tensorboard "
-                              "package: pip install 'bertscale[tensorboard]'") from None
-    ds_config, ds_path, precision, stage, accum = deepspeed_config(
-        recipe, env.world_size, cuda=torch.cuda.is_available())
-
-    # Resume: the newest committed checkpoint of this run folder, if it is the same run.
-    resume_point = resume_lib.find(run_dir, resume, resume_lib.Identity(
-        tokenizer_hash, manifest.fingerprint, model))
-    init_from = None
-    if recipe.train.init_from is not None and resume_point is None:
-        init_from = ckpt_lib.resolve(recipe.train.init_from)
-        ckpt_lib.check_compatible(ckpt_lib.read_state(init_from), tokenizer_hash=tokenizer_hash,
-                                  manifest_fingerprint=None, model_config=model,
-                                  where=f"train.init_from {init_from.path}")
-    run_vocab = run_dir / ckpt_lib.VOCAB_FILE
-    if run_vocab.is_file() and run_vocab.read_bytes() != vocab_file.read_bytes():
-        raise UserError(f"{run_vocab}: this run folder was started with another vocabulary than "
-                        f"{vocab_file}; use a new --run-dir")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{run_dir}: cannot create the run folder ({e.strerror})") from None
-    if not os.access(run_dir, os.W_OK):
-        raise UserError(f"{run_dir}: run folder is not writable")
-    return Plan(recipe, env, run_dir, manifest, model, tokenizer_hash, ds_config, ds_path,
-                precision, stage, accum, resume_point, init_from, stop_at_step)
-
-
-# ================================================================================ metrics
-
-
-class Reporter:
-    """Rank 0's outputs: terminal (bar or plain lines), metrics.jsonl, W&B, TensorBoard. Every
-    optional sink fails soft: a warning, never a crashed or stalled job."""
-
-    def __init__(self, plan: Plan, start_step: int):
-        self.plan, self.main = plan, plan.env.is_main
-        self.total = plan.recipe.train.steps
-        self.start_step = start_step
-        self.t_start: float | None = None
-        lg = plan.recipe.logging
-        self.bar = self.main and (lg.progress == "bar" or (lg.progress == "auto" and sys.stdout.isatty()))
-        self.bar_open = False
-        # metrics.jsonl, W&B and TensorBoard: the sinks fine-tuning writes through too.
-        self.sinks = MetricSinks(plan.run_dir, enabled=self.main, wandb=lg.wandb,
-                                 tensorboard=lg.tensorboard, project=lg.wandb_project,
-                                 name=plan.recipe.name, wandb_config=recipe_to_dict(plan.recipe),
-                                 wandb_mode=lg.wandb_mode, warn=self.warn)
-
-    def warn(self, msg: str) -> None:
-        if self.main:
-            self._end_bar()
-            print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-    def info(self, msg: str) -> None:
-        if self.main:
-            self._end_bar()
-            print(msg, flush=True)
-
-    def _end_bar(self) -> None:
-        if self.bar_open:
-            sys.stdout.write("\n")
-            self.bar_open = False
-
-    def record(self, kind: str, step: int, values: dict[str, float]) -> None:
-        self.sinks.record(kind, step, values)
-
-    def train_step(self, step: int, values: dict[str, float], log_now: bool) -> None:
-        if not self.main:
-            return
-        if self.t_start is None:  # the first step pays for warm-up; ETA counts from its end
-            self.t_start, self.t_first = time.monotonic(), step
-        if log_now:
-            self.record("train", step, values)
-        done = step - self.t_first
-        eta = (time.monotonic() - self.t_start) / done * (self.total - step) if done else float("nan")
-        line = (f"step {step}/{self.total}  loss {values['loss']:.4f}  mlm_acc {values['mlm_acc']:.3f}  "
-                f"lr {values['lr']:.2e}  {values['samples_per_s']:.1f} samples/s  ETA {_hms(eta)}")
-        if self.bar:
-            width = 24
-            fill = int(width * step / self.total)
-            sys.stdout.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {line}\x1b[K")
-            sys.stdout.flush()
-            self.bar_open = True
-        elif log_now:
-            print(line, flush=True)
-
-    def skipped(self, step: int, values: dict[str, float]) -> None:
-        """An optimizer update skipped for gradient overflow: always logged, never a step."""
-        if not self.main:
-            return
-        self.record("skip", step, values)
-        scale = f", loss scale now {values['loss_scale']:g}" if "loss_scale" in values else ""
-        self.info(f"step {step + 1}/{self.total}: update skipped (gradient overflow{scale}); "
-                  f"{values['skipped_steps']} skipped in all, not counted as steps")
-
-    def close(self) -> None:
-        if not self.main:
-            return
-        self._end_bar()
-        self.sinks.close()
+# The plan's names are this command's public API too (tests and tools import them from here).
+__all__ = ["DEEPSPEED_CONFIG_DIR", "Plan", "build_plan", "deepspeed_config", "main",
+           "quiet_deepspeed", "register", "resolve_deepspeed_config", "run", "train"]
 
 
 # ================================================================================ the run
 
 
-def _vec(*scalars: Any) -> Any:
-    import torch
-
-    return torch.stack([s.double() for s in scalars])
-
-
-def _fetch(batches: Any, n: int) -> tuple[list[dict[str, Any]], str | None]:
-    """The next `n` micro-batches, or the data error met on the way (a damaged sample, a shard
-    that cannot be read): returned, not raised, so that the ranks can agree on it first."""
-    try:
-        return [next(batches) for _ in range(n)], None
-    except UserError as e:
-        return [], str(e)
-
-
-def train(plan: Plan) -> int:
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-
+def _build_model(plan: Plan) -> tuple[Any, Any]:
+    """The model (same initial weights on every rank: seeded identically first) and its
+    optimizer; the weights of `train.init_from` if the run starts from them."""
     from bertscale import optim, perf
-    from bertscale.data.cache import FetchSettings
-    from bertscale.data.loader import MaskingConfig, PretrainLoader, verify_shards
-    from bertscale.model import BertForPreTraining, pretraining_loss
+    from bertscale.model import BertForPreTraining
     from bertscale.parallelize import FastPaths, apply_fast_paths
 
-    recipe, env, run_dir = plan.recipe, plan.env, plan.run_dir
-    t, G, W = recipe.train, recipe.train.global_batch_size, plan.env.world_size
-
-    # ---- process group, signals
-    distributed.init(env)
-    distributed.install_signal_handlers()
-    # ---- one writer per run folder: a second live trainer stops here, on every rank (exit 2)
-    run_lock = runlock.acquire(run_dir, env.is_main)
-
-    # ---- the shards are the manifest's: sizes and sample counts (tar headers only), and with
-    # data.verify_sha256 the hashes; each rank checks its share (the corpus is read once per job,
-    # not once per rank), and every rank stops with the same message if one is bad
-    problems = distributed.gather_problems(
-        [msg for split in ("train", "eval")
-         for msg in verify_shards(plan.manifest, split, env.rank, W, sha256=recipe.data.verify_sha256)])
-    if problems:
-        more = f" (and {len(problems) - 1} more bad shards)" if len(problems) > 1 else ""
-        raise UserError(problems[0] + more)
-    if env.is_main:
-        ckpt_lib.copy_atomic(Path(plan.manifest.vocab_file), run_dir / ckpt_lib.VOCAB_FILE)
-        ckpt_lib.write_json_atomic(run_dir / "recipe.json", recipe_to_dict(recipe))
-        ckpt_lib.write_json_atomic(run_dir / "deepspeed_config.json", plan.ds_config)
-
-    # ---- model (same initial weights on every rank), optimizer, schedule, engine; then the
-    # committed checkpoint this run continues, if any (bertscale.resume: the one resume path)
+    recipe, t = plan.recipe, plan.recipe.train
     seed_all(t.seed)
     fast = recipe.fast
     perf.set_tf32(fast.tf32)
@@ -349,275 +92,69 @@ def train(plan: Plan) -> int:
         del weights
     ckpt_lib.mark_universal(model)
     optimizer = optim.build_optimizer(recipe.optimizer, model)
+    return model, optimizer
 
-    def build_engine(ds_config: dict[str, Any]) -> tuple[Any, Any]:
-        engine, _, _, scheduler = deepspeed.initialize(
-            # The device is local_rank modulo the visible GPUs, not DeepSpeed's LOCAL_RANK as is.
-            args=argparse.Namespace(device_rank=distributed.local_device_index(env)),
-            model=model, optimizer=optimizer, config=ds_config,
-            lr_scheduler=lambda opt: optim.build_scheduler(opt, recipe.schedule, t.steps))
-        optim.make_zero_aware(optimizer, engine)  # LAMB: trust ratios per original tensor under ZeRO
-        return engine, scheduler
 
-    (engine, scheduler), start = resume_lib.restore(plan.resume_from, plan.ds_config, build_engine,
-                                                    rank=env.rank, world_size=W, seed=t.seed)
-    overflow = steps_lib.OverflowInjector(model,
-                                          recipe.debug.overflow_at_steps if env.is_main else [])
-    device = engine.device
-    step = start.step
-    last_saved = step if start.resumed_from is not None else None
+def train(plan: Plan) -> int:
+    """Train from the plan's start to `plan.stop_at`; the exit code (module docstring)."""
+    recipe, env, t = plan.recipe, plan.env, plan.recipe.train
+    distributed.init(env)
+    distributed.install_signal_handlers()
+    # One writer per run folder: a second live trainer stops here, on every rank (exit 2).
+    run_lock = runlock.acquire(plan.run_dir, env.is_main)
+    build.check_shards(plan)
+    build.write_run_files(plan)
 
-    skips = steps_lib.Skips()
-    if plan.resume_from is not None:
-        skips.total = int(plan.resume_from.state.get("skipped_steps", 0))
+    model, optimizer = _build_model(plan)
+    # The components that save and restore their own state: the loop's counters and the
+    # loader's data position (the only place the position is kept).
+    state, loader = TrainState(), build.train_loader(plan)
+    (engine, scheduler), start = resume_lib.restore(
+        plan.resume_from, plan.ds_config, build.engine_builder(plan, model, optimizer),
+        {"train": state, "data": loader}, rank=env.rank, world_size=env.world_size, seed=t.seed)
 
-    # ---- data: the loader owns the global position (consumed_samples)
-    masking = MaskingConfig(mask_prob=recipe.data.mask_prob,
-                            max_predictions_per_seq=recipe.data.max_predictions_per_seq,
-                            whole_word=recipe.data.whole_word_masking)
-    loader = PretrainLoader(plan.manifest, split="train", global_batch_size=G,
-                            micro_batch_size=t.micro_batch_size, rank=env.rank, world_size=W,
-                            seed=t.seed, consumed_samples=start.consumed_samples, masking=masking,
-                            num_workers=recipe.data.num_workers,
-                            bad_sample_policy=recipe.data.bad_sample_policy,
-                            max_bad_samples=recipe.data.max_bad_samples,
-                            verify_sha256=False,  # checked above, a share per rank
-                            fetch=FetchSettings.of(recipe.data))
-    batches = iter(loader)
+    reporter = Reporter(plan, state.step)
+    metrics = StepMetrics(plan, engine.device)
+    reporter.start(plan, step=state.step, consumed_samples=loader.consumed_samples, start=start,
+                   n_params=sum(p.numel() for p in model.parameters()), mfu=metrics.describe())
+    hooks = DebugHooks(recipe.debug, model, active=env.is_main)
+    updater = Updater(engine, scheduler, state.skips, precision=plan.precision,
+                      max_skips_in_a_row=t.max_loss_scale_skips, info=reporter.info)
+    evaluator = Evaluator(plan, engine, reporter, lambda: build.eval_loader(plan))
+    checkpointer = Checkpointer(plan, engine, model, train_state=state, loader=loader, info=reporter.info,
+                                last_saved=state.step if start.resumed_from is not None else None)
+    preemption = Preemption(run_lock, t.steps, reporter.info)
 
-    reporter = Reporter(plan, step)
-    peak = perf.mfu_peak(recipe.logging.peak_tflops, device, plan.precision)  # (TFLOP/s, source)
-    n_params = sum(p.numel() for p in model.parameters())
-    if start.resumed_from is not None:
-        how = (f", converted from {start.saved_world_size} ranks through a universal checkpoint"
-               if start.universal else "")
-        reporter.info(f"resumed from {start.resumed_from.path} (step {step}, "
-                      f"{start.consumed_samples} samples consumed{how})")
-    elif plan.init_from is not None:
-        reporter.info(f"initialised from {plan.init_from.path} (step {plan.init_from.step} weights)")
-    reporter.info(f"pretraining {recipe.name}: {n_params / 1e6:.1f}M parameters, {W} rank(s), "
-                  f"ZeRO-{plan.zero_stage} {plan.precision}, global batch {G} = {t.micro_batch_size} "
-                  f"x {plan.grad_accum} accumulation x {W}, seq {plan.manifest.seq_len}, "
-                  f"steps {step}->{t.steps}, run folder {run_dir}")
-    reporter.info(f"MFU against {peak[0]:g} TFLOP/s per device ({peak[1]}, {plan.precision}); model "
-                  f"FLOPs on real tokens (bertscale.perf)" if peak else
-                  "MFU not reported: set logging.peak_tflops (no datasheet peak for this device)")
-
-    def agree_on_data(error: str | None) -> None:
-        """A data error met by one rank stops every rank at the same point with the same line
-        (the first rank's), instead of the others waiting in the next collective."""
-        flag = torch.tensor([0.0 if error is None else 1.0], device=device)
-        dist.all_reduce(flag)
-        if flag.item():
-            found = distributed.gather_problems([error] if error else [])
-            raise UserError(f"step {step + 1}: {found[0]}")
-
-    def state_for_checkpoint() -> dict[str, Any]:
-        return {"step": step, "consumed_samples": loader.consumed_samples,
-                "skipped_steps": skips.total,
-                "recipe": recipe_to_dict(recipe),
-                "model_config": to_dict(plan.model_config), "tokenizer_hash": plan.tokenizer_hash,
-                "manifest_fingerprint": plan.manifest.fingerprint,
-                "manifest_path": str(plan.manifest.path), "lowercase": bool(plan.manifest.lowercase),
-                "seq_len": plan.manifest.seq_len, "pair_objective": plan.manifest.pair_objective,
-                "zero_stage": plan.zero_stage, "precision": plan.precision,
-                "global_batch_size": G, "micro_batch_size": t.micro_batch_size,
-                "deepspeed_config": plan.ds_config_path.name}
-
-    def params_finite() -> bool:
-        # ZeRO-3 keeps only this rank's partition in ds_tensor; the others hold full copies.
-        ok = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in model.parameters())
-        flag = torch.tensor([0.0 if ok else 1.0], device=device)
-        dist.all_reduce(flag)
-        return flag.item() == 0
-
-    def save_checkpoint() -> int | None:
-        nonlocal last_saved
-        if last_saved == step:
-            return None
-        if not params_finite():
-            reporter.info(f"error: step {step}: weights are not finite; not saving a checkpoint")
-            return distributed.NONFINITE_EXIT_CODE
-        ckpt_lib.save(engine, run_dir, step, state_for_checkpoint(), keep=recipe.checkpoint.keep,
-                      check_free_space=recipe.checkpoint.check_free_space, log=reporter.info)
-        last_saved = step
-        return None
-
-    def evaluate() -> dict[str, float]:
-        micro = recipe.eval.micro_batch_size or t.micro_batch_size
-        # One pass over the first eval.samples of the eval split in stored order (the same
-        # samples on any number of ranks), padded with void samples so every rank has the same
-        # number of batches; masks depend on (seed, position) only, so every eval sees the same
-        # masks.
-        eval_loader = PretrainLoader(plan.manifest, split="eval", global_batch_size=micro * W,
-                                     micro_batch_size=micro, rank=env.rank, world_size=W, seed=t.seed,
-                                     masking=masking, verify_sha256=False,
-                                     max_samples=recipe.eval.samples,
-                                     fetch=FetchSettings.of(recipe.data))
-        sums = torch.zeros(8, dtype=torch.float64, device=device)
-        engine.eval()
-        try:
-            eval_batches = iter(eval_loader)
-            with torch.no_grad():
-                for _ in range(len(eval_loader)):
-                    fetched, error = _fetch(eval_batches, 1)
-                    agree_on_data(error)
-                    batch = {k: v.to(device, non_blocking=True) for k, v in fetched[0].items()}
-                    out = engine(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                                 attention_mask=batch["attention_mask"],
-                                 masked_positions=batch["masked_positions"])
-                    p = pretraining_loss(out, batch["masked_labels"], batch["next_sentence_label"],
-                                         vocab_size=plan.manifest.vocab_size)
-                    # Sums, not means: a token-weighted MLM loss and exact counts after the all-reduce.
-                    sums += _vec(p.mlm * p.mlm_count, p.nsp * p.nsp_count, p.mlm_correct, p.mlm_count,
-                                 p.nsp_correct, p.nsp_count, (batch["sample_ids"] >= 0).sum(),
-                                 (batch["next_sentence_label"] == 1).sum())
-        finally:
-            engine.train()
-            eval_loader.close()
-        dist.all_reduce(sums)
-        mlm_loss, nsp_loss, mlm_ok, mlm_n, nsp_ok, nsp_n, n, nsp_pos = sums.tolist()
-        values = {"mlm_loss": mlm_loss / max(mlm_n, 1), "mlm_acc": mlm_ok / max(mlm_n, 1),
-                  "masked_tokens": mlm_n, "samples": n}
-        if nsp_n:
-            # The accuracy of always answering the commoner label: NSP's real floor, not 50%.
-            values.update(nsp_loss=nsp_loss / nsp_n, nsp_acc=nsp_ok / nsp_n, pairs=nsp_n,
-                          nsp_majority=max(nsp_pos, nsp_n - nsp_pos) / nsp_n)
-        values["loss"] = values["mlm_loss"] + values.get("nsp_loss", 0.0)
-        return values
-
-    def report_eval(values: dict[str, float]) -> None:
-        reporter.record("eval", step, values)
-        nsp = f"  nsp_acc {values['nsp_acc']:.3f}" if "nsp_acc" in values else ""
-        reporter.info(f"eval step {step}: loss {values['loss']:.4f}  mlm_acc {values['mlm_acc']:.3f}"
-                      f"{nsp}  ({int(values['samples'])} samples)")
-
-    # ---- the step loop
     exit_code = 0
-    stop_at = min(t.steps, plan.stop_at_step) if plan.stop_at_step else t.steps
     try:
-        if recipe.eval.at_start and step == 0:
-            report_eval(evaluate())
+        evaluator.maybe_run_at_start(state.step)
         engine.train()
-        while step < stop_at:
+        batches = iter(loader)
+        while state.step < plan.stop_at:
             t0 = time.perf_counter()
-            micro_batches, data_error = _fetch(batches, plan.grad_accum)
-            agree_on_data(data_error)
-            # loss, mlm loss, nsp loss, mlm hits, mlm count, nsp hits, nsp count, real tokens,
-            # squared real lengths (the FLOP count's attention term), non-finite micro-batches,
-            # preemption flag: one all-reduce per optimizer step.
-            stats = torch.zeros(11, dtype=torch.float64, device=device)
-            seen: list[tuple[Any, Any]] = []  # (finite?, sample_ids) per micro-batch, no sync
-            overflow.arm(step + 1)
-            for micro, cpu_batch in enumerate(micro_batches):
-                batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-                out = engine(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                             attention_mask=batch["attention_mask"],
-                             masked_positions=batch["masked_positions"])
-                parts = pretraining_loss(out, batch["masked_labels"], batch["next_sentence_label"],
-                                         vocab_size=plan.manifest.vocab_size)
-                loss = parts.total
-                if recipe.debug.nan_loss_at_step == step + 1 and env.is_main:
-                    loss = loss * float("nan")  # fault injection (tests): the NaN path end to end
-                finite = torch.isfinite(loss.detach())
-                seen.append((finite, batch["sample_ids"]))
-                engine.backward(loss)
-                if micro < plan.grad_accum - 1:
-                    engine.step()  # inside the accumulation window: DeepSpeed only counts it
-                stats += _vec(
-                    torch.where(finite, loss.detach(), 0.0), torch.where(finite, parts.mlm.detach(), 0.0),
-                    torch.where(finite, parts.nsp.detach(), 0.0), parts.mlm_correct, parts.mlm_count,
-                    parts.nsp_correct, parts.nsp_count,
-                    *perf.batch_length_sums(batch["attention_mask"]),
-                    ~finite, torch.zeros((), device=device))
-            stats[10] = 1.0 if distributed.local_preemption_flag() else 0.0
-            dist.all_reduce(stats)
-            (loss_s, mlm_s, nsp_s, mlm_ok, mlm_n, nsp_ok, nsp_n, tokens, tokens_sq, nonfinite,
-             preempt) = stats.tolist()
-            if nonfinite:
-                # Stop BEFORE the optimizer step: the weights stay those of step `step`.
-                bad_ids = [i for ok, ids in seen if not bool(ok) for i in ids.tolist()]
-                if bad_ids:
-                    print(f"[rank {env.rank}] step {step + 1}: non-finite loss; batch sample_ids "
-                          f"{bad_ids}", file=sys.stderr, flush=True)
-                latest = ckpt_lib.latest_committed(run_dir)
-                reporter.info(f"error: step {step + 1}: loss is NaN/inf in {int(nonfinite)} "
-                              f"micro-batch(es) (sample ids on stderr of the rank(s) that saw it); "
-                              f"stopping without saving. Newest committed checkpoint: "
-                              f"{latest.path if latest else 'none'}")
-                exit_code = distributed.NONFINITE_EXIT_CODE
-                break
-
-            lr = float(scheduler.get_last_lr()[0])  # the rate this step's update uses
-            collapsed = False
-            try:
-                engine.step()  # optimizer step (clipping, ZeRO update), LR schedule step
-            except Exception as e:
-                # fp16: DeepSpeed's dynamic loss scaler raises (on every rank: overflow is
-                # all-reduced) when an overflow happens at its minimum scale.
-                if "loss scale already at minimum" not in str(e):
-                    raise
-                collapsed = True
-            # A skipped update (gradient overflow) is not a step; its samples were consumed.
-            applied = not collapsed and engine.was_step_applied()
-            skips.record(applied)
-            scale = steps_lib.loss_scale(engine) if plan.precision == "fp16" else None
-            if collapsed or skips.in_a_row >= t.max_loss_scale_skips:
-                reporter.info(f"error: step {step + 1}: {skips.in_a_row} optimizer updates in a row "
-                              f"skipped for gradient overflow (loss scale {scale}); stopping "
-                              f"without saving")
-                exit_code = distributed.NONFINITE_EXIT_CODE
-                break
-            if not applied:
-                # A preemption flag stays set: the next applied step saves and exits.
-                reporter.skipped(step, {"skipped_steps": skips.total,
-                                        "consumed_samples": loader.consumed_samples,
-                                        "loss": loss_s / (W * plan.grad_accum),
-                                        **({"loss_scale": scale} if scale is not None else {})})
+            micro_batches = next_micro_batches(batches, plan.grad_accum, step=state.step,
+                                               device=engine.device)
+            stats = train_step(engine, micro_batches, step=state.step, hooks=hooks,
+                               vocab_size=plan.manifest.vocab_size, rank=env.rank,
+                               run_dir=plan.run_dir, info=reporter.info)
+            update = updater.apply(state.step)
+            if not update.applied:
+                # Not a step, but its samples were read. A preemption flag stays set: the next
+                # applied step saves and exits.
+                reporter.skipped(state.step, metrics.skipped(
+                    stats, update, consumed_samples=loader.consumed_samples,
+                    skipped_steps=state.skips.total))
                 continue
-            step += 1
-            dt = time.perf_counter() - t0
-            n = W * plan.grad_accum
-            model_flops = perf.step_flops_from_sums(plan.model_config, G, int(tokens),
-                                                    int(tokens_sq), int(mlm_n), nsp=nsp_n > 0).train
-            tflops = model_flops / dt / 1e12
-            values = {"loss": loss_s / n, "mlm_loss": mlm_s / n, "mlm_acc": mlm_ok / max(mlm_n, 1),
-                      "lr": lr, "samples_per_s": G / dt,
-                      "tokens_per_s": tokens / dt, "model_flops": model_flops, "tflops": tflops,
-                      "step_time_s": dt,
-                      "consumed_samples": loader.consumed_samples, "skipped_steps": skips.total}
-            if nsp_n:
-                values.update(nsp_loss=nsp_s / n, nsp_acc=nsp_ok / nsp_n)
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is not None:
-                values["grad_norm"] = float(grad_norm)
-            if peak is not None:
-                values["mfu"] = tflops / (peak[0] * W)
-            values.update(perf.peak_memory_gib(device))
-            last = step == t.steps
-            reporter.train_step(step, values, log_now=step % recipe.logging.every == 0 or last or step == 1)
-
-            if recipe.eval.every and step % recipe.eval.every == 0 or last:
-                report_eval(evaluate())
-            due = recipe.checkpoint.every and step % recipe.checkpoint.every == 0
-            if due or preempt or (last and recipe.checkpoint.at_end) or step == stop_at:
-                failed = save_checkpoint()
-                if failed:
-                    exit_code = failed
-                    break
-            if preempt and step < t.steps:
-                names = ",".join(distributed.signal_names()) or "a signal on another rank"
-                reporter.info(f"preempted ({names}): checkpoint step {step} committed; exiting "
-                              f"with code {distributed.PREEMPTED_EXIT_CODE} to be requeued")
-                exit_code = distributed.PREEMPTED_EXIT_CODE
-                run_lock.record_preemption(step, distributed.signal_names())  # for requeue wrappers
-                break
-        else:
-            if step < t.steps:
-                reporter.info(f"stopped at step {step} as asked (--stop-at-step); resume to continue")
-            else:
-                reporter.info(f"done: {step} steps, {loader.consumed_samples} samples; checkpoints in "
-                              f"{ckpt_lib.checkpoints_dir(run_dir)}, metrics in {run_dir / 'metrics.jsonl'}")
+            state.step += 1
+            reporter.train_step(state.step, metrics.train(
+                stats, update, time.perf_counter() - t0, engine=engine,
+                consumed_samples=loader.consumed_samples, skipped_steps=state.skips.total))
+            evaluator.maybe_run(state.step)
+            checkpointer.maybe_save(state.step, preempted=bool(stats.preempted))
+            preemption.maybe_exit(state.step, bool(stats.preempted))
+        reporter.finished(state.step, loader.consumed_samples)
+    except StopTraining as stop:  # said why already; every rank stops at the same step
+        exit_code = stop.exit_code
     finally:
         reporter.close()
         loader.close()

@@ -4,9 +4,10 @@ Two halves, because the first must run before any process group exists and the s
 
     point = find(run_dir, mode, identity)        # plan time: pick the checkpoint, refuse a
                                                  # different tokenizer / data / model shape
-    engine, ..., start = restore(point, build)   # train time, every rank: convert to universal
-                                                 # if the world size changed, build the engine
-                                                 # with the matching config, load, repair, RNG
+    engine, start = restore(point, ..., build,   # train time, every rank: convert to universal
+                            components)          # if the world size changed, build the engine
+                                                 # with the matching config, load, repair, RNG,
+                                                 # then each component's own state
 
 `restore` is the only code in bertscale that loads an engine checkpoint (fine-tuning and export
 read consolidated weights through `checkpoint.load_consolidated`, without an engine). It exists
@@ -18,8 +19,9 @@ the repair and an elastic ZeRO-3 resume trained with weight decay on biases and 
 step count, silently.
 
 What a resume restores: model weights, optimizer state (moments, step counts, every param
-group's hyperparameters), the LR schedule, the step, the global data position
-(`consumed_samples`, world-size independent) and, at the same world size, every rank's Python /
+group's hyperparameters), the LR schedule, each stateful component's own state through its
+`load_state_dict` (the loop's step and skip count; the loader's global data position,
+`consumed_samples`, world-size independent) and, at the same world size, every rank's Python /
 NumPy / torch RNG state. At another world size the RNG streams cannot be mapped onto the new
 ranks; each rank is reseeded from (seed, step, rank), so the resumed run is reproducible but its
 dropout masks differ from the uninterrupted run's.
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Protocol
 
 from bertscale import checkpoint as ckpt_lib
 from bertscale.config import ModelConfig
@@ -57,9 +59,19 @@ class ResumePoint:
     def step(self) -> int:
         return int(self.state["step"])
 
+    def component_state(self, name: str) -> dict[str, Any]:
+        """The saved state of the trainer component `name`: "train" (the loop's counters, at the
+        top level of the file) or "data" (the loader's state dict; checkpoints written before it
+        was stored whole hold only its position, as the top-level `consumed_samples`)."""
+        if name == "train":
+            return self.state
+        if name == "data":
+            return self.state.get("data") or {"consumed_samples": self.state.get("consumed_samples")}
+        raise KeyError(name)
+
     @property
     def consumed_samples(self) -> int:
-        return int(self.state["consumed_samples"])
+        return int(self.component_state("data")["consumed_samples"])
 
     @property
     def saved_world_size(self) -> int:
@@ -71,7 +83,6 @@ class Start:
     """Where training starts: step 0, or what a checkpoint restored."""
 
     step: int = 0
-    consumed_samples: int = 0
     resumed_from: ckpt_lib.Committed | None = None
     saved_world_size: int | None = None
     universal: bool = False
@@ -97,18 +108,29 @@ def find(run_dir: Path, mode: str, identity: Identity) -> ResumePoint | None:
     ckpt_lib.check_compatible(state, tokenizer_hash=identity.tokenizer_hash,
                               manifest_fingerprint=identity.manifest_fingerprint,
                               model_config=identity.model_config, where=str(latest.path))
-    for key in ("step", "consumed_samples"):
-        if not isinstance(state.get(key), int) or state[key] < 0:
+    point = ResumePoint(latest, state)
+    data = state.get("data")
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"{latest.path / ckpt_lib.STATE_FILE}: data is not an object ({data!r})")
+    for key, holder in (("step", state), ("consumed_samples", point.component_state("data"))):
+        if not isinstance(holder.get(key), int) or holder[key] < 0:
             raise UserError(f"{latest.path / ckpt_lib.STATE_FILE}: {key} is missing or not a "
-                            f"non-negative integer ({state.get(key)!r})")
-    return ResumePoint(latest, state)
+                            f"non-negative integer ({holder.get(key)!r})")
+    return point
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def restore(point: ResumePoint | None, ds_config: dict[str, Any],
-            build: Callable[[dict[str, Any]], Any], *, rank: int, world_size: int,
-            seed: int) -> tuple[Any, Start]:
+            build: Callable[[dict[str, Any]], Any], components: Mapping[str, Stateful], *,
+            rank: int, world_size: int, seed: int) -> tuple[Any, Start]:
     """Build the engine (`build(ds_config)` returns whatever `deepspeed.initialize` returned, the
-    engine first) and, with a resume point, load it. Collective: every rank calls it.
+    engine first) and, with a resume point, load it and every component of `components` ("train",
+    "data": see `ResumePoint.component_state`) from its saved state. Collective: every rank
+    calls it.
 
     Fresh start: each rank is seeded with its own dropout stream after the model exists (the
     caller seeds the initialisation identically on every rank before building the model)."""
@@ -130,8 +152,9 @@ def restore(point: ResumePoint | None, ds_config: dict[str, Any],
         seed_all(seed + 7919 * (point.step + 1) + rank)
     else:
         ckpt_lib.restore_rng(ckpt, rank)
-    return built, Start(point.step, point.consumed_samples, ckpt, source.saved_world_size,
-                        source.universal)
+    for name, component in components.items():
+        component.load_state_dict(point.component_state(name))
+    return built, Start(point.step, ckpt, source.saved_world_size, source.universal)
 
 
 def load_engine_state(engine: Any, source: Any, *, where: str | Path | None = None) -> dict[str, Any]:

@@ -68,6 +68,9 @@ def test_resume_is_exact_at_world_size_1(ws1_runs):
                                              "time": records(straight, "eval")[-1]["time"]}
     state = ckpt_lib.read_state(ckpt_lib.latest_committed(resumed))
     assert (state["step"], state["consumed_samples"]) == (30, 480)
+    # The data position a checkpoint stores is the loader's own state dict, whole.
+    assert state["data"] == {"consumed_samples": 480, "seed": state["recipe"]["train"]["seed"],
+                             "manifest_fingerprint": state["manifest_fingerprint"], "split": "train"}
 
 
 def _start_ranks(argv: list[str], world: int) -> list[subprocess.Popen]:

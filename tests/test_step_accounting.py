@@ -1,6 +1,6 @@
-"""Steps are applied optimizer updates (bertscale.steps): an update DeepSpeed skips for gradient
-overflow is logged and counted, does not advance `train.steps`, the LR schedule or the eval and
-checkpoint cadences, and its samples count as consumed.
+"""Steps are applied optimizer updates (bertscale.pretraining.steps): an update DeepSpeed skips
+for gradient overflow is logged and counted, does not advance `train.steps`, the LR schedule or
+the eval and checkpoint cadences, and its samples count as consumed.
 
 Through `bertscale pretrain` with the real DeepSpeed engine (ZeRO-2, fp32, one rank, real
 Wikipedia shards). The stand-in for an fp16 overflow, which cannot happen on a CPU (DeepSpeed

@@ -553,9 +553,26 @@ class PretrainLoader:
                                 f"(see the warnings for which)")
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs to resume this stream (the trainer owns the counter)."""
+        """The stream's position, as a checkpoint stores it: the global `consumed_samples` (the
+        same on every rank, whatever the world size) and what the position is a position in."""
         return {"consumed_samples": self.consumed_samples, "seed": self.seed,
                 "manifest_fingerprint": self.fingerprint, "split": self.split}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved `state_dict` (before iterating). A position in another split or
+        manifest is refused. The seed is this loader's, as today's recipe gives it: a saved one
+        that differs is kept in the checkpoint only, as the recipe's own `train.seed` is."""
+        if state.get("split", self.split) != self.split:
+            raise UserError(f"a saved data position of the {state['split']!r} split cannot resume "
+                            f"the {self.split!r} split")
+        if state.get("manifest_fingerprint", self.fingerprint) != self.fingerprint:
+            raise UserError(f"{self.manifest.path}: the saved data position is one of another "
+                            f"manifest (fingerprint {str(state['manifest_fingerprint'])[:12]}, now "
+                            f"{self.fingerprint[:12]})")
+        consumed = state.get("consumed_samples")
+        if not isinstance(consumed, int) or consumed < 0:
+            raise UserError(f"consumed_samples {consumed!r} is not a non-negative integer")
+        self.start = self.consumed_samples = consumed
 
     def close(self) -> None:
         self.store.close()

@@ -1,0 +1,207 @@
+"""The plan of a pretraining run: everything it needs to know, checked before a process group
+exists, so that a bad recipe, batch, manifest or resume fails in seconds with one clear message
+instead of N tracebacks.
+
+`build_plan` reads the manifest, sizes the vocabulary, reads the DeepSpeed JSON and injects the
+batch fields (`deepspeed_config`), picks the checkpoint a resume continues (bertscale.resume.find)
+or the weights `train.init_from` starts from, and makes sure the run folder can be written. It
+runs on every rank with the same files, so every rank reaches the same verdict without talking.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bertscale import checkpoint as ckpt_lib
+from bertscale import distributed
+from bertscale import resume as resume_lib
+from bertscale.config import ModelConfig, PretrainRecipe, padded_vocab_size
+from bertscale.errors import ConfigError, UserError
+
+# The built-in DeepSpeed JSONs ship inside the package (bertscale/deepspeed_configs: in the
+# repository a symlink to the top-level deepspeed_configs/, in a wheel the files themselves), so
+# an installed bertscale finds them from any folder. BERTSCALE_DEEPSPEED_CONFIGS points elsewhere.
+DEEPSPEED_CONFIG_DIR = Path(os.environ.get("BERTSCALE_DEEPSPEED_CONFIGS",
+                                           Path(__file__).parent.parent / "deepspeed_configs"))
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+@dataclass
+class Plan:
+    recipe: PretrainRecipe
+    env: distributed.DistEnv
+    run_dir: Path
+    manifest: Any                      # bertscale.data.shards.Manifest
+    model_config: ModelConfig
+    tokenizer_hash: str
+    ds_config: dict[str, Any]          # what deepspeed.initialize gets, batch fields injected
+    ds_config_path: Path
+    precision: str                     # "fp32" | "bf16" | "fp16"
+    zero_stage: int
+    grad_accum: int
+    resume_from: resume_lib.ResumePoint | None
+    init_from: ckpt_lib.Committed | None
+    stop_at_step: int | None
+
+    @property
+    def stop_at(self) -> int:
+        """The step this process trains to: `train.steps`, or `--stop-at-step` if sooner."""
+        steps = self.recipe.train.steps
+        return min(steps, self.stop_at_step) if self.stop_at_step else steps
+
+
+def resolve_deepspeed_config(value: str) -> Path:
+    """A DeepSpeed JSON given by path, or by name: ./deepspeed_configs/NAME.json (a user's edited
+    copy in the current folder) first, then the built-in DEEPSPEED_CONFIG_DIR/NAME.json."""
+    path = Path(value)
+    candidates = [path] if path.suffix == ".json" or "/" in value else []
+    candidates += [Path("deepspeed_configs") / f"{value}.json", DEEPSPEED_CONFIG_DIR / f"{value}.json"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    known = sorted(p.stem for p in DEEPSPEED_CONFIG_DIR.glob("*.json"))
+    builtin = f"built-in configs: {', '.join(known)}" if known else f"no built-in configs in {DEEPSPEED_CONFIG_DIR}"
+    raise ConfigError(f"train.deepspeed = {value!r}: no such file; {builtin}")
+
+
+def deepspeed_config(recipe: PretrainRecipe, world_size: int,
+                     cuda: bool) -> tuple[dict[str, Any], Path, str, int, int]:
+    """Read the DeepSpeed JSON and inject the batch fields derived from the recipe."""
+    t = recipe.train
+    path = resolve_deepspeed_config(t.deepspeed)
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    # The global batch is the recipe's at every world size (also after an elastic resume);
+    # when it cannot be split, the error lists the world sizes that would work.
+    from bertscale.elastic import plan_batch
+    try:
+        accum = plan_batch(t.global_batch_size, t.micro_batch_size, world_size)
+    except ConfigError as e:
+        raise ConfigError(f"train.global_batch_size / train.micro_batch_size: {e}") from None
+    derived = dict(zip(_BATCH_KEYS, (t.global_batch_size, t.micro_batch_size, accum)))
+    for key, value in derived.items():
+        if key in cfg and cfg[key] != "auto" and cfg[key] != value:
+            raise ConfigError(f"{path}: sets {key} = {cfg[key]}, but the recipe gives {value} "
+                              f"(global {t.global_batch_size} = micro {t.micro_batch_size} x accumulation "
+                              f"{accum} x {world_size} ranks); remove the batch fields from the JSON")
+    for key, section in (("optimizer", "[optimizer]"), ("scheduler", "[schedule]")):
+        if key in cfg:
+            raise ConfigError(f"{path}: has a {key!r} section; the recipe's {section} defines it "
+                              f"(remove it from the JSON)")
+    cfg.update(derived)
+    fp16 = bool(cfg.get("fp16", {}).get("enabled", False))
+    bf16 = bool(cfg.get("bf16", {}).get("enabled", False))
+    if fp16 and bf16:
+        raise ConfigError(f"{path}: enables both fp16 and bf16")
+    if fp16 and not cuda:
+        raise ConfigError(f"{path}: enables fp16, which DeepSpeed supports only on GPUs; on the CPU "
+                          f"use a bf16 or fp32 config (e.g. train.deepspeed = "
+                          f"\"{path.stem.replace('fp16', 'bf16')}\")")
+    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+    # A client (torch) optimizer under ZeRO is "untested" in DeepSpeed's words; ours are tested.
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    return cfg, path, "fp16" if fp16 else "bf16" if bf16 else "fp32", stage, accum
+
+
+def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, resume: str,
+               stop_at_step: int | None = None) -> Plan:
+    import torch
+
+    from bertscale.data.shards import read_manifest
+
+    manifest = read_manifest(recipe.data.manifest, shard_base=recipe.data.shard_base,
+                             cache_dir=recipe.data.cache_dir)
+    model = _model_for(recipe, manifest)
+    _check_against_data(recipe, manifest, env)
+    _check_recipe(recipe)
+    ds_config, ds_path, precision, stage, accum = deepspeed_config(
+        recipe, env.world_size, cuda=torch.cuda.is_available())
+
+    # Resume: the newest committed checkpoint of this run folder, if it is the same run. The
+    # manifest's tokenizer hash is the tokenizer's identity for resumes and init_from.
+    tokenizer_hash = manifest.tokenizer_hash
+    resume_point = resume_lib.find(run_dir, resume, resume_lib.Identity(
+        tokenizer_hash, manifest.fingerprint, model))
+    init_from = None
+    if recipe.train.init_from is not None and resume_point is None:
+        init_from = ckpt_lib.resolve(recipe.train.init_from)
+        ckpt_lib.check_compatible(ckpt_lib.read_state(init_from), tokenizer_hash=tokenizer_hash,
+                                  manifest_fingerprint=None, model_config=model,
+                                  where=f"train.init_from {init_from.path}")
+    _check_run_folder(run_dir, Path(manifest.vocab_file))
+    return Plan(recipe, env, run_dir, manifest, model, tokenizer_hash, ds_config, ds_path,
+                precision, stage, accum, resume_point, init_from, stop_at_step)
+
+
+def _model_for(recipe: PretrainRecipe, manifest: Any) -> ModelConfig:
+    """The recipe's model, its vocabulary sized to the manifest's unless the recipe sets it."""
+    import dataclasses
+
+    vocab_file, vocab_size = Path(manifest.vocab_file), manifest.vocab_size
+    model = recipe.model
+    if not recipe.vocab_size_explicit:
+        model = dataclasses.replace(model, vocab_size=padded_vocab_size(
+            vocab_size, recipe.fast.pad_vocab_multiple))
+    elif model.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size {model.vocab_size} is smaller than the manifest's "
+                          f"vocabulary ({vocab_size} tokens in {vocab_file})")
+    if manifest.seq_len > model.max_position_embeddings:
+        raise ConfigError(f"the shards hold {manifest.seq_len}-token sequences but "
+                          f"model.max_position_embeddings is {model.max_position_embeddings}")
+    return model
+
+
+def _check_against_data(recipe: PretrainRecipe, manifest: Any, env: distributed.DistEnv) -> None:
+    """The batch, eval and masking settings against what the shards hold."""
+    if manifest.num_samples("train") < recipe.train.global_batch_size:
+        raise UserError(f"{manifest.path}: the train split has {manifest.num_samples('train')} samples, "
+                        f"fewer than one global batch ({recipe.train.global_batch_size})")
+    if manifest.num_samples("eval") == 0:
+        raise UserError(f"{manifest.path}: the eval split has no samples (prepare with an "
+                        f"eval fraction above 0)")
+    if recipe.eval.samples > manifest.num_samples("eval") and env.is_main:
+        # Still the same samples on any number of ranks: all of them.
+        print(f"warning: eval.samples = {recipe.eval.samples}, but the eval split of "
+              f"{manifest.path} has {manifest.num_samples('eval')} samples: evaluating on all of "
+              f"them", file=sys.stderr, flush=True)
+    # A sequence of T tokens has T - 3 maskable tokens ([CLS] and two [SEP]) at most.
+    maskable = manifest.seq_len - 3
+    if recipe.data.max_predictions_per_seq > maskable:
+        raise ConfigError(f"data.max_predictions_per_seq = {recipe.data.max_predictions_per_seq} "
+                          f"is more than the {maskable} maskable tokens of a {manifest.seq_len}-token "
+                          f"sequence in {manifest.path} (the paper: 20 at 128, 80 at 512)")
+
+
+def _check_recipe(recipe: PretrainRecipe) -> None:
+    """What the recipe asks of the schedule and the installed packages."""
+    from bertscale.optim import warmup_steps
+    if warmup_steps(recipe.schedule, recipe.train.steps) > recipe.train.steps:
+        raise ConfigError(f"schedule.warmup {recipe.schedule.warmup} is longer than train.steps "
+                          f"{recipe.train.steps}")
+    if recipe.logging.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("logging.tensorboard = true (--tensorboard) needs the tensorboard "
+                              "package: pip install 'bertscale[tensorboard]'") from None
+
+
+def _check_run_folder(run_dir: Path, vocab_file: Path) -> None:
+    """The run folder exists, is writable, and was not started with another vocabulary."""
+    run_vocab = run_dir / ckpt_lib.VOCAB_FILE
+    if run_vocab.is_file() and run_vocab.read_bytes() != vocab_file.read_bytes():
+        raise UserError(f"{run_vocab}: this run folder was started with another vocabulary than "
+                        f"{vocab_file}; use a new --run-dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{run_dir}: cannot create the run folder ({e.strerror})") from None
+    if not os.access(run_dir, os.W_OK):
+        raise UserError(f"{run_dir}: run folder is not writable")

@@ -1,0 +1,126 @@
+"""Rank 0's outputs of a pretraining run: the terminal (a bar redrawn in place, or plain lines
+at the logging cadence), metrics.jsonl, W&B and TensorBoard (through bertscale.reporting's
+`MetricSinks`, which fine-tuning writes through too).
+
+Every record is written by rank 0 only; the other ranks' Reporter does nothing. Every optional
+sink fails soft: a warning, never a crashed or stalled job.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from bertscale.config import recipe_to_dict
+from bertscale.reporting import MetricSinks
+from bertscale.reporting import hms as _hms
+
+
+class Reporter:
+    """Rank 0's outputs: terminal (bar or plain lines), metrics.jsonl, W&B, TensorBoard. Every
+    optional sink fails soft: a warning, never a crashed or stalled job."""
+
+    def __init__(self, plan: Any, start_step: int):
+        self.plan, self.main = plan, plan.env.is_main
+        self.total = plan.recipe.train.steps
+        self.every = plan.recipe.logging.every
+        self.start_step = start_step
+        self.t_start: float | None = None
+        lg = plan.recipe.logging
+        self.bar = self.main and (lg.progress == "bar" or (lg.progress == "auto" and sys.stdout.isatty()))
+        self.bar_open = False
+        # metrics.jsonl, W&B and TensorBoard: the sinks fine-tuning writes through too.
+        self.sinks = MetricSinks(plan.run_dir, enabled=self.main, wandb=lg.wandb,
+                                 tensorboard=lg.tensorboard, project=lg.wandb_project,
+                                 name=plan.recipe.name, wandb_config=recipe_to_dict(plan.recipe),
+                                 wandb_mode=lg.wandb_mode, warn=self.warn)
+
+    def warn(self, msg: str) -> None:
+        if self.main:
+            self._end_bar()
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+    def info(self, msg: str) -> None:
+        if self.main:
+            self._end_bar()
+            print(msg, flush=True)
+
+    def _end_bar(self) -> None:
+        if self.bar_open:
+            sys.stdout.write("\n")
+            self.bar_open = False
+
+    def record(self, kind: str, step: int, values: dict[str, float]) -> None:
+        self.sinks.record(kind, step, values)
+
+    def train_step(self, step: int, values: dict[str, float]) -> None:
+        """An applied step: the bar on every step; a record and a plain line at the logging
+        cadence, and always for the first and the last step."""
+        if not self.main:
+            return
+        log_now = step % self.every == 0 or step == self.total or step == 1
+        if self.t_start is None:  # the first step pays for warm-up; ETA counts from its end
+            self.t_start, self.t_first = time.monotonic(), step
+        if log_now:
+            self.record("train", step, values)
+        done = step - self.t_first
+        eta = (time.monotonic() - self.t_start) / done * (self.total - step) if done else float("nan")
+        line = (f"step {step}/{self.total}  loss {values['loss']:.4f}  mlm_acc {values['mlm_acc']:.3f}  "
+                f"lr {values['lr']:.2e}  {values['samples_per_s']:.1f} samples/s  ETA {_hms(eta)}")
+        if self.bar:
+            width = 24
+            fill = int(width * step / self.total)
+            sys.stdout.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {line}\x1b[K")
+            sys.stdout.flush()
+            self.bar_open = True
+        elif log_now:
+            print(line, flush=True)
+
+    def skipped(self, step: int, values: dict[str, float]) -> None:
+        """An optimizer update skipped for gradient overflow: always logged, never a step."""
+        if not self.main:
+            return
+        self.record("skip", step, values)
+        scale = f", loss scale now {values['loss_scale']:g}" if "loss_scale" in values else ""
+        self.info(f"step {step + 1}/{self.total}: update skipped (gradient overflow{scale}); "
+                  f"{values['skipped_steps']} skipped in all, not counted as steps")
+
+    def eval(self, step: int, values: dict[str, float]) -> None:
+        self.record("eval", step, values)
+        nsp = f"  nsp_acc {values['nsp_acc']:.3f}" if "nsp_acc" in values else ""
+        self.info(f"eval step {step}: loss {values['loss']:.4f}  mlm_acc {values['mlm_acc']:.3f}"
+                  f"{nsp}  ({int(values['samples'])} samples)")
+
+    def start(self, plan: Any, *, step: int, consumed_samples: int, start: Any, n_params: int,
+              mfu: str) -> None:
+        """The opening lines: where the run starts from and what it is."""
+        recipe, t, W = plan.recipe, plan.recipe.train, plan.env.world_size
+        if start.resumed_from is not None:
+            how = (f", converted from {start.saved_world_size} ranks through a universal checkpoint"
+                   if start.universal else "")
+            self.info(f"resumed from {start.resumed_from.path} (step {step}, "
+                      f"{consumed_samples} samples consumed{how})")
+        elif plan.init_from is not None:
+            self.info(f"initialised from {plan.init_from.path} (step {plan.init_from.step} weights)")
+        self.info(f"pretraining {recipe.name}: {n_params / 1e6:.1f}M parameters, {W} rank(s), "
+                  f"ZeRO-{plan.zero_stage} {plan.precision}, global batch {t.global_batch_size} = "
+                  f"{t.micro_batch_size} x {plan.grad_accum} accumulation x {W}, seq "
+                  f"{plan.manifest.seq_len}, steps {step}->{t.steps}, run folder {plan.run_dir}")
+        self.info(mfu)
+
+    def finished(self, step: int, consumed_samples: int) -> None:
+        """The closing line of a run that was not stopped by a failure or a preemption."""
+        if step < self.total:
+            self.info(f"stopped at step {step} as asked (--stop-at-step); resume to continue")
+        else:
+            from bertscale import checkpoint as ckpt_lib
+            self.info(f"done: {step} steps, {consumed_samples} samples; checkpoints in "
+                      f"{ckpt_lib.checkpoints_dir(self.plan.run_dir)}, metrics in "
+                      f"{self.plan.run_dir / 'metrics.jsonl'}")
+
+    def close(self) -> None:
+        if not self.main:
+            return
+        self._end_bar()
+        self.sinks.close()
