@@ -259,6 +259,44 @@ def _is_write_failure(e: BaseException, folder: Path) -> bool:
         return True
 
 
+def _write_partition(engine: Any, root: Path, tag: str, step: int,
+                     state: dict[str, Any]) -> BaseException | None:
+    """This rank's files of checkpoint `tag` (DeepSpeed's, its RNG state, rank 0's trainer
+    state), fsynced; what failed, if anything.
+
+    Whatever fails, the other ranks must hear of it rather than die on a collective this rank
+    never joins: the ranks whose writes went through wait in the barrier that ends DeepSpeed's
+    save_checkpoint (its last collective; the writes come after its tag check), so a rank that
+    failed inside it joins that barrier before returning."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tag_dir = root / tag
+    in_deepspeed = True
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        in_deepspeed = False
+        torch_save_atomic(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+        if rank == 0:
+            write_json_atomic(tag_dir / STATE_FILE, {**state, "step": step, "world_size": world,
+                                                     "format": FORMAT_VERSION})
+        for p in tag_dir.iterdir():
+            if p.is_file() and _written_by(p.name, rank):
+                fsync_path(p)
+    except Exception as e:  # noqa: BLE001 - returned, shared with every rank, then raised
+        if in_deepspeed:
+            dist.barrier()
+        return e
+    return None
+
+
+def _describe_failure(e: BaseException, root: Path) -> str:
+    """One line for a failed write, with the free space as the failing rank saw it (one number,
+    the same line on every rank)."""
+    first = (str(e).splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}; {_size(free_bytes(root))} free there"
+
+
 def save(engine: Any, run_dir: str | Path, step: int, state: dict[str, Any], *, keep: int,
          check_free_space: bool = True, log: Callable[[str], None] = print) -> Committed:
     """Save and commit checkpoint `step_<step>`. Collective: every rank must call it.
@@ -293,34 +331,13 @@ def save(engine: Any, run_dir: str | Path, step: int, state: dict[str, Any], *, 
             shutil.rmtree(tag_dir)
         shutil.rmtree(root / f"{tag}_universal", ignore_errors=True)
     dist.barrier()
-    failure: str | None = None
-    error: BaseException | None = None
-    in_deepspeed = True
-    try:
-        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-        in_deepspeed = False
-        torch_save_atomic(rng_state(), tag_dir / f"rng_rank{rank}.pt")
-        if rank == 0:
-            write_json_atomic(tag_dir / STATE_FILE, {**state, "step": step, "world_size": world,
-                                                     "format": FORMAT_VERSION})
-        for p in tag_dir.iterdir():
-            if p.is_file() and _written_by(p.name, rank):
-                fsync_path(p)
-    except Exception as e:  # noqa: BLE001 - shared with every rank first, then raised
-        # Whatever failed here, the other ranks must hear of it rather than die on a collective
-        # this rank never joins: the ranks whose writes went through wait in the barrier that
-        # ends DeepSpeed's save_checkpoint (its last collective; the writes come after its tag
-        # check), so a rank that failed inside it joins that barrier, then all compare.
-        error = e
-        first = (str(e).splitlines() or [""])[0][:200]
-        failure = f"{type(e).__name__}: {first}; {_size(free_bytes(root))} free there"
-        if in_deepspeed:
-            dist.barrier()
+    error = _write_partition(engine, root, tag, step, state)
+    failure = _describe_failure(error, root) if error else None
     problems = gather_problems([failure] if failure else [])
     if problems:
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
-        if failure and not _is_write_failure(error, root):
+        if error is not None and not _is_write_failure(error, root):
             raise error  # not the filesystem: a fault of ours, with its traceback
         raise UserError(f"checkpoint step {step}: writing {tag_dir} failed ({problems[0]}); a "
                         f"checkpoint needs about {_size(needed)}" + _newest_committed_note(run_dir))

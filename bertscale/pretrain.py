@@ -106,6 +106,8 @@ def train(plan: Plan) -> int:
     build.write_run_files(plan)
 
     model, optimizer = _build_model(plan)
+    from bertscale.model import count_parameters
+    n_params = count_parameters(model)  # now: ZeRO-3 moves the parameters out of the module
     # The components that save and restore their own state: the loop's counters and the
     # loader's data position (the only place the position is kept).
     state, loader = TrainState(), build.train_loader(plan)
@@ -116,7 +118,7 @@ def train(plan: Plan) -> int:
     reporter = Reporter(plan, state.step)
     metrics = StepMetrics(plan, engine.device)
     reporter.start(plan, step=state.step, consumed_samples=loader.consumed_samples, start=start,
-                   n_params=sum(p.numel() for p in model.parameters()), mfu=metrics.describe())
+                   n_params=n_params, mfu=metrics.describe())
     hooks = DebugHooks(recipe.debug, model, active=env.is_main)
     updater = Updater(engine, scheduler, state.skips, precision=plan.precision,
                       max_skips_in_a_row=t.max_loss_scale_skips, info=reporter.info)

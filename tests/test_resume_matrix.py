@@ -34,6 +34,8 @@ import pytest
 import torch
 
 from bertscale import checkpoint as ckpt_lib
+from bertscale.config import preset
+from bertscale.model import BertForPreTraining, count_parameters
 from pretrain_runs import cached, manifest, pretrain, records, train_losses  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -121,6 +123,11 @@ def test_resume_on_fewer_then_more_ranks_trains_the_same_model(stage, optimizer,
         extra = ("--stop-at-step", str(stop)) if stop < STEPS else ()
         results = pretrain(run, manifest, world, *sets, extra=extra)
         outputs.append(results[0].stdout)
+    # The start line counts the model's parameters whatever the stage (ZeRO-3 partitions them
+    # away from the module: counted after the engine is built, it said 0.0M).
+    n = count_parameters(BertForPreTraining(preset("tiny"))) / 1e6
+    for out in outputs:
+        assert f"pretraining tiny_ci: {n:.1f}M parameters" in out, out[:600]
     # The two resumes changed the number of ranks and said so.
     assert "converted from 2 ranks through a universal checkpoint" in outputs[1], outputs[1][-1500:]
     assert "converted from 1 ranks through a universal checkpoint" in outputs[2], outputs[2][-1500:]
