@@ -31,7 +31,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,155 +101,175 @@ def _transformers_copy(model: torch.nn.Module, cfg: ModelConfig, num_labels: int
     return hf
 
 
-# Over ruff's complexity limit on purpose: one benchmark's setup, timing loop and report; split when
-# it grows.
-def bench_finetune(args: argparse.Namespace) -> dict[str, Any]:  # noqa: C901
-    for flag in ("batch", "eval_batch_size", "repeats", "num_batches", "max_seq_length"):
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be positive")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device, common.ranks().local_rank)
-    task = glue.task_by_name(args.task)
-    folder = glue.find_task_dir(args.data_dir, task)
-    cfg, weights, tok, what = _load(args)
-    regression = task.labels is None
-    num_labels = 1 if regression else len(task.labels or ())
-    train = glue.featurize(tok, glue.read_tsv(folder / "train.tsv", task, task.train,
-                                              labelled=True), regression)
-    dev_file = folder / task.dev_files[0][0]
-    dev = glue.featurize(tok, glue.read_tsv(dev_file, task, task.train, labelled=True),
-                         regression)[:args.max_eval_samples]
-    pad_id = tok.token_to_id("[PAD]")
+class _Bench:
+    """The two models (ours and, unless --no-transformers, transformers' copy of the same
+    weights), their optimizers, and the batches of every variant, built once; one method per
+    thing that is timed."""
 
-    seed_all(args.seed)
-    ours = BertForSequenceClassification(cfg, num_labels)
-    if weights is not None:
-        from bertscale.model import load_pretrained
-        load_pretrained(ours, weights, what)
-    hf = None if args.no_transformers else _transformers_copy(ours, cfg, num_labels)
-    ours.to(device).train()
-    opt_cfg = common.TrainConfig(lr=1e-5, device=str(device), precision="fp32")
-    opt_ours, _ = common.build_optimizer(ours, opt_cfg, device, 1000)
-    if hf is not None:
-        hf.to(device).train()
-        opt_hf, _ = common.build_optimizer(hf, opt_cfg, device, 1000)
-    loss = glue.loss_fn(regression)
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = device = resolve_device(args.device, common.ranks().local_rank)
+        self.task = task = glue.task_by_name(args.task)
+        folder = glue.find_task_dir(args.data_dir, task)
+        self.cfg, weights, tok, self.what = _load(args)
+        self.regression = regression = task.labels is None
+        num_labels = 1 if regression else len(task.labels or ())
+        train = glue.featurize(tok, glue.read_tsv(folder / "train.tsv", task, task.train,
+                                                  labelled=True), regression)
+        dev_file = folder / task.dev_files[0][0]
+        self.dev = glue.featurize(tok, glue.read_tsv(dev_file, task, task.train, labelled=True),
+                                  regression)[:args.max_eval_samples]
+        self.pad_id = pad_id = tok.token_to_id("[PAD]")
 
-    rng = np.random.default_rng(args.seed)
-    draws = [rng.choice(len(train), size=min(args.batch, len(train)), replace=False)
-             for _ in range(args.num_batches)]
-    dynamic = [common.to_device(common.collate([train[i] for i in d], pad_id), device)
-               for d in draws]
-    shaped = {"max_length": [_pad_to(b, args.max_seq_length, pad_id) for b in dynamic],
-              "dynamic": dynamic, "unpad": dynamic, "transformers": dynamic}
-    fast_of = {"max_length": FastPaths(), "dynamic": FastPaths(), "unpad": FastPaths(unpad=True)}
+        seed_all(args.seed)
+        self.ours = BertForSequenceClassification(self.cfg, num_labels)
+        if weights is not None:
+            from bertscale.model import load_pretrained
+            load_pretrained(self.ours, weights, self.what)
+        self.hf = None if args.no_transformers else _transformers_copy(self.ours, self.cfg,
+                                                                       num_labels)
+        self.ours.to(device).train()
+        opt_cfg = common.TrainConfig(lr=1e-5, device=str(device), precision="fp32")
+        self.opt_ours, _ = common.build_optimizer(self.ours, opt_cfg, device, 1000)
+        if self.hf is not None:
+            self.hf.to(device).train()
+            self.opt_hf, _ = common.build_optimizer(self.hf, opt_cfg, device, 1000)
+        self.loss = glue.loss_fn(regression)
 
-    def hf_loss(model: Any, batch: common.Batch) -> torch.Tensor:
+        rng = np.random.default_rng(args.seed)
+        draws = [rng.choice(len(train), size=min(args.batch, len(train)), replace=False)
+                 for _ in range(args.num_batches)]
+        self.dynamic = dynamic = [common.to_device(common.collate([train[i] for i in d], pad_id),
+                                                   device) for d in draws]
+        self.shaped = {"max_length": [_pad_to(b, args.max_seq_length, pad_id) for b in dynamic],
+                       "dynamic": dynamic, "unpad": dynamic, "transformers": dynamic}
+        self.fast_of = {"max_length": FastPaths(), "dynamic": FastPaths(),
+                        "unpad": FastPaths(unpad=True)}
+        self.train_names = [n for n in TRAIN_VARIANTS if n != "transformers" or self.hf is not None]
+
+    def hf_loss(self, model: Any, batch: common.Batch) -> torch.Tensor:
         logits = model(**common.model_inputs(batch)).logits
-        if regression:
+        if self.regression:
             return F.mse_loss(logits.squeeze(-1).float(), batch["label"].float())
         return F.cross_entropy(logits.float(), batch["label"])
 
-    def train_step(name: str, batch: common.Batch) -> None:
+    def train_step(self, name: str, batch: common.Batch) -> None:
         if name == "transformers":
-            hf_loss(hf, batch).backward()
-            opt_hf.step()
-            opt_hf.zero_grad(set_to_none=True)
+            self.hf_loss(self.hf, batch).backward()
+            self.opt_hf.step()
+            self.opt_hf.zero_grad(set_to_none=True)
             return
-        apply_fast_paths(ours, fast_of[name])
-        loss(ours, batch).backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
+        apply_fast_paths(self.ours, self.fast_of[name])
+        self.loss(self.ours, batch).backward()
+        self.opt_ours.step()
+        self.opt_ours.zero_grad(set_to_none=True)
 
-    def predict_pass(name: str) -> None:
+    def predict_pass(self, name: str) -> None:
+        args, ours, dev = self.args, self.ours, self.dev
         if name == "input_order":
             apply_fast_paths(ours, FastPaths())
             ours.eval()
             with torch.no_grad():
                 for i in range(0, len(dev), args.eval_batch_size):
-                    b = common.to_device(common.collate(dev[i:i + args.eval_batch_size], pad_id),
-                                         device)
+                    b = common.to_device(common.collate(dev[i:i + args.eval_batch_size],
+                                                        self.pad_id), self.device)
                     glue.logits_of(ours, b).float().cpu()
             ours.train()
             return
         fast = FastPaths(unpad=name == "sorted_unpad")
         common.predict(ours, dev, glue.logits_of, common.TrainConfig(
-            eval_batch_size=args.eval_batch_size, device=str(device), precision="fp32",
-            fast=fast), pad_id)
+            eval_batch_size=args.eval_batch_size, device=str(self.device), precision="fp32",
+            fast=fast), self.pad_id)
 
-    train_names = [n for n in TRAIN_VARIANTS if n != "transformers" or hf is not None]
-    first_loss: dict[str, float] = {}
-    with torch.no_grad():
-        for name in train_names:
-            model = hf if name == "transformers" else ours
-            if model is ours:
-                apply_fast_paths(ours, fast_of[name])
-            model.eval()
-            b = shaped[name][0]
-            first_loss[name] = float((hf_loss if model is hf else loss)(model, b))
-            model.train()
+    def first_losses(self) -> dict[str, float]:
+        """Each training variant's loss on the same first batch, before any step: the variants
+        compute the same function, so these agree (the check that the timings compare alike)."""
+        out: dict[str, float] = {}
+        with torch.no_grad():
+            for name in self.train_names:
+                model = self.hf if name == "transformers" else self.ours
+                if model is self.ours:
+                    apply_fast_paths(self.ours, self.fast_of[name])
+                model.eval()
+                b = self.shaped[name][0]
+                out[name] = float((self.hf_loss if model is self.hf else self.loss)(model, b))
+                model.train()
+        return out
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def timed(fn: Callable[[], None]) -> float:
+    def timed(self, fn: Callable[[], None]) -> float:
+        def sync() -> None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
         sync()
         t0 = time.perf_counter()
         fn()
         sync()
         return time.perf_counter() - t0
 
-    load_before = os.getloadavg()
-    train_s: dict[str, list[float]] = {n: [] for n in train_names}
-    predict_s: dict[str, list[float]] = {n: [] for n in PREDICT_VARIANTS}
-    for r in range(args.warmup + args.repeats):
-        order = train_names if r % 2 == 0 else train_names[::-1]
-        for name in order:
-            b = shaped[name][r % args.num_batches]
-            t = timed(lambda name=name, b=b: train_step(name, b))
-            if r >= args.warmup:
-                train_s[name].append(t)
-        if not args.no_predict:
-            for name in (PREDICT_VARIANTS if r % 2 == 0 else PREDICT_VARIANTS[::-1]):
-                t = timed(lambda name=name: predict_pass(name))
+    def time_all(self) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+        """Seconds per training step and per prediction pass of every variant, the variants
+        interleaved within each repeat (in alternating order) so that load drifts alike."""
+        args = self.args
+        train_s: dict[str, list[float]] = {n: [] for n in self.train_names}
+        predict_s: dict[str, list[float]] = {n: [] for n in PREDICT_VARIANTS}
+        for r in range(args.warmup + args.repeats):
+            order = self.train_names if r % 2 == 0 else self.train_names[::-1]
+            for name in order:
+                b = self.shaped[name][r % args.num_batches]
+                t = self.timed(lambda name=name, b=b: self.train_step(name, b))
                 if r >= args.warmup:
-                    predict_s[name].append(t)
+                    train_s[name].append(t)
+            if not args.no_predict:
+                for name in (PREDICT_VARIANTS if r % 2 == 0 else PREDICT_VARIANTS[::-1]):
+                    t = self.timed(lambda name=name: self.predict_pass(name))
+                    if r >= args.warmup:
+                        predict_s[name].append(t)
+        return train_s, predict_s
+
+
+def _paired(times: dict[str, list[float]], base: str, name: str) -> float:
+    """Median over repeats of base / name, each pair timed within the same repeat: less moved by
+    load that drifts between repeats than a ratio of medians."""
+    return statistics.median(b / t for b, t in zip(times[base], times[name]))
+
+
+def bench_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    for flag in ("batch", "eval_batch_size", "repeats", "num_batches", "max_seq_length"):
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench = _Bench(args)
+    first_loss = bench.first_losses()
+    load_before = os.getloadavg()
+    train_s, predict_s = bench.time_all()
     load_after = os.getloadavg()
 
-    def real_tokens(batches: Sequence[common.Batch]) -> float:
-        return statistics.fmean(float(b["attention_mask"].sum()) for b in batches)
-
-    tokens = real_tokens(dynamic)
-
-    def paired(times: dict[str, list[float]], base: str, name: str) -> float:
-        """Median over repeats of base / name, each pair timed within the same repeat: less
-        moved by load that drifts between repeats than a ratio of medians."""
-        return statistics.median(b / t for b, t in zip(times[base], times[name]))
-
+    dynamic, dev, cfg = bench.dynamic, bench.dev, bench.cfg
+    tokens = statistics.fmean(float(b["attention_mask"].sum()) for b in dynamic)
     train_results = {}
-    for name in train_names:
+    for name in bench.train_names:
         t = statistics.median(train_s[name])
         train_results[name] = dict(step_s=t, times_s=train_s[name], tokens_per_s=tokens / t,
-                                   speedup_vs_max_length=paired(train_s, "max_length", name))
+                                   speedup_vs_max_length=_paired(train_s, "max_length", name))
         if "transformers" in train_s:
-            train_results[name]["speedup_vs_transformers"] = paired(train_s, "transformers", name)
+            train_results[name]["speedup_vs_transformers"] = _paired(train_s, "transformers", name)
     predict_results = {}
     dev_tokens = sum(len(f["input_ids"]) for f in dev)
     for name in PREDICT_VARIANTS if not args.no_predict else ():
         t = statistics.median(predict_s[name])
         predict_results[name] = dict(pass_s=t, times_s=predict_s[name], examples_per_s=len(dev) / t,
-                                     speedup_vs_input_order=paired(predict_s, "input_order", name))
+                                     speedup_vs_input_order=_paired(predict_s, "input_order", name))
     from bertscale.bench.model import device_name, import_transformers
-    transformers = import_transformers() if hf is not None else None
+    transformers = import_transformers() if bench.hf is not None else None
     return dict(
-        argv=sys.argv[1:], date=time.strftime("%Y-%m-%d"), device=device_name(device),
+        argv=sys.argv[1:], date=time.strftime("%Y-%m-%d"), device=device_name(bench.device),
         threads=torch.get_num_threads(), load_avg_before=load_before, load_avg_after=load_after,
         torch=torch.__version__, transformers=getattr(transformers, "__version__", None),
-        task=task.name, model=what, hidden=cfg.hidden_size, layers=cfg.num_hidden_layers,
-        batch=args.batch, max_seq_length=args.max_seq_length, precision="fp32",
-        mean_real_tokens_per_batch=tokens, fill_of_max_length=tokens / (args.batch * args.max_seq_length),
+        task=bench.task.name, model=bench.what, hidden=cfg.hidden_size,
+        layers=cfg.num_hidden_layers, batch=args.batch, max_seq_length=args.max_seq_length,
+        precision="fp32", mean_real_tokens_per_batch=tokens,
+        fill_of_max_length=tokens / (args.batch * args.max_seq_length),
         mean_padded_length_dynamic=statistics.fmean(b["input_ids"].shape[1] for b in dynamic),
         dev_examples=len(dev), dev_tokens=dev_tokens, warmup=args.warmup, repeats=args.repeats,
         first_batch_eval_loss=first_loss, train=train_results, predict=predict_results)

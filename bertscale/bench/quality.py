@@ -55,8 +55,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bertscale.checkpoint import write_json_atomic
 from bertscale.errors import UserError
+from bertscale.files import write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
 
 GLUE_TASKS = ("CoLA", "MRPC", "RTE", "STS-B")
 MODELS = ("bertscale", "transformers", "random_init")
@@ -198,10 +198,9 @@ class TransformersSide:
     def __init__(self, resolved: dict[str, Any], threads: int):
         import torch
 
-        from bertscale.config import ModelConfig, from_dict
+        from bertscale.config import ModelConfig, OptimizerConfig, ScheduleConfig, from_dict
         from bertscale.data.loader import MaskingConfig
         from bertscale.data.shards import read_manifest
-        from bertscale.optim import OptimizerConfig, ScheduleConfig
 
         torch.set_num_threads(threads)
         r = resolved["recipe"]
@@ -330,16 +329,13 @@ class TransformersSide:
 
 
 def save_hf_folder(model: Any, vocab: Path, lowercase: bool, out: Path) -> None:
-    """transformers' own save_pretrained plus the tokenizer files, renamed into place whole."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    shutil.copyfile(vocab, tmp / "vocab.txt")
-    (tmp / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase}) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    """transformers' own save_pretrained plus the tokenizer files, put in place whole."""
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        shutil.copyfile(vocab, tmp / "vocab.txt")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase}) + "\n")
+    write_dir_atomic(out, fill, replace=True)
 
 
 # ---------------------------------------------------------------------------- the report
@@ -445,10 +441,8 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -460,7 +454,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     if args.budget_min <= 0 or args.calibrate_steps < 2 or args.evals < 1 or args.eval_samples < 1:
         raise UserError("--budget-min must be > 0, --calibrate-steps >= 2, --evals and "
                         "--eval-samples >= 1")
-    from bertscale.finetune.common import parse_list
+    from bertscale.commands import parse_list
 
     tasks = parse_list(args.tasks, str, "--tasks")
     for t in tasks:
@@ -482,66 +476,77 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
                 threads=args.threads or os.cpu_count() or 1)
 
 
-# Over ruff's complexity limit on purpose: the benchmark's stages in order, each skipped when done.
-def handle(args: argparse.Namespace) -> int:  # noqa: C901
-    s = settings_of(args)
-    out: Path = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    settings_file = out / "settings.json"
-    if settings_file.is_file():
-        old = json.loads(settings_file.read_text())
-        changed = sorted(k for k in set(old) | set(s) if old.get(k) != s.get(k))
-        if changed:
-            raise UserError(f"{out} holds a run with other settings ({', '.join(changed)} "
-                            f"differ); use a new --out, or delete it to start over")
-    else:
-        write_json_atomic(settings_file, s)
-    threads = s["threads"]
-    shards = out / "shards"
-    manifest = shards / "seq128" / "manifest.json"
-    logs = out / "logs"
+class QualityRun:
+    """One benchmark folder (`--out`): its settings, and one method per stage. Each stage's
+    result is a JSON file of its own (`run_stage`), so a re-run skips what is done."""
 
-    def overrides(run_overrides: list[str]) -> list[str]:
+    def __init__(self, args: argparse.Namespace):
+        self.s = s = settings_of(args)
+        self.prepare_workers = args.prepare_workers
+        self.out = out = args.out.resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        settings_file = out / "settings.json"
+        if settings_file.is_file():
+            old = json.loads(settings_file.read_text())
+            changed = sorted(k for k in set(old) | set(s) if old.get(k) != s.get(k))
+            if changed:
+                raise UserError(f"{out} holds a run with other settings ({', '.join(changed)} "
+                                f"differ); use a new --out, or delete it to start over")
+        else:
+            write_json_atomic(settings_file, s)
+        self.threads = s["threads"]
+        self.shards = out / "shards"
+        self.manifest = self.shards / "seq128" / "manifest.json"
+        self.logs = out / "logs"
+        self.cal: dict[str, Any] = {}
+
+    def stage(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        return run_stage(self.out, name, fn)
+
+    def overrides(self, run_overrides: list[str]) -> list[str]:
         # model.vocab_size set explicitly (the manifest's, which the trainer would take anyway
         # with fast.pad_vocab_multiple = 1): then --print-config shows the model that trains.
-        vocab_size = json.loads(manifest.read_text())["vocab_size"]
-        sets = [f"data.manifest={manifest}", f"eval.samples={s['eval_samples']}",
+        s = self.s
+        vocab_size = json.loads(self.manifest.read_text())["vocab_size"]
+        sets = [f"data.manifest={self.manifest}", f"eval.samples={s['eval_samples']}",
                 f"model.vocab_size={vocab_size}", *s["overrides"], *run_overrides]
         return [a for o in sets for a in ("--set", o)]
 
-    def resolve() -> dict[str, Any]:
+    def resolve(self) -> dict[str, Any]:
         """The recipe and DeepSpeed JSON exactly as `bertscale pretrain` resolves them; the
         transformers side takes everything from here except train.steps and eval.every, which it
         is given directly (its calibrated count)."""
-        p = subprocess.run(bertscale_command() + ["pretrain", s["recipe"], *overrides([]),
-                                                  "--print-config"],
-                           env=child_env(threads), capture_output=True, text=True, check=False)
+        p = subprocess.run(bertscale_command() + ["pretrain", self.s["recipe"],
+                                                  *self.overrides([]), "--print-config"],
+                           env=child_env(self.threads), capture_output=True, text=True,
+                           check=False)
         if p.returncode:
             raise UserError(f"`bertscale pretrain --print-config` failed: {p.stderr.strip()[-800:]}")
         return json.loads(p.stdout)
 
     # 1. prepare
-    def prepare() -> dict[str, Any]:
+    def prepare(self) -> dict[str, Any]:
+        s = self.s
         vocab = ["--vocab", s["vocab"]] if s["vocab"] else ["--train-vocab", str(s["train_vocab"])]
-        run_command(["prepare", *s["data"], "--out", str(shards), *vocab,
+        run_command(["prepare", *s["data"], "--out", str(self.shards), *vocab,
                      "--objective", "mlm", "--seq-len", "128", "--workers",
-                     str(args.prepare_workers), "--progress", "log"], threads, logs / "prepare.log")
-        m = json.loads(manifest.read_text())
-        return dict(manifest=str(manifest), stats=m["stats"], objective=m["pair_objective"])
-    prepared = run_stage(out, "prepare", prepare)
+                     str(self.prepare_workers), "--progress", "log"], self.threads,
+                    self.logs / "prepare.log")
+        m = json.loads(self.manifest.read_text())
+        return dict(manifest=str(self.manifest), stats=m["stats"], objective=m["pair_objective"])
 
     # 2. calibrate: each side's median step time -> its step count within the budget
-    def calibrate() -> dict[str, Any]:
-        n = s["calibrate_steps"]
-        run_dir = out / "calibrate" / "bertscale"
+    def calibrate(self) -> dict[str, Any]:
+        s, n = self.s, self.s["calibrate_steps"]
+        run_dir = self.out / "calibrate" / "bertscale"
         shutil.rmtree(run_dir, ignore_errors=True)
-        run_command(["pretrain", s["recipe"], *overrides(
+        run_command(["pretrain", s["recipe"], *self.overrides(
             [f"train.steps={n}", "eval.every=0", "eval.at_start=false", "checkpoint.every=0",
              "checkpoint.at_end=false", "logging.every=1"]), "--run-dir", str(run_dir),
-            "--resume", "never", "--no-wandb"], threads, logs / "calibrate_bertscale.log")
+            "--resume", "never", "--no-wandb"], self.threads, self.logs / "calibrate_bertscale.log")
         times_a = [r["step_time_s"] for r in read_metrics(run_dir) if r["kind"] == "train"]
-        resolved = resolve()
-        side = TransformersSide(resolved, threads)
+        resolved = self.resolve()
+        side = TransformersSide(resolved, self.threads)
         _, stats_c = side.train(n, eval_every=n, eval_samples=1, evaluate=False)
         times_c = stats_c["step_time_s"]
         budget_s = 60 * s["budget_min"]
@@ -552,102 +557,109 @@ def handle(args: argparse.Namespace) -> int:  # noqa: C901
                     steps={"bertscale": max(1, int(budget_s / t_a)),
                            "transformers": max(1, int(budget_s / t_c))},
                     times_s={"bertscale": times_a, "transformers": times_c})
-    cal = run_stage(out, "calibrate", calibrate)
-    log(f"calibrated: bertscale {cal['step_s']['bertscale']:.3f} s/step -> "
-        f"{cal['steps']['bertscale']} steps; transformers {cal['step_s']['transformers']:.3f} "
-        f"s/step -> {cal['steps']['transformers']} steps")
 
-    def run_overrides(side: str) -> list[str]:
-        steps = cal["steps"][side]
-        return [f"train.steps={steps}", f"eval.every={max(1, steps // s['evals'])}",
+    def run_overrides(self, side: str) -> list[str]:
+        steps = self.cal["steps"][side]
+        return [f"train.steps={steps}", f"eval.every={max(1, steps // self.s['evals'])}",
                 "eval.at_start=true", "logging.every=1"]
 
     # 3. pretrain (a): bertscale, resumable through its own checkpoints
-    def pretrain_bertscale() -> dict[str, Any]:
-        run_dir = out / "pretrain" / "bertscale"
-        run_command(["pretrain", s["recipe"], *overrides(run_overrides("bertscale")),
-                     "--run-dir", str(run_dir), "--no-wandb"], threads,
-                    logs / "pretrain_bertscale.log")
+    def pretrain_bertscale(self) -> dict[str, Any]:
+        run_dir = self.out / "pretrain" / "bertscale"
+        run_command(["pretrain", self.s["recipe"], *self.overrides(self.run_overrides("bertscale")),
+                     "--run-dir", str(run_dir), "--no-wandb"], self.threads,
+                    self.logs / "pretrain_bertscale.log")
         return dict(run_dir=str(run_dir), **bertscale_curve(run_dir))
-    pre_a = run_stage(out, "pretrain_bertscale", pretrain_bertscale)
 
     # 4. pretrain (c): transformers on the same batches
-    def pretrain_transformers() -> dict[str, Any]:
+    def pretrain_transformers(self) -> dict[str, Any]:
         import transformers
-        side = TransformersSide(cal["resolved"], threads)
-        steps = cal["steps"]["transformers"]
-        model, stats = side.train(steps, eval_every=max(1, steps // s["evals"]),
-                                  eval_samples=s["eval_samples"])
-        folder = out / "models" / "transformers"
+        side = TransformersSide(self.cal["resolved"], self.threads)
+        steps = self.cal["steps"]["transformers"]
+        model, stats = side.train(steps, eval_every=max(1, steps // self.s["evals"]),
+                                  eval_samples=self.s["eval_samples"])
+        folder = self.out / "models" / "transformers"
         save_hf_folder(model, Path(side.manifest.vocab_file), side.manifest.lowercase, folder)
         return dict(model_dir=str(folder), transformers=transformers.__version__, **stats)
-    pre_c = run_stage(out, "pretrain_transformers", pretrain_transformers)
 
     # 5. the three Hugging Face folders
-    def export() -> dict[str, Any]:
-        folder = out / "models" / "bertscale"
-        run_command(["export", "--from", str(out / "pretrain" / "bertscale"), "--to", str(folder),
-                     "--overwrite"], threads, logs / "export.log")
+    def export(self) -> dict[str, Any]:
+        folder = self.out / "models" / "bertscale"
+        run_command(["export", "--from", str(self.out / "pretrain" / "bertscale"), "--to",
+                     str(folder), "--overwrite"], self.threads, self.logs / "export.log")
         return dict(model_dir=str(folder))
-    run_stage(out, "export", export)
 
-    def random_init() -> dict[str, Any]:
+    def random_init(self) -> dict[str, Any]:
         from bertscale.config import ModelConfig, from_dict
         from bertscale.data.shards import read_manifest
         from bertscale.hf import export_hf
         from bertscale.model import BertForPreTraining
         from bertscale.seeding import seed_all
 
-        r = cal["resolved"]["recipe"]
+        r = self.cal["resolved"]["recipe"]
         cfg = from_dict(ModelConfig, r["model"], "model")
         seed_all(r["train"]["seed"])
-        m = read_manifest(manifest)
-        folder = out / "models" / "random_init"
+        m = read_manifest(self.manifest)
+        folder = self.out / "models" / "random_init"
         export_hf(BertForPreTraining(cfg).state_dict(), cfg, m.vocab_file, m.lowercase, folder,
                   overwrite=True, source="random initialisation")
         return dict(model_dir=str(folder))
-    run_stage(out, "random_init", random_init)
 
     # 6. fine-tune all three alike
-    glue_raw: dict[str, dict[str, Any]] = {}
-    for model in MODELS:
-        def finetune(model: str = model) -> dict[str, Any]:
-            ft_out = out / "finetune" / model
-            cmd = ["finetune", "glue", "--checkpoint", str(out / "models" / model),
-                   "--output-dir", str(ft_out), "--task", ",".join(s["tasks"]),
-                   "--data-dir", s["glue"], "--seeds", ",".join(map(str, s["seeds"])),
-                   "--lr", s["lr"], "--epochs", str(s["epochs"]), "--batch-size",
-                   str(s["batch_size"]), "--no-test", "--progress", "plain", "--no-wandb"]
-            if s["max_train_samples"]:
-                cmd += ["--max-train-samples", str(s["max_train_samples"])]
-            if s["max_eval_samples"]:
-                cmd += ["--max-eval-samples", str(s["max_eval_samples"])]
-            run_command(cmd, threads, logs / f"finetune_{model}.log")
-            return {t: json.loads((ft_out / t / "results.json").read_text()) for t in s["tasks"]}
-        glue_raw[model] = run_stage(out, f"finetune_{model}", finetune)
+    def finetune(self, model: str) -> dict[str, Any]:
+        s, ft_out = self.s, self.out / "finetune" / model
+        cmd = ["finetune", "glue", "--checkpoint", str(self.out / "models" / model),
+               "--output-dir", str(ft_out), "--task", ",".join(s["tasks"]),
+               "--data-dir", s["glue"], "--seeds", ",".join(map(str, s["seeds"])),
+               "--lr", s["lr"], "--epochs", str(s["epochs"]), "--batch-size",
+               str(s["batch_size"]), "--no-test", "--progress", "plain", "--no-wandb"]
+        if s["max_train_samples"]:
+            cmd += ["--max-train-samples", str(s["max_train_samples"])]
+        if s["max_eval_samples"]:
+            cmd += ["--max-eval-samples", str(s["max_eval_samples"])]
+        run_command(cmd, self.threads, self.logs / f"finetune_{model}.log")
+        return {t: json.loads((ft_out / t / "results.json").read_text()) for t in s["tasks"]}
 
     # 7. report (always rewritten: it only reads the stages)
-    import torch
-    glue = {t: {m: main_metric(glue_raw[m][t]) for m in MODELS} for t in s["tasks"]}
-    pre = {"bertscale": pre_a, "transformers": pre_c}
-    results = dict(
-        argv=sys.argv,
-        settings=s, tasks=s["tasks"],
-        hardware=dict(date=time.strftime("%Y-%m-%d"), cpu=f"{platform.machine()} "
-                      f"{platform.processor() or ''}".strip() + f", {os.cpu_count()} cores",
-                      threads=threads, torch=torch.__version__, transformers=pre_c["transformers"],
-                      python=platform.python_version()),
-        data=prepared, calibration={k: cal[k] for k in ("step_s", "steps", "budget_s")},
-        pretraining={m: {k: v for k, v in p.items() if k not in ("step_time_s",)}
-                     for m, p in pre.items()},
-        glue=glue, targets=targets(pre, glue, s["tasks"]),
-        glue_full={m: glue_raw[m] for m in MODELS})
-    results["plot"] = "pretraining_curves.png" if plot(results, out / "pretraining_curves.png") else None
-    write_json_atomic(out / "results.json", results)
-    table = markdown(results)
-    tmp = out / f".results.md.tmp-{os.getpid()}"
-    tmp.write_text(table)
-    os.replace(tmp, out / "results.md")
-    print(table)
-    log(f"results in {out / 'results.json'}, {out / 'results.md'}")
+    def report(self, prepared: dict[str, Any], pre: dict[str, dict[str, Any]],
+               glue_raw: dict[str, dict[str, Any]]) -> None:
+        import torch
+        s, out = self.s, self.out
+        glue = {t: {m: main_metric(glue_raw[m][t]) for m in MODELS} for t in s["tasks"]}
+        pre_c = pre["transformers"]
+        results = dict(
+            argv=sys.argv,
+            settings=s, tasks=s["tasks"],
+            hardware=dict(date=time.strftime("%Y-%m-%d"), cpu=f"{platform.machine()} "
+                          f"{platform.processor() or ''}".strip() + f", {os.cpu_count()} cores",
+                          threads=self.threads, torch=torch.__version__,
+                          transformers=pre_c["transformers"], python=platform.python_version()),
+            data=prepared, calibration={k: self.cal[k] for k in ("step_s", "steps", "budget_s")},
+            pretraining={m: {k: v for k, v in p.items() if k not in ("step_time_s",)}
+                         for m, p in pre.items()},
+            glue=glue, targets=targets(pre, glue, s["tasks"]),
+            glue_full={m: glue_raw[m] for m in MODELS})
+        curves = out / "pretraining_curves.png"
+        results["plot"] = "pretraining_curves.png" if plot(results, curves) else None
+        write_json_atomic(out / "results.json", results)
+        table = markdown(results)
+        write_text_atomic(out / "results.md", table)
+        print(table)
+        log(f"results in {out / 'results.json'}, {out / 'results.md'}")
+
+
+def handle(args: argparse.Namespace) -> int:
+    """The stages in order, each skipped when its result is on disk."""
+    run = QualityRun(args)
+    prepared = run.stage("prepare", run.prepare)
+    run.cal = cal = run.stage("calibrate", run.calibrate)
+    log(f"calibrated: bertscale {cal['step_s']['bertscale']:.3f} s/step -> "
+        f"{cal['steps']['bertscale']} steps; transformers {cal['step_s']['transformers']:.3f} "
+        f"s/step -> {cal['steps']['transformers']} steps")
+    pre = {"bertscale": run.stage("pretrain_bertscale", run.pretrain_bertscale),
+           "transformers": run.stage("pretrain_transformers", run.pretrain_transformers)}
+    run.stage("export", run.export)
+    run.stage("random_init", run.random_init)
+    glue_raw = {m: run.stage(f"finetune_{m}", lambda m=m: run.finetune(m)) for m in MODELS}
+    run.report(prepared, pre, glue_raw)
     return 0
