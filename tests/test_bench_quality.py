@@ -41,6 +41,7 @@ def _bench(out: Path, shared: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # three invocations, ~10 trainer / fine-tuning starts: minutes here
 def test_bench_quality_whole_path_at_toy_size(shared_data: Path, tmp_path: Path):
     out = tmp_path / "quality"
     first = _bench(out, shared_data)
