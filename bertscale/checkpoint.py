@@ -36,7 +36,6 @@ it is as strong as the filesystem's close-to-open semantics.
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 import time
@@ -46,8 +45,8 @@ from typing import Any, Callable
 
 from bertscale.config import ModelConfig, from_dict, to_dict
 from bertscale.errors import UserError
-# The atomic writes are bertscale.files'; pretrain.py and the tests call them by these names too.
-from bertscale.files import copy_atomic, fsync_path, torch_save_atomic, write_json_atomic  # noqa: F401
+from bertscale.files import fsync_path, torch_save_atomic, write_json_atomic
+from bertscale.seeding import rng_state, set_rng_state
 
 COMMIT_FILE = "commit.json"
 STATE_FILE = "trainer_state.json"
@@ -147,31 +146,6 @@ def read_state(ckpt: Committed) -> dict[str, Any]:
         return json.loads((ckpt.path / STATE_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{ckpt.path}: committed but has no {STATE_FILE}") from None
-
-
-# ------------------------------------------------------------------------------ RNG
-
-
-def rng_state() -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ------------------------------------------------------------------------------ saving

@@ -6,7 +6,7 @@
     build.py         shard check, run-folder files, the engine factory, the loaders
     step.py          `train_step`: micro-batches with gradient accumulation, ONE all-reduce of
                      the step's named statistics (stats.py), the non-finite stop
-    steps.py         the optimizer update, skipped updates and the loss-scale stop
+    update.py        the optimizer update, skipped updates and the loss-scale stop
     metrics.py       throughput, model FLOPs, TFLOP/s and MFU of each step
     evaluator.py     the held-out eval and its cadence
     checkpointer.py  when to save, and what the trainer state holds
@@ -60,7 +60,7 @@ from bertscale.pretraining.plan import (DEEPSPEED_CONFIG_DIR, Plan, build_plan, 
                                         resolve_deepspeed_config)
 from bertscale.pretraining.reporter import Reporter
 from bertscale.pretraining.step import train_step
-from bertscale.pretraining.steps import StopTraining, TrainState, Updater
+from bertscale.pretraining.update import StopTraining, TrainState, Updater
 from bertscale.seeding import seed_all
 
 # The plan's names are this command's public API too (tests and tools import them from here).

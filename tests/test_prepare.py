@@ -91,6 +91,39 @@ def test_same_shards_with_2_processes_and_mpirun(shared_data: Path, reference: P
     # Both ranks worked (each reports its own share) and the result is the same shards.
     assert "[rank 0]" in proc.stderr and "[rank 1]" in proc.stderr
     _same_tree(reference, mpi)
+    assert not list(mpi.glob(".mpi-start-*"))          # the ranks' meeting folder is gone
+
+
+def test_mpi_ranks_that_do_not_share_the_output_folder_stop_at_start(shared_data: Path, tmp_path: Path) -> None:
+    """Before its first MPI message each rank waits for a file from every other rank in --out
+    (MPIContext.wait_for_all_ranks: Open MPI 4.1 can crash a rank still inside MPI_Init when a
+    message arrives early). Here `bertscale prepare` runs as two ranks in different working
+    folders with a relative --out, as on two nodes whose --out is node-local: each rank waits
+    --start-timeout, then stops with one line naming the rank it never saw and its folder,
+    before any work (no shards, no traceback)."""
+    mpirun = _mpirun()
+    if mpirun is None:
+        pytest.skip("no mpirun / mpiexec on this machine")
+    nodes = [tmp_path / "node_a", tmp_path / "node_b"]
+    for n in nodes:
+        n.mkdir()
+    bertscale = str(Path(sys.executable).with_name("bertscale"))
+    args = [bertscale, "prepare", str(shared_data / "wikipedia" / FILES[0]),
+            "--vocab", str(shared_data / "vocab" / "bert-base-uncased-vocab.txt"), "--out", "shards",
+            "--seq-len", "64", "--start-timeout", "3", "--progress", "none"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.run([mpirun, "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader",
+                           "--mca", "oob_tcp_if_include", "lo",
+                           "-np", "1", "-wdir", str(nodes[0]), *args, ":",
+                           "-np", "1", "-wdir", str(nodes[1]), *args],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    for node, other in [(nodes[0], 1), (nodes[1], 0)]:
+        assert (f"rank(s) {other} of 2 did not appear in {node / 'shards'}/.mpi-start-"
+                in proc.stderr), proc.stderr[-3000:]
+        assert not (node / "shards" / "seq64").exists()
+    assert "Traceback" not in proc.stderr
 
 
 def test_manifest_describes_the_shards(shared_data: Path, reference: Path) -> None:

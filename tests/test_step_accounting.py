@@ -1,4 +1,4 @@
-"""Steps are applied optimizer updates (bertscale.pretraining.steps): an update DeepSpeed skips
+"""Steps are applied optimizer updates (bertscale.pretraining.update): an update DeepSpeed skips
 for gradient overflow is logged and counted, does not advance `train.steps`, the LR schedule or
 the eval and checkpoint cadences, and its samples count as consumed.
 

@@ -4,7 +4,7 @@
                             [--budget-min 30] [--seeds 1,2,3] [--tasks CoLA,MRPC,RTE,STS-B]
 
 Stages, each skipped on a re-run once its result file OUT/stages/<stage>.json is written
-(atomically, bertscale.checkpoint.write_json_atomic):
+(atomically, bertscale.files.write_json_atomic):
 
 1. prepare: `bertscale prepare --objective mlm` of the raw text into OUT/shards (MLM-only: the
    comparison class, `transformers`' BertForMaskedLM as `run_mlm` trains it, has no NSP).

@@ -45,6 +45,7 @@ import multiprocessing as mp
 import os
 import queue
 import random
+import re
 import shutil
 import sys
 import time
@@ -68,6 +69,11 @@ from bertscale.tokenizer import (SPECIAL_TOKENS, guess_lowercase, load_tokenizer
                                  train_wordpiece, vocab_hash)
 
 log = logging.getLogger("bertscale.prepare")
+
+
+# How long the ranks of a prepare job wait for each other at start (a shared filesystem may
+# show another node's new file seconds late; a rank may start late on a busy node).
+START_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -107,6 +113,8 @@ class PrepareConfig:
     """Keep the spool folder (out/.work) after success."""
     progress: str = "auto"
     """auto | bar | log | none."""
+    start_timeout_s: float = START_TIMEOUT_S
+    """Under MPI: how long the ranks wait for each other at start (MPIContext.wait_for_all_ranks)."""
 
     def validate(self) -> None:
         if not self.inputs:
@@ -123,19 +131,19 @@ class PrepareConfig:
             raise UserError(f"--short-seq-prob {self.short_seq_prob} is not a probability")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UserError(f"--eval-fraction {self.eval_fraction} must be in [0, 1)")
-        if self.dupe_factor < 1:
-            raise UserError(f"--dupe-factor {self.dupe_factor} must be >= 1")
+        for flag, count in (("--dupe-factor", self.dupe_factor),
+                            ("--docs-per-chunk", self.docs_per_chunk), ("--workers", self.workers)):
+            if count < 1:
+                raise UserError(f"{flag} {count} must be >= 1")
         if not 1 <= self.samples_per_shard <= MAX_SAMPLES_PER_SHARD:
             raise UserError(f"--samples-per-shard {self.samples_per_shard} must be in "
                             f"[1, {MAX_SAMPLES_PER_SHARD}]")
-        if self.docs_per_chunk < 1:
-            raise UserError(f"--docs-per-chunk {self.docs_per_chunk} must be >= 1")
-        if self.workers < 1:
-            raise UserError(f"--workers {self.workers} must be >= 1")
         if self.format not in FORMATS:
             raise UserError(f"--format {self.format!r}: choose from {', '.join(FORMATS)}")
         if self.progress not in ("auto", "bar", "log", "none"):
             raise UserError(f"--progress {self.progress!r}: choose auto, bar, log or none")
+        if not self.start_timeout_s > 0:
+            raise UserError(f"--start-timeout {self.start_timeout_s} must be > 0 seconds")
         if self.train_vocab is not None and self.train_vocab <= 5:
             raise UserError(f"--train-vocab {self.train_vocab} is too small")
 
@@ -158,6 +166,9 @@ class Context:
     def allgather(self, obj: Any) -> list[Any]:
         return [obj]
 
+    def wait_for_all_ranks(self, folder: Path, timeout_s: float = START_TIMEOUT_S) -> None:
+        """One process: nobody to wait for."""
+
 
 class MPIContext(Context):
     is_mpi = True
@@ -171,6 +182,48 @@ class MPIContext(Context):
 
     def allgather(self, obj: Any) -> list[Any]:
         return self.comm.allgather(obj)
+
+    def wait_for_all_ranks(self, folder: Path, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Return once every rank is past MPI_Init, learnt without an MPI message.
+
+        Open MPI 4.1 (seen with Debian 12's 4.1.4) can crash a rank that is still inside MPI_Init
+        when a message from a rank that left it earlier arrives: the PML has not registered its
+        receive handler yet, and the TCP BTL calls a null function (SIGSEGV in
+        mca_btl_tcp.so, about one two-node `srun --mpi=pmix` start in 100 on a test machine;
+        Open MPI PR 13559 describes the same race on its main branch). So the first message
+        waits for a file from each rank in `folder`, which every rank must share anyway (the
+        shards of all ranks go there). A rank that never shows up is named with the folder: the
+        usual cause is an --out that is not on a filesystem all nodes share."""
+        key = _launch_key()
+        if key is None:
+            return  # a launcher that names no job: no folder of its own to meet in
+        meet = folder / f".mpi-start-{key}"
+        meet.mkdir(parents=True, exist_ok=True)
+        (meet / f"rank{self.rank}").touch()
+        want = {f"rank{r}" for r in range(self.size)}
+        deadline, pause = time.monotonic() + timeout_s, 0.02
+        while missing := want - set(os.listdir(meet)):
+            if time.monotonic() > deadline:
+                ranks = sorted(int(m[4:]) for m in missing)
+                shown = ", ".join(map(str, ranks[:8])) + (" …" if len(ranks) > 8 else "")
+                raise UserError(f"rank(s) {shown} of {self.size} did not appear in "
+                                f"{meet.absolute()} within {timeout_s:.0f} s; is "
+                                f"{folder.absolute()} on a filesystem every node shares, and did "
+                                f"every rank start?")
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
+        self.comm.Barrier()  # safe now; after it nobody reads `meet` any more
+        if self.rank == 0:
+            shutil.rmtree(meet, ignore_errors=True)  # a leftover marker folder is harmless
+
+
+def _launch_key() -> str | None:
+    """A name all ranks of this MPI job see alike and no other job shares, from the launcher's
+    environment (PMIx: srun --mpi=pmix, Open MPI's mpirun; else SLURM's job and step)."""
+    key = os.environ.get("PMIX_NAMESPACE") or os.environ.get("OMPI_MCA_ess_base_jobid")
+    if not key and os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_ID"):
+        key = f"slurm.{os.environ['SLURM_JOB_ID']}.{os.environ['SLURM_STEP_ID']}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", key) if key else None
 
 
 # Set by mpirun/mpiexec (Open MPI, MPICH/Hydra, MVAPICH, Intel MPI) or by srun's PMI plugins.
@@ -568,6 +621,7 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
 
     if cfg.vocab is not None:
         read_vocab(cfg.vocab)  # a missing or malformed vocabulary fails here, naming the file
+    ctx.wait_for_all_ranks(out, cfg.start_timeout_s)  # before the first MPI message
     files = collective(ctx, "reading the inputs", lambda: expand_inputs(cfg.inputs))
     plan = _plan(cfg, files)
     fp = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
@@ -788,6 +842,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="local processes (per MPI rank; default: 1)")
     p.add_argument("--keep-work", action="store_true",
                    help="keep OUT/.work (spools and the plan) after success (default: removed)")
+    p.add_argument("--start-timeout", type=float, default=START_TIMEOUT_S, metavar="SECONDS",
+                   help="under MPI: how long the ranks wait for each other at start, through a "
+                        "file each writes in OUT, which must be on a filesystem all nodes share "
+                        f"(default: {START_TIMEOUT_S:.0f})")
     p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
                    help="a redrawn line with ETA on a terminal (bar), a line every 10 s (log), "
                         "or nothing; auto: bar on a terminal, else log (default: auto)")
@@ -811,7 +869,8 @@ def handle(args: argparse.Namespace) -> int:
                         samples_per_shard=args.samples_per_shard, eval_fraction=args.eval_fraction,
                         seed=args.seed, format=args.format, text_field=args.text_field,
                         split_sentences=args.split_sentences, docs_per_chunk=args.docs_per_chunk,
-                        workers=args.workers, keep_work=args.keep_work, progress=args.progress)
+                        workers=args.workers, keep_work=args.keep_work, progress=args.progress,
+                        start_timeout_s=args.start_timeout)
     ctx = detect_context()
     manifests = run_prepare(cfg, ctx)
     if url is not None and ctx.rank == 0:

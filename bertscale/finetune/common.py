@@ -75,7 +75,7 @@ from bertscale.files import copy_atomic, torch_save_atomic, write_text_atomic
 from bertscale.parallelize import FastPaths
 from bertscale.pretrained import TASK_FILE, Pretrained, build, load_checkpoint  # noqa: F401 - re-exported
 from bertscale.reporting import MetricSinks, Progress
-from bertscale.seeding import seed_all
+from bertscale.seeding import rng_state, seed_all, set_rng_state
 
 # ------------------------------------------------------------------------ checkpoints
 
@@ -478,8 +478,7 @@ class TrainState:
         blob = {"key": self.key, "step": step, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "running": running,
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+                "rng": rng_state()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         torch_save_atomic(blob, self.path)
 
@@ -499,9 +498,12 @@ class TrainState:
         scaler.load_state_dict(blob["scaler"])
         running.extend(blob["running"])
         if ranks().is_main:
-            torch.set_rng_state(blob["rng"])
-            if blob["cuda_rng"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(blob["cuda_rng"])
+            if isinstance(blob["rng"], dict):
+                set_rng_state(blob["rng"])
+            else:        # written before 2026-12: torch's CPU and CUDA generators only
+                torch.set_rng_state(blob["rng"])
+                if blob.get("cuda_rng") is not None and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all(blob["cuda_rng"])
         return int(blob["step"])
 
     def remove(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from bertscale import distributed
 from bertscale.errors import UserError
-from bertscale.pretraining.steps import StopTraining
+from bertscale.pretraining.update import StopTraining
 
 
 def _any_rank(flag: bool, device: Any) -> bool:

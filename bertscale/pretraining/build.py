@@ -12,6 +12,7 @@ from bertscale import checkpoint as ckpt_lib
 from bertscale import distributed
 from bertscale.config import recipe_to_dict
 from bertscale.errors import UserError
+from bertscale.files import copy_atomic, write_json_atomic
 from bertscale.pretraining.plan import Plan
 
 
@@ -34,9 +35,9 @@ def check_shards(plan: Plan) -> None:
 def write_run_files(plan: Plan) -> None:
     """The run folder's vocabulary, resolved recipe and DeepSpeed JSON (rank 0)."""
     if plan.env.is_main:
-        ckpt_lib.copy_atomic(Path(plan.manifest.vocab_file), plan.run_dir / ckpt_lib.VOCAB_FILE)
-        ckpt_lib.write_json_atomic(plan.run_dir / "recipe.json", recipe_to_dict(plan.recipe))
-        ckpt_lib.write_json_atomic(plan.run_dir / "deepspeed_config.json", plan.ds_config)
+        copy_atomic(Path(plan.manifest.vocab_file), plan.run_dir / ckpt_lib.VOCAB_FILE)
+        write_json_atomic(plan.run_dir / "recipe.json", recipe_to_dict(plan.recipe))
+        write_json_atomic(plan.run_dir / "deepspeed_config.json", plan.ds_config)
 
 
 def engine_builder(plan: Plan, model: Any, optimizer: Any) -> Callable[[dict[str, Any]], tuple[Any, Any]]:

@@ -19,7 +19,7 @@ from bertscale import checkpoint as ckpt_lib
 from bertscale import distributed
 from bertscale.config import recipe_to_dict, to_dict
 from bertscale.pretraining.agreement import weights_finite
-from bertscale.pretraining.steps import StopTraining
+from bertscale.pretraining.update import StopTraining
 
 
 def run_identity(plan: Any) -> dict[str, Any]:

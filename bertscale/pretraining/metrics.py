@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from bertscale.pretraining.stats import StepStats
-from bertscale.pretraining.steps import Update
+from bertscale.pretraining.update import Update
 
 
 class StepMetrics:

@@ -3,7 +3,7 @@ accumulation, then ONE all-reduce of the step's statistics (`StepStats`, named f
 
 `train_step` stops the run (StopTraining, exit 3) when any rank's loss was NaN/inf, BEFORE the
 optimizer step, so the weights stay those of the last step; which samples did it is printed on
-the stderr of the rank that saw them. The optimizer update itself is `steps.Updater.apply`.
+the stderr of the rank that saw them. The optimizer update itself is `update.Updater.apply`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from bertscale import checkpoint as ckpt_lib
 from bertscale import distributed
 from bertscale.pretraining.faults import DebugHooks
 from bertscale.pretraining.stats import StepStats
-from bertscale.pretraining.steps import StopTraining
+from bertscale.pretraining.update import StopTraining
 
 
 def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
