@@ -19,7 +19,7 @@ export SLURM_CONF=$BASE/etc/slurm.conf OMPI_MCA_btl=self,tcp OMPI_MCA_btl_tcp_if
        OMP_NUM_THREADS=1 PYTHONPATH=$REPO
 mkdir -p "$BASE/meet"
 raw='from mpi4py import MPI; MPI.COMM_WORLD.allgather(0)'
-meet="import sys; from pathlib import Path; from bertscale.data.prepare import detect_context as d
+meet="from pathlib import Path; from bertscale.data.prepare import detect_context as d
 c = d(); c.wait_for_all_ranks(Path('$BASE/meet')); c.allgather(0)"
 for mode in raw meet; do
   code=$raw; [ $mode = meet ] && code=$meet

@@ -498,12 +498,7 @@ class TrainState:
         scaler.load_state_dict(blob["scaler"])
         running.extend(blob["running"])
         if ranks().is_main:
-            if isinstance(blob["rng"], dict):
-                set_rng_state(blob["rng"])
-            else:        # written before 2026-12: torch's CPU and CUDA generators only
-                torch.set_rng_state(blob["rng"])
-                if blob.get("cuda_rng") is not None and torch.cuda.is_available():
-                    torch.cuda.set_rng_state_all(blob["cuda_rng"])
+            set_rng_state(blob["rng"])
         return int(blob["step"])
 
     def remove(self) -> None:
