@@ -73,6 +73,12 @@ class ModelConfig:
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ConfigError(f"model.pad_token_id {self.pad_token_id} is outside the vocabulary "
                               f"(size {self.vocab_size})")
+        # The std of the weights' truncated normal, and the LayerNorm epsilon under a square
+        # root: zero or negative is a crash at initialisation, or NaN from the first step.
+        for name in ("initializer_range", "layer_norm_eps"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"model.{name} must be positive, got {v}")
 
 
 # (layers, hidden, heads); intermediate is 4 x hidden as in the paper and Turc et al. 2019.
@@ -157,6 +163,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:  # noqa: C901
                 return _coerce(arg, value, name)
             except ConfigError as e:
                 errors.append(str(e))
+                if isinstance(arg, type) and type(value) is arg:
+                    raise  # the value has this type: its own complaint says what is wrong
         raise ConfigError(errors[0] if len(errors) == 1 else
                           f"{name} = {value!r} matches none of the accepted types")
     if origin in (list, tuple):
@@ -172,7 +180,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:  # noqa: C901
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        # No field wants NaN or infinity, and TOML writes both (`nan`, `inf`).
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if tp is Path and isinstance(value, str):
         return Path(value)
     if tp in (int, float, str, bool):
@@ -525,6 +536,12 @@ class DebugSection:
     k times is skipped k times. ZeRO-1/2 (any precision); for tests of the step accounting."""
 
 
+MAX_SEED = 2**32 - 1
+"""The largest train.seed: numpy's generators take seeds in [0, 2**32)."""
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"
+"""Characters W&B refuses in a project name."""
+
+
 @dataclass
 class PretrainRecipe:
     """A whole pretraining job: model, data, optimizer, schedule, batch, eval, checkpoints."""
@@ -596,6 +613,18 @@ class PretrainRecipe:
             raise ConfigError(f"logging.every must be positive, got {self.logging.every}")
         if t.max_loss_scale_skips <= 0:
             raise ConfigError(f"train.max_loss_scale_skips must be positive, got {t.max_loss_scale_skips}")
+        if not 0 <= t.seed <= MAX_SEED:  # numpy's generators take [0, 2**32)
+            raise ConfigError(f"train.seed must be in [0, {MAX_SEED}], got {t.seed}")
+        if self.data.max_bad_samples < 0:
+            raise ConfigError(f"data.max_bad_samples must be >= 0, got {self.data.max_bad_samples}")
+        if not self.name.strip():
+            raise ConfigError("name must not be empty (it names the run and its default folder "
+                              "runs/<name>)")
+        bad = [c for c in self.logging.wandb_project if c in WANDB_PROJECT_FORBIDDEN]
+        if not self.logging.wandb_project.strip() or bad or len(self.logging.wandb_project) > 128:
+            raise ConfigError(f"logging.wandb_project = {self.logging.wandb_project!r}: W&B "
+                              f"project names are 1 to 128 characters without any of "
+                              f"{' '.join(WANDB_PROJECT_FORBIDDEN)}")
 
 
 _RECIPE_SECTIONS: dict[str, type] = {

@@ -116,8 +116,14 @@ def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, 
 
     from bertscale.data.shards import read_manifest
 
-    manifest = read_manifest(recipe.data.manifest, shard_base=recipe.data.shard_base,
-                             cache_dir=recipe.data.cache_dir)
+    _check_paths(recipe)
+    try:
+        manifest = read_manifest(recipe.data.manifest, shard_base=recipe.data.shard_base,
+                                 cache_dir=recipe.data.cache_dir)
+    except ConfigError:
+        raise
+    except UserError as e:
+        raise ConfigError(f"data.manifest: {e}") from None
     model = _model_for(recipe, manifest)
     _check_against_data(recipe, manifest, env)
     _check_recipe(recipe)
@@ -131,7 +137,10 @@ def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, 
         tokenizer_hash, manifest.fingerprint, model))
     init_from = None
     if recipe.train.init_from is not None and resume_point is None:
-        init_from = ckpt_lib.resolve(recipe.train.init_from)
+        try:
+            init_from = ckpt_lib.resolve(recipe.train.init_from)
+        except UserError as e:
+            raise ConfigError(f"train.init_from: {e}") from None
         ckpt_lib.check_compatible(ckpt_lib.read_state(init_from), tokenizer_hash=tokenizer_hash,
                                   manifest_fingerprint=None, model_config=model,
                                   where=f"train.init_from {init_from.path}")
@@ -152,6 +161,10 @@ def _model_for(recipe: PretrainRecipe, manifest: Any) -> ModelConfig:
     elif model.vocab_size < vocab_size:
         raise ConfigError(f"model.vocab_size {model.vocab_size} is smaller than the manifest's "
                           f"vocabulary ({vocab_size} tokens in {vocab_file})")
+    if manifest.pair_objective in ("nsp", "sop") and model.type_vocab_size < 2:
+        raise ConfigError(f"model.type_vocab_size = {model.type_vocab_size}, but the shards of "
+                          f"{manifest.path} hold sentence pairs ({manifest.pair_objective}), "
+                          f"whose segments A and B need 2 token types")
     if manifest.seq_len > model.max_position_embeddings:
         raise ConfigError(f"the shards hold {manifest.seq_len}-token sequences but "
                           f"model.max_position_embeddings is {model.max_position_embeddings}")
@@ -193,12 +206,38 @@ def _check_recipe(recipe: PretrainRecipe) -> None:
                               "package: pip install 'bertscale[tensorboard]'") from None
 
 
+def _not_a_folder(path: Path) -> Path | None:
+    """The first part of `path` that exists and is not a folder (so `path` cannot be one)."""
+    for p in [path, *path.parents]:
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def _check_paths(recipe: PretrainRecipe) -> None:
+    """The recipe's local folders can be what they are meant to be (read or made later)."""
+    from bertscale.data import remote
+
+    d = recipe.data
+    base = d.shard_base
+    if base and not remote.is_remote(base) and "{name}" not in base and not Path(base).is_dir():
+        raise ConfigError(f"data.shard_base = {base!r}: folder not found")
+    if d.cache_dir is not None:
+        blocker = _not_a_folder(Path(d.cache_dir))
+        if blocker is not None:
+            raise ConfigError(f"data.cache_dir = {str(d.cache_dir)!r}: {blocker} is not a folder")
+
+
 def _check_run_folder(run_dir: Path, vocab_file: Path) -> None:
     """The run folder exists, is writable, and was not started with another vocabulary."""
     run_vocab = run_dir / ckpt_lib.VOCAB_FILE
     if run_vocab.is_file() and run_vocab.read_bytes() != vocab_file.read_bytes():
         raise UserError(f"{run_vocab}: this run folder was started with another vocabulary than "
                         f"{vocab_file}; use a new --run-dir")
+    blocker = _not_a_folder(run_dir)
+    if blocker is not None:
+        raise ConfigError(f"run folder {run_dir} (--run-dir, or the recipe's run_dir): {blocker} "
+                          f"is not a folder")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
