@@ -46,6 +46,7 @@ from typing import Any, Callable
 from bertscale.config import ModelConfig, from_dict, to_dict
 from bertscale.errors import UserError
 from bertscale.files import fsync_path, torch_save_atomic, write_json_atomic
+from bertscale.files import human_size as _size
 from bertscale.seeding import rng_state, set_rng_state
 
 COMMIT_FILE = "commit.json"
@@ -201,14 +202,6 @@ def space_problem(folder: Path, needed: int, what: str) -> str | None:
         return None
     return (f"{what}: {folder} has {_size(free)} free, about {_size(needed)} are needed; "
             f"free space there (or lower checkpoint.keep) and resume")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def checkpoint_bytes_estimate(run_dir: Path, engine: Any) -> int:
@@ -415,17 +408,28 @@ def load_consolidated(path: str | Path) -> ConsolidatedModel:
     state = read_state(ckpt)
     config = from_dict(ModelConfig, state["model_config"], f"{ckpt.path / STATE_FILE}: model_config")
     zero_files = list(ckpt.path.glob("*zero_pp_rank_*optim_states.pt"))
-    if zero_files:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from bertscale.reporting import third_party_output
 
-        from bertscale.reporting import third_party_output
-        with third_party_output():   # its "Processing zero checkpoint ..." lines; --verbose shows them
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.root), tag=ckpt.tag)
-    else:  # ZeRO-0: the model states file holds the full weights
-        model_file = ckpt.path / "mp_rank_00_model_states.pt"
-        if not model_file.is_file():
-            raise UserError(f"{ckpt.path}: no DeepSpeed model states file")
-        sd = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    # Its "Processing zero checkpoint ..." lines, shown with --verbose, or when the reading
+    # fails for another reason than a damaged file.
+    with third_party_output():
+        try:
+            if zero_files:
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.root), tag=ckpt.tag)
+            else:  # ZeRO-0: the model states file holds the full weights
+                model_file = ckpt.path / "mp_rank_00_model_states.pt"
+                if not model_file.is_file():
+                    raise UserError(f"{ckpt.path}: no DeepSpeed model states file")
+                sd = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+        except UserError:
+            raise
+        except Exception as e:
+            damaged = _damaged_file(ckpt)
+            if damaged is None:
+                raise   # every file opens: not a damaged checkpoint but a fault of ours
+            raise UserError(f"{damaged[0]}: cannot be read ({damaged[1]}): checkpoint step "
+                            f"{ckpt.step} is damaged{_older_committed(ckpt)}") from e
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     # zero_to_fp32 restores tied parameters under every name; add the decoder if it was dropped.
     if "cls.predictions.decoder.weight" not in sd and "bert.embeddings.word_embeddings.weight" in sd:
@@ -434,3 +438,26 @@ def load_consolidated(path: str | Path) -> ConsolidatedModel:
     if not vocab.is_file():
         raise UserError(f"{vocab}: the run folder has lost its vocabulary")
     return ConsolidatedModel(config, sd, vocab, bool(state.get("lowercase", True)), ckpt.step)
+
+
+def _damaged_file(ckpt: Committed) -> tuple[Path, str] | None:
+    """The first of the checkpoint's torch files that does not open (cut short, overwritten),
+    with why; None when they all do. Opening maps the file and reads its zip directory only."""
+    import torch
+
+    for f in sorted(ckpt.path.glob("*.pt")):
+        try:
+            torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as e:  # noqa: BLE001 - any failure to open is the answer
+            first = (str(e).splitlines() or [""])[0][:200]
+            return f, f"{type(e).__name__}: {first}"
+    return None
+
+
+def _older_committed(ckpt: Committed) -> str:
+    """What to use instead of a damaged checkpoint: an older committed one, if there is one."""
+    older = [c for c in list_committed(ckpt.run_dir) if c.step < ckpt.step]
+    if not older:
+        return " and the run has no older committed checkpoint"
+    return f"; pass an older committed one instead, e.g. {older[-1].path}"
+

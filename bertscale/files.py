@@ -10,19 +10,98 @@ Limits, stated honestly: these helpers write wherever they are called; deciding 
 writes is the caller's job. fsync is what makes a rename durable on a local disk; on network
 filesystems it is only as strong as the filesystem's close-to-open guarantee. A process killed
 mid-write leaves its temporary file (`.<name>.tmp-<pid>`), which `remove_stale` clears.
+
+A write that fails because the filesystem is full (or over quota) is a `DiskFullError`: one line
+naming the file and the space free there, after the temporary file is removed, so the old file
+(or nothing) is what is left. `stop_on_full_disk` does the same for jobs that write through other
+libraries (safetensors, torch, a pool of worker processes), whose errors wrap the OSError.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from bertscale.errors import UserError
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How the libraries that wrap the OSError say it (safetensors: "StorageFull"; torch's zip writer
+# keeps the strerror).
+_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull")
+
+
+class DiskFullError(UserError, OSError):
+    """A write failed because the filesystem is full or over quota (an OSError too, so code that
+    handles write failures as OSErrors still does)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """Whether `e`, or an exception it was raised from, says the disk is full or over quota."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            return True
+        if any(t in str(e) for t in _FULL_TEXTS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def human_size(n: float) -> str:
+    """`512 B`, `3.2 MB`, `1.5 GB` (powers of 1000)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def free_space(path: Path) -> str:
+    """The space free on the filesystem holding `path` (or its nearest existing parent)."""
+    for p in [path, *path.parents]:
+        if p.exists():
+            try:
+                return human_size(shutil.disk_usage(p).free)
+            except OSError:
+                break
+    return "unknown space"
+
+
+def disk_full_error(path: Path, doing: str, kept: str) -> DiskFullError:
+    """`<doing> <path> failed: the disk is full (N free there); <kept>`."""
+    return DiskFullError(f"{doing} {path} failed: the disk is full ({free_space(path)} free "
+                         f"there); {kept}")
+
+
+@contextlib.contextmanager
+def stop_on_full_disk(path: Path, doing: str, kept: str) -> Iterator[None]:
+    """Turn any exception that says the disk is full, raised inside, into one DiskFullError
+    about `path`; everything else passes unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full_error(path, doing, kept) from None
+        raise
+
+
+def _kept(path: Path) -> str:
+    return (f"the previous {path.name} is intact" if path.exists()
+            else f"nothing was written (no {path.name})")
 
 
 def fsync_path(path: Path) -> None:
@@ -64,8 +143,10 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
         write(tmp)
         fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and not isinstance(e, DiskFullError) and is_disk_full(e):
+            raise disk_full_error(path, "writing", _kept(path)) from None
         raise
     fsync_path(path.parent)
 
@@ -89,7 +170,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def torch_save_atomic(obj: Any, path: Path) -> None:
     import torch
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+    def write(tmp: Path) -> None:
+        # Through a Python file: on a full disk its write raises OSError(ENOSPC), where torch's
+        # own file writer says only "unexpected pos" or "iostream error".
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    write_atomic(path, write)
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
@@ -121,13 +208,20 @@ def write_dir_atomic(target: Path, fill: Callable[[Path], Any], replace: bool = 
     which would hide the result from the rest of a team's cluster)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
-        fill(tmp)
-        publish_dir(tmp, target, replace)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            fill(tmp)
+            publish_dir(tmp, target, replace)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    except Exception as e:
+        if not isinstance(e, DiskFullError) and is_disk_full(e):
+            kept = (f"the previous {target.name} is intact" if target.exists()
+                    else f"nothing was written (no {target.name})")
+            raise disk_full_error(target, "writing", kept) from None
+        raise
     return target
 
 

@@ -332,7 +332,7 @@ def quiet_third_party(verbose: bool = False) -> None:
 class third_party_output:
     """Swallow what a library call prints to stdout/stderr (e.g. zero_to_fp32's "Processing zero
     checkpoint" lines) unless --verbose; printed after all if the call raises, so nothing that
-    explains a failure is lost."""
+    explains a failure is lost (but not under a UserError: its one line says what is wrong)."""
 
     def __enter__(self) -> third_party_output:
         import contextlib
@@ -346,5 +346,6 @@ class third_party_output:
 
     def __exit__(self, kind: Any, *rest: Any) -> None:
         self.stack.close()
-        if kind is not None and self.buffer.getvalue():
+        from bertscale.errors import UserError
+        if kind is not None and not issubclass(kind, UserError) and self.buffer.getvalue():
             sys.stderr.write(self.buffer.getvalue())

@@ -19,13 +19,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
 
 from bertscale import checkpoint as ckpt_lib
+from disk import tmpfs
 from pretrain_runs import WS2, manifest, pretrain, train_losses  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -112,16 +111,8 @@ def test_a_manifest_whose_sample_counts_are_wrong_is_refused_at_start(manifest, 
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 100 MB filesystem: room for one checkpoint of this run (about 70 MB), not two."""
-    mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path, "100m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.timeout(1200)

@@ -63,8 +63,8 @@ from bertscale.data.shards import (MANIFEST_NAME, MAX_SAMPLES_PER_SHARD, SPLITS,
                                    shard_name, token_dtype, write_manifest)
 from bertscale.data.text import FORMATS, expand_inputs, read_documents, split_sentences
 from bertscale.errors import UserError
-from bertscale.files import (copy_atomic, publish_dir, remove_stale, temporary_sibling,
-                             write_text_atomic)
+from bertscale.files import (copy_atomic, publish_dir, remove_stale, stop_on_full_disk,
+                             temporary_sibling, write_text_atomic)
 from bertscale.tokenizer import (SPECIAL_TOKENS, guess_lowercase, load_tokenizer, read_vocab,
                                  train_wordpiece, vocab_hash)
 
@@ -622,6 +622,15 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
     if cfg.vocab is not None:
         read_vocab(cfg.vocab)  # a missing or malformed vocabulary fails here, naming the file
     ctx.wait_for_all_ranks(out, cfg.start_timeout_s)  # before the first MPI message
+
+    def writing(fn: Callable[[], Any]) -> Callable[[], Any]:
+        """`fn` with a full disk as one line: whatever it was writing (spools, shards through
+        worker processes, the manifest) is removed or was never committed."""
+        def run() -> Any:
+            with stop_on_full_disk(out, "writing into", "what is finished is kept: free some "
+                                   "space and run the same command again to continue"):
+                return fn()
+        return run
     files = collective(ctx, "reading the inputs", lambda: expand_inputs(cfg.inputs))
     plan = _plan(cfg, files)
     fp = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
@@ -665,7 +674,7 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
                     vocab_progress.done("trained")
                 _canonical_vocab(raw, vocab_file)
 
-    collective(ctx, "setup", setup)
+    collective(ctx, "setup", writing(setup))
     if cfg.train_vocab is not None:
         vocab_path = out / "vocab.txt"
         lowercase = True if cfg.lowercase is None else cfg.lowercase
@@ -692,7 +701,7 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
     prog1 = (Progress(mode, len(tasks), prefix + "prepare phase 1 (tokenize, pair): ")
              if mode != "none" else None)
     collective(ctx, "phase 1 (tokenize and pair)",
-               lambda: _run_tasks("unit", tasks, cfg.workers, prog1))
+               writing(lambda: _run_tasks("unit", tasks, cfg.workers, prog1)))
 
     # Phase 2: every rank reads every unit's summary from the shared folder.
     summaries = [json.loads((unit_dir(work, i) / "done.json").read_text()) for i in range(len(files))]
@@ -701,7 +710,7 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
     prog2 = (Progress(mode, len(my_shards), prefix + "prepare phase 2 (shards): ")
              if mode != "none" else None)
     collective(ctx, "phase 2 (write shards)",
-               lambda: _run_tasks("shard", my_shards, cfg.workers, prog2))
+               writing(lambda: _run_tasks("shard", my_shards, cfg.workers, prog2)))
 
     def finish() -> None:
         if ctx.rank != 0:
@@ -746,7 +755,7 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
                 print(f"prepare: seq {L}: {n['train']:,} train + {n['eval']:,} eval samples -> "
                       f"{manifests[L]}", file=sys.stderr)
 
-    collective(ctx, "writing the manifests", finish)
+    collective(ctx, "writing the manifests", writing(finish))
     return manifests
 
 

@@ -69,9 +69,9 @@ import torch
 from torch import Tensor, nn
 
 from bertscale.devices import resolve_device, resolve_precision
-from bertscale.distributed import DistEnv
+from bertscale.distributed import DistEnv, gather_problems
 from bertscale.errors import UserError
-from bertscale.files import copy_atomic, torch_save_atomic, write_text_atomic
+from bertscale.files import DiskFullError, copy_atomic, torch_save_atomic, write_text_atomic
 from bertscale.parallelize import FastPaths
 from bertscale.pretrained import TASK_FILE, Pretrained, build, load_checkpoint  # noqa: F401 - re-exported
 from bertscale.reporting import MetricSinks, Progress
@@ -473,14 +473,23 @@ class TrainState:
 
     def save(self, step: int, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
              running: list[float]) -> None:
-        if not self.enabled or not ranks().is_main:
+        if not self.enabled:
             return
-        blob = {"key": self.key, "step": step, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "running": running,
-                "rng": rng_state()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        torch_save_atomic(blob, self.path)
+        problem = None
+        if ranks().is_main:
+            blob = {"key": self.key, "step": step, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "running": running,
+                    "rng": rng_state()}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                torch_save_atomic(blob, self.path)
+            except DiskFullError as e:   # the previous state is intact
+                problem = str(e)
+        # Every rank stops with rank 0's line, rather than waiting for it in the next all-reduce.
+        problems = gather_problems([problem] if problem else [])
+        if problems:
+            raise UserError(problems[0])
 
     def load(self, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
              running: list[float]) -> int:
