@@ -28,10 +28,11 @@ class RankResult:
     stderr: str
 
 
-def run_ranks(argv: list[str], world_size: int, *, env: dict[str, str] | None = None,
-              timeout: float = 300, cwd: str | Path | None = None, check: bool = True) -> list[RankResult]:
-    """Start `python argv...` once per rank and wait for all. With check=True a failing rank
-    raises with every rank's stderr tail, so a test failure shows what went wrong."""
+def start_ranks(argv: list[str], world_size: int, *, env: dict[str, str] | None = None,
+                cwd: str | Path | None = None, stdout: object = subprocess.PIPE,
+                stderr: object = subprocess.PIPE) -> list[subprocess.Popen]:
+    """Start `python argv...` once per rank, as a launcher would, and return at once. `stdout`
+    / `stderr`: what Popen takes, or a callable rank -> file."""
     port = str(free_port())
     procs = []
     for rank in range(world_size):
@@ -41,7 +42,16 @@ def run_ranks(argv: list[str], world_size: int, *, env: dict[str, str] | None = 
                  LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                  GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
         procs.append(subprocess.Popen([sys.executable, *argv], env=e, cwd=cwd, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+                                      stdout=stdout(rank) if callable(stdout) else stdout,
+                                      stderr=stderr(rank) if callable(stderr) else stderr))
+    return procs
+
+
+def run_ranks(argv: list[str], world_size: int, *, env: dict[str, str] | None = None,
+              timeout: float = 300, cwd: str | Path | None = None, check: bool = True) -> list[RankResult]:
+    """Start `python argv...` once per rank and wait for all. With check=True a failing rank
+    raises with every rank's stderr tail, so a test failure shows what went wrong."""
+    procs = start_ranks(argv, world_size, env=env, cwd=cwd)
     results = []
     try:
         for rank, p in enumerate(procs):

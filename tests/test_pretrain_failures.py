@@ -64,16 +64,16 @@ def _corrupt_sample_at(manifest: Path, position: int) -> tuple[str, int]:
     import numpy as np
 
     from bertscale.data.loader import PretrainLoader
-    from bertscale.data.shards import HEADER, index_tar, open_mmap, read_manifest
+    from bertscale.data.shards import HEADER, ShardFile, index_tar, read_manifest
 
     m = read_manifest(manifest)
     loader = PretrainLoader(m, split="train", global_batch_size=8, micro_batch_size=2, rank=0,
                             world_size=1, seed=1234, verify_sha256=False)
     shard, offset = (int(x[0]) for x in loader.order.locate(np.array([position])))
     path = Path(m.shard_location("train", shard))
-    mm = open_mmap(path)
-    start = int(index_tar(mm, "train", shard, m.shards["train"][shard].samples).starts[offset])
-    del mm
+    f = ShardFile(path)
+    start = int(index_tar(f, "train", shard, m.shards["train"][shard].samples).starts[offset])
+    f.close()
     raw = bytearray(path.read_bytes())
     raw[start + HEADER.size + 3] ^= 0xFF
     path.write_bytes(bytes(raw))
@@ -93,6 +93,45 @@ def test_a_damaged_sample_mid_run_stops_every_rank_with_one_line(manifest, tmp_p
                              "(found by rank 1)")
     assert sorted(train_losses(run)) == [1, 2]
     assert ckpt_lib.latest_committed(run).step == 2
+
+
+def test_shards_cut_short_under_a_running_job_stop_every_rank_with_one_line(manifest, tmp_path):
+    """What `cp new/* data/` or `rsync --inplace` does to shards a job is reading: the files are
+    cut short (then rewritten) under it. Every rank stops at the same step with exit 2 and one
+    line naming a shard, as for a damaged sample; the checkpoint before stays committed. Before
+    the fix the shards were memory-mapped and every rank died of SIGBUS on the next read past
+    the new end (exit -7; "Bus error", 135, in a shell)."""
+    import time
+
+    from launch import RankResult, start_ranks
+    from pretrain_runs import pretrain_argv
+
+    data = _copy_data(manifest, tmp_path / "data")
+    run = tmp_path / "run"
+    logs = [(tmp_path / f"rank{r}.out", tmp_path / f"rank{r}.err") for r in range(2)]
+    procs = start_ranks(pretrain_argv(run, data, "train.global_batch_size=8",
+                                      "train.micro_batch_size=2", "train.steps=400",
+                                      "checkpoint.every=2", "eval.every=0", "eval.at_start=false",
+                                      "schedule.warmup=1", "data.verify_sha256=false"),
+                        2, stdout=lambda r: open(logs[r][0], "w"),
+                        stderr=lambda r: open(logs[r][1], "w"))
+    try:
+        deadline = time.monotonic() + 400
+        while "checkpoint step 2 committed" not in logs[0][0].read_text():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                logs[0][1].read_text()[-3000:]
+            time.sleep(0.1)
+        for shard in data.parent.glob("train-*.tar"):    # what `cp` does first: O_TRUNC
+            os.truncate(shard, shard.stat().st_size // 5)
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = [RankResult(r, c, logs[r][0].read_text(), logs[r][1].read_text())
+               for r, c in enumerate(codes)]
+    _assert_same_clean_error(results, "shard train-", "bytes now, ", "cut short")
+    assert ckpt_lib.latest_committed(run).step >= 2
 
 
 def test_a_manifest_whose_sample_counts_are_wrong_is_refused_at_start(manifest, tmp_path):

@@ -7,8 +7,8 @@ lies in epoch ``e = p // N`` (N samples); within the epoch the shards are put in
 (new each epoch), their samples are concatenated, and the concatenation is shuffled within
 consecutive windows of ``shuffle_window`` samples (a seeded permutation per window). So position
 ``p`` maps to one (shard, sample offset) by arithmetic, and any process can read any position by
-random access: shards are memory-mapped and indexed once (each member's offset, from walking the
-tar headers), and reading a sample is a slice plus a CRC check.
+random access: shards are opened and indexed once (each member's offset, from walking the tar
+headers), and reading a sample is one positioned read (pread) plus a CRC check.
 
 Global batch ``b`` is positions ``[c + b·G, c + (b+1)·G)`` where ``c = consumed_samples``; rank
 ``r`` of ``W`` takes the contiguous slice ``[r·G/W, (r+1)·G/W)`` of it and yields it as ``G/(m·W)``
@@ -44,8 +44,10 @@ Cost of a resume, and limits: opening a shard walks its tar headers once (about 
 shard; the index stays cached), so a resume reads the few shards of the current shuffle window
 (``shuffle_window``, default 4 shards' worth of samples) and nothing before it — no replay.
 The window bounds the randomness: samples are shuffled within it, shards across the epoch, and
-`prepare` already shuffled within chunks of documents. Reads are random access through memory
-maps, so the shards of a window should fit the page cache (or the disk take random reads).
+`prepare` already shuffled within chunks of documents. Reads are random access (pread), so the
+shards of a window should fit the page cache (or the disk take random reads). Shards are not
+memory-mapped: a shard cut short under a running job (`cp` or `rsync --inplace` over the data)
+would kill every rank with SIGBUS; a short read is reported like any damaged sample instead.
 ``verify_sha256`` on a loader reads every shard of its split; the trainer instead has each
 rank check its share (``verify_shards``) and sets it off.
 """
@@ -65,8 +67,8 @@ import torch
 from bertscale.data.cache import FetchSettings, ShardFetcher
 from bertscale.data.masking import Masker, MaskingConfig
 from bertscale.data.remote import is_remote as _is_remote
-from bertscale.data.shards import (Manifest, SampleError, TarIndex, count_members, decode_sample,
-                                   index_tar, open_mmap, read_manifest, sha256_file)
+from bertscale.data.shards import (Manifest, SampleError, ShardFile, TarIndex, count_members,
+                                   decode_sample, index_tar, read_manifest, sha256_file)
 from bertscale.errors import UserError
 from bertscale.tokenizer import read_vocab
 
@@ -85,13 +87,13 @@ BAD_SAMPLE_ID = -2
 class _Shard:
     name: str
     location: str
-    mm: Any
+    file: ShardFile
     index: TarIndex
     width: int
 
 
 class ShardStore:
-    """Open shards (memory maps + indexes), least recently used closed first."""
+    """Open shards (files + indexes), least recently used closed first."""
 
     def __init__(self, manifest: Manifest, split: str, fetcher: ShardFetcher | None,
                  max_open: int = 64):
@@ -118,52 +120,38 @@ class ShardStore:
         info = self.infos[i]
         path = self.local_path(i)
         try:
-            mm = open_mmap(path)
+            f = ShardFile(path)
         except FileNotFoundError:
             if self.fetcher is None:
                 raise UserError(f"shard {info.name}: file {path} not found") from None
-            mm = open_mmap(self.local_path(i))  # evicted between its fetch and here: again
-        index = index_tar(mm, self.split, i, info.samples)
-        if len(mm) != info.bytes:
+            f = ShardFile(self.local_path(i))  # evicted between its fetch and here: again
+        index = index_tar(f, self.split, i, info.samples)
+        if f.size != info.bytes:
             log.warning("shard %s (%s) is %d bytes, the manifest says %d (truncated or replaced)",
-                        info.name, path, len(mm), info.bytes)
-        shard = _Shard(info.name, str(path), mm, index, self.width)
+                        info.name, path, f.size, info.bytes)
+        shard = _Shard(info.name, str(path), f, index, self.width)
         self.open[i] = shard
         if len(self.open) > self.max_open:
             _, old = self.open.popitem(last=False)
-            _close_map(old.mm)
+            old.file.close()
         return shard
 
     def retain(self, keep: set[int]) -> None:
-        """Unmap shards outside `keep` (an evicted file's disk space is freed only when no map
-        of it is left)."""
+        """Close shards outside `keep` (an evicted file's disk space is freed only when no
+        process holds it open)."""
         for i in [i for i in self.open if i not in keep]:
-            try:
-                self.open[i].mm.close()
-            except BufferError:  # a sample of it is still referenced: unmap it later
-                continue
-            del self.open[i]
+            self.open.pop(i).file.close()
 
     def close(self) -> None:
         for s in self.open.values():
-            _close_map(s.mm)
+            s.file.close()
         self.open.clear()
 
     def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers started with spawn get a copy without the parent's memory maps.
+        # DataLoader workers started with spawn get a copy without the parent's open files.
         state = dict(self.__dict__)
         state["open"] = OrderedDict()
         return state
-
-
-def _close_map(mm: Any) -> None:
-    """Close a shard's memory map unless a NumPy view of it is still alive, typically held by
-    the traceback of the data error being reported: then the map is left to be unmapped when
-    the last view goes, instead of a BufferError replacing that error."""
-    try:
-        mm.close()
-    except BufferError:
-        pass
 
 
 def read_sample(shard: _Shard, offset: int) -> tuple[np.ndarray, int, int] | str:
@@ -172,7 +160,8 @@ def read_sample(shard: _Shard, offset: int) -> tuple[np.ndarray, int, int] | str
     if start < 0:
         return shard.index.problems.get(offset, "missing")
     try:
-        return decode_sample(shard.mm, start, int(shard.index.sizes[offset]), shard.width)
+        size = int(shard.index.sizes[offset])
+        return decode_sample(shard.file.read(start, size), 0, size, shard.width)
     except SampleError as e:
         return str(e)
 

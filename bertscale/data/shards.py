@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import struct
 import tarfile
@@ -76,9 +75,9 @@ def encode_sample(ids: np.ndarray, a_len: int, label: int) -> bytes:
 
 def decode_sample(buf: Any, start: int = 0, size: int | None = None,
                   width: int | None = None) -> tuple[np.ndarray, int, int]:
-    """(ids, a_len, label) of the sample in `buf[start:start + size]` (all of `buf` by default:
-    bytes, or a shard's memory map, which the ids then view without a copy); SampleError saying
-    what is damaged. `width`: the bytes per id the shard must have (its manifest's)."""
+    """(ids, a_len, label) of the sample in `buf[start:start + size]` (all of `buf` by default;
+    the ids view `buf` without a copy); SampleError saying what is damaged. `width`: the bytes
+    per id the shard must have (its manifest's)."""
     size = len(buf) - start if size is None else size
     if size < HEADER.size:
         raise SampleError("sample shorter than its header")
@@ -114,6 +113,7 @@ def shard_name(split: str, shard: int) -> str:
 
 BLOCK = 512
 _EOF = b"\0" * (2 * BLOCK)
+_ZERO_BLOCK = b"\0" * BLOCK
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -172,32 +172,50 @@ class TarIndex:
     problems: dict[int, str]  # offset -> what is wrong
 
 
-def index_tar(mm: Any, split: str, shard: int, expected: int) -> TarIndex:
+def index_tar(f: ShardFile, split: str, shard: int, expected: int) -> TarIndex:
     """Index a shard written by `TarWriter` by walking its member headers.
 
     A member whose header is damaged is skipped by scanning forward, block by block, to the next
     valid header (members carry their offset in their name, so later samples stay readable); a
     shard cut short leaves the samples after the cut missing. Each problem is recorded against the
     sample offsets it affects; the caller decides whether to raise or skip."""
-    size = len(mm)
+    size = f.size
     starts = np.full(expected, -1, dtype=np.int64)
     sizes = np.zeros(expected, dtype=np.int64)
     problems: dict[int, str] = {}
     prefix = f"{split}-{shard:06d}-".encode()
     plen = len(prefix)
-    headers: list[int] = []
+    window = _ReadWindow(f)
+    headers = bytearray()   # the valid members' header blocks, checksummed in batches
     pos = 0
+
+    def check_headers() -> None:
+        # Header checksums, vectorised over the 512-byte blocks: a corrupt byte in a header field
+        # we do not parse (mode, mtime…) still makes the shard unreadable for tar and WebDataset.
+        rows = np.frombuffer(bytes(headers), dtype=np.uint8).reshape(-1, BLOCK)
+        computed = (rows.sum(axis=1, dtype=np.int64) - rows[:, 148:156].sum(axis=1, dtype=np.int64)
+                    + 8 * 32)
+        for i, row in enumerate(rows):
+            if computed[i] != _stored_checksum(row.tobytes()):
+                off = int(row[plen:plen + 6].tobytes())
+                problems.setdefault(off, "tar header checksum mismatch (corrupt header)")
+                starts[off] = -1
+        headers.clear()
+
     while pos + BLOCK <= size:
-        name_end = mm.find(b"\0", pos, pos + 100)
-        name = mm[pos:name_end if name_end >= 0 else pos + 100]
-        if not name and mm[pos:pos + BLOCK] == b"\0" * BLOCK:
+        h = window.get(pos, BLOCK)
+        if len(h) < BLOCK:
+            break  # the file is shorter than when it was opened: the rest is reported missing
+        name_end = h.find(b"\0", 0, 100)
+        name = h[:name_end if name_end >= 0 else 100]
+        if not name and h == _ZERO_BLOCK:
             break  # end-of-archive marker
         off = -1
         if (name[:plen] == prefix and name.endswith(b".sample") and len(name) == plen + 13
-                and mm[pos + 257:pos + 262] == b"ustar"):
+                and h[257:262] == b"ustar"):
             try:
                 off = int(name[plen:plen + 6])
-                length = int(mm[pos + 124:pos + 135], 8)
+                length = int(h[124:135], 8)
             except ValueError:
                 off = -1
         if not 0 <= off < expected:
@@ -209,22 +227,12 @@ def index_tar(mm: Any, split: str, shard: int, expected: int) -> TarIndex:
             break
         starts[off] = pos + BLOCK
         sizes[off] = length
-        headers.append(pos)
+        headers += h
+        if len(headers) >= 1024 * BLOCK:
+            check_headers()
         pos = end + (-length % BLOCK)
-    # Header checksums, vectorised over the 512-byte blocks: a corrupt byte in a header field we
-    # do not parse (mode, mtime…) still makes the shard unreadable for tar and WebDataset.
     if headers:
-        blocks = np.frombuffer(mm, dtype=np.uint8, count=size // BLOCK * BLOCK).reshape(-1, BLOCK)
-        hpos = np.asarray(headers, dtype=np.int64)
-        rows = blocks[hpos // BLOCK]
-        computed = (rows.sum(axis=1, dtype=np.int64) - rows[:, 148:156].sum(axis=1, dtype=np.int64)
-                    + 8 * 32)
-        stored = np.array([_stored_checksum(mm, int(p)) for p in hpos], dtype=np.int64)
-        for i in np.nonzero(computed != stored)[0]:
-            p = int(hpos[i])
-            off = int(mm[p + plen:p + plen + 6])
-            problems.setdefault(off, "tar header checksum mismatch (corrupt header)")
-            starts[off] = -1
+        check_headers()
     for off in np.nonzero(starts < 0)[0].tolist():
         problems.setdefault(off, "missing: the shard is truncated, or this sample's tar header "
                                  "is damaged")
@@ -251,18 +259,59 @@ def count_members(path: Path) -> int:
     return n
 
 
-def _stored_checksum(mm: Any, pos: int) -> int:
+def _stored_checksum(header: bytes) -> int:
     try:
-        return int(bytes(mm[pos + 148:pos + 156]).strip(b"\0 "), 8)
+        return int(header[148:156].strip(b"\0 "), 8)
     except ValueError:
         return -1
 
 
-def open_mmap(path: Path) -> mmap.mmap:
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
+class ShardFile:
+    """A shard open for random reads (`os.pread`), never memory-mapped: a map of a file that is
+    cut short under it (`cp` or `rsync --inplace` over the data of a running job) kills the
+    process with SIGBUS at the next access past the new end, where a read comes back short and
+    becomes a SampleError naming what happened. Safe to share between threads; not across
+    fork (each DataLoader worker opens its own)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+        if self.size == 0:
+            self.close()
             raise UserError(f"{path}: shard is empty")
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def read(self, start: int, size: int) -> bytes:
+        """`size` bytes at `start`, or SampleError if the file no longer has them."""
+        data = os.pread(self.fd, size, start)
+        if len(data) < size:
+            now = os.fstat(self.fd).st_size
+            raise SampleError(f"the shard file is {now} bytes now, {self.size} when this job "
+                              f"opened it: it was cut short or is being rewritten under the "
+                              f"running job (copied or synced over?)")
+        return data
+
+    def read_upto(self, start: int, size: int) -> bytes:
+        """Up to `size` bytes at `start` (fewer at the end of the file)."""
+        return os.pread(self.fd, size, start)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _ReadWindow:
+    """Sequential reads of small pieces (tar headers) through one large read at a time."""
+
+    def __init__(self, f: ShardFile, size: int = 1 << 20):
+        self.f, self.size = f, size
+        self.start, self.buf = 0, b""
+
+    def get(self, pos: int, n: int) -> bytes:
+        if not (self.start <= pos and pos + n <= self.start + len(self.buf)):
+            self.start, self.buf = pos, self.f.read_upto(pos, max(self.size, n))
+        return self.buf[pos - self.start:pos - self.start + n]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
