@@ -12,6 +12,16 @@ sink that fails (no network, no package) warns once and switches itself off: log
 stops or stalls a job. W&B runs offline without an API key (it writes its folder for a later
 `wandb sync`); an online init that fails falls back to offline.
 
+metrics.jsonl is only ever whole lines, one record per step:
+- a write that fails (a full disk, a quota) is cut back to the last whole line, said once in a
+  warning, and its records are kept in memory (up to `MAX_PENDING`) and written when space
+  returns; training goes on. Stopping would not help: the run's checkpoints are what a full
+  disk endangers, and the checkpointer checks and refuses those itself (one line, exit 2, the
+  previous checkpoint intact), while a disk freed in time loses nothing at all;
+- a torn last line left by a killed writer is cut when the file is opened again;
+- a resumed run first drops the records after the step it resumes from (`rewind`), so the
+  steps it repeats are recorded once.
+
 Limits: the bar assumes one writer on the stream (rank 0's); lines printed by other code while a
 bar is open are kept on their own line only if they go through `Progress.note` (or the bar is
 closed first). Terminal width is read at every redraw, so a resized window is followed.
@@ -166,17 +176,26 @@ class MetricSinks:
     (a fine-tuning grid puts its runs in one group). The W&B run id is kept in the folder, so a
     resumed run continues the same W&B run."""
 
+    MAX_PENDING = 100_000
+    """Records held in memory while metrics.jsonl cannot be written (about 50 MB at most)."""
+
     def __init__(self, folder: Path, *, enabled: bool = True, wandb: bool = False,
                  tensorboard: bool = False, project: str = "bertscale", name: str | None = None,
                  group: str | None = None, wandb_config: Mapping[str, Any] | None = None,
                  wandb_mode: str = "auto", warn: Any = None):
         self.enabled = enabled
         self.warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
-        self.jsonl = self.wandb = self.tb = None
+        self.wandb = self.tb = None
+        self.fd = -1
+        self.pending: list[str] = []
+        self.dropped = 0
+        self.failing: str | None = None   # why the last write failed, while it does
         if not enabled:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(folder / "metrics.jsonl", "a", encoding="utf-8")
+        self.path = folder / "metrics.jsonl"
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._cut_torn_line()
         if wandb:
             self.wandb = init_wandb(folder, project=project, name=name, group=group,
                                     config=dict(wandb_config or {}), mode=wandb_mode,
@@ -189,12 +208,32 @@ class MetricSinks:
                 self.warn(f"TensorBoard is unavailable ({type(e).__name__}: {e}); "
                           f"pip install tensorboard")
 
+    def _cut_torn_line(self) -> None:
+        """A last line without its newline is a record a killed writer left half-written:
+        appending would glue the next record to it. Cut it (truncating needs no free space)."""
+        size = os.fstat(self.fd).st_size
+        with open(self.path, "rb") as f:
+            f.seek(max(size - 65536, 0))
+            tail = f.read()
+            if size and not tail.endswith(b"\n") and b"\n" not in tail:
+                f.seek(0)
+                tail = f.read()
+        if not size or tail.endswith(b"\n"):
+            return
+        keep = size - len(tail) + tail.rfind(b"\n") + 1   # 0 when there is no newline at all
+        os.ftruncate(self.fd, keep)
+        self.warn(f"{self.path}: cut a torn last line ({size - keep} bytes) left by a process "
+                  f"stopped while writing it")
+
     def record(self, kind: str, step: int, values: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"kind": kind, "step": step, "time": round(time.time(), 3),
-                                     **values}) + "\n")
-        self.jsonl.flush()
+        self.pending.append(json.dumps({"kind": kind, "step": step, "time": round(time.time(), 3),
+                                        **values}) + "\n")
+        if len(self.pending) > self.MAX_PENDING:
+            del self.pending[0]
+            self.dropped += 1
+        self._flush()
         if self.wandb is not None:
             try:
                 self.wandb.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
@@ -205,25 +244,85 @@ class MetricSinks:
             for k, v in values.items():
                 self.tb.add_scalar(f"{kind}/{k}", v, step)
 
+    def _flush(self) -> bool:
+        """Append the pending records as whole lines; on failure, cut the file back to the last
+        whole line and keep them for the next try. Whether everything is written."""
+        if not self.pending:
+            return True
+        data = "".join(self.pending).encode("utf-8")
+        size = os.fstat(self.fd).st_size
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(self.fd, data[done:])
+        except OSError as e:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError:
+                pass
+            if self.failing is None:
+                from bertscale.files import free_space, is_disk_full
+                why = (f"the disk is full ({free_space(self.path)} free there)" if is_disk_full(e)
+                       else f"{type(e).__name__}: {e.strerror or e}")
+                self.warn(f"{self.path}: cannot append ({why}); the records are kept in memory "
+                          f"and written when it can be written again; training goes on")
+                self.failing = why
+            return False
+        if self.failing is not None:
+            self.warn(f"{self.path}: written again ({len(self.pending)} records held while it "
+                      f"could not be written)")
+            self.failing = None
+        self.pending.clear()
+        return True
+
     def rewind(self, step: int) -> None:
-        """Drop the records after `step` from metrics.jsonl: a run resumed from its step-`step`
-        checkpoint repeats those steps, and each step keeps one record. (W&B keeps what it got:
-        it ignores steps logged again below its last one.)"""
+        """Drop the records a run resumed from its step-`step` checkpoint will write again: those
+        of later steps, and the skipped updates after step `step` (a "skip" record of step s is
+        the update after step s, which comes after the checkpoint of step s). `step` -1: a run
+        that starts over; nothing is kept. (W&B keeps what it got: it ignores steps logged again
+        below its last one.) Lines that do not parse (damage from outside) are dropped too."""
         if not self.enabled:
             return
-        self.jsonl.close()
-        path = Path(self.jsonl.name)
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        tmp.replace(path)
-        self.jsonl = open(path, "a", encoding="utf-8")
+        self._flush()
+        raw = self.path.read_bytes()
+        kept, bad = [], 0
+        for line in raw.splitlines(keepends=True):
+            try:
+                r = json.loads(line)
+                s = int(r.get("step", 0))
+            except (ValueError, TypeError, AttributeError):
+                bad += 1
+                continue
+            if s < step or (s == step and r.get("kind") != "skip"):
+                kept.append(line)
+        if bad:
+            self.warn(f"{self.path}: dropped {bad} line(s) that are not JSON records")
+        content = b"".join(kept)
+        if raw.startswith(content):  # the usual case: a tail goes, which needs no free space
+            os.ftruncate(self.fd, len(content))
+            return
+        from bertscale.files import DiskFullError, write_bytes_atomic
+        try:
+            write_bytes_atomic(self.path, content)
+        except DiskFullError as e:
+            self.warn(f"{e}: the repeated steps will be recorded twice")
+            return
+        os.close(self.fd)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def close(self) -> None:
         if not self.enabled:
             return
-        self.jsonl.close()
+        if not self._flush():
+            steps = sorted({json.loads(p)["step"] for p in self.pending})
+            self.warn(f"{self.path}: {len(self.pending)} record(s) of steps {steps[0]}-{steps[-1]} "
+                      f"could not be written ({self.failing}); they are lost")
+        if self.dropped:
+            self.warn(f"{self.path}: {self.dropped} older record(s) were dropped while it could "
+                      f"not be written")
+        os.close(self.fd)
+        self.fd = -1
+        self.enabled = False
         if self.wandb is not None:
             try:
                 self.wandb.finish()

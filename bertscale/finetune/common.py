@@ -410,8 +410,8 @@ def fit(model: nn.Module, features: Sequence[Feature],
                    enabled=r.is_main)
     if start:
         bar.note(f"{name}: resuming from the step-{start} checkpoint in {state.path.parent}")
-        if sinks is not None:
-            sinks.rewind(start)
+    if sinks is not None:   # one record per step, also after a run killed before its checkpoint
+        sinks.rewind(start)
     order = torch.Generator().manual_seed(cfg.seed)
     step = 0
     while step < total:

@@ -94,7 +94,10 @@ class Reporter:
 
     def start(self, plan: Any, *, step: int, consumed_samples: int, start: Any, n_params: int,
               mfu: str) -> None:
-        """The opening lines: where the run starts from and what it is."""
+        """The opening lines: where the run starts from and what it is. metrics.jsonl keeps
+        one record per step: what an earlier run recorded past this start goes (all of it when
+        the run starts over)."""
+        self.sinks.rewind(step if start.resumed_from is not None else -1)
         recipe, t, W = plan.recipe, plan.recipe.train, plan.env.world_size
         if start.resumed_from is not None:
             how = (f", converted from {start.saved_world_size} ranks through a universal checkpoint"
