@@ -1,6 +1,16 @@
-"""bertscale: pretrain BERT at scale with DeepSpeed ZeRO, elastically, and fine-tune it."""
+"""bertscale: pretrain BERT at scale with DeepSpeed ZeRO, elastically, and fine-tune it.
+
+Importing the package arms the parent-death signal of a worker that torchrun or the deepspeed
+launcher spawned (bertscale.distributed.die_with_launcher; nothing otherwise): here, before
+torch or DeepSpeed is imported, because a launcher killed during a worker's start-up otherwise
+leaves it waiting in the rendezvous for half an hour, holding its GPU.
+"""
+
+from bertscale.distributed import die_with_launcher as _die_with_launcher
 
 __version__ = "0.1.0"
+
+_die_with_launcher()
 
 
 def from_pretrained(path, head=None, **kwargs):

@@ -22,16 +22,20 @@ even when the signal reached only one of them. A run that stopped for preemption
 checkpoint exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: "try again later"), which the SLURM
 scripts requeue on.
 
-Launcher death: under torchrun or the `deepspeed` launcher, `install_signal_handlers()` also asks
-Linux to send this worker `PARENT_DEATH_SIGNAL` (SIGTERM) when the launcher that spawned it dies
-(PR_SET_PDEATHSIG), so a `kill -9` of the launcher takes the preemption path (checkpoint, exit 75)
-instead of leaving orphans that train on.
+Launcher death: under torchrun or the `deepspeed` launcher, a worker asks Linux to send it
+`PARENT_DEATH_SIGNAL` (SIGTERM) when the launcher that spawned it dies (PR_SET_PDEATHSIG). It is
+armed when the `bertscale` package is imported, before anything heavy: a launcher killed during
+start-up then ends its workers at once (SIGTERM's default action, nothing to save yet) instead of
+leaving them in the rendezvous until its timeout; once `install_signal_handlers()` has run, the
+same signal takes the preemption path (checkpoint, exit 75) instead of leaving orphans that train
+on.
 
 Limits: one process per accelerator; the local world size from SLURM is only known when
 `SLURM_STEP_TASKS_PER_NODE` is uniform (used for logging only). The parent-death signal is Linux
-only (elsewhere a killed launcher still orphans its workers); a launcher that dies before this
-module is imported is not noticed; orphans whose peers are gone too (a whole node lost) cannot
-checkpoint and stop only when their collectives time out.
+only (elsewhere a killed launcher still orphans its workers); a launcher that dies before the
+worker's interpreter has imported `bertscale` (its first few tens of milliseconds) is not
+noticed; orphans whose peers are gone too (a whole node lost) cannot checkpoint and stop only
+when their collectives time out.
 """
 
 from __future__ import annotations
@@ -239,6 +243,9 @@ def init(env: DistEnv, timeout_s: float = 1800) -> None:
     accel = get_accelerator()
     if accel.device_name() != "cpu":
         accel.set_device(device_index(env.local_rank, accel.device_count()))
+    # The op init_distributed loads (built once per environment), free of stale build locks.
+    from bertscale import jitbuild
+    jitbuild.load_ops(lambda msg: print(msg, file=sys.stderr, flush=True))
     deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
 
@@ -353,8 +360,9 @@ def install_signal_handlers(signals: tuple[int, ...] = (signal.SIGUSR1, signal.S
     die_with_launcher()
 
 
-# Read when bertscale is imported, as early as we can: die_with_launcher compares it with the
-# parent at prctl time, to notice a launcher that died before the kernel was told to watch it.
+# Read when bertscale is imported (its __init__ imports this module first), as early as we can:
+# die_with_launcher compares it with the parent after the prctl, to notice a launcher that died
+# before the kernel was told to watch it.
 _PARENT_AT_START = os.getppid()
 
 PARENT_DEATH_SIGNAL = signal.SIGTERM

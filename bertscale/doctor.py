@@ -19,6 +19,11 @@ launcher or mpirun), it checks, with a clear one-line message per failure and a 
               reads the first and last shard's size and first block with the job's credentials
   wandb       offline/disabled, or online with an API key and api.wandb.ai reachable; otherwise a
               warning (the trainer then logs offline; it never fails a job over wandb)
+  jit-build   where DeepSpeed's JIT-built op is cached (TORCH_EXTENSIONS_DIR, else one folder per
+              Python environment), and a warning for each stale build lock there or in torch's
+              shared default (a process killed while building left it; every DeepSpeed start
+              waits on it forever): `bertscale pretrain` removes one itself, other programs
+              do not
 
 On success rank 0 prints a summary table. Every rank exits with the same code (0 ok, 1 failed).
 
@@ -283,6 +288,29 @@ def _probe_remote(manifest) -> list[str]:
     return problems
 
 
+def check_jit_build(dist, rank: int, world: int) -> list[Finding]:
+    """The build cache of DeepSpeed's op on each node and the stale build locks there (every
+    rank looks at its own machine; the same line from several ranks is shown once)."""
+    from bertscale import jitbuild
+
+    root = jitbuild.cache_dir()
+    how = ("TORCH_EXTENSIONS_DIR" if os.environ.get("TORCH_EXTENSIONS_DIR")
+           else "this Python environment's own, TORCH_EXTENSIONS_DIR unset")
+    default = Path.home() / ".cache" / "torch_extensions"
+    mine = [(WARN, lock.advice()) for lock in jitbuild.stale_locks(root, default)]
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, (mine, _node_name()))
+    if rank != 0:
+        return []
+    out, seen = [Finding("jit-build", OK, f"{root} ({how})")], set()
+    for r, (found, host) in enumerate(everyone):
+        for status, detail in found:
+            if detail not in seen:
+                seen.add(detail)
+                out.append(Finding("jit-build", status, detail, r, host))
+    return out
+
+
 def check_wandb(disabled: bool, timeout: float = 5.0) -> Finding:
     mode = "disabled" if disabled else os.environ.get("WANDB_MODE", "online")
     if mode in ("offline", "disabled", "dryrun"):
@@ -381,6 +409,8 @@ def run_checks(args: argparse.Namespace) -> int:
         # (ranks that finish first wait in the gather, which is not a hang).
         dog.stage("reading the shards", float("inf"))
         findings += check_shards(dist, args.manifest, not args.no_sha256, rank, world)
+        dog.stage("looking for stale build locks", args.timeout)
+        findings += check_jit_build(dist, rank, world)
         dog.stage("collecting the results", args.timeout)
         if rank == 0:
             findings.append(check_wandb(args.no_wandb))

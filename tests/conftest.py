@@ -81,17 +81,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionstart(session):
-    """Remove torch-extension build locks left by a killed process. torch's FileBaton is a bare
-    lock file with no owner: a rank killed (a test's kill -9, a timeout) while DeepSpeed's
-    start-up checked its JIT-built op leaves it behind, and every later DeepSpeed start then waits
-    on it forever. A real build holds it for about a minute; one older than ten minutes is stale."""
-    import time
+    """Remove stale torch-extension build locks (bertscale.jitbuild: no process works under the
+    lock): `bertscale pretrain` clears them itself, but some tests' workers start DeepSpeed
+    directly (tests/workers), and a DeepSpeed start that meets a stale lock waits forever."""
+    from bertscale import jitbuild
 
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    if root.is_dir():
-        for lock in root.glob("*/*/lock"):
-            try:
-                if time.time() - lock.stat().st_mtime > 600:
-                    lock.unlink()
-            except FileNotFoundError:
-                pass
+    for lock in jitbuild.stale_locks(jitbuild.cache_dir(),
+                                     Path.home() / ".cache" / "torch_extensions"):
+        lock.path.unlink(missing_ok=True)

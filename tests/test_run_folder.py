@@ -181,32 +181,87 @@ def test_workers_die_with_a_killed_torchrun(manifest, tmp_path):
     assert latest_step(run) == step, "nothing commits after the workers are gone"
 
 
+@pytest.mark.slow
+def test_workers_die_with_torchrun_killed_during_their_start_up(manifest, tmp_path):
+    """`kill -9` of torchrun one second after its workers appear, while they are still importing
+    torch: both workers are gone within seconds (the parent-death signal is armed when the
+    bertscale package is imported). Before the fix it was armed after `distributed.init`: the
+    workers went on to wait for a rendezvous nobody would join, sleeping with ppid 1 for the
+    init timeout (1800 s), and this test failed at its 20-second limit. The workers may die
+    while holding DeepSpeed's build lock: they get a private copy of the build cache."""
+    import psutil
+
+    from test_build_lock import private_extensions
+
+    run, log = tmp_path / "run", tmp_path / "torchrun.log"
+    env = {"TORCH_EXTENSIONS_DIR": str(private_extensions(tmp_path))}
+    proc = start([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                  "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                  *pretrain_argv(run, manifest, *LIVE)], log, env=env)
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+            workers = [p for p in psutil.Process(proc.pid).children()
+                       if "bertscale.pretrain" in " ".join(p.cmdline())]
+            time.sleep(0.05)
+        time.sleep(1.0)
+        assert not (run / "lock.json").exists(), "too late: the workers are past their start-up"
+        t0 = time.monotonic()
+        proc.kill()
+        proc.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=20)
+        waited = time.monotonic() - t0
+    finally:
+        proc.kill()
+        for p in workers:
+            if p.is_running():
+                p.kill()
+    assert not alive, f"workers {[p.pid for p in alive]} still there {waited:.0f} s after torchrun died"
+    print(f"workers gone {waited:.1f} s after kill -9 of torchrun")
+
+
 def test_a_launcher_dead_before_the_prctl_is_noticed(tmp_path):
-    """The race the command cannot show on demand: the launcher dies after the worker started
-    but before it armed the parent-death signal. Library calls, in a real orphaned process: a
-    middle process (the "launcher") starts the worker with torchrun's variables and exits; the
-    worker, re-parented, then installs the handlers and must find its preemption flag set."""
+    """What the command cannot show on demand, with library calls in real processes:
+    1. importing `bertscale` arms the signal: a worker started with torchrun's variables by a
+       middle process (the "launcher") that exits once the worker has imported it is ended by
+       SIGTERM from the kernel, with no handler of its own installed;
+    2. the race: the launcher died between the moment the worker read its parent and the prctl
+       (stood in for by a changed `_PARENT_AT_START`): arming notices it and sends the signal
+       itself, which after `install_signal_handlers` sets the preemption flag."""
     worker = tmp_path / "worker.py"
     worker.write_text(
         "import os, sys, time\n"
-        "from bertscale import distributed\n"
-        "open(sys.argv[1], 'w').write('imported')\n"
-        "while os.getppid() == distributed._PARENT_AT_START:\n"
-        "    time.sleep(0.05)\n"
-        "distributed.install_signal_handlers()\n"
-        "time.sleep(0.5)\n"
-        "print('flag', distributed.local_preemption_flag(), distributed.signal_names())\n"
+        "import bertscale\n"
+        "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+        "time.sleep(60)\n"
+        "print('still running')\n"
     )
     ready, out = tmp_path / "ready", tmp_path / "out"
     launcher = (
         "import subprocess, sys, time, os\n"
         f"p = subprocess.Popen([sys.executable, {str(worker)!r}, {str(ready)!r}],"
         f" stdout=open({str(out)!r}, 'w'), env={{**os.environ, 'TORCHELASTIC_RUN_ID': 'x'}})\n"
-        f"while not os.path.exists({str(ready)!r}):\n"
+        f"while not os.path.exists({str(ready)!r}) or not open({str(ready)!r}).read():\n"
         "    time.sleep(0.05)\n"
     )
     subprocess.run([sys.executable, "-c", launcher], check=True, timeout=120)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and "flag" not in (out.read_text() if out.exists() else ""):
-        time.sleep(0.1)
-    assert out.read_text().strip() == "flag True ['SIGTERM']", out.read_text()
+    import psutil
+    pid = int(ready.read_text())
+    deadline = time.monotonic() + 20
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the orphaned worker is still running"
+        time.sleep(0.05)
+    assert "still running" not in (out.read_text() if out.exists() else "")
+
+    race = subprocess.run([sys.executable, "-c",
+                           "from bertscale import distributed\n"
+                           "distributed.install_signal_handlers()\n"
+                           "distributed._PARENT_AT_START = -1\n"
+                           "distributed.die_with_launcher()\n"
+                           "print('flag', distributed.local_preemption_flag(), "
+                           "distributed.signal_names())\n"],
+                          env={**os.environ, "TORCHELASTIC_RUN_ID": "x"}, capture_output=True,
+                          text=True, timeout=120)
+    assert race.stdout.strip() == "flag True ['SIGTERM']", race
