@@ -48,11 +48,11 @@ class ModelConfig:
     max_position_embeddings: int = 512
     """Learned absolute positions; the longest sequence the model accepts."""
     type_vocab_size: int = 2
-    """Segment (token type) embeddings: A and B."""
+    """Segment (token type) embeddings: A and B (at least 2 for NSP or SOP shards)."""
     initializer_range: float = 0.02
-    """Std of the truncated normal used for every weight matrix."""
+    """Std of the truncated normal used for every weight matrix (positive)."""
     layer_norm_eps: float = 1e-12
-    """LayerNorm epsilon (Google's release uses 1e-12)."""
+    """LayerNorm epsilon, positive (Google's release uses 1e-12)."""
     pad_token_id: int = 0
     """Id of [PAD]; its embedding row is not special-cased beyond initialisation."""
 
@@ -430,7 +430,7 @@ class TrainSection:
     path. It decides ZeRO stage, precision, offload and clipping; the batch fields are derived
     from this section and injected (a JSON that sets them differently is an error)."""
     seed: int = 42
-    """Seeds the model initialisation, the data order and masking, and dropout."""
+    """Seeds the model initialisation, the data order and masking, and dropout (0 to 2^32 - 1)."""
     init_from: Path | None = None
     """Phase 2: run folder (or checkpoint folder) of phase 1; its newest committed weights are
     loaded, nothing else (fresh optimizer, schedule and data position)."""
