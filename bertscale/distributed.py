@@ -420,7 +420,7 @@ def discover_node(environ: Mapping[str, str] | None = None, *, hostname: str | N
         return _slurm_node(environ)
     return NodeEnv(0, "1", environ.get("PET_NPROC_PER_NODE", "1"),
                    "127.0.0.1", _port(environ, "PET_MASTER_PORT", "MASTER_PORT"),
-                   f"bertscale-{os.getpid()}", "none", "no multi-node scheduler (one node)")
+                   "bertscale-local", "none", "no multi-node scheduler (one node)")
 
 
 def _one_process_per_node(node: NodeEnv) -> DistEnv:

@@ -109,7 +109,7 @@ def check_launch(dist, env, rank: int, world: int) -> list[Finding]:
     if out:
         return out[:1]
     jobs = {job for _, job, _, _, _, _ in everyone}
-    if len(jobs) > 1:
+    if len(jobs) > 1 and any(job[0] != "none" for job in jobs):
         return [Finding("launch", FAIL, "the nodes disagree on the job (scheduler, node count, "
                         "rendezvous host, id): " + "; ".join(map(str, sorted(jobs))))]
     claimed: dict[int, set[str]] = {}
@@ -121,8 +121,7 @@ def check_launch(dist, env, rank: int, world: int) -> list[Finding]:
         r, hosts = min(twice.items())
         return [Finding("launch", FAIL, f"node rank {r} is claimed by {len(hosts)} nodes "
                         f"({', '.join(sorted(hosts))}): the scheduler's rank variables are wrong")]
-    (scheduler, nnodes, where, rdzv_id), = jobs
-    _, _, _, source, how, _ = everyone[0]
+    _, (scheduler, nnodes, where, rdzv_id), _, source, how, _ = everyone[0]
     detail = f"started by {how}"
     if scheduler != "none":
         detail += f"; {source}: {nnodes} node(s), rendezvous {where} (id {rdzv_id})"

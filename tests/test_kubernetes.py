@@ -631,3 +631,21 @@ def test_skypilot_multinode_run_preempts_and_resumes(manifest, reference, tmp_pa
     argv = ["bash", "-c", task["run"]]
     print("SkyPilot: " + run_preempt_resume(
         argv, envs, 120, lambda c: "Restart" if c in recover else "Count", tmp_path, reference))
+
+
+@pytest.mark.slow
+def test_doctor_reports_the_scheduler(tmp_path):
+    """`bertscale doctor` on 2 ranks of a SkyPilot node: its `launch` line names the scheduler,
+    the node count and the rendezvous it would use."""
+    from launch import run_ranks
+    env = {"SKYPILOT_NODE_RANK": "0", "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.9",
+           "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "0",
+           "SKYPILOT_TASK_ID": "sky-managed-doctor_1", "WANDB_MODE": "offline"}
+    results = run_ranks(["-m", "bertscale", "doctor", "--run-dir", str(tmp_path / "run")], 2,
+                        env=env, check=False, timeout=180)
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-2000:]
+    line = next(x for x in results[0].stdout.splitlines() if x.strip().startswith("launch"))
+    assert "started by a launcher's RANK/WORLD_SIZE; SkyPilot (SKYPILOT_NODE_RANK" in line, line
+    # The port is the launcher's MASTER_PORT here (SkyPilot names none).
+    assert re.search(r"2 node\(s\), rendezvous 10\.0\.0\.5:\d+ \(id sky-managed-doctor_1\)",
+                     line), line
