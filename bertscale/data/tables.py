@@ -165,6 +165,24 @@ def column_names(path: str | Path) -> list[str]:
 # ------------------------------------------------------------------ datasets.save_to_disk
 
 
+def split_files(folder: Path, split: str) -> list[Path]:
+    """The files of one split of a Hugging Face dataset in `folder`, in row order: Parquet as
+    the Hub lays it out (`train-00000-of-00002.parquet`, `data/train-*.parquet`, the converter's
+    `train/0000.parquet` and older `glue-train.parquet`, or `train.parquet`), or the split's
+    folder of a `DatasetDict.save_to_disk` (its Arrow files). [] when there is none."""
+    if not folder.is_dir():
+        return []
+    sub = folder / split
+    if sub.is_dir() and is_saved_dataset(sub):
+        return saved_dataset_files(sub)
+    for pattern in (f"{split}-*.parquet", f"data/{split}-*.parquet", f"{split}/*.parquet",
+                    f"*-{split}.parquet", f"{split}.parquet"):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found
+    return []
+
+
 def is_saved_dataset(folder: Path) -> bool:
     """A `Dataset.save_to_disk` folder (state.json + dataset_info.json + Arrow files)."""
     return (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()
