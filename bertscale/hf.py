@@ -153,6 +153,19 @@ def import_state_dict(sd: Mapping[str, Tensor], cfg: ModelConfig, source: str) -
     return out
 
 
+def pad_vocab_rows(sd: Mapping[str, Tensor], model_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`sd` with its vocabulary rows (embeddings, MLM bias and decoder) extended to the model's,
+    the rows past the checkpoint's taken from the model as initialised: the inverse of the
+    export's trimming of fast.pad_vocab_multiple's padding rows, which no token reaches."""
+    out = dict(sd)
+    for key in ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias",
+                "cls.predictions.decoder.weight"):
+        if key in out and key in model_sd and out[key].shape[0] < model_sd[key].shape[0]:
+            extra = model_sd[key][out[key].shape[0]:].detach().to(out[key].dtype)
+            out[key] = torch.cat([out[key], extra])
+    return out
+
+
 def _read_weights(folder: Path) -> tuple[dict[str, Tensor], Path]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
