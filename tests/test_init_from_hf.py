@@ -133,3 +133,40 @@ def test_shape_and_tokenizer_mismatches_are_one_line(manifest, minilm_dir: Path,
                    f"prepared with another tokenizer than the checkpoint's "
                    f"({minilm_dir / 'vocab.txt'}, uncased); prepare them with `bertscale prepare "
                    f"--vocab {minilm_dir} …`")
+
+
+def test_masked_lm_folder_and_padded_vocabulary(minilm_dir: Path, tmp_path: Path) -> None:
+    """Library level (the runs above show the command's side): a BertForMaskedLM folder loads
+    its MLM head weight for weight and leaves the pooler and NSP head fresh; into a model whose
+    vocabulary is padded (fast.pad_vocab_multiple) the folder's rows go first and the padding
+    rows keep their fresh values."""
+    from bertscale.config import ModelConfig
+    from bertscale.hf import export_hf
+    from bertscale.model import BertForPreTraining
+    from bertscale.pretraining.plan import InitFrom
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64)
+    source = BertForPreTraining(cfg)
+    folder = export_hf(source.state_dict(), cfg, minilm_dir / "vocab.txt", True, tmp_path / "mlm",
+                       architecture="BertForMaskedLM")
+    padded = ModelConfig(**{**cfg.__dict__, "vocab_size": 30528})
+    torch.manual_seed(1)
+    model = BertForPreTraining(padded)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    init = InitFrom(folder, "huggingface", architecture="BertForMaskedLM")
+    init.load_into(model)
+    assert init.fresh == ["pooler", "NSP head"]
+    assert init.describe().endswith("encoder, MLM head loaded; pooler, NSP head initialised "
+                                    "fresh (not in the folder)")
+    got, want = model.state_dict(), source.state_dict()
+    for key, value in got.items():
+        if key.startswith(("bert.pooler.", "cls.seq_relationship.")):
+            assert torch.equal(value, fresh[key]), key
+        elif key in ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias",
+                     "cls.predictions.decoder.weight"):
+            assert torch.equal(value[:30522], want[key]), key
+            assert torch.equal(value[30522:], fresh[key][30522:]), key
+        else:
+            assert torch.equal(value, want[key]), key

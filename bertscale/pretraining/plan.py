@@ -101,10 +101,10 @@ def resolve_init_from(path: Path, model: ModelConfig, tokenizer_hash: str) -> In
     theirs, architecture = hf.read_hf_config(path)
     diff = [k for k in _SHAPE if getattr(theirs, k) != getattr(model, k)]
     if diff:
+        shown = "; ".join(f"{k} {getattr(model, k)} vs {getattr(theirs, k)}" for k in diff)
         sets = " ".join(f"--set model.{k}={getattr(theirs, k)!r}".replace("'", '"') for k in diff)
         raise ConfigError(f"train.init_from {path}: the recipe's model differs from its "
-                          f"config.json ({'; '.join(f'{k} {getattr(model, k)} vs {getattr(theirs, k)}' for k in diff)}); "
-                          f"give the recipe the checkpoint's shape: {sets}")
+                          f"config.json ({shown}); give the recipe the checkpoint's shape: {sets}")
     vocab, lowercase = hf.tokenizer_of_folder(path)
     if vocab_hash(vocab, lowercase) != tokenizer_hash:
         raise UserError(f"train.init_from {path}: the shards were prepared with another tokenizer "
