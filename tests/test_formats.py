@@ -187,7 +187,10 @@ def test_parquet_in_an_object_store(shared_data, corpus, jsonl_shards, tmp_path)
     pytest.importorskip("s3fs", reason="needs the s3 extra (s3fs)")
     from bertscale.bench.s3_server import LocalS3
 
+    import s3fs
+
     server = LocalS3()
+    s3fs.S3FileSystem.clear_instance_cache()   # fsspec keeps clients, with their endpoint
     saved = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
     try:
@@ -210,6 +213,7 @@ def test_parquet_in_an_object_store(shared_data, corpus, jsonl_shards, tmp_path)
         assert not list(out.rglob("input-*"))   # the copies are gone
     finally:
         server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

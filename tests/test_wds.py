@@ -116,7 +116,10 @@ def test_shards_in_an_object_store(manifest, tmp_path, monkeypatch) -> None:
     from bertscale.bench.s3_server import LocalS3
     from bertscale.data.prepare import upload_prepared
 
+    import s3fs
+
     server = LocalS3()
+    s3fs.S3FileSystem.clear_instance_cache()   # fsspec keeps clients, with their endpoint
     try:
         for k, v in server.env().items():
             monkeypatch.setenv(k, v)
@@ -132,3 +135,4 @@ def test_shards_in_an_object_store(manifest, tmp_path, monkeypatch) -> None:
             assert remote[key]["__url__"].startswith("s3://wds/seq128/eval-")
     finally:
         server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
