@@ -621,10 +621,11 @@ def test_skypilot_multinode_run_preempts_and_resumes(manifest, reference, tmp_pa
     task = docs(SKY / "pretrain-multinode.yaml")[0]
     recover = task["resources"]["job_recovery"]["recover_on_exit_codes"]
     run = tmp_path / "run"
+    port = str(free_port())  # the head node's: every node must name the same one
     envs = [{**{k: str(v) for k, v in task["envs"].items()},
              "SKYPILOT_NODE_RANK": str(i), "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1\n",
              "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "0",
-             "SKYPILOT_TASK_ID": "sky-managed-test_bertscale_1", "PET_MASTER_PORT": str(free_port()),
+             "SKYPILOT_TASK_ID": "sky-managed-test_bertscale_1", "PET_MASTER_PORT": port,
              "BERTSCALE_RUN_DIR": str(run), "BERTSCALE_RECIPE": "tiny_ci",
              "BERTSCALE_ARGS": f"--set data.manifest={json.dumps(str(manifest))} {TRAIN}",
              "GLOO_SOCKET_IFNAME": "lo"} for i in range(2)]
