@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from bertscale.cli import main as bertscale
 
@@ -38,3 +41,108 @@ def test_pretrain_without_a_recipe_says_how_to_list_them(capsys) -> None:
     assert bertscale(["pretrain"]) == 2
     err = capsys.readouterr().err
     assert "give a recipe" in err and "pretrain --list" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ issue 22: the papercuts
+
+
+@pytest.mark.parametrize("argv,usage", [
+    (["pretrain", "tiny_ci", "--stepz", "5"], "usage: bertscale pretrain "),
+    (["finetune", "glue", "--task", "RTE", "--data-dir", "d", "--checkpoint", "c",
+      "--output-dir", "o", "--epochz", "1"], "usage: bertscale finetune glue "),
+    (["prepare", "in.txt", "--out", "o", "--vocab", "v.txt", "--seqlen", "128"],
+     "usage: bertscale prepare "),
+    (["bench", "model", "--presett", "tiny"], "usage: bertscale bench model "),
+    (["doctor", "--run-dirr", "r"], "usage: bertscale doctor "),
+])
+def test_an_unknown_argument_shows_the_subcommands_usage(argv, usage, capsys) -> None:
+    """Failed before the fix: `bertscale pretrain tiny_ci --stepz 5` printed the top-level usage
+    (`usage: bertscale [-h] {pretrain} ...`), which says nothing about pretrain's flags."""
+    with pytest.raises(SystemExit) as e:
+        bertscale(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage), err
+    assert f"error: unrecognized arguments: {argv[-2]} {argv[-1]}" in err
+
+
+def test_list_shows_each_recipes_whole_first_sentence(capsys) -> None:
+    """Failed before the fix: `--list` printed the first comment line only, cut mid-sentence
+    ("... Adam with lr 1e-4,")."""
+    from bertscale.config import builtin_recipe
+    assert bertscale(["pretrain", "--list"]) == 0
+    out = capsys.readouterr().out
+    recipes = out.split("model presets")[0]
+    entries = re.split(r"\n  (?=\w)", recipes)[1:]     # one per recipe, its wrapped lines
+    names = sorted(p.stem for p in builtin_recipe("tiny_ci").parent.glob("*.toml"))
+    assert [e.split()[0] for e in entries] == names
+    for entry in entries:
+        text = " ".join(entry.split()[1:])
+        assert text.endswith("."), f"cut mid-sentence: {entry!r}"
+    assert ("Adam with lr 1e-4, beta1 0.9, beta2 0.999, L2 weight decay 0.01, 10,000 warmup "
+            "steps then linear decay, batch 256 sequences, 1M steps, of which the first 90% at "
+            "sequence 128 (this phase) and the rest at 512.") in " ".join(out.split())
+
+
+def _parsers():
+    import argparse
+
+    from bertscale.cli import build_parser
+
+    def walk(p, name):
+        yield name, p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for n, sp in a.choices.items():
+                    yield from walk(sp, f"{name} {n}")
+    return list(walk(build_parser(), "bertscale"))
+
+
+def test_no_help_shows_a_developer_note() -> None:
+    """Failed before the fix: `bertscale finetune --help` ended its description with "Every
+    parser lives here and imports nothing heavy: a task's module (and torch) is imported only
+    when that task runs", a note for whoever edits the module. Every command's help is checked:
+    none talks about imports, and none sends the user to a Python module to read."""
+    for name, parser in _parsers():
+        text = " ".join(parser.format_help().split())
+        assert "import" not in text, f"`{name} --help`: {text[:300]}"
+        assert "(see `bertscale." not in text, f"`{name} --help` points at a module"
+
+
+def test_set_errors_name_the_override_not_the_recipe(capsys, tmp_path) -> None:
+    """Failed before the fix: a bad `--set` value was reported as the recipe file's
+    ("bertscale/recipes/tiny_ci.toml: unknown field 'train.stepz'"), sending the user to a file
+    that is fine. A mistake that is in the file still names the file."""
+    for override, what in (("train.stepz=5", "unknown field 'train.stepz'"),
+                           ("train.steps=-5", "train.steps must be positive, got -5")):
+        assert bertscale(["pretrain", "tiny_ci", "--set", override, "--print-config"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"bertscale pretrain: error: --set {override} (over "), err
+        assert what in err and len(err.splitlines()) == 1
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text('model = "tiny"\n[optimizer]\nname = "adamw"\nlr = 1e-4\n[train]\nsteps = 0\n')
+    assert bertscale(["pretrain", str(recipe), "--set", "train.seed=3", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"bertscale pretrain: error: {recipe}: train.steps must be positive"), err
+
+
+def test_a_hub_name_as_checkpoint_says_it_is_not_downloaded(capsys, tmp_path) -> None:
+    """Failed before the fix: `--checkpoint bert-base-uncased` said only "bert-base-uncased:
+    checkpoint not found" (export: "not found"), as if a download had been tried."""
+    (tmp_path / "RTE").mkdir()
+    for split in ("train", "dev"):  # a real RTE layout, so that the checkpoint is what fails
+        (tmp_path / "RTE" / f"{split}.tsv").write_text(
+            "index\tsentence1\tsentence2\tlabel\n0\tA man sleeps.\tA man rests.\tentailment\n")
+    for argv in (["finetune", "glue", "--task", "RTE", "--data-dir", str(tmp_path / "RTE"),
+                  "--checkpoint", "bert-base-uncased", "--output-dir", str(tmp_path / "o")],
+                 ["embed", "--checkpoint", "bert-base-uncased", "--input", __file__,
+                  "--output-dir", str(tmp_path / "f")],
+                 ["export", "--from", "google-bert/bert-base-uncased", "--to", str(tmp_path / "h")]):
+        assert bertscale(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert "does not download models from the Hugging Face Hub" in err, err
+        assert "a Hugging Face BERT folder" in err and "a bertscale run or checkpoint folder" in err
+    # A path that is no Hub name gets no Hub advice.
+    assert bertscale(["export", "--from", str(tmp_path / "missing"), "--to", str(tmp_path / "h")]) == 2
+    assert "Hub" not in capsys.readouterr().err
