@@ -146,3 +146,79 @@ def test_a_hub_name_as_checkpoint_says_it_is_not_downloaded(capsys, tmp_path) ->
     # A path that is no Hub name gets no Hub advice.
     assert bertscale(["export", "--from", str(tmp_path / "missing"), "--to", str(tmp_path / "h")]) == 2
     assert "Hub" not in capsys.readouterr().err
+
+
+def test_prepare_refuses_input_without_text(tmp_path, monkeypatch, capsys, shared_data) -> None:
+    """Failed before the fix: `bertscale prepare` of empty or blank files exited 0 having
+    written a manifest of 0 samples ("seq 128: 0 train + 0 eval samples"), which only failed
+    later, in training. Now: exit 2, one line naming the inputs, and nothing left behind (a
+    trained vocabulary of nothing included), so the next prepare into the same --out starts
+    clean."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "empty.txt").write_text("")
+    (tmp_path / "corpus" / "blank.txt").write_text("\n  \n\n")
+    vocab = str(shared_data / "vocab" / "bert-base-uncased-vocab.txt")
+    for how in (["--vocab", vocab], ["--train-vocab", "200"]):
+        assert bertscale(["prepare", "corpus", "--out", "data", *how, "--progress", "none"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines()[-1] == (
+            "bertscale prepare: error: 2 input file(s) (corpus/blank.txt, corpus/empty.txt): no "
+            "text (empty or blank files); nothing to prepare"), err
+        assert err.count("error") == 1 and "Traceback" not in err
+        assert not (tmp_path / "data").exists()
+    # Text too short for a training sample is named too, with what was read.
+    (tmp_path / "one.txt").write_text("A single sentence.\n")
+    assert bertscale(["prepare", "one.txt", "--out", "data", "--vocab", vocab,
+                      "--eval-fraction", "0.99", "--progress", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "18 bytes of text in 1 document(s) gave no training sample at sequence length 128" in err
+    # The same --out then takes a real corpus.
+    (tmp_path / "corpus" / "real.txt").write_text(_wiki_text(shared_data, 120))
+    assert bertscale(["prepare", "corpus", "--out", "data", "--vocab", vocab, "--samples-per-shard",
+                      "50", "--progress", "none"]) == 0
+    assert json.loads((tmp_path / "data" / "seq128" / "manifest.json").read_text())["shards"]["train"]
+
+
+def _wiki_text(shared_data, lines: int) -> str:
+    """The first `lines` paragraphs of a real Wikipedia extract, as plain text documents."""
+    import gzip
+    with gzip.open(shared_data / "wikipedia" / "wiki_00.gz", "rt", encoding="utf-8") as f:
+        paras = [ln.strip() for ln in f if ln.strip() and not ln.startswith("</doc")]
+    return "\n".join("" if p.startswith("<doc") else p for p in paras[:lines]) + "\n"
+
+
+def test_prepare_stages_each_store_output_apart(tmp_path, monkeypatch, capsys, shared_data) -> None:
+    """Failed before the fix: the second of `prepare --out s3://A/y` and `prepare --out
+    s3://B/x ...` (other settings) run from one folder was refused ("bertscale-stage/seq128/
+    manifest.json exists from a run with other settings"): both staged in ./bertscale-stage.
+    The issue met it with gs:// after s3://; one real S3 API (moto's server on 127.0.0.1) with
+    two buckets shows the same, as the stage never depended on the store."""
+    pytest.importorskip("moto.moto_server.werkzeug_app", reason="needs the test extra (moto[server])")
+    pytest.importorskip("s3fs", reason="needs the s3 extra (s3fs)")
+    import fsspec
+
+    from bertscale.bench.s3_server import LocalS3
+    server = LocalS3()
+    for k, v in server.env().items():
+        monkeypatch.setenv(k, v)
+    try:
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir("bucket-a")
+        fs.mkdir("bucket-b")
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "wiki.txt").write_text(_wiki_text(shared_data, 200))
+        vocab = str(shared_data / "vocab" / "bert-base-uncased-vocab.txt")
+        runs = {"s3://bucket-a/y": "40", "s3://bucket-b/x": "60"}
+        for url, per_shard in runs.items():
+            assert bertscale(["prepare", "wiki.txt", "--out", url, "--vocab", vocab,
+                              "--samples-per-shard", per_shard, "--progress", "none"]) == 0, \
+                capsys.readouterr().err
+        fs.invalidate_cache()
+        for url, per_shard in runs.items():
+            manifest = json.loads(fs.cat(f"{url}/seq128/manifest.json"))
+            assert manifest["samples_per_shard"] == int(per_shard)
+            stage = tmp_path / "bertscale-stage" / "s3" / url.split("://")[1] / "seq128"
+            assert json.loads((stage / "manifest.json").read_text()) == manifest
+    finally:
+        server.stop()
