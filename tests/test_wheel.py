@@ -24,7 +24,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # What the wheel is built from: the files setuptools reads (symlinks kept: the package's
 # deepspeed_configs is one).
-SOURCES = ("pyproject.toml", "README.md", "bertscale", "deepspeed_configs")
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "bertscale", "deepspeed_configs")
 
 
 def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -34,8 +34,8 @@ def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> sub
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """(fresh venv's bin folder, environment without this checkout on sys.path)."""
+def built(tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
+    """(the wheel, a scratch folder, environment without this checkout on sys.path)."""
     base = tmp_path_factory.mktemp("wheel")
     src = base / "src"
     src.mkdir()
@@ -50,6 +50,14 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
           "-w", str(base / "dist"), str(src)], base, env, 300)
     (wheel,) = (base / "dist").glob("bertscale-*.whl")
+    return wheel, base, env
+
+
+@pytest.fixture(scope="module")
+def installed(built) -> tuple[Path, dict[str, str]]:
+    """(fresh venv's bin folder, environment without this checkout on sys.path)."""
+    wheel, base, env = built
+    env = dict(env)
     venv = base / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], base, env, 300)
     py = venv / "bin" / "python"
@@ -59,6 +67,22 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     _run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], base, env, 300)
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     return venv / "bin", env
+
+
+def test_wheel_ships_the_license(built):
+    """Failed before the fix: pyproject.toml said Apache-2.0, but neither the repository nor the
+    wheel held the license text."""
+    import zipfile
+    wheel, _, _ = built
+    with zipfile.ZipFile(wheel) as z:
+        licenses = [n for n in z.namelist() if ".dist-info/licenses/" in n]
+        assert licenses == [f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info/licenses/LICENSE"], licenses
+        text = z.read(licenses[0]).decode()
+        metadata = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    assert text == (REPO / "LICENSE").read_text()
+    assert "Apache License\n                           Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    assert "License-Expression: Apache-2.0" in metadata and "License-File: LICENSE" in metadata
 
 
 @pytest.mark.slow
