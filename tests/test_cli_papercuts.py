@@ -222,3 +222,44 @@ def test_prepare_stages_each_store_output_apart(tmp_path, monkeypatch, capsys, s
             assert json.loads((stage / "manifest.json").read_text()) == manifest
     finally:
         server.stop()
+
+
+def test_a_classifier_that_predicts_one_class_is_named(tmp_path, shared_data) -> None:
+    """Failed before the fix: a GLUE run whose predictions were all one class (the issue's MRPC:
+    1725/1725 "1" on test.tsv) printed its scores and nothing else; F1 81.2 on MRPC's dev set is
+    exactly the all-"1" answer. Here a real MRPC copy whose training pairs are all paraphrases
+    ("1") makes `bertscale finetune glue` learn that one class; both files it predicts are named
+    in one warning line each, with the counts."""
+    import subprocess
+    import sys
+
+    from finetune_helpers import tiny_hf_checkpoint
+    src, mrpc = shared_data / "glue" / "MRPC", tmp_path / "MRPC"
+    mrpc.mkdir()
+    train = src.joinpath("train.tsv").read_text(encoding="utf-8-sig").splitlines()
+    mrpc.joinpath("train.tsv").write_text("\n".join([train[0]] + [r for r in train[1:301]
+                                                                 if r.startswith("1\t")]) + "\n")
+    for name in ("dev.tsv", "test.tsv"):
+        mrpc.joinpath(name).write_bytes(src.joinpath(name).read_bytes())
+    ckpt = tiny_hf_checkpoint(tmp_path / "ckpt", shared_data / "vocab" / "bert-base-uncased-vocab.txt")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bertscale.cli", "finetune", "glue", "--task", "MRPC",
+         "--data-dir", str(mrpc), "--checkpoint", str(ckpt), "--output-dir", str(tmp_path / "out"),
+         "--lr", "1e-3", "--max-steps", "12", "--batch-size", "16", "--max-eval-samples", "100",
+         "--progress", "plain"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [ln for ln in proc.stderr.splitlines() if "predicts one class only" in ln]
+    dev_gold = [r.split("\t")[0] for r in src.joinpath("dev.tsv").read_text(
+        encoding="utf-8-sig").splitlines()[1:101]]
+    assert warnings == [
+        f'warning: MRPC lr 0.001 seed 1, dev.tsv: 100/100 predictions are "1" (true labels: '
+        f'{dev_gold.count("1")} "1", {dev_gold.count("0")} "0"): the model predicts one class only',
+        'warning: MRPC lr 0.001 seed 1, MRPC.tsv: 1725/1725 predictions are "1": the model '
+        'predicts one class only'], proc.stderr[-3000:]
+    # What the warning says is what was written.
+    preds = (tmp_path / "out" / "MRPC" / "runs" / "lr0.001-seed1" / "MRPC.tsv").read_text()
+    assert {row.split("\t")[1] for row in preds.splitlines()[1:]} == {"1"}
+    # A classifier with mixed answers is not warned about (library call: the command cannot be
+    # made to give mixed answers on demand).
+    from bertscale.finetune.metrics import one_class
+    assert one_class([1, 0, 1], ["0", "1"]) is None and one_class([1], ["0", "1"]) is None
