@@ -21,7 +21,8 @@ each stateful component (the loop's counters, the loader's data position) its sa
 One launcher-agnostic entrypoint: `torchrun`, `deepspeed`, `mpirun` and `srun` all work, see
 bertscale.distributed. Exit codes: 0 done; 2 bad input (before anything ran); 3 the loss or the
 weights became NaN/inf (nothing saved for that step); 75 preempted after committing a checkpoint
-(SLURM scripts requeue on it).
+(SLURM scripts requeue on it); 130 Ctrl-C: after committing a checkpoint at the next step, or at
+once on a second Ctrl-C.
 
 Honest limits:
 - The batch geometry is global_batch = micro x accumulation x world size exactly; no dropping.
@@ -44,7 +45,6 @@ import shutil
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -292,8 +292,6 @@ def quiet_deepspeed(verbose: bool = False) -> None:
     if not verbose:
         from deepspeed.utils import logger as ds_logger
         ds_logger.setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.*")
-        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated.*")
 
 
 def main(argv: list[str] | None = None) -> int:

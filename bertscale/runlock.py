@@ -13,8 +13,8 @@ Nothing stale ever blocks a resume:
   lock is left by a dead node that a network filesystem has not yet noticed.
 
 Preemption record: when the trainer stops for preemption after committing a checkpoint, rank 0
-writes `<run>/preempted.json` (step, signals, exit code); a trainer that takes the lock removes the
-previous one. So the file exists exactly when the last run of this folder stopped to be requeued,
+writes `<run>/preempted.json` (step, signals, which rank got which signal, exit code); a trainer
+that takes the lock removes the previous one. A stop for Ctrl-C alone (exit 130) writes none. So the file exists exactly when the last run of this folder stopped to be requeued,
 whatever the launcher made of its exit code (torchrun turns 75 into 1); slurm/requeue.sh reads it.
 
 Limits: the lock is as good as the filesystem's flock. Local disks and NFSv4 (Linux turns flock
@@ -107,13 +107,17 @@ class RunLock:
     main: bool = False
     fd: int | None = None
 
-    def record_preemption(self, step: int, signals: list[str]) -> None:
-        """Rank 0: the run stopped for preemption with checkpoint `step` committed."""
+    def record_preemption(self, step: int, signals_by_rank: dict[int, list[str]]) -> None:
+        """Rank 0: the run stopped for preemption with checkpoint `step` committed, because of
+        these signals on these ranks (every rank's, gathered at that step)."""
         if not self.main:
             return
         job, restart = _slurm_job()
+        signals = list(dict.fromkeys(n for got in signals_by_rank.values() for n in got))
         write_json_atomic(self.run_dir / PREEMPTED_FILE, {
-            "step": step, "signals": signals, "exit_code": distributed.PREEMPTED_EXIT_CODE,
+            "step": step, "signals": signals,
+            "signals_by_rank": {str(r): got for r, got in sorted(signals_by_rank.items())},
+            "exit_code": distributed.PREEMPTED_EXIT_CODE,
             "time": round(time.time(), 3), "host": socket.gethostname(), "pid": os.getpid(),
             "slurm_job_id": job, "slurm_restart_count": restart})
 

@@ -1,14 +1,26 @@
-"""`bertscale pretrain --list` and `--print-config`: what a new user asks before the first run
-(which recipes and presets exist, what a recipe resolves to), answered without starting one."""
+"""What a user meets at the command line, through the commands they type: `bertscale pretrain
+--list` and `--print-config` (what a new user asks before the first run, answered without starting
+one), and issue 22's papercuts: errors that name the right thing (the subcommand's usage, the
+`--set` override, a Hub name), inputs and outputs that do not silently go wrong (empty corpora,
+one stage per object-store output, a classifier that predicts one class), and how a run stops
+(a signal on one rank recorded with its rank, Ctrl-C checkpointing)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from bertscale.cli import main as bertscale
+from launch import free_port
+from pretrain_runs import manifest, pretrain_argv  # noqa: F401
 
 
 def test_pretrain_list_names_every_builtin_recipe_and_preset(capsys) -> None:
@@ -230,9 +242,6 @@ def test_a_classifier_that_predicts_one_class_is_named(tmp_path, shared_data) ->
     exactly the all-"1" answer. Here a real MRPC copy whose training pairs are all paraphrases
     ("1") makes `bertscale finetune glue` learn that one class; both files it predicts are named
     in one warning line each, with the counts."""
-    import subprocess
-    import sys
-
     from finetune_helpers import tiny_hf_checkpoint
     src, mrpc = shared_data / "glue" / "MRPC", tmp_path / "MRPC"
     mrpc.mkdir()
@@ -263,3 +272,121 @@ def test_a_classifier_that_predicts_one_class_is_named(tmp_path, shared_data) ->
     # made to give mixed answers on demand).
     from bertscale.finetune.metrics import one_class
     assert one_class([1, 0, 1], ["0", "1"]) is None and one_class([1], ["0", "1"]) is None
+
+
+# ------------------------------------------------------------------ stopping a run: signals
+
+
+def _start_ranks(argv: list[str], world: int, logs: Path) -> list:
+    """`python argv...` as `world` ranks on loopback, each writing logs/rank<R>.log; returns
+    the processes (started, not waited for: the test signals them)."""
+    port, procs = str(free_port()), []
+    logs.mkdir(parents=True, exist_ok=True)
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
+        with open(logs / f"rank{rank}.log", "w") as out:
+            procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=out,
+                                          stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait_for(log: Path, text: str, procs: list, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text():
+            return
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} not seen in {log}:\n{log.read_text()[-3000:]}")
+
+
+def _wait(procs: list, timeout: float = 240) -> list[int]:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+# A run that goes on long after the tests stop it, and commits only when it is stopped.
+LONG = ("train.steps=400", "train.global_batch_size=8", "train.micro_batch_size=4",
+        "checkpoint.every=1000", "eval.every=0", "eval.at_start=false", "schedule.warmup=1")
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_rank_is_recorded_and_ctrl_c_checkpoints(manifest, tmp_path) -> None:
+    """Through `bertscale pretrain` on 2 ranks, ZeRO-3, real Wikipedia shards:
+
+    1. SIGUSR1 to rank 1 only (a SLURM signal that reached one task): both ranks commit a
+       checkpoint and exit 75, and preempted.json names the signal and the rank that got it.
+       Failed before the fix: `"signals": []` (rank 0 knew only that some rank was signalled).
+       The ZeRO-3 steps print no third-party FutureWarning (failed before: four
+       "`torch.distributed.reduce_scatter_tensor` is deprecated" lines per step, although the
+       run says third-party warnings are held back).
+    2. The requeued run resumes; Ctrl-C (SIGINT to every rank, as a terminal sends it, each twice
+       within milliseconds as when a launcher forwards it too) commits a checkpoint at the next
+       step and exits 130: no preempted.json (nothing to requeue). Its commit is the one a
+       preemption makes, whose resume tests/test_run_folder.py follows. Failed before the fix:
+       Ctrl-C stopped at once with nothing saved.
+    """
+    from bertscale.checkpoint import latest_committed
+    run = tmp_path / "run"
+    argv = pretrain_argv(run, manifest, *LONG, 'train.deepspeed="zero3_fp32"')
+
+    procs = _start_ranks(argv, 2, tmp_path / "first")
+    _wait_for(tmp_path / "first" / "rank0.log", "step 2/400", procs)
+    os.kill(procs[1].pid, signal.SIGUSR1)
+    codes = _wait(procs)
+    logs = [(tmp_path / "first" / f"rank{r}.log").read_text() for r in range(2)]
+    assert codes == [75, 75], logs[0][-3000:] + logs[1][-3000:]
+    step = latest_committed(run).step
+    assert f"preempted (SIGUSR1 on rank 1): checkpoint step {step} committed" in logs[0], logs[0][-2000:]
+    record = json.loads((run / "preempted.json").read_text())
+    assert (record["step"], record["signals"], record["signals_by_rank"]) == \
+        (step, ["SIGUSR1"], {"1": ["SIGUSR1"]})
+    for log in logs:
+        assert "FutureWarning" not in log and "is deprecated" not in log, log[-3000:]
+
+    procs = _start_ranks(argv, 2, tmp_path / "second")
+    _wait_for(tmp_path / "second" / "rank0.log", f"step {step + 2}/400", procs)
+    for _ in range(2):
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+    codes = _wait(procs)
+    log = (tmp_path / "second" / "rank0.log").read_text()
+    assert codes == [130, 130], log[-3000:]
+    interrupted = latest_committed(run).step
+    assert interrupted > step + 1
+    assert log.count("Ctrl-C: stopping after this step with a checkpoint") == 1, log[-3000:]
+    assert (f"interrupted (SIGINT): checkpoint step {interrupted} committed; exiting with code 130"
+            in log), log[-3000:]
+    assert not (run / "preempted.json").exists()
+    assert "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once(manifest, tmp_path) -> None:
+    """The way out when a checkpoint is not wanted or takes too long: Ctrl-C, then Ctrl-C again
+    a moment later, stops `bertscale pretrain` inside the step, saving nothing, with the CLI's
+    one line and exit 130. (This was Ctrl-C's only behaviour before the checkpoint on the first
+    one; the test holds the second press to it.) Long steps (64 micro-batches each) leave the
+    second press time to land inside the step."""
+    run = tmp_path / "run"
+    argv = pretrain_argv(run, manifest, *LONG, "train.global_batch_size=256")
+    (proc,) = _start_ranks(argv, 1, tmp_path / "logs")
+    log = tmp_path / "logs" / "rank0.log"
+    _wait_for(log, "pretraining tiny_ci:", [proc])
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _wait_for(log, "Ctrl-C: stopping after this step", [proc], timeout=60)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    assert _wait([proc]) == [130]
+    text = log.read_text()
+    assert "bertscale pretrain: interrupted" in text, text[-3000:]
+    assert "committed" not in text and not (run / "checkpoints").exists(), text[-3000:]
