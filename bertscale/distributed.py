@@ -37,6 +37,7 @@ checkpoint and stop only when their collectives time out.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -370,8 +371,9 @@ def _on_interrupt() -> None:
         _signal_seen.append("SIGINT")
         _preempt.set()
         if os.environ.get("RANK", "0") == "0":  # one line on the terminal, not one per rank
-            os.write(2, b"\nbertscale: Ctrl-C: stopping after this step with a checkpoint "
-                        b"(Ctrl-C again to stop at once, without one)\n")
+            with contextlib.suppress(OSError):   # a closed stderr must not raise mid-step
+                os.write(2, b"\nbertscale: Ctrl-C: stopping after this step with a checkpoint "
+                            b"(Ctrl-C again to stop at once, without one)\n")
         return
     if now - _first_interrupt[0] < SAME_INTERRUPT_S:
         return
