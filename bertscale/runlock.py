@@ -14,8 +14,9 @@ Nothing stale ever blocks a resume:
 
 Preemption record: when the trainer stops for preemption after committing a checkpoint, rank 0
 writes `<run>/preempted.json` (step, signals, which rank got which signal, exit code); a trainer
-that takes the lock removes the previous one. A stop for Ctrl-C alone (exit 130) writes none. So the file exists exactly when the last run of this folder stopped to be requeued,
-whatever the launcher made of its exit code (torchrun turns 75 into 1); slurm/requeue.sh reads it.
+that takes the lock removes the previous one. So the file exists exactly when the last run of this
+folder stopped to be requeued, whatever the launcher made of its exit code (torchrun turns 75 into
+1); slurm/requeue.sh reads it. A stop for Ctrl-C alone (exit 130) writes none: nothing to requeue.
 
 Limits: the lock is as good as the filesystem's flock. Local disks and NFSv4 (Linux turns flock
 into a byte-range lock the server keeps, released when the client's lease expires, ~90 s after a
