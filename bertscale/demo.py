@@ -288,7 +288,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Build a corpus from the documentation that ships with Python, train a "
                     "WordPiece vocabulary, write shards, pretrain a tiny BERT with DeepSpeed "
                     "ZeRO-2 on local processes, and report what it learned.")
-    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="default: runs/demo")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"),
+                   help="the demo's folder: data, vocabulary, and one run folder per demo (run, "
+                        "run-2, ...: earlier runs are kept) (default: runs/demo)")
     p.add_argument("--shards", type=Path, help="train on these shards (a manifest) instead")
     p.add_argument("--preset", help="model preset (tiny, mini, small, medium, base, large)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the demo recipe's)")
