@@ -424,7 +424,9 @@ class TrainSection:
     """Seeds the model initialisation, the data order and masking, and dropout."""
     init_from: Path | None = None
     """Phase 2: run folder (or checkpoint folder) of phase 1; its newest committed weights are
-    loaded, nothing else (fresh optimizer, schedule and data position)."""
+    loaded, nothing else (fresh optimizer, schedule and data position). Or a Hugging Face BERT
+    folder, to continue pretraining it: its weights (heads it lacks start fresh), with the
+    shards prepared with its vocabulary (`prepare --vocab FOLDER`) and the recipe in its shape."""
     max_loss_scale_skips: int = 50
     """Stop when this many optimizer updates in a row were skipped for gradient overflow (fp16:
     loss-scale collapse) instead of training on with a scale near zero. Skipped updates are not

@@ -89,10 +89,7 @@ def _build_model(plan: Plan) -> tuple[Any, Any]:
     apply_fast_paths(model, FastPaths(
         unpad=fast.unpad, checkpoint_activations=fast.checkpoint_activations, compile=fast.compile))
     if plan.init_from is not None:
-        from bertscale.model import load_pretrained
-        weights = ckpt_lib.load_consolidated(plan.init_from.path)
-        load_pretrained(model, weights.state_dict, source=f"train.init_from {plan.init_from.path}")
-        del weights
+        plan.init_from.load_into(model)  # a bertscale run's or a Hugging Face folder's weights
     ckpt_lib.mark_universal(model)
     optimizer = optim.build_optimizer(recipe.optimizer, model)
     return model, optimizer
