@@ -7,8 +7,10 @@ process group starts, and every error names the field and what would be accepted
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -618,6 +620,7 @@ def load_pretrain_recipe(source: str | Path | dict[str, Any],
         if not path.is_file() and path.suffix != ".toml" and "/" not in str(source):
             path = builtin_recipe(str(source))
         data, origin, default_name = load_toml(path), str(path), path.stem
+    as_written = copy.deepcopy(data)
     data = apply_overrides(data, list(overrides or []))
     try:
         if isinstance(data.get("eval"), dict) and "max_batches" in data["eval"]:
@@ -648,8 +651,25 @@ def load_pretrain_recipe(source: str | Path | dict[str, Any],
         recipe.optimizer.validate()
         recipe.schedule.validate()
     except ConfigError as e:
-        raise ConfigError(f"{origin}: {e}") from None
+        raise ConfigError(f"{_blame(str(e), origin, list(overrides or []), as_written)}: {e}") \
+            from None
     return recipe
+
+
+def _blame(message: str, origin: str, overrides: list[str], as_written: dict[str, Any]) -> str:
+    """Where a recipe error comes from, for its message: the `--set` overrides whose field it
+    names; else, when the recipe loads without the overrides, all of them; else the recipe."""
+    if not overrides:
+        return origin
+    named = [o for o in overrides
+             if re.search(rf"(?<![\w.]){re.escape('.'.join(parse_override(o)[0]))}(?!\w)", message)]
+    if not named:
+        try:
+            load_pretrain_recipe(as_written)
+        except ConfigError:
+            return origin
+        named = overrides
+    return f"{', '.join(f'--set {o}' for o in named)} (over {origin})"
 
 
 def recipe_to_dict(recipe: PretrainRecipe) -> dict[str, Any]:

@@ -34,7 +34,8 @@ MPI comes before SLURM because `mpirun` inside an allocation leaves SLURM's vari
 the batch step, not the MPI ranks.
 
 Preemption: `install_signal_handlers()` makes SIGUSR1 and SIGTERM set a flag and nothing else (no
-I/O, no collectives inside a handler). The loop calls `preemption_requested()` (or folds
+I/O, no collectives inside a handler); the first Ctrl-C (SIGINT) sets it too (one line on rank
+0's terminal), and a second one a moment later stops at once. The loop calls `preemption_requested()` (or folds
 `local_preemption_flag()` into its own per-step all-reduce) at a step boundary, so all ranks agree
 even when the signal reached only one of them. A run that stopped for preemption after committing a
 checkpoint exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: "try again later"), which the SLURM
@@ -61,6 +62,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -73,6 +75,10 @@ from bertscale.files import write_json_atomic
 PREEMPTED_EXIT_CODE = 75
 """Exit status of a run that stopped on SIGUSR1/SIGTERM after committing its checkpoint
 (sysexits' EX_TEMPFAIL). SLURM batch scripts requeue the job when they see it."""
+
+INTERRUPTED_EXIT_CODE = 130
+"""Exit status of a run stopped by Ctrl-C (SIGINT): 128 + 2, what a shell reports for it. After
+the first Ctrl-C the run commits a checkpoint at the next step boundary; nothing requeues it."""
 
 PREEMPTED_RECORD_ENV = "BERTSCALE_PREEMPTED_RECORD"
 """Names a node-local file that every worker which stops for preemption after the commit writes
@@ -574,15 +580,47 @@ _preempt = threading.Event()
 _signal_seen: list[str] = []
 
 
+# A second SIGINT sooner than this after the first is the same key press delivered again: a
+# terminal sends Ctrl-C to every process of its foreground group, and torchrun or `bertscale
+# demo` forward the one they got to their workers too.
+SAME_INTERRUPT_S = 1.0
+_first_interrupt: list[float] = []
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     # Only set a flag: the loop acts on it at the next step boundary, on every rank together.
+    if signum == signal.SIGINT:
+        _on_interrupt()
+        return
     _signal_seen.append(signal.Signals(signum).name)
     _preempt.set()
 
 
-def install_signal_handlers(signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
-    """Make SIGUSR1 / SIGTERM request a checkpoint-and-exit instead of killing the process; under
-    torchrun / the deepspeed launcher, also when the launcher dies (`die_with_launcher`)."""
+def _on_interrupt() -> None:
+    """Ctrl-C: the first asks for a checkpoint at the next step boundary (like a preemption,
+    with exit 130 and no requeue); another one, a moment later, stops at once (KeyboardInterrupt,
+    nothing saved), as Python does by default."""
+    now = time.monotonic()
+    if not _first_interrupt:
+        _first_interrupt.append(now)
+        _signal_seen.append("SIGINT")
+        _preempt.set()
+        if os.environ.get("RANK", "0") == "0":  # one line on the terminal, not one per rank
+            with contextlib.suppress(OSError):   # a closed stderr must not raise mid-step
+                os.write(2, b"\nbertscale: Ctrl-C: stopping after this step with a checkpoint "
+                            b"(Ctrl-C again to stop at once, without one)\n")
+        return
+    if now - _first_interrupt[0] < SAME_INTERRUPT_S:
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    raise KeyboardInterrupt
+
+
+def install_signal_handlers(signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM,
+                                                        signal.SIGINT)) -> None:
+    """Make SIGUSR1 / SIGTERM request a checkpoint-and-exit instead of killing the process, and
+    the first Ctrl-C (SIGINT) a checkpoint-and-stop; under torchrun / the deepspeed launcher,
+    also when the launcher dies (`die_with_launcher`)."""
     for s in signals:
         signal.signal(s, _on_signal)
     # After the handlers: a launcher that is already gone must find them in place.

@@ -17,9 +17,10 @@ Nothing stale ever blocks a resume:
   so the holder is on a node that left (died, or was cut off and can no longer commit).
 
 Preemption record: when the trainer stops for preemption after committing a checkpoint, rank 0
-writes `<run>/preempted.json` (step, signals, exit code); a trainer that takes the lock removes the
-previous one. So the file exists exactly when the last run of this folder stopped to be requeued,
-whatever the launcher made of its exit code (torchrun turns 75 into 1); slurm/requeue.sh reads it.
+writes `<run>/preempted.json` (step, signals, which rank got which signal, exit code); a trainer
+that takes the lock removes the previous one. So the file exists exactly when the last run of this
+folder stopped to be requeued, whatever the launcher made of its exit code (torchrun turns 75 into
+1); slurm/requeue.sh reads it. A stop for Ctrl-C alone (exit 130) writes none: nothing to requeue.
 Every rank also records it on its own node for `bertscale launch` (distributed.PREEMPTED_RECORD_ENV).
 
 Limits: the lock is as good as the filesystem's flock. Local disks and NFSv4 (Linux turns flock
@@ -138,14 +139,18 @@ class RunLock:
     main: bool = False
     fd: int | None = None
 
-    def record_preemption(self, step: int, signals: list[str]) -> None:
-        """Rank 0: the run stopped for preemption with checkpoint `step` committed."""
+    def record_preemption(self, step: int, signals_by_rank: dict[int, list[str]]) -> None:
+        """Rank 0: the run stopped for preemption with checkpoint `step` committed, because of
+        these signals on these ranks (every rank's, gathered at that step)."""
         distributed.record_preempted_exit(step)  # every rank, for its node's launcher
         if not self.main:
             return
         job, restart = _slurm_job()
+        signals = list(dict.fromkeys(n for got in signals_by_rank.values() for n in got))
         write_json_atomic(self.run_dir / PREEMPTED_FILE, {
-            "step": step, "signals": signals, "exit_code": distributed.PREEMPTED_EXIT_CODE,
+            "step": step, "signals": signals,
+            "signals_by_rank": {str(r): got for r, got in sorted(signals_by_rank.items())},
+            "exit_code": distributed.PREEMPTED_EXIT_CODE,
             "time": round(time.time(), 3), "host": socket.gethostname(), "pid": os.getpid(),
             "slurm_job_id": job, "slurm_restart_count": restart})
 

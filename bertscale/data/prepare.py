@@ -38,6 +38,7 @@ on a file system all ranks see.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -744,6 +745,16 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
 
     # Phase 2: every rank reads every unit's summary from the shared folder.
     summaries = [json.loads((unit_dir(work, i) / "done.json").read_text()) for i in range(len(files))]
+    nothing = _nothing_to_train_on(summaries, cfg)   # the same on every rank
+    if nothing:
+        ctx.allgather(None)  # every rank has read the summaries: the work folder may go
+        if ctx.rank == 0 and not cfg.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+            if cfg.train_vocab is not None:
+                (out / "vocab.txt").unlink(missing_ok=True)  # trained on nothing
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if we left it empty
+        raise UserError(nothing)
     shard_tasks = plan_shards(summaries, cfg, work)
     my_shards = shard_tasks[ctx.rank::ctx.size]
     prog2 = (Progress(mode, len(my_shards), prefix + "prepare phase 2 (shards): ")
@@ -798,6 +809,24 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
 
     collective(ctx, "writing the manifests", finish)
     return manifests
+
+
+def _nothing_to_train_on(summaries: list[dict[str, Any]], cfg: PrepareConfig) -> str | None:
+    """Why the inputs give no training sample at some sequence length (an empty corpus is bad
+    input, not a dataset of 0 samples that fails later in training), or None."""
+    text = sum(s["text_bytes"] for s in summaries)
+    docs = sum(s["documents"] for s in summaries)
+    shown = ", ".join(s["input"] for s in summaries[:3]) + (", …" if len(summaries) > 3 else "")
+    where = f"{len(summaries)} input file(s) ({shown})"
+    if not text:
+        return f"{where}: no text (empty or blank files); nothing to prepare"
+    for L in cfg.seq_lens:
+        train = sum(s["stats"][_spool_key(L, "train")]["samples"] for s in summaries)
+        if not train:
+            return (f"{where}: {text:,} bytes of text in {docs:,} document(s) gave no training "
+                    f"sample at sequence length {L} (eval fraction {cfg.eval_fraction:g}); give "
+                    f"more text")
+    return None
 
 
 def _manifest_fp(path: Path) -> str | None:
@@ -870,7 +899,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         "az://…): shards are written to --stage, then uploaded")
     p.add_argument("--stage", type=Path,
                    help="with --out in an object store: the local (or shared, under MPI) folder "
-                        "the shards are written to first (default: ./bertscale-stage)")
+                        "the shards are written to first (default: ./bertscale-stage/ followed "
+                        "by the URL's scheme, bucket and prefix: one folder per output)")
     v = p.add_mutually_exclusive_group(required=True)
     v.add_argument("--vocab", type=Path,
                    help="WordPiece vocab.txt to tokenize with, or a Hugging Face BERT folder "
@@ -943,7 +973,7 @@ def handle(args: argparse.Namespace) -> int:
     url = args.out if remote.is_remote(args.out) else None
     if url is not None and remote.scheme(url) in ("pipe", "http", "https"):
         raise UserError(f"--out {url}: prepare uploads to s3://, gs:// or az:// prefixes only")
-    out = Path(args.stage or "bertscale-stage") if url else Path(args.out)
+    out = (args.stage or default_stage(url)) if url else Path(args.out)
     if url is not None:
         remote.filesystem(url)  # a missing store package fails now, not after the prepare
     vocab, lowercase = _vocab_argument(args.vocab, args.lowercase)
@@ -973,6 +1003,16 @@ def _vocab_argument(vocab: Path | None, lowercase: bool | None) -> tuple[Path | 
     from bertscale.hf import tokenizer_of_folder
     path, folder_lowercase = tokenizer_of_folder(vocab)
     return path, folder_lowercase if lowercase is None else lowercase
+
+
+def default_stage(url: str) -> Path:
+    """Where `--out URL` stages its shards without --stage: a folder of its own per output
+    (./bertscale-stage/s3/bucket/prefix), so that preparing two outputs from one working folder
+    neither mixes them nor refuses the second as "a run with other settings"."""
+    scheme, rest = url.split("://", 1)
+    parts = [re.sub(r"[^A-Za-z0-9._=-]", "_", p) for p in rest.split("/") if p]
+    parts = ["_" if p in (".", "..") else p for p in parts]
+    return Path("bertscale-stage", scheme.lower(), *parts)
 
 
 def upload_prepared(manifest: Path, url: str, verbose: bool = True) -> str:

@@ -5,10 +5,10 @@ Defaults are the paper's (Devlin et al. 2018, Sections 4.1-4.4): GLUE batch 32, 
 best of lr 5e-5/4e-5/3e-5/2e-5 on dev; SQuAD v1.1 3 epochs, lr 5e-5, batch 32; SQuAD v2.0
 2 epochs, lr 5e-5, batch 48; SWAG 3 epochs, lr 2e-5, batch 16. Warmup is 10% of the steps.
 NER: see `bertscale finetune ner --help`.
-
-Every parser lives here and imports nothing heavy: a task's module (and torch) is imported only
-when that task runs, so `bertscale --help` stays fast.
 """
+# Every parser lives here and imports nothing heavy: a task's module (and torch) is imported only
+# when that task runs, so `bertscale --help` stays fast. (The docstring above is the command's
+# --help text: notes for developers go here, not there.)
 
 from __future__ import annotations
 
@@ -68,8 +68,7 @@ Limits, stated honestly:
   pieces get no prediction and are scored as O (counted and warned about).
 - Feature mode holds the features of every train/dev/test word in memory (fp32): CoNLL-2003's
   ~300k words x 4096 (BERT-Large, four layers) is ~5 GB; use fewer layers for less.
-- One process per device; several under a launcher train data-parallel (see
-  `bertscale.finetune.common`).
+- One process per device; several under a launcher train data-parallel (docs/finetuning.md).
 """
 
 
@@ -217,8 +216,9 @@ def _common(p: argparse.ArgumentParser, family: str, save_model: bool = False,
             eval_what: str = "the first N dev examples") -> None:
     """Flags every task shares (bertscale.finetune.ner uses them too)."""
     p.add_argument("--checkpoint", type=Path, required=True,
-                   help="a Hugging Face BERT folder or a bertscale run / checkpoint folder "
-                        "(with --eval-only: a fine-tuned model folder written by --save-model)")
+                   help="a local Hugging Face BERT folder or a bertscale run / checkpoint "
+                        "folder; Hub names are not downloaded (with --eval-only: a fine-tuned "
+                        "model folder written by --save-model)")
     p.add_argument("--output-dir", type=Path, required=True,
                    help="results.json and prediction files go to OUTPUT_DIR/<task>/")
     p.add_argument("--lr", help=_lr_help(family))

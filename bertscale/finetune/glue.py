@@ -562,8 +562,9 @@ def predict_file(checkpoint: Path, input_file: Path, output: Path,
     cfg.run = common.RunContext(output.parent, f"{task.name} predict")
     (logits,) = common.predict(model, feats, logits_of, cfg, tok.token_to_id("[PAD]"),
                                what=input_file.name)
-    common.write_text_on_main(output, submission_tsv(task, [e.guid for e in examples],
-                                                     predict_labels(task, logits)))
+    preds = predict_labels(task, logits)
+    warn_one_class(task, preds, input_file.name, cfg)
+    common.write_text_on_main(output, submission_tsv(task, [e.guid for e in examples], preds))
     return output
 
 
@@ -585,13 +586,24 @@ def score_and_write(task: Task, model: nn.Module, dev_f: Sequence[tuple], test_f
         labels = np.array([f["label"] for f in feats])
         for k, v in compute_metrics(task, preds, labels).items():
             metrics[k + suffix] = v
+        warn_one_class(task, preds, fname, cfg, labels)
         common.write_text_on_main(run_dir / dev_predictions_name(fname),
                                   dev_predictions_tsv(task, ex, preds))
     for name, feats, ex in test_f:
         (logits,) = common.predict(model, feats, logits_of, cfg, pad_id, what=name)
-        common.write_text_on_main(run_dir / name, submission_tsv(
-            task, [e.guid for e in ex], predict_labels(task, logits)))
+        preds = predict_labels(task, logits)
+        warn_one_class(task, preds, name, cfg)
+        common.write_text_on_main(run_dir / name, submission_tsv(task, [e.guid for e in ex], preds))
     return metrics
+
+
+def warn_one_class(task: Task, preds: np.ndarray, what: str, cfg: common.TrainConfig,
+                   gold: np.ndarray | None = None) -> None:
+    """One line when a classifier predicted a single class for a whole file."""
+    found = M.one_class(preds, task.labels, gold) if task.labels else None
+    if found:
+        common.log(f"warning: {cfg.run.name if cfg.run else task.name}, {what}: {found}: the "
+                   f"model predicts one class only")
 
 
 def predict_labels(task: Task, logits: np.ndarray) -> np.ndarray:

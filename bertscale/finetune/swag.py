@@ -210,14 +210,26 @@ def score_and_write(model: nn.Module, val: tuple[list[SwagExample], list[dict[st
     model gives the run's own numbers."""
     (val_ex, val_f), (test_ex, test_f) = val, test
     (logits,) = common.predict(model, val_f, logits_of, cfg, pad_id, what="val")
-    metrics = {"accuracy": M.accuracy(logits.argmax(-1), [f["label"] for f in val_f])}
+    gold = [f["label"] for f in val_f]
+    metrics = {"accuracy": M.accuracy(logits.argmax(-1), gold)}
+    _warn_one_ending(logits.argmax(-1), "val.csv", cfg, gold)
     common.write_text_on_main(run_dir / "val_predictions.csv",
                               predictions_csv(val_ex, logits.argmax(-1), with_label=True))
     if test_f:
         (logits,) = common.predict(model, test_f, logits_of, cfg, pad_id, what="test")
+        _warn_one_ending(logits.argmax(-1), "test.csv", cfg)
         common.write_text_on_main(run_dir / "predictions.csv",
                                   predictions_csv(test_ex, logits.argmax(-1)))
     return metrics
+
+
+def _warn_one_ending(preds: np.ndarray, what: str, cfg: common.TrainConfig,
+                     gold: Sequence[int] | None = None) -> None:
+    """One line when the model chose the same ending for every example of a file."""
+    found = M.one_class(preds, [f"ending {k}" for k in range(4)], gold)
+    if found:
+        common.log(f"warning: {cfg.run.name if cfg.run else 'SWAG'}, {what}: {found}: the model "
+                   f"chooses by position only")
 
 
 def _eval_sets(a: SwagArgs, tok: Any) -> tuple[tuple[list, list], tuple[list, list]]:
