@@ -54,7 +54,7 @@ class StepMetrics:
                   "lr": update.lr, "samples_per_s": self.G * len(window) / seconds,
                   "tokens_per_s": sum(s.tokens for s in window) / seconds,
                   "model_flops": self._flops(stats), "tflops": tflops,
-                  "step_time_s": seconds / len(window),
+                  "step_time_s": seconds / len(window), "window_steps": len(window),
                   "consumed_samples": consumed_samples, "skipped_steps": skipped_steps}
         if stats.nsp_count:
             values.update(nsp_loss=stats.nsp_loss / n, nsp_acc=stats.nsp_correct / stats.nsp_count)
