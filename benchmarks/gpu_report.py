@@ -5,7 +5,8 @@
 
 `pack` writes, each atomically (a kill mid-pack leaves the previous version): PACK/N_summary.txt
 (the summary), PACK/N.log (the log, its last 15 MiB), PACK/N_results.tar.gz (the JSON results,
-the step table, each pretraining run's recipe and metrics.jsonl; never shards or checkpoints).
+the step table, each run's recipe and metrics.jsonl, the stages' logs; never shards, weights or
+checkpoints).
 Three small files per script, in PACK itself: what a machine that returns "at most 8 files of
 16 MiB, 2 folders deep" (the one-GPU machine's $OUT) gives back whole.
 
@@ -121,8 +122,8 @@ def quality_table(results: Path) -> list[str]:
     r = _load(results / "quality.json")
     if r is None:
         return []
-    from bertscale.bench.quality import render_table
-    return ["quality (bertscale bench quality's table)", *render_table(r).splitlines()]
+    from bertscale.bench.quality import markdown
+    return ["quality (bertscale bench quality's table)", *markdown(r).splitlines()]
 
 
 def summary(results: Path) -> str:
@@ -137,19 +138,21 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _results_tar(results: Path) -> bytes:
-    """The small result files: top-level JSON and TSV, and per pretraining run its recipe and
-    metrics (what a reader needs to redo the tables). Shards, vocabularies and checkpoints stay."""
-    picks = sorted(p for p in results.glob("*") if p.suffix in (".json", ".tsv", ".md"))
-    for run in sorted(results.glob("**/run_*")) + sorted(results.glob("**/runs/*")):
-        for name in ("recipe.json", "metrics.jsonl", "result.json", "finetune.json"):
-            if (run / name).is_file():
-                picks.append(run / name)
+KEEP = (".json", ".jsonl", ".md", ".tsv", ".png", ".log")
+LEAVE = {"checkpoints", "shards", "models", "data", "calibrate"}
+
+
+def _results_tar(results: Path, name: str) -> bytes:
+    """The small result files (JSON, metrics, tables, step table, the stages' logs, a plot), at
+    most 4 MiB each; never what lies under a checkpoints, shards, models or data folder (shards,
+    vocabularies, weights), nor the main log (packed beside)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for p in picks:
-            if p.stat().st_size <= 4 * 2**20:
-                tar.add(p, arcname=str(p.relative_to(results)))
+        for p in sorted(results.rglob("*")):
+            rel = p.relative_to(results)
+            if (p.is_file() and p.suffix in KEEP and not LEAVE & set(rel.parts[:-1])
+                    and str(rel) != f"{name}.log" and p.stat().st_size <= 4 * 2**20):
+                tar.add(p, arcname=str(rel))
     return buf.getvalue()
 
 
@@ -162,7 +165,7 @@ def pack(results: Path, dest: Path, name: str, log: Path) -> None:
             _write_atomic(dest / f"{name}.log", f.read())
     except OSError:
         pass
-    _write_atomic(dest / f"{name}_results.tar.gz", _results_tar(results))
+    _write_atomic(dest / f"{name}_results.tar.gz", _results_tar(results, name))
 
 
 def main(argv: list[str]) -> int:

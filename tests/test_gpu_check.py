@@ -288,3 +288,72 @@ def test_preflight_names_what_is_missing(tmp_path):
     assert sorted(f.name for f in out.iterdir()) == ["gpu_check.log", "steps.tsv"]
     # What comes back: the log (the summary needs the Python that failed the preflight).
     assert "preflight: MISSING: tokenizers" in (tmp_path / "pack" / "gpu_check.log").read_text()
+
+
+QUALITY = REPO / "benchmarks" / "gpu_quality.sh"
+
+
+def _quality(tmp_path: Path, data: Path, **env: str) -> subprocess.CompletedProcess:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    full_env = dict(os.environ, DEVICE="cpu", PYTHON=sys.executable, TMPDIR=str(tmp),
+                    GPU_QUALITY_DATA=str(data), GPU_QUALITY_OUT="out", GPU_QUALITY_PACK="pack",
+                    GPU_CHECK_WHEELS=str(tmp_path / "no_kit"),
+                    GPU_CHECK_TORCH_EXTENSIONS_DIR=os.environ.get(
+                        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")))
+    full_env.update(env)
+    p = subprocess.run(["bash", str(QUALITY)], cwd=tmp_path, env=full_env, capture_output=True,
+                       text=True, timeout=1500)
+    assert list(tmp.iterdir()) == [], p.stdout   # the scratch (and its `bertscale` shim) is gone
+    return p
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_quality_stage_dry_run_at_toy_size(shared_data, tmp_path):
+    """benchmarks/gpu_quality.sh on the CPU at toy size (one Wikipedia file, the tiny shape, a
+    3-second budget per side, RTE with 64 examples, one seed): `bertscale bench quality` runs
+    every stage through the `bertscale` command the script provides, and the table it reports
+    comes back in the pack, with the stages' results and nothing large."""
+    data = tmp_path / "data"
+    (data / "wikipedia").mkdir(parents=True)
+    (data / "vocab").mkdir()
+    (data / "wikipedia" / "wiki_00.gz").symlink_to(shared_data / "wikipedia" / "wiki_00.gz")
+    (data / "glue").symlink_to(shared_data / "glue")
+    (data / "vocab" / "bert-base-uncased-vocab.txt").symlink_to(
+        shared_data / "vocab" / "bert-base-uncased-vocab.txt")
+    p = _quality(tmp_path, data, GPU_QUALITY_TASKS="RTE", GPU_QUALITY_SEEDS="1",
+                 GPU_QUALITY_PRESET="tiny", GPU_QUALITY_BUDGET_MIN="0.05",
+                 GPU_QUALITY_ARGS="--set train.global_batch_size=16 --set "
+                                  "train.micro_batch_size=8 --calibrate-steps 3 --evals 2 "
+                                  "--eval-samples 16 --epochs 1 --max-train-samples 64 "
+                                  "--max-eval-samples 32 --threads 1")
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    assert "pretraining budget 0.05 min per side" in p.stdout
+    pack = tmp_path / "pack"
+    assert sorted(f.name for f in pack.iterdir()) == [
+        "gpu_quality.log", "gpu_quality_results.tar.gz", "gpu_quality_summary.txt"]
+    summary = (pack / "gpu_quality_summary.txt").read_text()
+    assert summary.strip() in p.stdout and "| model | RTE (accuracy) | average |" in summary
+    for label in ("(a) bertscale pretrained", "(b) random init", "(c) transformers pretrained"):
+        assert f"| {label} |" in summary, label
+    results = json.loads((tmp_path / "out" / "quality" / "results.json").read_text())
+    assert results["settings"]["budget_min"] == 0.05 and results["tasks"] == ["RTE"]
+    assert results["pretraining"]["bertscale"]["curve"][0]["step"] == 0
+    names = tarfile.open(pack / "gpu_quality_results.tar.gz").getnames()
+    assert {"quality.json", "quality/results.md", "quality/stages/pretrain_bertscale.json",
+            "quality/pretrain/bertscale/metrics.jsonl", "steps.tsv"} <= set(names)
+    assert not [n for n in names if n.split("/")[1:2] in (["models"], ["shards"])
+                or "checkpoints" in n or n.endswith("vocab.txt")], names
+
+
+def test_quality_stage_names_the_data_it_lacks(tmp_path):
+    """Without `make gpu-data`'s folder the preflight stops the stage (exit 1) naming each
+    missing piece and how to bring it."""
+    p = _quality(tmp_path, tmp_path / "nothing_here")
+    assert p.returncode == 1, p.stdout
+    for piece in ("wikipedia", "vocab/bert-base-uncased-vocab.txt", "glue/CoLA/train.tsv",
+                  "glue/STS-B/train.tsv"):
+        assert re.search(rf"preflight: MISSING: \S*{re.escape(piece)} \(.*`make gpu-data`", p.stdout), piece
+    assert "nothing measured" in p.stdout
+    assert (tmp_path / "pack" / "gpu_quality.log").is_file()
