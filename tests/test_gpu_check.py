@@ -104,7 +104,8 @@ def _check_pretrain_cases(out: Path, log: str) -> None:
         assert not (out / "pretrain" / f"run_{name}" / "checkpoints").exists()   # cleaned up
         assert r["log_every"] == 5 and r["timed_records"] == [1, 2, 3, 4]   # too short to warm
     assert "resumed from" in log and "--resume require" in log
-    table = log.split("\n== summary", 1)[1]
+    table = log.split("\n== summary", 1)[1].split("\nbertscale pretrain (DeepSpeed", 1)[1]
+    table = table.split("\n\n", 1)[0]
     rows = [line.split() for line in table.splitlines()
             if line.split()[:1] and line.split()[0] in CASES]
     assert [row[0] for row in rows] == list(CASES), table

@@ -59,11 +59,13 @@ def next_micro_batches(batches: Iterator[dict[str, Any]], n: int, *, step: int,
 
 def weights_finite(model: Any, device: Any) -> bool:
     """Every rank's weights are finite (ZeRO-3 keeps only this rank's partition in ds_tensor; the
-    others hold full copies). Collective; one read back for all the tensors."""
+    others hold full copies). Collective."""
     import torch
 
     checks = [torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in model.parameters()]
-    ok = bool(torch.stack(checks).all()) if checks else True
+    # One read back per device the partitions live on (an offloaded partition is on the CPU).
+    ok = all(bool(torch.stack([c for c in checks if c.device == d]).all())
+             for d in {c.device for c in checks})
     return not _any_rank(not ok, device)
 
 
