@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "embed": "bertscale.embed",
     "export": "bertscale.export",
     "doctor": "bertscale.doctor",
+    "launch": "bertscale.launch",
     "bench": "bertscale.bench",
 }
 
