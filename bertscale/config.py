@@ -431,6 +431,11 @@ class TrainSection:
     """Stop when this many optimizer updates in a row were skipped for gradient overflow (fp16:
     loss-scale collapse) instead of training on with a scale near zero. Skipped updates are not
     steps: they are logged and counted, and their samples count as consumed."""
+    check_every: int = 10
+    """Read the step statistics back from the devices at least every N steps (also at every
+    log, eval and checkpoint step, and after a skipped update). A NaN/inf loss and a preemption
+    signal are acted on at a read, every rank at the same step; between reads no step waits for
+    the GPU. Smaller: a preemption is answered sooner; each read drains the GPU's queue once."""
 
 
 @dataclass
@@ -527,6 +532,10 @@ class DebugSection:
     """Make one gradient inf (on rank 0) while the update that would become each of these steps
     (1-based) is computed, so that DeepSpeed skips it as after an fp16 overflow; a step listed
     k times is skipped k times. ZeRO-1/2 (any precision); for tests of the step accounting."""
+    forbid_host_syncs: bool = False
+    """CUDA: fail the run when the step code between reads waits for the GPU (a sync such as
+    `.item()` or `torch.cuda.synchronize()`); the reads and DeepSpeed's optimizer update are
+    outside the check. For the GPU test of the sync-free step."""
 
 
 @dataclass
@@ -598,6 +607,8 @@ class PretrainRecipe:
                               f"{self.fast.pad_vocab_multiple}")
         if self.logging.every <= 0:
             raise ConfigError(f"logging.every must be positive, got {self.logging.every}")
+        if t.check_every <= 0:
+            raise ConfigError(f"train.check_every must be positive, got {t.check_every}")
         if t.max_loss_scale_skips <= 0:
             raise ConfigError(f"train.max_loss_scale_skips must be positive, got {t.max_loss_scale_skips}")
 

@@ -193,6 +193,10 @@ def deepspeed_config(recipe: PretrainRecipe, world_size: int,
     stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
     # A client (torch) optimizer under ZeRO is "untested" in DeepSpeed's words; ours are tested.
     cfg.setdefault("zero_allow_untested_optimizer", True)
+    # DeepSpeed's throughput timer, on by default, calls torch.cuda.synchronize() at every
+    # forward and every engine.step(): a drained GPU queue per micro-batch. The trainer times
+    # its steps itself, between reads (bertscale.pretraining.metrics).
+    cfg.setdefault("timers", {"throughput": {"enabled": False}})
     return cfg, path, "fp16" if fp16 else "bf16" if bf16 else "fp32", stage, accum
 
 

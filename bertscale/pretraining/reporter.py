@@ -25,7 +25,7 @@ class Reporter:
         self.plan, self.main = plan, plan.env.is_main
         self.total = plan.recipe.train.steps
         self.every = plan.recipe.logging.every
-        self.start_step = start_step
+        self.start_step, self.stop_at = start_step, plan.stop_at
         self.t_start: float | None = None
         lg = plan.recipe.logging
         self.bar = self.main and (lg.progress == "bar" or (lg.progress == "auto" and sys.stdout.isatty()))
@@ -54,12 +54,19 @@ class Reporter:
     def record(self, kind: str, step: int, values: dict[str, float]) -> None:
         self.sinks.record(kind, step, values)
 
+    def logs(self, step: int) -> bool:
+        """The logging cadence: every `logging.every` steps, and always the first and the last
+        step of the run and of this invocation (after a resume, at --stop-at-step). The same on
+        every rank: the loop reads the statistics back at these steps."""
+        return (step % self.every == 0 or step in (1, self.total, self.stop_at)
+                or step == self.start_step + 1)
+
     def train_step(self, step: int, values: dict[str, float]) -> None:
-        """An applied step: the bar on every step; a record and a plain line at the logging
-        cadence, and always for the first and the last step."""
+        """An applied step whose statistics were read: the bar on each; a record and a plain
+        line at the logging cadence (`logs`)."""
         if not self.main:
             return
-        log_now = step % self.every == 0 or step == self.total or step == 1
+        log_now = self.logs(step)
         if self.t_start is None:  # the first step pays for warm-up; ETA counts from its end
             self.t_start, self.t_first = time.monotonic(), step
         if log_now:
