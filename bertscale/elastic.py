@@ -395,13 +395,17 @@ class ResumeSource:
     """World size the checkpoint was written with."""
 
 
-def resume_source(checkpoint_dir: str | Path, tag: str, world_size: int) -> ResumeSource:
+def resume_source(checkpoint_dir: str | Path, tag: str, world_size: int, *,
+                  engine_changed: bool = False) -> ResumeSource:
     """Decide how to load `<checkpoint_dir>/<tag>` on `world_size` ranks, converting it to a
-    universal checkpoint (once, collectively) when the size changed. Call on every rank after
-    the process group is up and before deepspeed.initialize."""
+    universal checkpoint (once, collectively) when the size changed or, with `engine_changed`,
+    when the ZeRO stage or the precision did (DeepSpeed's direct load needs the same partition
+    files: another stage fails an assertion, bf16's ZeRO-1 optimizer writes files of another
+    name). Call on every rank after the process group is up and before deepspeed.initialize."""
     checkpoint_dir = Path(checkpoint_dir)
     layout = inspect_checkpoint(checkpoint_dir, tag)
-    if layout.zero_stage == 0 or not needs_conversion(layout.world_size, world_size):
+    if layout.zero_stage == 0 or not (engine_changed
+                                      or needs_conversion(layout.world_size, world_size)):
         return ResumeSource(checkpoint_dir, tag, False, layout.world_size)
     path = ensure_universal(checkpoint_dir, tag)
     return ResumeSource(checkpoint_dir, path.name, True, layout.world_size)
