@@ -217,11 +217,13 @@ class Stateful(Protocol):
 
 def restore(point: ResumePoint | None, ds_config: dict[str, Any],
             build: Callable[[dict[str, Any]], Any], components: Mapping[str, Stateful], *,
-            rank: int, world_size: int, seed: int) -> tuple[Any, Start]:
+            rank: int, world_size: int, seed: int,
+            check_free_space: bool = True) -> tuple[Any, Start]:
     """Build the engine (`build(ds_config)` returns whatever `deepspeed.initialize` returned, the
     engine first) and, with a resume point, load it and every component of `components` ("train",
     "data": see `ResumePoint.component_state`) from its saved state. Collective: every rank
-    calls it.
+    calls it. `check_free_space`: the recipe's checkpoint.check_free_space, for the universal
+    conversion a resume may need.
 
     Fresh start: each rank is seeded with its own dropout stream after the model exists (the
     caller seeds the initialisation identically on every rank before building the model)."""
@@ -235,7 +237,8 @@ def restore(point: ResumePoint | None, ds_config: dict[str, Any],
     ckpt = point.checkpoint
     # Converts once if the world size, the ZeRO stage or the precision changed.
     source = elastic.resume_source(ckpt.root, ckpt.tag, world_size,
-                                   engine_changed=point.layout_change is not None)
+                                   engine_changed=point.layout_change is not None,
+                                   check_free_space=check_free_space)
     if source.universal:
         ds_config = elastic.with_load_universal(ds_config)
     built = build(ds_config)
