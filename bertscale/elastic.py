@@ -61,8 +61,8 @@ COMMIT_MARKER = "bertscale_universal.json"
 """File inside a converted folder that says it is complete (written last, atomically)."""
 
 UNIVERSAL_LAYOUT = 2
-"""Version of what a converted folder holds (2: the model-states file under both stages'
-names); a copy of another version is converted again."""
+"""Version of what a converted folder holds (2: loadable by every ZeRO stage, see
+`_loadable_by_every_stage`); a copy of another version is converted again."""
 
 UNIVERSAL_SUFFIX = "_universal"
 """`<tag>_universal` beside `<tag>`: DeepSpeed's own naming for converted checkpoints."""
@@ -328,7 +328,7 @@ def convert_to_universal(checkpoint_dir: str | Path, tag: str, *, log=print,
                             f"{checkpoint_dir}, about {size_text(needed)} are needed. The checkpoint "
                             f"itself is intact; free space there and resume") from None
         (work / "latest_universal").unlink(missing_ok=True)
-        _alias_model_states(out)
+        _loadable_by_every_stage(out)
         write_json_atomic(out / COMMIT_MARKER, {
             "layout": UNIVERSAL_LAYOUT,
             "source_tag": tag,
@@ -345,24 +345,44 @@ def convert_to_universal(checkpoint_dir: str | Path, tag: str, *, log=print,
     return target
 
 
-def _alias_model_states(folder: Path) -> None:
-    """Give the copy's model-states file both names DeepSpeed looks for: a ZeRO-1/2 engine reads
-    `mp_rank_00_model_states.pt`, a ZeRO-3 engine `zero_pp_rank_0_mp_rank_00_model_states.pt`
-    (DeepSpeed 0.19's `_get_all_ckpt_names`), and ds_to_universal keeps the source stage's
-    name only, so a copy made from one stage failed to load into the other ("assert
-    len(self.ckpt_list) > 0"). A universal load takes the weights and optimizer state from
-    zero/, and from this file only the LR schedule, client state and sizes, which every stage
-    writes alike."""
+def _loadable_by_every_stage(folder: Path) -> None:
+    """Make a converted folder loadable by every ZeRO stage, not only the one that saved it
+    (DeepSpeed 0.19 writes what the source stage's loader reads, and a load into another stage
+    failed: an AssertionError in state_dict_factory, a KeyError 'optimizer_state_dict').
+
+    - The model-states file under both names: a ZeRO-1/2 engine reads
+      `mp_rank_00_model_states.pt`, a ZeRO-3 engine `zero_pp_rank_0_mp_rank_00_model_states.pt`
+      (`_get_all_ckpt_names`). A universal load takes the weights and optimizer state from
+      zero/; from this file only the LR schedule, client state and sizes, which every stage
+      writes alike.
+    - zero/optimizer_state.pt in both layouts: the ZeRO-1/2 loader reads the top-level
+      `param_groups` (and each parameter's step.pt), the ZeRO-3 loader
+      `optimizer_state_dict.param_groups` and `optimizer_state_dict.state[0].step`."""
+    import torch
+
     names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
     present = [folder / n for n in names if (folder / n).is_file()]
-    if not present:
-        return
     for name in names:
-        if not (folder / name).exists():
+        if present and not (folder / name).exists():
             try:
                 os.link(present[0], folder / name)
             except OSError:  # a filesystem without hard links
                 shutil.copy2(present[0], folder / name)
+    state_file = folder / "zero" / "optimizer_state.pt"
+    sd = torch.load(state_file, map_location="cpu", weights_only=False)
+    inner = sd.get("optimizer_state_dict")
+    if "param_groups" not in sd and isinstance(inner, dict):
+        sd["param_groups"] = inner["param_groups"]
+    elif not isinstance(inner, dict):
+        steps = sorted(folder.glob("zero/*/step.pt"))
+        if not steps:
+            raise UserError(f"{folder}: the universal copy holds no optimizer step count")
+        step = torch.load(steps[0], map_location="cpu", weights_only=False)
+        sd["optimizer_state_dict"] = {"state": {0: {"step": step}},
+                                      "param_groups": sd["param_groups"]}
+    else:
+        return
+    torch.save(sd, state_file)  # inside the temporary folder, published whole afterwards
 
 
 def _deepspeed_version() -> str:

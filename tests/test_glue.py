@@ -356,7 +356,7 @@ def test_every_entrypoint_from_a_bertscale_pretraining_run(tmp_path: Path, share
                 "--set", "checkpoint.every=2", "--set", "eval.every=2",
                 "--set", "eval.samples=8", "--set", "eval.at_start=false"], tmp_path)
     mrpc = [*jobs["MRPC"][0], "--output-dir", str(tmp_path / "from_run"), "--lr", "1e-3",
-            "--seeds", "3", "4", "--max-steps", "3", "--batch-size", "8", "--log-every", "0"]
+            "--seeds", "3,4", "--max-steps", "3", "--batch-size", "8", "--log-every", "0"]
     with pytest.raises(UserError) as refused:
         finetune_cli(["finetune", *mrpc, "--checkpoint", str(run)])
     message = str(refused.value)
