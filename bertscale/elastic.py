@@ -356,8 +356,9 @@ def _loadable_by_every_stage(folder: Path) -> None:
       zero/; from this file only the LR schedule, client state and sizes, which every stage
       writes alike.
     - zero/optimizer_state.pt in both layouts: the ZeRO-1/2 loader reads the top-level
-      `param_groups` (and each parameter's step.pt), the ZeRO-3 loader
-      `optimizer_state_dict.param_groups` and `optimizer_state_dict.state[0].step`."""
+      `param_groups` and `ds_version` (and each parameter's step.pt), the ZeRO-3 loader
+      `optimizer_state_dict.param_groups` and `optimizer_state_dict.state[0].step`.
+    - each parameter's files in the form both loaders read (`_per_parameter_files_for_every_stage`)."""
     import torch
 
     names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -370,19 +371,53 @@ def _loadable_by_every_stage(folder: Path) -> None:
                 shutil.copy2(present[0], folder / name)
     state_file = folder / "zero" / "optimizer_state.pt"
     sd = torch.load(state_file, map_location="cpu", weights_only=False)
+    before = set(sd)
     inner = sd.get("optimizer_state_dict")
-    if "param_groups" not in sd and isinstance(inner, dict):
-        sd["param_groups"] = inner["param_groups"]
-    elif not isinstance(inner, dict):
+    if isinstance(inner, dict):
+        sd.setdefault("param_groups", inner["param_groups"])
+    else:
         steps = sorted(folder.glob("zero/*/step.pt"))
         if not steps:
             raise UserError(f"{folder}: the universal copy holds no optimizer step count")
         step = torch.load(steps[0], map_location="cpu", weights_only=False)
         sd["optimizer_state_dict"] = {"state": {0: {"step": step}},
                                       "param_groups": sd["param_groups"]}
-    else:
+    # The ZeRO-1/2 loader asserts a DeepSpeed version, which a ZeRO-3 copy lacks.
+    sd.setdefault("ds_version", _deepspeed_version())
+    if set(sd) != before:
+        torch.save(sd, state_file)  # inside the temporary folder, published whole afterwards
+    _per_parameter_files_for_every_stage(folder, sd["optimizer_state_dict"]["state"][0]["step"])
+
+
+def _per_parameter_files_for_every_stage(folder: Path, step: Any) -> None:
+    """A copy made from ZeRO-3 holds each parameter's fp32 / exp_avg / exp_avg_sq as a bare
+    flat tensor and no step.pt; the ZeRO-1/2 loader wants {"param": tensor of the parameter's
+    shape, "cat_dim": 0} and a step.pt ("IndexError: too many indices" otherwise). The ZeRO-3
+    loader reads both forms (it flattens), so the copy is rewritten in the ZeRO-1/2 form, with
+    the shapes from the model-states file."""
+    import torch
+
+    states = folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    if not states.is_file():
         return
-    torch.save(sd, state_file)  # inside the temporary folder, published whole afterwards
+    if not torch.is_tensor(step):  # torch's optimizers keep it as a tensor
+        step = torch.tensor(float(step))
+    shapes: dict[str, Any] = {}
+    for group in torch.load(states, map_location="cpu", weights_only=False).get("param_shapes") or []:
+        shapes.update(group)
+    for param_dir in sorted(p for p in (folder / "zero").iterdir() if p.is_dir()):
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            f = param_dir / f"{key}.pt"
+            if not f.is_file():
+                continue
+            value = torch.load(f, map_location="cpu", weights_only=False)
+            if isinstance(value, dict):
+                return  # a ZeRO-1/2 copy: already in that form
+            if param_dir.name not in shapes:
+                raise UserError(f"{f}: no shape for {param_dir.name} in {states.name}")
+            torch.save({"param": value.view(shapes[param_dir.name]), "cat_dim": 0}, f)
+        if not (param_dir / "step.pt").exists():
+            torch.save(step, param_dir / "step.pt")
 
 
 def _deepspeed_version() -> str:

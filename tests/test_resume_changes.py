@@ -63,8 +63,8 @@ def applied_lr(before: Path, after: Path) -> list[float]:
     groups = b["base_optimizer_state"]["param_groups"]
     lrs = []
     for i, group in enumerate(groups):
-        w0 = a["single_partition_of_fp32_groups"][i].double()
-        w1 = b["single_partition_of_fp32_groups"][i].double()
+        w0 = a["single_partition_of_fp32_groups"][i].detach().double()
+        w1 = b["single_partition_of_fp32_groups"][i].detach().double()
         st = b["base_optimizer_state"]["state"][i]
         t = float(st["step"])
         beta1, beta2 = group["betas"]
