@@ -161,8 +161,9 @@ def test_a_resume_on_another_zero_stage_or_precision_continues_the_run(extended,
     other checkpoint files), step 15 back on ZeRO-2 fp32, each resume converted through the
     universal checkpoint; against the same run continued on ZeRO-2 fp32 throughout. Dropout is
     off, so step 13 (computed from the converted ZeRO-2 weights inside ZeRO-3) must match to
-    fp32 rounding; steps 14 and 15 carry bf16's rounding (1e-2, as the bf16 resume-matrix
-    cell). The optimizer's step counts reach 15: the moments came along every conversion.
+    fp32 rounding (measured: 1.4e-7 relative); steps 14 and 15 carry bf16's rounding (measured:
+    4.6e-5 and 4.0e-5; 1e-3 allowed, while Adam moments lost in a conversion would restart the
+    update). The optimizer's step counts reach 15: the counts came along every conversion.
 
     Failed before the fix: the ZeRO-3 resume died in DeepSpeed's state_dict_factory with an
     AssertionError traceback; the bf16 one with FileNotFoundError for bf16_zero_pp_rank_0."""
@@ -180,7 +181,7 @@ def test_a_resume_on_another_zero_stage_or_precision_continues_the_run(extended,
     want, got = train_losses(ref), train_losses(moved)
     assert got[13] == pytest.approx(want[13], rel=2e-5)
     for step in (14, 15):
-        assert got[step] == pytest.approx(want[step], rel=1e-2), step
+        assert got[step] == pytest.approx(want[step], rel=1e-3), step
     assert _zero_steps(ckpt_lib.latest_committed(moved).path) == {15}
     assert list(ckpt_lib.latest_committed(moved).path.glob("zero_pp_rank_0_*optim_states.pt"))
 
