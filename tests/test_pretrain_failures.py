@@ -176,7 +176,7 @@ def test_check_free_space_false_also_lets_a_universal_conversion_try(manifest, s
     another number of ranks: ... free, about ... are needed") although the recipe turned the
     check off."""
     run = small_disk / "run"
-    pretrain(run, manifest, 1, *SMALL, "train.steps=2")
+    pretrain(run, manifest, 1, *SMALL, "train.steps=2", "schedule.warmup=1")
     assert ckpt_lib.latest_committed(run).step == 2
     results = pretrain(run, manifest, 2, *SMALL, "checkpoint.check_free_space=false", check=False)
     line = _assert_same_clean_error(results, "writing the universal copy failed",
