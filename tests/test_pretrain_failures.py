@@ -181,7 +181,7 @@ def test_check_free_space_false_also_lets_a_universal_conversion_try(manifest, s
     results = pretrain(run, manifest, 2, *SMALL, "checkpoint.check_free_space=false", check=False)
     line = _assert_same_clean_error(results, "writing the universal copy failed",
                                     "The checkpoint itself is intact")
-    assert "No space left" in line or "write failed" in line, line
+    assert re.search(r" \d+(\.\d)? K?B free in ", line), line   # the disk really was full
     assert sorted(p.name for p in (run / "checkpoints").iterdir()
                   if p.is_dir()) == ["step_2"], list((run / "checkpoints").iterdir())
     assert ckpt_lib.load_consolidated(run).step == 2
