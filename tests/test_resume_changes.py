@@ -96,17 +96,18 @@ def test_changing_train_steps_on_resume_follows_the_new_schedule_from_the_first_
     the checkpoints around it). A resume that changes only train.steps (and the checkpoint
     cadence) goes on, and says what changed.
 
-    Failed before the fix: the first resumed step logged `lr 0.00e+00` (the old schedule's last
-    rate, restored with the optimizer's param groups) and its update applied lr 0, then the new
-    schedule took over from the second step, on both resumes."""
+    Failed before the fix (run against the unfixed code): steps 7 and 10 logged lr 0.0 (the
+    old schedule's last rate, restored with the optimizer's param groups; the recipe's are
+    8.57e-4 and 6.0e-4) and their updates applied it, then the new schedule took over from the
+    second step, on both resumes."""
     run, out9, out12 = extended
-    assert "converted from 2 ranks through a universal checkpoint" in out9
-    assert "train.steps 6 -> 9" in out9 and "train.steps 9 -> 12" in out12, out12[:800]
     logged = {r["step"]: r["lr"] for r in records(run, "train")}
     assert sorted(logged) == list(range(1, 13))
     for step in range(1, 13):
         total = 6 if step <= 6 else 9 if step <= 9 else 12
         assert logged[step] == pytest.approx(recipe_lr(step, total), rel=1e-9, abs=1e-12), step
+    assert "converted from 2 ranks through a universal checkpoint" in out9
+    assert "train.steps 6 -> 9" in out9 and "train.steps 9 -> 12" in out12, out12[:800]
 
     ckpts = {c.step: c.path for c in ckpt_lib.list_committed(run)}
     # The method first, inside one run (step 8 from 7), then the first updates after a resume.
