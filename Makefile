@@ -13,11 +13,12 @@ demo: venv
 	$(VENV)/bin/bertscale demo
 
 # Two test files at a time (pytest-xdist, one file per worker so its fixtures are built once);
-# TEST_JOBS=0 runs them one after the other in this process.
+# TEST_JOBS=0 runs them one after the other in this process. The 25 slowest tests are listed at
+# the end, to see where the suite's time goes.
 TEST_JOBS ?= 2
 
 test: venv lint
-	$(PY) -m pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile) $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile) --durations=25 $(PYTEST_ARGS)
 
 # A small rule set ([tool.ruff] in pyproject.toml); `make test` runs it before the suite.
 lint: venv

@@ -7,8 +7,10 @@ process group starts, and every error names the field and what would be accepted
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -422,7 +424,9 @@ class TrainSection:
     """Seeds the model initialisation, the data order and masking, and dropout."""
     init_from: Path | None = None
     """Phase 2: run folder (or checkpoint folder) of phase 1; its newest committed weights are
-    loaded, nothing else (fresh optimizer, schedule and data position)."""
+    loaded, nothing else (fresh optimizer, schedule and data position). Or a Hugging Face BERT
+    folder, to continue pretraining it: its weights (heads it lacks start fresh), with the
+    shards prepared with its vocabulary (`prepare --vocab FOLDER`) and the recipe in its shape."""
     max_loss_scale_skips: int = 50
     """Stop when this many optimizer updates in a row were skipped for gradient overflow (fp16:
     loss-scale collapse) instead of training on with a scale near zero. Skipped updates are not
@@ -617,6 +621,7 @@ def load_pretrain_recipe(source: str | Path | dict[str, Any],
         if not path.is_file() and path.suffix != ".toml" and "/" not in str(source):
             path = builtin_recipe(str(source))
         data, origin, default_name = load_toml(path), str(path), path.stem
+    as_written = copy.deepcopy(data)
     data = apply_overrides(data, list(overrides or []))
     try:
         if isinstance(data.get("eval"), dict) and "max_batches" in data["eval"]:
@@ -647,8 +652,25 @@ def load_pretrain_recipe(source: str | Path | dict[str, Any],
         recipe.optimizer.validate()
         recipe.schedule.validate()
     except ConfigError as e:
-        raise ConfigError(f"{origin}: {e}") from None
+        raise ConfigError(f"{_blame(str(e), origin, list(overrides or []), as_written)}: {e}") \
+            from None
     return recipe
+
+
+def _blame(message: str, origin: str, overrides: list[str], as_written: dict[str, Any]) -> str:
+    """Where a recipe error comes from, for its message: the `--set` overrides whose field it
+    names; else, when the recipe loads without the overrides, all of them; else the recipe."""
+    if not overrides:
+        return origin
+    named = [o for o in overrides
+             if re.search(rf"(?<![\w.]){re.escape('.'.join(parse_override(o)[0]))}(?!\w)", message)]
+    if not named:
+        try:
+            load_pretrain_recipe(as_written)
+        except ConfigError:
+            return origin
+        named = overrides
+    return f"{', '.join(f'--set {o}' for o in named)} (over {origin})"
 
 
 def recipe_to_dict(recipe: PretrainRecipe) -> dict[str, Any]:

@@ -21,7 +21,8 @@ each stateful component (the loop's counters, the loader's data position) its sa
 One launcher-agnostic entrypoint: `torchrun`, `deepspeed`, `mpirun` and `srun` all work, see
 bertscale.distributed. Exit codes: 0 done; 2 bad input (before anything ran); 3 the loss or the
 weights became NaN/inf (nothing saved for that step); 75 preempted after committing a checkpoint
-(SLURM scripts requeue on it).
+(SLURM scripts requeue on it); 130 Ctrl-C: after committing a checkpoint at the next step, or at
+once on a second Ctrl-C.
 
 Honest limits:
 - The batch geometry is global_batch = micro x accumulation x world size exactly; no dropping.
@@ -39,9 +40,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import sys
+import textwrap
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +89,7 @@ def _build_model(plan: Plan) -> tuple[Any, Any]:
     apply_fast_paths(model, FastPaths(
         unpad=fast.unpad, checkpoint_activations=fast.checkpoint_activations, compile=fast.compile))
     if plan.init_from is not None:
-        from bertscale.model import load_pretrained
-        weights = ckpt_lib.load_consolidated(plan.init_from.path)
-        load_pretrained(model, weights.state_dict, source=f"train.init_from {plan.init_from.path}")
-        del weights
+        plan.init_from.load_into(model)  # a bertscale run's or a Hugging Face folder's weights
     ckpt_lib.mark_universal(model)
     optimizer = optim.build_optimizer(recipe.optimizer, model)
     return model, optimizer
@@ -240,16 +240,35 @@ def _builtin_listing() -> str:
     from bertscale.config import PRESETS, builtin_recipe, preset
     folder = builtin_recipe("tiny_ci").parent
     lines = ["built-in recipes (bertscale pretrain NAME; files in bertscale/recipes/):"]
+    width = max(60, shutil.get_terminal_size().columns - 1)
     for path in sorted(folder.glob("*.toml")):
-        first = next((ln.lstrip("# ").rstrip() for ln in path.read_text().splitlines()
-                      if ln.startswith("#") and ln.strip("# ")), "")
-        lines.append(f"  {path.stem:<20} {first}")
+        lines += textwrap.wrap(_first_sentence(path.read_text()), width,
+                               initial_indent=f"  {path.stem:<20} ", subsequent_indent=" " * 23,
+                               break_on_hyphens=False)
     lines.append("model presets (model.preset = NAME):")
     for name in PRESETS:
         c = preset(name)
         lines.append(f"  {name:<20} L={c.num_hidden_layers} H={c.hidden_size} "
                      f"A={c.num_attention_heads} intermediate={c.intermediate_size}")
     return "\n".join(lines)
+
+
+def _first_sentence(toml_text: str) -> str:
+    """The first sentence of a recipe's opening comment (its first paragraph if no sentence
+    ends in it): what `--list` says about the recipe, never cut mid-sentence."""
+    para: list[str] = []
+    for line in toml_text.splitlines():
+        text = line[1:].strip() if line.startswith("#") else None
+        if not text or line.startswith("#   "):  # a blank comment line, code, or an example
+            if para or text is None:
+                break
+            continue
+        para.append(text)
+    joined = " ".join(para)
+    # A sentence ends at . ! ? before a capital, a digit or a quote; "et al. 2018" and "e.g. X"
+    # do not end one.
+    end = re.search(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)[.!?](?=\s+[A-Z0-9`\"(])", joined)
+    return joined[:end.end()] if end else joined
 
 
 def _resolved_config(recipe: PretrainRecipe) -> str:
@@ -271,8 +290,6 @@ def quiet_deepspeed(verbose: bool = False) -> None:
     if not verbose:
         from deepspeed.utils import logger as ds_logger
         ds_logger.setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.*")
-        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated.*")
 
 
 def main(argv: list[str] | None = None) -> int:

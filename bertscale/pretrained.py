@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,17 +88,12 @@ class Pretrained:
         return {"checkpoint": self.resolved or self.source, "checkpoint_kind": self.kind,
                 "checkpoint_step": self.step, "checkpoint_fingerprint": self.fingerprint}
 
-    def describe(self) -> str:
-        """One phrase for messages: "RUN/checkpoints/step_20 (step 20, weights 3f2a9c1b0d4e)"."""
-        step = f"step {self.step}, " if self.step is not None else ""
-        return f"{self.resolved or self.source} ({step}weights {self.fingerprint[:12]})"
-
 
 def load_checkpoint(path: str | Path) -> Pretrained:
     """A Hugging Face folder (it has config.json) or a bertscale run / checkpoint folder."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{p}: checkpoint not found")
+        raise not_found(path)
     if p.is_dir() and (p / "config.json").is_file():
         from bertscale.hf import load_hf_folder
         ck = load_hf_folder(p)
@@ -126,6 +122,21 @@ def load_checkpoint(path: str | Path) -> Pretrained:
                       vocab_path=Path(ck.vocab_path), lowercase=bool(ck.lowercase),
                       source=str(p), kind=kind, architecture=architecture, task=task,
                       resolved=resolved, step=step)
+
+
+def not_found(path: str | Path) -> UserError:
+    """The error for a checkpoint that is not there. A name like `bert-base-uncased` or
+    `google-bert/bert-base-uncased` is a Hub model id: say that nothing is downloaded and what
+    to pass instead."""
+    text = str(path)
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", text):
+        name = text.rsplit("/", 1)[-1]
+        return UserError(f"{text}: checkpoint not found; bertscale does not download models "
+                         f"from the Hugging Face Hub: pass a local folder, a Hugging Face BERT "
+                         f"folder (config.json, weights, vocab.txt; e.g. `hf download {text} "
+                         f"--local-dir hf/{name}`) or a bertscale run or checkpoint folder")
+    return UserError(f"{text}: checkpoint not found (expected a Hugging Face BERT folder or a "
+                     f"bertscale run or checkpoint folder)")
 
 
 def head_class(head: str | type) -> type:

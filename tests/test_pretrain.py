@@ -105,7 +105,7 @@ def test_preemption_signal_to_one_rank_then_exact_resume(ws2_straight, manifest,
     assert [p.returncode for p in procs] == [PREEMPTED_EXIT_CODE] * 2, rest[0][1][-2000:]
     stopped = ckpt_lib.latest_committed(run)
     assert stopped is not None and 2 <= stopped.step < 8, out0
-    assert f"preempted (a signal on another rank): checkpoint step {stopped.step} committed" in out0
+    assert f"preempted (SIGUSR1 on rank 1): checkpoint step {stopped.step} committed" in out0
     assert max(train_losses(run)) == stopped.step  # stopped at that step boundary
 
     results = pretrain(run, manifest, 2, *WS2, extra=("--resume", "require"))

@@ -188,6 +188,7 @@ class GlobalOrder:
         self.window = max(1, min(window, self.n)) if self.n else 1
         self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._windows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._inverse: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
     def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         got = self._epochs.get(e)
@@ -231,6 +232,22 @@ class GlobalOrder:
             shard[sel] = order[k]
             offset[sel] = jj - (ends[k] - self.counts[order[k]])
         return shard, offset
+
+    def position_of(self, epoch: int, shard: int, offset: int) -> int:
+        """The global position at which `epoch` reads sample `offset` of `shard`: the inverse
+        of `locate` (bertscale.data.wds masks a sample as the trainer does in that epoch)."""
+        order, ends = self._epoch(epoch)
+        k = int(np.flatnonzero(order == shard)[0])
+        jj = int(ends[k] - self.counts[shard]) + offset    # index in the shard concatenation
+        if self.shuffle:
+            w = jj // self.window
+            inverse = self._inverse.get((epoch, w))
+            if inverse is None:
+                inverse = self._inverse[(epoch, w)] = np.argsort(self._perm(epoch, w))
+                if len(self._inverse) > 2:
+                    self._inverse.popitem(last=False)
+            jj = w * self.window + int(inverse[jj - w * self.window])
+        return epoch * self.n + jj
 
     def window_of(self, position: int) -> tuple[int, int]:
         """(epoch, window) of a global position."""

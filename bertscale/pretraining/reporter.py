@@ -108,7 +108,7 @@ class Reporter:
                 self.info(f"recipe changed since the checkpoint, in force from step {step + 1}: "
                           + "; ".join(start.changes))
         elif plan.init_from is not None:
-            self.info(f"initialised from {plan.init_from.path} (step {plan.init_from.step} weights)")
+            self.info(plan.init_from.describe())
         self.info(f"pretraining {recipe.name}: {n_params / 1e6:.1f}M parameters, {W} rank(s), "
                   f"ZeRO-{plan.zero_stage} {plan.precision}, global batch {t.global_batch_size} = "
                   f"{t.micro_batch_size} x {plan.grad_accum} accumulation x {W}, seq "
