@@ -465,8 +465,9 @@ class CheckpointSection:
     """Save when the last step is done."""
     check_free_space: bool = True
     """Before each save, check that the checkpoint filesystem has room for one more checkpoint
-    (the previous one's size) and stop with a clear message if not. Turn off only where the
-    filesystem reports free space wrongly; a write that fails is reported the same way."""
+    (the previous one's size), and before a resume's universal conversion room for the copy, and
+    stop with a clear message if not. Turn off only where the filesystem reports free space
+    wrongly; a write that fails is reported the same way."""
 
 
 @dataclass

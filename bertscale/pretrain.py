@@ -117,7 +117,8 @@ def train(plan: Plan) -> int:
     state, loader = TrainState(), build.train_loader(plan)
     (engine, scheduler), start = resume_lib.restore(
         plan.resume_from, plan.ds_config, build.engine_builder(plan, model, optimizer),
-        {"train": state, "data": loader}, rank=env.rank, world_size=env.world_size, seed=t.seed)
+        {"train": state, "data": loader}, rank=env.rank, world_size=env.world_size, seed=t.seed,
+        check_free_space=recipe.checkpoint.check_free_space)
 
     reporter = Reporter(plan, state.step)
     metrics = StepMetrics(plan, engine.device)

@@ -166,3 +166,26 @@ def test_a_full_disk_stops_every_rank_with_one_line_and_keeps_the_checkpoint(man
     assert not (run / "checkpoints" / "step_4").exists()
     assert ckpt_lib.load_consolidated(run).step == 2
     assert os.statvfs(small_disk).f_bfree > 0
+
+
+@pytest.mark.timeout(900)
+def test_check_free_space_false_also_lets_a_universal_conversion_try(manifest, small_disk):
+    """checkpoint.check_free_space = false skips the free-space check of the universal
+    conversion too, not only the save's: a 1-rank run commits step 2 on a 100 MB disk (room for
+    one checkpoint), then resumes on 2 ranks, which needs a universal copy. With the check off
+    the conversion runs, the full disk stops its write, and every rank says so in the same one
+    line; no temporary folder is left and the checkpoint is intact.
+
+    Failed before the fix: the resume was refused by the up-front check ("... for a resume on
+    another number of ranks: ... free, about ... are needed") although the recipe turned the
+    check off."""
+    run = small_disk / "run"
+    pretrain(run, manifest, 1, *SMALL, "train.steps=2", "schedule.warmup=1")
+    assert ckpt_lib.latest_committed(run).step == 2
+    results = pretrain(run, manifest, 2, *SMALL, "checkpoint.check_free_space=false", check=False)
+    line = _assert_same_clean_error(results, "writing the universal copy failed",
+                                    "The checkpoint itself is intact")
+    assert re.search(r" \d+(\.\d)? K?B free in ", line), line   # the disk really was full
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()
+                  if p.is_dir()) == ["step_2"], list((run / "checkpoints").iterdir())
+    assert ckpt_lib.load_consolidated(run).step == 2

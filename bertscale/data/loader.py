@@ -579,9 +579,14 @@ class PretrainLoader:
                 "manifest_fingerprint": self.fingerprint, "split": self.split}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved `state_dict` (before iterating). A position in another split or
-        manifest is refused. The seed is this loader's, as today's recipe gives it: a saved one
-        that differs is kept in the checkpoint only, as the recipe's own `train.seed` is."""
+        """Continue from a saved `state_dict` (before iterating). A position in another split,
+        manifest or seed is refused: the seed orders the samples and draws the masks, so the
+        same position would be other samples (a resume refuses a changed train.seed earlier,
+        naming the key: bertscale.resume.STREAM_KEYS)."""
+        if state.get("seed", self.seed) != self.seed:
+            raise UserError(f"the saved data position is one of seed {state['seed']}, this "
+                            f"loader's seed is {self.seed}: the same position would be other "
+                            f"samples")
         if state.get("split", self.split) != self.split:
             raise UserError(f"a saved data position of the {state['split']!r} split cannot resume "
                             f"the {self.split!r} split")

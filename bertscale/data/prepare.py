@@ -1015,36 +1015,94 @@ def default_stage(url: str) -> Path:
     return Path("bertscale-stage", scheme.lower(), *parts)
 
 
+UPLOAD_RECORD = ".bertscale-upload.json"
+"""Beside the shards in a store prefix while an upload is unfinished: the manifest being
+uploaded. It vouches for the objects already there (a re-run sends only what is missing) and
+is deleted once the manifest itself is in place."""
+
+
 def upload_prepared(manifest: Path, url: str, verbose: bool = True) -> str:
     """Upload one prepared folder (shards, vocabulary, then the manifest) to the store prefix
     `url`. Shard names in the manifest stay relative to it, so they resolve beside the
-    manifest's URL and the prefix can be copied or moved whole (``aws s3 sync``). Objects
-    already there with the right size are not sent again, so a re-run after a failed upload
-    resumes it. Returns the manifest's URL."""
+    manifest's URL and the prefix can be copied or moved whole (``aws s3 sync``). Returns the
+    manifest's URL.
+
+    What is there already counts only when a manifest of the same data vouches for it: the
+    prefix's complete manifest, or the record of an unfinished upload (`UPLOAD_RECORD`) of the
+    same shards, whose objects of the right size were uploaded whole (object stores publish an
+    object only complete), so a re-run after a failed upload sends only the rest. A prefix that
+    holds ANOTHER prepare's manifest or unfinished upload is refused: its objects have the
+    same names and, with one --samples-per-shard, often the same sizes, and mixing them under
+    one manifest gives shards whose sha256 training refuses. Objects no manifest vouches for are
+    sent again. Each staged file is checked against its manifest sha256 before it is sent.
+    Limit: two uploads into one prefix at the same moment are not detected."""
     from bertscale.data import remote
+    from bertscale.data.shards import fingerprint_of, sha256_file
 
     data = json.loads(manifest.read_text(encoding="utf-8"))
-    names = [row["name"] for rows in data["shards"].values() for row in rows]
+    ours = fingerprint_of(data)
+    sha = {row["name"]: row["sha256"] for rows in data["shards"].values() for row in rows}
+    names = [*sha, data["vocab_file"]]
     fs = remote.filesystem(url)
+    vouched = False
+    for name, what in ((MANIFEST_NAME, "the manifest of"), (UPLOAD_RECORD, "an unfinished upload of")):
+        there = _remote_json(fs, remote.join(url, name))
+        if there is None:
+            continue
+        theirs = fingerprint_of(there) if isinstance(there, dict) else "not a manifest"
+        if theirs != ours:
+            raise UserError(f"--out {url}: holds {what} other shards (manifest fingerprint "
+                            f"{theirs[:12]}, these {ours[:12]}); uploading would mix two data "
+                            f"sets under one manifest. Use an empty prefix, or delete "
+                            f"{url}/ first")
+        vouched = True
+    if not vouched:
+        _put(remote, manifest, remote.join(url, UPLOAD_RECORD))
     sent = 0
-    for name in [*names, data["vocab_file"]]:
+    for name in names:
         local, target = manifest.parent / name, remote.join(url, name)
         try:
-            if fs.exists(target) and remote.object_size(target) == local.stat().st_size:
+            if vouched and fs.exists(target) and remote.object_size(target) == local.stat().st_size:
                 continue
-            remote.upload(local, target)
         except Exception as e:  # noqa: BLE001 - any store client error becomes one line
-            raise UserError(f"uploading {local} to {target}: {remote.reason(e)}") from None
+            raise UserError(f"reading {target}: {remote.reason(e)}") from None
+        if name in sha and sha256_file(local) != sha[name]:
+            raise UserError(f"{local}: its sha256 is not the one {manifest} lists; the staged "
+                            f"shards changed after prepare wrote them (prepare again)")
+        _put(remote, local, target)
         sent += 1
     target = remote.join(url, MANIFEST_NAME)
-    try:  # last: a reader never sees a manifest before its shards
-        remote.upload(manifest, target)
+    _put(remote, manifest, target)  # last: a reader never sees a manifest before its shards
+    try:
+        fs.rm_file(remote.join(url, UPLOAD_RECORD))
+    except FileNotFoundError:
+        pass
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"uploading {manifest} to {target}: {remote.reason(e)}") from None
+        raise UserError(f"deleting {remote.join(url, UPLOAD_RECORD)}: {remote.reason(e)}") from None
     if verbose:
-        print(f"prepare: uploaded {sent} of {len(names) + 1} files (the rest were there) and the "
-              f"manifest -> {target}", file=sys.stderr)
+        print(f"prepare: uploaded {sent} of {len(names)} files (the rest were there, checked "
+              f"against the manifest) and the manifest -> {target}", file=sys.stderr)
     return target
+
+
+def _remote_json(fs: Any, url: str) -> Any:
+    """A small JSON object of a store, None when there is none."""
+    from bertscale.data import remote
+    try:
+        if not fs.exists(url):
+            return None
+        return json.loads(remote.read_bytes(url))
+    except ValueError:
+        return "not JSON"
+    except Exception as e:  # noqa: BLE001 - any store client error becomes one line
+        raise UserError(f"reading {url}: {remote.reason(e)}") from None
+
+
+def _put(remote: Any, local: Path, target: str) -> None:
+    try:
+        remote.upload(local, target)
+    except Exception as e:  # noqa: BLE001 - any store client error becomes one line
+        raise UserError(f"uploading {local} to {target}: {remote.reason(e)}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

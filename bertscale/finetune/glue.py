@@ -463,7 +463,7 @@ def run(a: GlueArgs) -> dict[str, Any]:
 
     from bertscale.model import BertForSequenceClassification
     out_dir = Path(a.output_dir) / task.name
-    extra = dict(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+    extra = dict(**pretrained.identity(),
                  lowercase=pretrained.lowercase, data=str(folder), train_examples=len(train_f),
                  max_seq_length=a.max_seq_length, max_eval_samples=a.max_eval_samples,
                  save_model=a.save_model, predict_test=a.predict_test)

@@ -504,7 +504,7 @@ def run(a: SquadArgs) -> dict[str, Any]:
     from bertscale.model import BertForQuestionAnswering
     out_dir = Path(a.output_dir) / name
     files = _files(a)
-    extra = dict(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+    extra = dict(**pretrained.identity(),
                  lowercase=pretrained.lowercase, train_file=str(a.train_file),
                  predict_file=str(a.predict_file),
                  train_questions=len(train_data.examples),

@@ -318,7 +318,7 @@ def run(a: SwagArgs) -> dict[str, Any]:
                                "recipe": common.recipe(cfg)})
         return metrics, stats
 
-    extra = dict(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+    extra = dict(**pretrained.identity(),
                  lowercase=pretrained.lowercase, data=str(d), train_examples=len(train_f),
                  max_seq_length=a.max_seq_length, max_eval_samples=a.max_eval_samples,
                  save_model=a.save_model, predict_test=a.predict_test)

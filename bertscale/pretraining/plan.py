@@ -27,7 +27,7 @@ from typing import Any
 from bertscale import checkpoint as ckpt_lib
 from bertscale import distributed
 from bertscale import resume as resume_lib
-from bertscale.config import ModelConfig, PretrainRecipe, padded_vocab_size
+from bertscale.config import ModelConfig, PretrainRecipe, padded_vocab_size, recipe_to_dict
 from bertscale.errors import ConfigError, UserError
 
 # The built-in DeepSpeed JSONs ship inside the package (bertscale/deepspeed_configs: in the
@@ -218,7 +218,7 @@ def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, 
     # manifest's tokenizer hash is the tokenizer's identity for resumes and init_from.
     tokenizer_hash = manifest.tokenizer_hash
     resume_point = resume_lib.find(run_dir, resume, resume_lib.Identity(
-        tokenizer_hash, manifest.fingerprint, model))
+        tokenizer_hash, manifest.fingerprint, model, recipe_to_dict(recipe), stage, precision))
     init_from = None
     if recipe.train.init_from is not None and resume_point is None:
         init_from = resolve_init_from(Path(recipe.train.init_from), model, tokenizer_hash)

@@ -105,9 +105,15 @@ class Reporter:
         recipe, t, W = plan.recipe, plan.recipe.train, plan.env.world_size
         if start.resumed_from is not None:
             how = (f", converted from {start.saved_world_size} ranks through a universal checkpoint"
-                   if start.universal else "")
+                   if start.universal and start.saved_world_size != W else "")
             self.info(f"resumed from {start.resumed_from.path} (step {step}, "
                       f"{consumed_samples} samples consumed{how})")
+            if start.layout_change:
+                self.info(f"engine changed since the checkpoint: {start.layout_change} (loaded "
+                          f"through its universal conversion)")
+            if start.changes:
+                self.info(f"recipe changed since the checkpoint, in force from step {step + 1}: "
+                          + "; ".join(start.changes))
         elif plan.init_from is not None:
             self.info(plan.init_from.describe())
         self.info(f"pretraining {recipe.name}: {n_params / 1e6:.1f}M parameters, {W} rank(s), "
