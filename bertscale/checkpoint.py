@@ -46,7 +46,7 @@ from typing import Any, Callable
 from bertscale.config import ModelConfig, from_dict, to_dict
 from bertscale.errors import UserError
 from bertscale.files import fsync_path, torch_save_atomic, write_json_atomic
-from bertscale.files import human_size as _size
+from bertscale.files import human_size as size_text
 from bertscale.seeding import rng_state, set_rng_state
 
 COMMIT_FILE = "commit.json"
@@ -200,7 +200,7 @@ def space_problem(folder: Path, needed: int, what: str) -> str | None:
     free = free_bytes(folder)
     if free >= needed:
         return None
-    return (f"{what}: {folder} has {_size(free)} free, about {_size(needed)} are needed; "
+    return (f"{what}: {folder} has {size_text(free)} free, about {size_text(needed)} are needed; "
             f"free space there (or lower checkpoint.keep) and resume")
 
 
@@ -214,7 +214,7 @@ def checkpoint_bytes_estimate(run_dir: Path, engine: Any) -> int:
     return n * _BYTES_PER_PARAM
 
 
-def _is_write_failure(e: BaseException, folder: Path) -> bool:
+def is_write_failure(e: BaseException, folder: Path) -> bool:
     """Whether `e`, raised while writing into `folder`, means the filesystem would not take the
     write. A full filesystem counts whatever the message: what a writer raises there varies (a
     directory that could not be made surfaces later as "Parent directory … does not exist")."""
@@ -261,7 +261,7 @@ def _describe_failure(e: BaseException, root: Path) -> str:
     """One line for a failed write, with the free space as the failing rank saw it (one number,
     the same line on every rank)."""
     first = (str(e).splitlines() or [""])[0][:200]
-    return f"{type(e).__name__}: {first}; {_size(free_bytes(root))} free there"
+    return f"{type(e).__name__}: {first}; {size_text(free_bytes(root))} free there"
 
 
 def save(engine: Any, run_dir: str | Path, step: int, state: dict[str, Any], *, keep: int,
@@ -304,10 +304,10 @@ def save(engine: Any, run_dir: str | Path, step: int, state: dict[str, Any], *, 
     if problems:
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
-        if error is not None and not _is_write_failure(error, root):
+        if error is not None and not is_write_failure(error, root):
             raise error  # not the filesystem: a fault of ours, with its traceback
         raise UserError(f"checkpoint step {step}: writing {tag_dir} failed ({problems[0]}); a "
-                        f"checkpoint needs about {_size(needed)}" + _newest_committed_note(run_dir))
+                        f"checkpoint needs about {size_text(needed)}" + _newest_committed_note(run_dir))
     marker = {"tag": tag, "step": step, "world_size": world, "format": FORMAT_VERSION,
               "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     failure = None

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from bertscale import __version__
-from bertscale.commands import COMMANDS, register, run, run_subcommand
+from bertscale.commands import COMMANDS, parse, register, run, run_subcommand
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         return run_subcommand(argv[0], argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

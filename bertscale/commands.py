@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "embed": "bertscale.embed",
     "export": "bertscale.export",
     "doctor": "bertscale.doctor",
+    "launch": "bertscale.launch",
     "bench": "bertscale.bench",
 }
 
@@ -40,7 +41,28 @@ def run_subcommand(name: str, argv: list[str] | None = None) -> int:
     pays for what it imports), and the same error handling as `bertscale`."""
     parser = argparse.ArgumentParser(prog="bertscale")
     register(name, parser.add_subparsers(dest="command", required=True))
-    return run(parser.parse_args([name, *(sys.argv[1:] if argv is None else argv)]))
+    return run(parse(parser, [name, *(sys.argv[1:] if argv is None else argv)]))
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, except that an unknown argument is reported by the subcommand
+    that was chosen (`bertscale pretrain --stepz` shows pretrain's usage): argparse's own
+    check runs in the top parser, which knows only `bertscale COMMAND ...`."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        chosen(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def chosen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost (sub)parser that `args` went through (`bertscale finetune glue`'s)."""
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
+                   None)
+        name = getattr(args, sub.dest, None) if sub is not None else None
+        if name not in (sub.choices if sub is not None else ()):
+            return parser
+        parser = sub.choices[name]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"bertscale {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `bertscale pretrain --list | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _rank() -> str | None:

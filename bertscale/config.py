@@ -7,8 +7,10 @@ process group starts, and every error names the field and what would be accepted
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -433,11 +435,18 @@ class TrainSection:
     """Seeds the model initialisation, the data order and masking, and dropout (0 to 2^32 - 1)."""
     init_from: Path | None = None
     """Phase 2: run folder (or checkpoint folder) of phase 1; its newest committed weights are
-    loaded, nothing else (fresh optimizer, schedule and data position)."""
+    loaded, nothing else (fresh optimizer, schedule and data position). Or a Hugging Face BERT
+    folder, to continue pretraining it: its weights (heads it lacks start fresh), with the
+    shards prepared with its vocabulary (`prepare --vocab FOLDER`) and the recipe in its shape."""
     max_loss_scale_skips: int = 50
     """Stop when this many optimizer updates in a row were skipped for gradient overflow (fp16:
     loss-scale collapse) instead of training on with a scale near zero. Skipped updates are not
     steps: they are logged and counted, and their samples count as consumed."""
+    check_every: int = 10
+    """Read the step statistics back from the devices at least every N steps (also at every
+    log, eval and checkpoint step, and after a skipped update). A NaN/inf loss and a preemption
+    signal are acted on at a read, every rank at the same step; between reads no step waits for
+    the GPU. Smaller: a preemption is answered sooner; each read drains the GPU's queue once."""
 
 
 @dataclass
@@ -467,8 +476,9 @@ class CheckpointSection:
     """Save when the last step is done."""
     check_free_space: bool = True
     """Before each save, check that the checkpoint filesystem has room for one more checkpoint
-    (the previous one's size) and stop with a clear message if not. Turn off only where the
-    filesystem reports free space wrongly; a write that fails is reported the same way."""
+    (the previous one's size), and before a resume's universal conversion room for the copy, and
+    stop with a clear message if not. Turn off only where the filesystem reports free space
+    wrongly; a write that fails is reported the same way."""
 
 
 @dataclass
@@ -534,6 +544,10 @@ class DebugSection:
     """Make one gradient inf (on rank 0) while the update that would become each of these steps
     (1-based) is computed, so that DeepSpeed skips it as after an fp16 overflow; a step listed
     k times is skipped k times. ZeRO-1/2 (any precision); for tests of the step accounting."""
+    forbid_host_syncs: bool = False
+    """CUDA: fail the run when the step code between reads waits for the GPU (a sync such as
+    `.item()` or `torch.cuda.synchronize()`); the reads and DeepSpeed's optimizer update are
+    outside the check. For the GPU test of the sync-free step."""
 
 
 MAX_SEED = 2**32 - 1
@@ -611,6 +625,8 @@ class PretrainRecipe:
                               f"{self.fast.pad_vocab_multiple}")
         if self.logging.every <= 0:
             raise ConfigError(f"logging.every must be positive, got {self.logging.every}")
+        if t.check_every <= 0:
+            raise ConfigError(f"train.check_every must be positive, got {t.check_every}")
         if t.max_loss_scale_skips <= 0:
             raise ConfigError(f"train.max_loss_scale_skips must be positive, got {t.max_loss_scale_skips}")
         if not 0 <= t.seed <= MAX_SEED:  # numpy's generators take [0, 2**32)
@@ -645,6 +661,7 @@ def load_pretrain_recipe(source: str | Path | dict[str, Any],
         if not path.is_file() and path.suffix != ".toml" and "/" not in str(source):
             path = builtin_recipe(str(source))
         data, origin, default_name = load_toml(path), str(path), path.stem
+    as_written = copy.deepcopy(data)
     data = apply_overrides(data, list(overrides or []))
     try:
         if isinstance(data.get("eval"), dict) and "max_batches" in data["eval"]:
@@ -675,8 +692,25 @@ def load_pretrain_recipe(source: str | Path | dict[str, Any],
         recipe.optimizer.validate()
         recipe.schedule.validate()
     except ConfigError as e:
-        raise ConfigError(f"{origin}: {e}") from None
+        raise ConfigError(f"{_blame(str(e), origin, list(overrides or []), as_written)}: {e}") \
+            from None
     return recipe
+
+
+def _blame(message: str, origin: str, overrides: list[str], as_written: dict[str, Any]) -> str:
+    """Where a recipe error comes from, for its message: the `--set` overrides whose field it
+    names; else, when the recipe loads without the overrides, all of them; else the recipe."""
+    if not overrides:
+        return origin
+    named = [o for o in overrides
+             if re.search(rf"(?<![\w.]){re.escape('.'.join(parse_override(o)[0]))}(?!\w)", message)]
+    if not named:
+        try:
+            load_pretrain_recipe(as_written)
+        except ConfigError:
+            return origin
+        named = overrides
+    return f"{', '.join(f'--set {o}' for o in named)} (over {origin})"
 
 
 def recipe_to_dict(recipe: PretrainRecipe) -> dict[str, Any]:

@@ -10,8 +10,11 @@
 4. Pretraining: `bertscale pretrain` with the built-in `demo` recipe (a tiny BERT, DeepSpeed ZeRO-2)
    on N local processes (default 2; this module starts them itself on 127.0.0.1, as torchrun
    would), evaluated before the first step and at the end.
-5. A report: MLM accuracy at the start (chance) and at the end, NSP accuracy, and where the
-   checkpoint, metrics and vocabulary are.
+5. A report: MLM accuracy at the start (chance) and at the end, NSP accuracy, the run folder,
+   and the next commands (export to a Hugging Face folder, fine-tune on GLUE).
+
+Each demo trains into a new run folder (`run`, then `run-2`, ...): a second demo never deletes
+the first. The corpus, vocabulary and shards are reused.
 
 `bertscale demo --shards <manifest> --preset base --steps 2000` runs step 4-5 on your shards with
 a bigger model. On a GPU machine the demo trains in bf16 with one process per GPU.
@@ -27,7 +30,7 @@ import ast
 import json
 import os
 import re
-import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -221,11 +224,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if cuda:
         overrides.append('train.deepspeed="zero2_bf16"')
     overrides += args.overrides
-    run_dir = root / "run"
-    if run_dir.exists():
-        # The demo always trains from scratch; its previous run folder is ours to replace.
-        print(f"demo: removing the previous demo run {run_dir}")
-        shutil.rmtree(run_dir)
+    run_dir = new_run_folder(root)
     argv = ["-m", "bertscale.pretrain", "demo", "--run-dir", str(run_dir)]
     for o in overrides:
         argv += ["--set", o]
@@ -254,11 +253,33 @@ def run_demo(args: argparse.Namespace) -> int:
               f"(chance 50%; always answering the commoner label: {last['nsp_majority']:.1%})")
     print(f"  loss: {first['loss']:.3f} -> {last['loss']:.3f} held-out"
           + (f"; training loss {trains[0]['loss']:.3f} -> {trains[-1]['loss']:.3f}" if trains else ""))
-    print(f"  checkpoint: {run_dir / 'checkpoints'} (load with bertscale.checkpoint.load_consolidated)")
-    print(f"  metrics:    {run_dir / 'metrics.jsonl'}")
-    print(f"  vocabulary: {run_dir / 'vocab.txt'}")
+    print(f"  run folder: {run_dir} (checkpoints/, metrics.jsonl, vocab.txt)")
+    print("next:")
+    for line in next_commands(run_dir, root):
+        print(f"  {line}")
     print("=" * 72)
     return 0
+
+
+def new_run_folder(root: Path) -> Path:
+    """`root/run`, or `root/run-N` when earlier demos are there: a demo never deletes one."""
+    run_dir, n = root / "run", 1
+    while run_dir.exists():
+        n += 1
+        run_dir = root / f"run-{n}"
+    if n > 1:
+        print(f"demo: earlier demo runs in {root} are kept; this one goes to {run_dir}")
+    return run_dir
+
+
+def next_commands(run_dir: Path, root: Path) -> list[str]:
+    """What a user runs next on the demo's model: export it, fine-tune it (GLUE's RTE, which
+    docs/quickstart.md says where to get)."""
+    run, hf, tuned = (shlex.quote(str(p)) for p in
+                      (run_dir, root / "hf" / run_dir.name, root / "finetuned" / run_dir.name))
+    return [f"bertscale export --from {run} --to {hf}    # a Hugging Face folder for transformers",
+            f"bertscale finetune glue --task RTE --data-dir GLUE/RTE --checkpoint {run} "
+            f"--output-dir {tuned}    # GLUE/RTE: see docs/quickstart.md"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -267,7 +288,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Build a corpus from the documentation that ships with Python, train a "
                     "WordPiece vocabulary, write shards, pretrain a tiny BERT with DeepSpeed "
                     "ZeRO-2 on local processes, and report what it learned.")
-    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="default: runs/demo")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"),
+                   help="the demo's folder: data, vocabulary, and one run folder per demo (run, "
+                        "run-2, ...: earlier runs are kept) (default: runs/demo)")
     p.add_argument("--shards", type=Path, help="train on these shards (a manifest) instead")
     p.add_argument("--preset", help="model preset (tiny, mini, small, medium, base, large)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the demo recipe's)")

@@ -10,13 +10,32 @@
 3. SLURM under `srun` (`SLURM_PROCID`, `SLURM_STEP_NUM_TASKS` or `SLURM_NTASKS`, `SLURM_LOCALID`):
    the master is the first host of the step's node list (`scontrol show hostnames`), the port is
    derived from the job id unless `MASTER_PORT` is set, so every task computes the same one.
-4. Nothing: a single process on 127.0.0.1 with a free port.
+4. One process started straight on each node of a cluster scheduler, without torchrun (one GPU
+   per pod or VM): rank = the node's rank, from `discover_node()` below.
+5. Nothing: a single process on 127.0.0.1 with a free port.
+
+`discover_node()` reads where this NODE (pod, VM) sits in a multi-node job, which is what torchrun
+needs (`bertscale launch` turns it into torchrun's rendezvous arguments; `doctor` reports it):
+
+- Kubeflow: Trainer v2's TrainJob and PyTorchJob v1 set torchrun's own environment defaults
+  `PET_NNODES`, `PET_NODE_RANK`, `PET_NPROC_PER_NODE`, `PET_MASTER_ADDR`, `PET_MASTER_PORT`
+  (PyTorchJob's elastic policy: `PET_RDZV_ENDPOINT`, `PET_RDZV_ID`, `PET_NNODES` as MIN:MAX).
+- SkyPilot: `SKYPILOT_NODE_RANK`, `SKYPILOT_NODE_IPS` (one per line, the head node first),
+  `SKYPILOT_NUM_NODES`, `SKYPILOT_NUM_GPUS_PER_NODE`, `SKYPILOT_TASK_ID` (kept across a managed
+  job's recoveries).
+- An Indexed Job, alone or in a JobSet: Kubernetes sets `JOB_COMPLETION_INDEX` in each pod; pod i
+  is named `<prefix>-i` in the headless service of its `subdomain`, so pod 0's stable DNS name is
+  this pod's own name with the index replaced by 0, in the same domain. The node count is not in
+  the pod's environment: the manifest sets `PET_NNODES` (torchrun's name for it). `JOBSET_NAME`
+  (the manifest's downward-API copy of the jobset-name label) names the job.
+- SLURM (`SLURM_NODEID`, `SLURM_JOB_NUM_NODES`, the first host of the node list).
 
 MPI comes before SLURM because `mpirun` inside an allocation leaves SLURM's variables describing
 the batch step, not the MPI ranks.
 
 Preemption: `install_signal_handlers()` makes SIGUSR1 and SIGTERM set a flag and nothing else (no
-I/O, no collectives inside a handler). The loop calls `preemption_requested()` (or folds
+I/O, no collectives inside a handler); the first Ctrl-C (SIGINT) sets it too (one line on rank
+0's terminal), and a second one a moment later stops at once. The loop calls `preemption_requested()` (or folds
 `local_preemption_flag()` into its own per-step all-reduce) at a step boundary, so all ranks agree
 even when the signal reached only one of them. A run that stopped for preemption after committing a
 checkpoint exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: "try again later"), which the SLURM
@@ -40,22 +59,34 @@ when their collectives time out.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from types import FrameType
 
 from bertscale.errors import UserError
+from bertscale.files import write_json_atomic
 
 PREEMPTED_EXIT_CODE = 75
 """Exit status of a run that stopped on SIGUSR1/SIGTERM after committing its checkpoint
 (sysexits' EX_TEMPFAIL). SLURM batch scripts requeue the job when they see it."""
+
+INTERRUPTED_EXIT_CODE = 130
+"""Exit status of a run stopped by Ctrl-C (SIGINT): 128 + 2, what a shell reports for it. After
+the first Ctrl-C the run commits a checkpoint at the next step boundary; nothing requeues it."""
+
+PREEMPTED_RECORD_ENV = "BERTSCALE_PREEMPTED_RECORD"
+"""Names a node-local file that every worker which stops for preemption after the commit writes
+(`record_preempted_exit`): `bertscale launch` reads it to exit 75 where torchrun exited 1."""
 
 NONFINITE_EXIT_CODE = 3
 """Exit status of a run that stopped because the loss or the weights became NaN/inf. No
@@ -73,7 +104,8 @@ class DistEnv:
     master_addr: str
     master_port: int
     launcher: str
-    """"env" (torchrun / deepspeed launcher), "mpi", "slurm" or "single"."""
+    """"env" (torchrun / deepspeed launcher), "mpi", "slurm", "single", or the scheduler of a
+    process started straight on its node (`NodeEnv.scheduler`)."""
 
     @property
     def is_main(self) -> bool:
@@ -149,6 +181,13 @@ def _from_env(environ: Mapping[str, str]) -> DistEnv:
                         "MASTER_PORT is not; the launcher must set both")
     addr = environ.get("MASTER_ADDR", "127.0.0.1")
     port = _int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else _free_port()
+    per_node = environ.get("PET_NPROC_PER_NODE", "1")
+    if "TORCHELASTIC_RUN_ID" not in environ and "LOCAL_RANK" not in environ and (
+            not per_node.isdigit() or int(per_node) > 1):
+        # PyTorchJob sets RANK = the pod's index and WORLD_SIZE = pods x processes per pod: one
+        # process per pod would wait forever for ranks nobody starts.
+        raise UserError(f"PET_NPROC_PER_NODE={per_node}: this pod must run {per_node} processes; "
+                        "start them with `bertscale launch` (torchrun), not one `bertscale` alone")
     return DistEnv(rank, world, local_rank, local_world, addr, port, "env")
 
 
@@ -216,11 +255,214 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
         env = _from_mpi(environ)
     elif "SLURM_PROCID" in environ:
         env = _from_slurm(environ)
+    elif (node := discover_node(environ)).scheduler != "none":
+        env = _one_process_per_node(node)
     else:
         env = DistEnv(0, 1, 0, 1, environ.get("MASTER_ADDR", "127.0.0.1"),
                       _int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else _free_port(),
                       "single")
     return _check(env)
+
+
+# ------------------------------------------------------------------------------ nodes
+
+
+DEFAULT_RDZV_PORT = 29500
+"""torchrun's and Kubeflow's rendezvous port when nothing names one."""
+
+
+@dataclass(frozen=True)
+class NodeEnv:
+    """This node's (pod's, VM's) place in a multi-node job: what torchrun needs to start this
+    node's processes and meet the other nodes."""
+
+    node_rank: int | None
+    """None where the rendezvous assigns it (an elastic PyTorchJob names no node ranks)."""
+    nnodes: str
+    """"4", or "2:4" for an elastic range (torchrun's --nnodes)."""
+    nproc_per_node: str
+    """A count, or torchrun's "auto" / "gpu"."""
+    master_addr: str
+    """Where node 0, the rendezvous host, answers: a stable name (pod 0's DNS name, the head IP)."""
+    master_port: int
+    rdzv_id: str
+    """The same on every node of one job and different between jobs (torchrun's --rdzv-id)."""
+    scheduler: str
+    """"kubeflow", "jobset", "indexed-job", "skypilot", "slurm" or "none"."""
+    source: str
+    """The variables it came from, for `doctor` and the launcher's first line."""
+
+    @property
+    def node_range(self) -> tuple[int, int]:
+        low, _, high = self.nnodes.partition(":")
+        return int(low), int(high or low)
+
+    @property
+    def elastic(self) -> bool:
+        low, high = self.node_range
+        return low != high
+
+    def describe(self) -> str:
+        where = "node ? (assigned at rendezvous)" if self.node_rank is None else \
+            f"node {self.node_rank}"
+        return (f"{where} of {self.nnodes} x {self.nproc_per_node} process(es), rendezvous "
+                f"{self.master_addr}:{self.master_port} (id {self.rdzv_id}), from {self.source}")
+
+
+def check_nnodes(raw: str, name: str) -> str:
+    """`raw` when it is a node count N or an elastic range MIN:MAX, else one clear error."""
+    low, sep, high = raw.partition(":")
+    if not (low.isdigit() and (not sep or high.isdigit())) or int(low) < 1 or \
+            (sep and int(high) < int(low)):
+        raise UserError(f"{name}={raw!r} is not a node count (N, or MIN:MAX for an elastic job)")
+    return raw
+
+
+def _port(environ: Mapping[str, str], *names: str) -> int:
+    name = next((n for n in names if environ.get(n)), None)
+    return _int(environ, name) if name else DEFAULT_RDZV_PORT
+
+
+def _kubeflow_node(environ: Mapping[str, str]) -> NodeEnv:
+    nnodes = check_nnodes(environ.get("PET_NNODES", "1"), "PET_NNODES")
+    if "PET_RDZV_ENDPOINT" in environ:  # PyTorchJob with an elastic policy
+        host, _, port = environ["PET_RDZV_ENDPOINT"].rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(f"PET_RDZV_ENDPOINT={environ['PET_RDZV_ENDPOINT']!r} is not HOST:PORT")
+        addr, port_n = host, int(port)
+    else:
+        if not environ.get("PET_MASTER_ADDR"):
+            raise UserError("PET_NODE_RANK is set but PET_MASTER_ADDR is not; a Kubeflow job sets "
+                            "both (set PET_MASTER_ADDR to node 0's address)")
+        # PyTorchJob's MASTER_ADDR / Trainer's PET_MASTER_ADDR: pod 0's name in the job's
+        # headless service, stable across pod restarts.
+        addr, port_n = environ["PET_MASTER_ADDR"], _port(environ, "PET_MASTER_PORT")
+    rank = _int(environ, "PET_NODE_RANK") if "PET_NODE_RANK" in environ else None
+    names = [n for n in ("PET_NNODES", "PET_NODE_RANK", "PET_NPROC_PER_NODE", "PET_MASTER_ADDR",
+                         "PET_MASTER_PORT", "PET_RDZV_ENDPOINT", "PET_RDZV_ID") if n in environ]
+    kind = "PyTorchJob" if "WORLD_SIZE" in environ or "PET_RDZV_ENDPOINT" in environ else \
+        "Trainer TrainJob"
+    return NodeEnv(rank, nnodes, environ.get("PET_NPROC_PER_NODE", "1"), addr, port_n,
+                   environ.get("PET_RDZV_ID") or addr, "kubeflow",
+                   f"Kubeflow {kind} ({', '.join(names)})")
+
+
+def _skypilot_node(environ: Mapping[str, str]) -> NodeEnv:
+    ips = [ip.strip() for ip in environ.get("SKYPILOT_NODE_IPS", "").splitlines() if ip.strip()]
+    if not ips:
+        raise UserError("SKYPILOT_NODE_RANK is set but SKYPILOT_NODE_IPS is empty")
+    nnodes = check_nnodes(environ.get("SKYPILOT_NUM_NODES") or str(len(ips)), "SKYPILOT_NUM_NODES")
+    gpus = environ.get("SKYPILOT_NUM_GPUS_PER_NODE", "0")
+    nproc = environ.get("PET_NPROC_PER_NODE") or (gpus if gpus.isdigit() and int(gpus) > 0 else "1")
+    return NodeEnv(_int(environ, "SKYPILOT_NODE_RANK"), nnodes, nproc, ips[0],
+                   _port(environ, "PET_MASTER_PORT", "MASTER_PORT"),
+                   environ.get("SKYPILOT_TASK_ID") or f"skypilot-{ips[0]}", "skypilot",
+                   "SkyPilot (SKYPILOT_NODE_RANK, SKYPILOT_NODE_IPS, SKYPILOT_NUM_NODES, "
+                   "SKYPILOT_NUM_GPUS_PER_NODE)")
+
+
+def indexed_pod_zero(index: int, hostname: str, fqdn: str, subdomain: str | None = None) -> str:
+    """Pod 0's DNS name from this pod's: an Indexed Job's pod i is `<prefix>-i`, reachable as
+    `<prefix>-i.<subdomain>[.<namespace>.svc...]` through the job's headless service."""
+    short = hostname.split(".")[0]
+    suffix = f"-{index}"
+    if not short.endswith(suffix):
+        raise UserError(f"JOB_COMPLETION_INDEX={index} but this pod's host name {short!r} does not "
+                        f"end in {suffix!r}; set PET_MASTER_ADDR to pod 0's address")
+    pod0 = f"{short[:-len(suffix)]}-0"
+    domain = fqdn[len(short) + 1:] if fqdn.startswith(short + ".") else (subdomain or "")
+    if not domain:
+        raise UserError(f"pod {short!r} has no DNS domain, so pod 0 cannot be named: give the "
+                        f"pod template a `subdomain` with a headless Service of that name (a "
+                        f"JobSet does), or set PET_MASTER_ADDR")
+    return f"{pod0}.{domain}"
+
+
+def _indexed_job_node(environ: Mapping[str, str], hostname: str, fqdn: str) -> NodeEnv:
+    index = _int(environ, "JOB_COMPLETION_INDEX")
+    if "PET_NNODES" not in environ:
+        raise UserError("JOB_COMPLETION_INDEX is set (an Indexed Job or JobSet pod) but "
+                        "PET_NNODES is not: set it in the manifest to the number of pods "
+                        "(the Job's completions), or MIN:MAX for an elastic job")
+    jobset = environ.get("JOBSET_NAME")
+    addr = environ.get("PET_MASTER_ADDR") or indexed_pod_zero(index, hostname, fqdn, jobset)
+    kind = f"JobSet {jobset}" if jobset else "Indexed Job"
+    return NodeEnv(index, check_nnodes(environ["PET_NNODES"], "PET_NNODES"),
+                   environ.get("PET_NPROC_PER_NODE", "1"), addr,
+                   _port(environ, "PET_MASTER_PORT", "MASTER_PORT"),
+                   environ.get("PET_RDZV_ID") or jobset or addr.split(".")[0],
+                   "jobset" if jobset else "indexed-job",
+                   f"{kind} (JOB_COMPLETION_INDEX, PET_NNODES, pod 0 = {addr})")
+
+
+def _slurm_node(environ: Mapping[str, str], *, hostnames=slurm_hostnames) -> NodeEnv:
+    job = environ.get("SLURM_JOB_ID", environ.get("SLURM_JOBID", "0"))
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if "MASTER_ADDR" in environ:
+        addr = environ["MASTER_ADDR"]
+    elif nodelist:
+        addr = _slurm_node_address(hostnames(nodelist)[0])
+    else:
+        raise UserError("SLURM_NODEID is set but SLURM_JOB_NODELIST is not; set MASTER_ADDR")
+    nnodes = environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or "1"
+    gpus = environ.get("SLURM_GPUS_ON_NODE", "0")
+    port = _int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else \
+        20000 + (int(job) if job.isdigit() else 0) % 20000
+    return NodeEnv(_int(environ, "SLURM_NODEID"), check_nnodes(nnodes, "SLURM_JOB_NUM_NODES"),
+                   gpus if gpus.isdigit() and int(gpus) > 0 else "1", addr, port,
+                   f"slurm-{job}", "slurm", "SLURM (SLURM_NODEID, SLURM_JOB_NUM_NODES, node list)")
+
+
+def discover_node(environ: Mapping[str, str] | None = None, *, hostname: str | None = None,
+                  fqdn: str | None = None) -> NodeEnv:
+    """This node's place in a multi-node job, from whichever scheduler started it (module doc).
+    `hostname` / `fqdn` default to this pod's (an Indexed Job's pod 0 is named from them)."""
+    environ = os.environ if environ is None else environ
+    if "PET_NODE_RANK" in environ or "PET_RDZV_ENDPOINT" in environ:
+        return _kubeflow_node(environ)
+    if "SKYPILOT_NODE_RANK" in environ:
+        return _skypilot_node(environ)
+    if "JOB_COMPLETION_INDEX" in environ:
+        # A container's HOSTNAME is its pod's host name (what the headless service names).
+        host = hostname or environ.get("HOSTNAME") or socket.gethostname()
+        return _indexed_job_node(environ, host, fqdn or socket.getfqdn(host))
+    if "SLURM_NODEID" in environ and "SLURM_JOB_ID" in environ:
+        return _slurm_node(environ)
+    return NodeEnv(0, "1", environ.get("PET_NPROC_PER_NODE", "1"),
+                   "127.0.0.1", _port(environ, "PET_MASTER_PORT", "MASTER_PORT"),
+                   "bertscale-local", "none", "no multi-node scheduler (one node)")
+
+
+def _one_process_per_node(node: NodeEnv) -> DistEnv:
+    """The rank layout of a process started straight on each node (no torchrun): one process
+    per node, ranked by the node's rank."""
+    if node.elastic or node.node_rank is None:
+        raise UserError(f"an elastic node range ({node.nnodes}) needs torchrun's rendezvous: "
+                        f"start this job with `bertscale launch`")
+    if node.nproc_per_node != "1":
+        raise UserError(f"{node.nproc_per_node} processes per node ({node.source}): start them "
+                        f"with `bertscale launch` (torchrun), not one `bertscale` per node")
+    world = node.node_range[0]
+    return DistEnv(node.node_rank, world, 0, 1, node.master_addr, node.master_port, node.scheduler)
+
+
+def clear_preempted_record() -> None:
+    """At the start of a worker group: a record left by an earlier group (torchrun restarted
+    the workers, or an earlier run of the launcher) says nothing about this one. Every rank calls
+    it before its first step, so it precedes any rank's record of this group."""
+    path = os.environ.get(PREEMPTED_RECORD_ENV)
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def record_preempted_exit(step: int) -> None:
+    """This worker stops for preemption with checkpoint `step` committed: tell the launcher on
+    this node (PREEMPTED_RECORD_ENV), if one asked."""
+    path = os.environ.get(PREEMPTED_RECORD_ENV)
+    if path:
+        write_json_atomic(Path(path), {"step": step, "rank": os.environ.get("RANK"),
+                                       "exit_code": PREEMPTED_EXIT_CODE})
 
 
 def export_env(env: DistEnv) -> None:
@@ -345,15 +587,47 @@ _preempt = threading.Event()
 _signal_seen: list[str] = []
 
 
+# A second SIGINT sooner than this after the first is the same key press delivered again: a
+# terminal sends Ctrl-C to every process of its foreground group, and torchrun or `bertscale
+# demo` forward the one they got to their workers too.
+SAME_INTERRUPT_S = 1.0
+_first_interrupt: list[float] = []
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     # Only set a flag: the loop acts on it at the next step boundary, on every rank together.
+    if signum == signal.SIGINT:
+        _on_interrupt()
+        return
     _signal_seen.append(signal.Signals(signum).name)
     _preempt.set()
 
 
-def install_signal_handlers(signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
-    """Make SIGUSR1 / SIGTERM request a checkpoint-and-exit instead of killing the process; under
-    torchrun / the deepspeed launcher, also when the launcher dies (`die_with_launcher`)."""
+def _on_interrupt() -> None:
+    """Ctrl-C: the first asks for a checkpoint at the next step boundary (like a preemption,
+    with exit 130 and no requeue); another one, a moment later, stops at once (KeyboardInterrupt,
+    nothing saved), as Python does by default."""
+    now = time.monotonic()
+    if not _first_interrupt:
+        _first_interrupt.append(now)
+        _signal_seen.append("SIGINT")
+        _preempt.set()
+        if os.environ.get("RANK", "0") == "0":  # one line on the terminal, not one per rank
+            with contextlib.suppress(OSError):   # a closed stderr must not raise mid-step
+                os.write(2, b"\nbertscale: Ctrl-C: stopping after this step with a checkpoint "
+                            b"(Ctrl-C again to stop at once, without one)\n")
+        return
+    if now - _first_interrupt[0] < SAME_INTERRUPT_S:
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    raise KeyboardInterrupt
+
+
+def install_signal_handlers(signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM,
+                                                        signal.SIGINT)) -> None:
+    """Make SIGUSR1 / SIGTERM request a checkpoint-and-exit instead of killing the process, and
+    the first Ctrl-C (SIGINT) a checkpoint-and-stop; under torchrun / the deepspeed launcher,
+    also when the launcher dies (`die_with_launcher`)."""
     for s in signals:
         signal.signal(s, _on_signal)
     # After the handlers: a launcher that is already gone must find them in place.

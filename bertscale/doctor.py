@@ -5,6 +5,11 @@ launcher or mpirun), it checks, with a clear one-line message per failure and a 
 
   ranks       every rank joins one process group within --timeout (rank layout from the launcher,
               as the trainer discovers it), on which hosts
+  launch      how the ranks were started (torchrun and its rendezvous id and restart count, srun,
+              mpirun, ...) and what the cluster scheduler says of the nodes (Kubeflow's PET_*, an
+              Indexed Job or JobSet pod, SkyPilot, SLURM: bertscale.distributed.discover_node);
+              FAIL when nodes disagree on the job (node count, rendezvous host) or two nodes
+              claim one node rank
   all-reduce  a 4 MiB all-reduce completes within --timeout with the right sum (on the GPUs
               with NCCL when there are GPUs, else gloo), and how long it took
   gpus        each rank sees a GPU (local rank modulo the GPUs it sees), all of the same model,
@@ -79,6 +84,53 @@ def check_ranks(dist, world: int) -> Finding:
         per_host[h] = per_host.get(h, 0) + 1
     where = ", ".join(f"{h} ({n})" for h, n in per_host.items())
     return Finding("ranks", OK, f"{world} rank(s) on {len(per_host)} node(s): {where}")
+
+
+def _how_started(env, environ) -> str:
+    if "TORCHELASTIC_RUN_ID" in environ:
+        return (f"torchrun (rendezvous id {environ['TORCHELASTIC_RUN_ID']}, worker restart "
+                f"{environ.get('TORCHELASTIC_RESTART_COUNT', '0')} of "
+                f"{environ.get('TORCHELASTIC_MAX_RESTARTS', '0')})")
+    return {"env": "a launcher's RANK/WORLD_SIZE", "mpi": "mpirun", "slurm": "srun",
+            "single": "one process"}.get(env.launcher, f"one process per node ({env.launcher})")
+
+
+def check_launch(dist, env, rank: int, world: int) -> list[Finding]:
+    """How the ranks were started and what the scheduler says of the nodes; the nodes must agree
+    on the job and hold distinct node ranks."""
+    from bertscale import distributed
+    try:
+        node = distributed.discover_node()
+        job = (node.scheduler, node.nnodes, f"{node.master_addr}:{node.master_port}", node.rdzv_id)
+        mine = (None, job, node.node_rank, node.source)
+    except UserError as e:
+        mine = (str(e), None, None, None)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, (*mine, _how_started(env, os.environ), _node_name()))
+    if rank != 0:
+        return []
+    out = [Finding("launch", FAIL, problem, r, host)
+           for r, (problem, _, _, _, _, host) in enumerate(everyone) if problem]
+    if out:
+        return out[:1]
+    jobs = {job for _, job, _, _, _, _ in everyone}
+    if len(jobs) > 1 and any(job[0] != "none" for job in jobs):
+        return [Finding("launch", FAIL, "the nodes disagree on the job (scheduler, node count, "
+                        "rendezvous host, id): " + "; ".join(map(str, sorted(jobs))))]
+    claimed: dict[int, set[str]] = {}
+    for _, _, node_rank, _, _, host in everyone:
+        if node_rank is not None:
+            claimed.setdefault(node_rank, set()).add(host)
+    twice = {r: hosts for r, hosts in claimed.items() if len(hosts) > 1}
+    if twice:
+        r, hosts = min(twice.items())
+        return [Finding("launch", FAIL, f"node rank {r} is claimed by {len(hosts)} nodes "
+                        f"({', '.join(sorted(hosts))}): the scheduler's rank variables are wrong")]
+    _, (scheduler, nnodes, where, rdzv_id), _, source, how, _ = everyone[0]
+    detail = f"started by {how}"
+    if scheduler != "none":
+        detail += f"; {source}: {nnodes} node(s), rendezvous {where} (id {rdzv_id})"
+    return [Finding("launch", OK, detail)]
 
 
 def check_allreduce(dist, device, rank: int, world: int) -> Finding:
@@ -399,6 +451,7 @@ def run_checks(args: argparse.Namespace) -> int:
         rank, world = dist.get_rank(), dist.get_world_size()
         dog.stage("exchanging host names", args.timeout)
         findings = [check_ranks(dist, world)]
+        findings += check_launch(dist, env, rank, world)
         dog.stage("running the all-reduce", args.timeout)
         findings.append(check_allreduce(dist, device, rank, world))
         dog.stage("comparing GPUs", args.timeout)

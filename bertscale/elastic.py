@@ -52,12 +52,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from bertscale.checkpoint import bytes_on_disk, space_problem
+from bertscale.checkpoint import (bytes_on_disk, free_bytes, is_write_failure, size_text,
+                                  space_problem)
 from bertscale.errors import ConfigError, UserError
 from bertscale.files import publish_dir, write_json_atomic
 
 COMMIT_MARKER = "bertscale_universal.json"
 """File inside a converted folder that says it is complete (written last, atomically)."""
+
+UNIVERSAL_LAYOUT = 2
+"""Version of what a converted folder holds (2: loadable by every ZeRO stage, see
+`_loadable_by_every_stage`); a copy of another version is converted again."""
 
 UNIVERSAL_SUFFIX = "_universal"
 """`<tag>_universal` beside `<tag>`: DeepSpeed's own naming for converted checkpoints."""
@@ -246,13 +251,19 @@ def is_committed_universal(checkpoint_dir: str | Path, tag: str) -> bool:
     """True when `<tag>_universal` is complete and was made from the current `<tag>`."""
     target = universal_path(checkpoint_dir, tag)
     marker = _read_marker(target)
-    return (marker is not None and marker.get("source_tag") == tag
+    return (marker is not None and marker.get("layout") == UNIVERSAL_LAYOUT
+            and marker.get("source_tag") == tag
             and marker.get("source_fingerprint") == _source_fingerprint(Path(checkpoint_dir) / tag))
 
 
-def convert_to_universal(checkpoint_dir: str | Path, tag: str, *, log=print) -> Path:
+def convert_to_universal(checkpoint_dir: str | Path, tag: str, *, log=print,
+                         check_free_space: bool = True) -> Path:
     """Convert `<checkpoint_dir>/<tag>` to `<checkpoint_dir>/<tag>_universal` in this process,
-    unless a committed conversion of the same source is already there. Not collective."""
+    unless a committed conversion of the same source is already there. Not collective.
+
+    `check_free_space` (the recipe's checkpoint.check_free_space) refuses up front when the
+    filesystem has less than CONVERSION_SPACE_FACTOR x the checkpoint free; off, the conversion
+    is tried, and a write that fails is the same one line (nothing half-written is left)."""
     checkpoint_dir = Path(checkpoint_dir)
     source = checkpoint_dir / tag
     target = universal_path(checkpoint_dir, tag)
@@ -275,8 +286,9 @@ def convert_to_universal(checkpoint_dir: str | Path, tag: str, *, log=print) -> 
     for stale in checkpoint_dir.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     needed = int(CONVERSION_SPACE_FACTOR * bytes_on_disk(source))
-    problem = space_problem(checkpoint_dir, needed,
-                            f"converting {source} for a resume on another number of ranks")
+    what = (f"converting {source} for a resume on another number of ranks, ZeRO stage or "
+            f"precision")
+    problem = space_problem(checkpoint_dir, needed, what) if check_free_space else None
     if problem:
         raise UserError(problem)
 
@@ -307,8 +319,18 @@ def convert_to_universal(checkpoint_dir: str | Path, tag: str, *, log=print) -> 
                     f"cannot convert it (the trainer must save elastic.universal_checkpoint_info())"
                 ) from e
             raise
+        except Exception as e:
+            if not is_write_failure(e, checkpoint_dir):
+                raise
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise UserError(f"{what}: writing the universal copy failed ({type(e).__name__}: "
+                            f"{first}); {size_text(free_bytes(checkpoint_dir))} free in "
+                            f"{checkpoint_dir}, about {size_text(needed)} are needed. The checkpoint "
+                            f"itself is intact; free space there and resume") from None
         (work / "latest_universal").unlink(missing_ok=True)
+        _loadable_by_every_stage(out)
         write_json_atomic(out / COMMIT_MARKER, {
+            "layout": UNIVERSAL_LAYOUT,
             "source_tag": tag,
             "source_fingerprint": fingerprint,
             "source_world_size": layout.world_size,
@@ -321,6 +343,81 @@ def convert_to_universal(checkpoint_dir: str | Path, tag: str, *, log=print) -> 
         shutil.rmtree(work, ignore_errors=True)
     log(f"elastic: wrote {target} in {time.monotonic() - t0:.1f}s")
     return target
+
+
+def _loadable_by_every_stage(folder: Path) -> None:
+    """Make a converted folder loadable by every ZeRO stage, not only the one that saved it
+    (DeepSpeed 0.19 writes what the source stage's loader reads, and a load into another stage
+    failed: an AssertionError in state_dict_factory, a KeyError 'optimizer_state_dict').
+
+    - The model-states file under both names: a ZeRO-1/2 engine reads
+      `mp_rank_00_model_states.pt`, a ZeRO-3 engine `zero_pp_rank_0_mp_rank_00_model_states.pt`
+      (`_get_all_ckpt_names`). A universal load takes the weights and optimizer state from
+      zero/; from this file only the LR schedule, client state and sizes, which every stage
+      writes alike.
+    - zero/optimizer_state.pt in both layouts: the ZeRO-1/2 loader reads the top-level
+      `param_groups` and `ds_version` (and each parameter's step.pt), the ZeRO-3 loader
+      `optimizer_state_dict.param_groups` and `optimizer_state_dict.state[0].step`.
+    - each parameter's files in the form both loaders read (`_per_parameter_files_for_every_stage`)."""
+    import torch
+
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    present = [folder / n for n in names if (folder / n).is_file()]
+    for name in names:
+        if present and not (folder / name).exists():
+            try:
+                os.link(present[0], folder / name)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(present[0], folder / name)
+    state_file = folder / "zero" / "optimizer_state.pt"
+    sd = torch.load(state_file, map_location="cpu", weights_only=False)
+    before = set(sd)
+    inner = sd.get("optimizer_state_dict")
+    if isinstance(inner, dict):
+        sd.setdefault("param_groups", inner["param_groups"])
+    else:
+        steps = sorted(folder.glob("zero/*/step.pt"))
+        if not steps:
+            raise UserError(f"{folder}: the universal copy holds no optimizer step count")
+        step = torch.load(steps[0], map_location="cpu", weights_only=False)
+        sd["optimizer_state_dict"] = {"state": {0: {"step": step}},
+                                      "param_groups": sd["param_groups"]}
+    # The ZeRO-1/2 loader asserts a DeepSpeed version, which a ZeRO-3 copy lacks.
+    sd.setdefault("ds_version", _deepspeed_version())
+    if set(sd) != before:
+        torch.save(sd, state_file)  # inside the temporary folder, published whole afterwards
+    _per_parameter_files_for_every_stage(folder, sd["optimizer_state_dict"]["state"][0]["step"])
+
+
+def _per_parameter_files_for_every_stage(folder: Path, step: Any) -> None:
+    """A copy made from ZeRO-3 holds each parameter's fp32 / exp_avg / exp_avg_sq as a bare
+    flat tensor and no step.pt; the ZeRO-1/2 loader wants {"param": tensor of the parameter's
+    shape, "cat_dim": 0} and a step.pt ("IndexError: too many indices" otherwise). The ZeRO-3
+    loader reads both forms (it flattens), so the copy is rewritten in the ZeRO-1/2 form, with
+    the shapes from the model-states file."""
+    import torch
+
+    states = folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    if not states.is_file():
+        return
+    if not torch.is_tensor(step):  # torch's optimizers keep it as a tensor
+        step = torch.tensor(float(step))
+    shapes: dict[str, Any] = {}
+    for group in torch.load(states, map_location="cpu", weights_only=False).get("param_shapes") or []:
+        shapes.update(group)
+    for param_dir in sorted(p for p in (folder / "zero").iterdir() if p.is_dir()):
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            f = param_dir / f"{key}.pt"
+            if not f.is_file():
+                continue
+            value = torch.load(f, map_location="cpu", weights_only=False)
+            if isinstance(value, dict):
+                return  # a ZeRO-1/2 copy: already in that form
+            if param_dir.name not in shapes:
+                raise UserError(f"{f}: no shape for {param_dir.name} in {states.name}")
+            torch.save({"param": value.view(shapes[param_dir.name]), "cat_dim": 0}, f)
+        if not (param_dir / "step.pt").exists():
+            torch.save(step, param_dir / "step.pt")
 
 
 def _deepspeed_version() -> str:
@@ -342,7 +439,7 @@ def _quiet(fn, *args) -> Any:
         raise
 
 
-def ensure_universal(checkpoint_dir: str | Path, tag: str) -> Path:
+def ensure_universal(checkpoint_dir: str | Path, tag: str, *, check_free_space: bool = True) -> Path:
     """The universal copy of `<checkpoint_dir>/<tag>`, converting it once if it is not there.
 
     Collective when torch.distributed is initialised: every rank must call it; rank 0 converts
@@ -352,11 +449,11 @@ def ensure_universal(checkpoint_dir: str | Path, tag: str) -> Path:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return convert_to_universal(checkpoint_dir, tag)
+        return convert_to_universal(checkpoint_dir, tag, check_free_space=check_free_space)
     verdict: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            convert_to_universal(checkpoint_dir, tag)
+            convert_to_universal(checkpoint_dir, tag, check_free_space=check_free_space)
             verdict[0] = ("ok", "")
         except UserError as e:
             verdict[0] = ("user", str(e))
@@ -395,15 +492,19 @@ class ResumeSource:
     """World size the checkpoint was written with."""
 
 
-def resume_source(checkpoint_dir: str | Path, tag: str, world_size: int) -> ResumeSource:
+def resume_source(checkpoint_dir: str | Path, tag: str, world_size: int, *,
+                  engine_changed: bool = False, check_free_space: bool = True) -> ResumeSource:
     """Decide how to load `<checkpoint_dir>/<tag>` on `world_size` ranks, converting it to a
-    universal checkpoint (once, collectively) when the size changed. Call on every rank after
-    the process group is up and before deepspeed.initialize."""
+    universal checkpoint (once, collectively) when the size changed or, with `engine_changed`,
+    when the ZeRO stage or the precision did (DeepSpeed's direct load needs the same partition
+    files: another stage fails an assertion, bf16's ZeRO-1 optimizer writes files of another
+    name). Call on every rank after the process group is up and before deepspeed.initialize."""
     checkpoint_dir = Path(checkpoint_dir)
     layout = inspect_checkpoint(checkpoint_dir, tag)
-    if layout.zero_stage == 0 or not needs_conversion(layout.world_size, world_size):
+    if layout.zero_stage == 0 or not (engine_changed
+                                      or needs_conversion(layout.world_size, world_size)):
         return ResumeSource(checkpoint_dir, tag, False, layout.world_size)
-    path = ensure_universal(checkpoint_dir, tag)
+    path = ensure_universal(checkpoint_dir, tag, check_free_space=check_free_space)
     return ResumeSource(checkpoint_dir, path.name, True, layout.world_size)
 
 

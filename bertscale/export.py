@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from bertscale.hf import export_hf, load_hf_folder  # torch: not needed to build the parser
     source: Path = args.source
     if not source.exists():
-        raise UserError(f"{source}: not found")
+        from bertscale.pretrained import not_found
+        raise not_found(source)
     if args.out.exists() and not args.overwrite:   # before reading a checkpoint of gigabytes
         raise UserError(f"{args.out}: already exists; choose a new folder or pass --overwrite "
                         f"to replace it")

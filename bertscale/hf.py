@@ -153,6 +153,19 @@ def import_state_dict(sd: Mapping[str, Tensor], cfg: ModelConfig, source: str) -
     return out
 
 
+def pad_vocab_rows(sd: Mapping[str, Tensor], model_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`sd` with its vocabulary rows (embeddings, MLM bias and decoder) extended to the model's,
+    the rows past the checkpoint's taken from the model as initialised: the inverse of the
+    export's trimming of fast.pad_vocab_multiple's padding rows, which no token reaches."""
+    out = dict(sd)
+    for key in ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias",
+                "cls.predictions.decoder.weight"):
+        if key in out and key in model_sd and out[key].shape[0] < model_sd[key].shape[0]:
+            extra = model_sd[key][out[key].shape[0]:].detach().to(out[key].dtype)
+            out[key] = torch.cat([out[key], extra])
+    return out
+
+
 def _read_weights(folder: Path) -> tuple[dict[str, Tensor], Path]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -187,29 +200,11 @@ def _read_weights(folder: Path) -> tuple[dict[str, Tensor], Path]:
     return sd, files[0] if len(files) == 1 else index
 
 
-def load_hf_folder(path: str | Path) -> HFCheckpoint:
-    """Read a Hugging Face BERT folder; every error names the offending file."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: not a folder (expected a Hugging Face BERT checkpoint folder)")
-    config_path = folder / "config.json"
-    try:
-        hf_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{config_path}: not found; a Hugging Face folder needs "
-                        f"config.json") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{config_path}: not valid JSON ({e})") from None
-    cfg = config_from_hf(hf_config, str(config_path))
-    architecture = (hf_config.get("architectures") or ["BertModel"])[0]
-    raw, weights_path = _read_weights(folder)
-    state_dict = import_state_dict(raw, cfg, str(weights_path))
-
+def tokenizer_of_folder(folder: Path) -> tuple[Path, bool]:
+    """(vocab.txt, lowercase) of a Hugging Face BERT folder: the casing from
+    tokenizer_config.json's do_lower_case, else guessed from the vocabulary."""
     vocab_path = folder / "vocab.txt"
-    vocab = read_vocab(vocab_path)  # UserError naming the file when missing or malformed
-    if len(vocab) > cfg.vocab_size:
-        raise UserError(f"{vocab_path}: {len(vocab)} tokens but {config_path} has vocab_size "
-                        f"{cfg.vocab_size}")
+    read_vocab(vocab_path)  # UserError naming the file when missing or malformed
     lowercase: bool | None = None
     tok_config = folder / "tokenizer_config.json"
     if tok_config.is_file():
@@ -223,6 +218,44 @@ def load_hf_folder(path: str | Path) -> HFCheckpoint:
             lowercase = value
     if lowercase is None:
         lowercase = guess_lowercase(vocab_path)
+    return vocab_path, lowercase
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """A Hugging Face checkpoint folder (it has config.json), as opposed to a bertscale run."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def read_hf_config(path: str | Path) -> tuple[ModelConfig, str]:
+    """(model config, architecture) of a Hugging Face BERT folder, without reading weights."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder (expected a Hugging Face BERT checkpoint folder)")
+    config_path = folder / "config.json"
+    try:
+        hf_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{config_path}: not found; a Hugging Face folder needs "
+                        f"config.json") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path}: not valid JSON ({e})") from None
+    cfg = config_from_hf(hf_config, str(config_path))
+    return cfg, (hf_config.get("architectures") or ["BertModel"])[0]
+
+
+def load_hf_folder(path: str | Path) -> HFCheckpoint:
+    """Read a Hugging Face BERT folder; every error names the offending file."""
+    folder = Path(path)
+    cfg, architecture = read_hf_config(folder)
+    config_path = folder / "config.json"
+    raw, weights_path = _read_weights(folder)
+    state_dict = import_state_dict(raw, cfg, str(weights_path))
+
+    vocab_path, lowercase = tokenizer_of_folder(folder)
+    n_vocab = len(read_vocab(vocab_path))
+    if n_vocab > cfg.vocab_size:
+        raise UserError(f"{vocab_path}: {n_vocab} tokens but {config_path} has vocab_size "
+                        f"{cfg.vocab_size}")
     return HFCheckpoint(cfg, state_dict, vocab_path, lowercase, architecture)
 
 

@@ -115,12 +115,18 @@ def _packed_attention(q: Tensor, k: Tensor, v: Tensor, p: _Packed, dropout_p: fl
 
 
 def _pack(attention_mask: Tensor, x_dtype: torch.dtype, head_dim: int, device: torch.device,
-          kernel: str) -> _Packed:
+          kernel: str, lengths: list[int] | None = None) -> _Packed:
+    """Where the real tokens are. With `lengths` (each row's real-token count, known on the
+    host) nothing is read back from the device; without, the mask is read back once (a sync)."""
     keep = attention_mask.to(torch.bool)                                      # (B, T)
     B, T = keep.shape
     lengths_t = keep.sum(1)                                                   # (B,)
-    lengths = lengths_t.tolist()  # one host sync per forward, shared by every layer
-    index = keep.reshape(-1).nonzero().squeeze(1)                             # (N,)
+    flat = keep.reshape(-1)                                                   # (B*T,)
+    if lengths is None:
+        lengths = lengths_t.tolist()  # one host sync per forward, shared by every layer
+        index = flat.nonzero().squeeze(1)                                     # (N,)
+    else:
+        index = _nonzero_sized(flat, sum(lengths))                            # (N,)
     cu = torch.zeros(B + 1, dtype=torch.int32, device=device)
     cu[1:] = lengths_t.cumsum(0)
     probe = torch.empty(0, dtype=x_dtype, device=device)
@@ -128,7 +134,17 @@ def _pack(attention_mask: Tensor, x_dtype: torch.dtype, head_dim: int, device: t
     if kernel == "flash" and not flash:
         raise ValueError(f"varlen_attention 'flash' needs CUDA, fp16/bf16 and a head dim that is "
                         f"a multiple of 8 up to 256; got {device} {x_dtype} head dim {head_dim}")
-    return _Packed(index, cu, lengths, max(lengths, default=0), B, T, flash)
+    return _Packed(index, cu, list(lengths), max(lengths, default=0), B, T, flash)
+
+
+def _nonzero_sized(flat: Tensor, n: int) -> Tensor:
+    """The positions of the `n` true entries of `flat`, in order, without a host round trip:
+    `nonzero_static` (CUDA since torch 2.6); on an older CUDA build, a stable sort, which needs
+    no sync either."""
+    try:
+        return torch.nonzero_static(flat, size=n).squeeze(1)
+    except (NotImplementedError, RuntimeError):
+        return torch.argsort(flat.to(torch.int8), descending=True, stable=True)[:n]
 
 
 def _unpack(x: Tensor, p: _Packed) -> Tensor:
@@ -307,7 +323,11 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None,
-                output_hidden_states: bool = False) -> BertOutput:
+                output_hidden_states: bool = False, *,
+                lengths: list[int] | None = None) -> BertOutput:
+        """`lengths`: each sequence's number of real tokens (the row sums of `attention_mask`),
+        when the caller knows them on the host (a loader does): the mask is then never read back
+        from the device, which on a GPU would wait for all queued work."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         packed: _Packed | None = None
@@ -323,7 +343,8 @@ class BertModel(nn.Module):
             dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                      else self.embeddings.word_embeddings.weight.dtype)
             head_dim = self.config.hidden_size // self.config.num_attention_heads
-            packed = mask = _pack(attention_mask, dtype, head_dim, device, self.varlen_attention)
+            packed = mask = _pack(attention_mask, dtype, head_dim, device, self.varlen_attention,
+                                  lengths)
             positions = torch.arange(T, device=device).repeat(B)              # (B*T,)
             x = self.embeddings(input_ids.reshape(-1)[packed.index],          # (N, H)
                                 token_type_ids.reshape(-1)[packed.index],
@@ -332,8 +353,14 @@ class BertModel(nn.Module):
             x = self.embeddings(input_ids, token_type_ids)                    # (B, T, H)
             keep = None if attention_mask is None else attention_mask.to(torch.bool)
             # A mask of all real tokens is no mask: leaving it out lets SDPA pick the flash
-            # kernel (which takes no mask). Same arithmetic; one host sync, as in transformers.
-            if keep is not None and not bool(keep.all()):
+            # kernel (which takes no mask). Same arithmetic.
+            if keep is None:
+                full = True
+            elif lengths is not None:
+                full = all(n == input_ids.shape[1] for n in lengths)          # no device read
+            else:
+                full = bool(keep.all())  # one host sync, as in transformers
+            if keep is not None and not full:
                 # Built once, broadcast over heads and query rows: 0 where a key is a real
                 # token, the dtype's minimum where it is padding (finite, so an all-padding row
                 # stays finite).
@@ -400,8 +427,10 @@ class BertForPreTraining(nn.Module):
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None,
-                masked_positions: Tensor | None = None) -> PreTrainingOutput:
-        out = self.bert(input_ids, token_type_ids, attention_mask)
+                masked_positions: Tensor | None = None, *,
+                lengths: list[int] | None = None) -> PreTrainingOutput:
+        """`lengths`: see BertModel.forward."""
+        out = self.bert(input_ids, token_type_ids, attention_mask, lengths=lengths)
         h = out.last_hidden_state                                             # (B, T, H)
         if masked_positions is not None:
             # Sparse head: the V-wide decoder runs only at the P masked positions per sequence

@@ -480,3 +480,35 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig,
         return floor + (1.0 - floor) * (1.0 - progress) ** power
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def recipe_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's hyperparameters as the recipe built them (everything but the tensors
+    and the current lr); `follow_recipe_after_load` puts them back after a checkpoint load."""
+    return [{k: v for k, v in g.items() if k not in ("params", "lr")}
+            for g in optimizer.param_groups]
+
+
+def follow_recipe_after_load(scheduler: torch.optim.lr_scheduler.LambdaLR,
+                             recipe_groups: list[dict[str, Any]]) -> list[float]:
+    """After a checkpoint load, run the recipe's schedule and hyperparameters from the next step.
+
+    A load restores the saved param groups (their lr is the one the OLD schedule gave at the
+    saved step: 0 at the end of a linearly decayed run), the scheduler's base lrs and its step
+    counter. The counter is the run's; everything else must be today's recipe, or a resume that
+    extends `train.steps` takes its first step at the old schedule's last rate (lr 0) and one
+    that changes a hyperparameter keeps the old value in silence. Returns each group's lr for
+    the next update: base lr x the recipe's factor at the restored step."""
+    groups = scheduler.optimizer.param_groups
+    if len(groups) != len(recipe_groups):
+        raise UserError(f"the checkpoint holds {len(groups)} optimizer param groups, the recipe "
+                        f"builds {len(recipe_groups)}; the model or optimizer setup changed")
+    for group, recipe in zip(groups, recipe_groups):
+        group.update(recipe)
+    scheduler.base_lrs = [g["initial_lr"] for g in groups]
+    lrs = [base * factor(scheduler.last_epoch)
+           for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)  # what get_last_lr() reports (the reporter's lr)
+    return lrs

@@ -4,24 +4,30 @@
 
     plan.py          everything validated before any process group (`build_plan`)
     build.py         shard check, run-folder files, the engine factory, the loaders
-    step.py          `train_step`: micro-batches with gradient accumulation, ONE all-reduce of
-                     the step's named statistics (stats.py), the non-finite stop
+    step.py          `train_step`: micro-batches with gradient accumulation, the step's named
+                     statistics (stats.py) summed on the device, no host sync
     update.py        the optimizer update, skipped updates and the loss-scale stop
-    metrics.py       throughput, model FLOPs, TFLOP/s and MFU of each step
+    metrics.py       throughput, model FLOPs, TFLOP/s and MFU between reads
     evaluator.py     the held-out eval and its cadence
     checkpointer.py  when to save, and what the trainer state holds
-    agreement.py     the decisions every rank takes together (data errors, finite weights,
-                     preemption)
-    faults.py        the `[debug]` fault injection the failure tests use
+    agreement.py     the decisions every rank takes together at a read: ONE all-reduce and ONE
+                     host copy of the pending steps' statistics (NaN/inf loss, data errors,
+                     preemption); finite weights before a save
+    faults.py        the `[debug]` fault injection the failure tests use, and the sync check
     reporter.py      rank 0's terminal, metrics.jsonl, W&B, TensorBoard
 
 Resuming is bertscale.resume.restore, the one path: it builds the engine, loads it, and hands
 each stateful component (the loop's counters, the loader's data position) its saved state.
 
+The host never waits for the GPU inside a step: the loop reads the statistics back at its log,
+eval and save steps, after a skipped update and every `train.check_every` steps, and takes its
+decisions there (agreement.py says what that defers, and why nothing unsafe is saved).
+
 One launcher-agnostic entrypoint: `torchrun`, `deepspeed`, `mpirun` and `srun` all work, see
 bertscale.distributed. Exit codes: 0 done; 2 bad input (before anything ran); 3 the loss or the
-weights became NaN/inf (nothing saved for that step); 75 preempted after committing a checkpoint
-(SLURM scripts requeue on it).
+weights became NaN/inf (nothing saved from that step on); 75 preempted after committing a checkpoint
+(SLURM scripts requeue on it); 130 Ctrl-C: after committing a checkpoint at the next read, or at
+once on a second Ctrl-C.
 
 Honest limits:
 - The batch geometry is global_batch = micro x accumulation x world size exactly; no dropping.
@@ -39,9 +45,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import sys
-import time
-import warnings
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +58,10 @@ from bertscale import resume as resume_lib
 from bertscale.config import PretrainRecipe, load_pretrain_recipe, recipe_to_dict
 from bertscale.errors import ConfigError
 from bertscale.pretraining import build
-from bertscale.pretraining.agreement import Preemption, next_micro_batches
+from bertscale.pretraining.agreement import Attempt, Feed, Preemption, Read, Reads
 from bertscale.pretraining.checkpointer import Checkpointer
 from bertscale.pretraining.evaluator import Evaluator
-from bertscale.pretraining.faults import DebugHooks
+from bertscale.pretraining.faults import DebugHooks, SyncCheck
 from bertscale.pretraining.metrics import StepMetrics
 from bertscale.pretraining.plan import (DEEPSPEED_CONFIG_DIR, Plan, build_plan, deepspeed_config,
                                         resolve_deepspeed_config)
@@ -86,10 +93,7 @@ def _build_model(plan: Plan) -> tuple[Any, Any]:
     apply_fast_paths(model, FastPaths(
         unpad=fast.unpad, checkpoint_activations=fast.checkpoint_activations, compile=fast.compile))
     if plan.init_from is not None:
-        from bertscale.model import load_pretrained
-        weights = ckpt_lib.load_consolidated(plan.init_from.path)
-        load_pretrained(model, weights.state_dict, source=f"train.init_from {plan.init_from.path}")
-        del weights
+        plan.init_from.load_into(model)  # a bertscale run's or a Hugging Face folder's weights
     ckpt_lib.mark_universal(model)
     optimizer = optim.build_optimizer(recipe.optimizer, model)
     return model, optimizer
@@ -113,7 +117,8 @@ def train(plan: Plan) -> int:
     state, loader = TrainState(), build.train_loader(plan)
     (engine, scheduler), start = resume_lib.restore(
         plan.resume_from, plan.ds_config, build.engine_builder(plan, model, optimizer),
-        {"train": state, "data": loader}, rank=env.rank, world_size=env.world_size, seed=t.seed)
+        {"train": state, "data": loader}, rank=env.rank, world_size=env.world_size, seed=t.seed,
+        check_free_space=recipe.checkpoint.check_free_space)
 
     reporter = Reporter(plan, state.step)
     metrics = StepMetrics(plan, engine.device)
@@ -126,35 +131,43 @@ def train(plan: Plan) -> int:
     checkpointer = Checkpointer(plan, engine, model, train_state=state, loader=loader, info=reporter.info,
                                 last_saved=state.step if start.resumed_from is not None else None)
     preemption = Preemption(run_lock, t.steps, reporter.info)
+    sync_check = SyncCheck(recipe.debug.forbid_host_syncs, engine.device, reporter.warn)
 
     exit_code = 0
     try:
         evaluator.maybe_run_at_start(state.step)
         engine.train()
-        batches = iter(loader)
+        feed = Feed(iter(loader), plan.grad_accum, engine.device)
+        reads = Reads(feed, engine.device, check_every=t.check_every, rank=env.rank,
+                      run_dir=plan.run_dir, info=reporter.info)
         while state.step < plan.stop_at:
-            t0 = time.perf_counter()
-            micro_batches = next_micro_batches(batches, plan.grad_accum, step=state.step,
-                                               device=engine.device)
-            stats = train_step(engine, micro_batches, step=state.step, hooks=hooks,
-                               vocab_size=plan.manifest.vocab_size, rank=env.rank,
-                               run_dir=plan.run_dir, info=reporter.info)
+            # Queued for the device, not waited for (the first step of a process agrees on its
+            # data at once, see agreement.Feed).
+            with sync_check.guard(on=feed.last is not None):
+                micro_batches, real = feed.next(state.step)
+                sums, seen = train_step(engine, micro_batches, step=state.step, hooks=hooks,
+                                        vocab_size=plan.manifest.vocab_size, real=real)
             update = updater.apply(state.step)
-            if not update.applied:
-                # Not a step, but its samples were read. A preemption flag stays set: the next
-                # applied step saves and exits.
-                reporter.skipped(state.step, metrics.skipped(
-                    stats, update, consumed_samples=loader.consumed_samples,
-                    skipped_steps=state.skips.total))
+            state.step += update.applied
+            reads.add(Attempt(state.step if update.applied else state.step + 1, update, sums, seen,
+                              loader.consumed_samples, state.skips.total))
+            if update.applied and not (reads.due(state.step) or reporter.logs(state.step)
+                                       or evaluator.due(state.step)
+                                       or checkpointer.due(state.step, preempted=False)):
                 continue
-            state.step += 1
-            reporter.train_step(state.step, metrics.train(
-                stats, update, time.perf_counter() - t0, engine=engine,
-                consumed_samples=loader.consumed_samples, skipped_steps=state.skips.total))
-            evaluator.maybe_run(state.step)
-            checkpointer.maybe_save(state.step, preempted=bool(stats.preempted))
-            preemption.maybe_exit(state.step, bool(stats.preempted))
+            # A read: every rank stops here at the first step whose loss was NaN/inf or whose
+            # data failed, before anything is saved.
+            read = reads.read()
+            _report(read, reporter, metrics, engine)
+            updater.stop_if_collapsed(state.step, update)
+            if update.applied:  # after a skip, a preemption flag waits for the next applied step
+                evaluator.maybe_run(state.step)
+                checkpointer.maybe_save(state.step, preempted=read.preempted)
+                preemption.maybe_exit(state.step, read.preempted)
+            reads.restart_clock()
         reporter.finished(state.step, loader.consumed_samples)
+        if sync_check.summary():
+            reporter.info(sync_check.summary())
     except StopTraining as stop:  # said why already; every rank stops at the same step
         exit_code = stop.exit_code
     finally:
@@ -164,6 +177,21 @@ def train(plan: Plan) -> int:
     run_lock.release()
     distributed.shutdown()
     return exit_code
+
+
+def _report(read: Read, reporter: Reporter, metrics: StepMetrics, engine: Any) -> None:
+    """The records of a read: each skipped update, and the last applied step (a record and a
+    line when it is a log step; the progress bar in any case)."""
+    for attempt, stats in read.attempts:
+        if not attempt.update.applied:  # not a step, but its samples were read
+            reporter.skipped(attempt.step - 1, metrics.skipped(
+                stats, attempt.update, consumed_samples=attempt.consumed_samples,
+                skipped_steps=attempt.skipped_steps))
+    last, stats = read.attempts[-1]
+    if last.update.applied:
+        reporter.train_step(last.step, metrics.train(
+            stats, last.update, window=read.applied, seconds=read.seconds, engine=engine,
+            consumed_samples=last.consumed_samples, skipped_steps=last.skipped_steps))
 
 
 # ================================================================================ the CLI
@@ -239,16 +267,35 @@ def _builtin_listing() -> str:
     from bertscale.config import PRESETS, builtin_recipe, preset
     folder = builtin_recipe("tiny_ci").parent
     lines = ["built-in recipes (bertscale pretrain NAME; files in bertscale/recipes/):"]
+    width = max(60, shutil.get_terminal_size().columns - 1)
     for path in sorted(folder.glob("*.toml")):
-        first = next((ln.lstrip("# ").rstrip() for ln in path.read_text().splitlines()
-                      if ln.startswith("#") and ln.strip("# ")), "")
-        lines.append(f"  {path.stem:<20} {first}")
+        lines += textwrap.wrap(_first_sentence(path.read_text()), width,
+                               initial_indent=f"  {path.stem:<20} ", subsequent_indent=" " * 23,
+                               break_on_hyphens=False)
     lines.append("model presets (model.preset = NAME):")
     for name in PRESETS:
         c = preset(name)
         lines.append(f"  {name:<20} L={c.num_hidden_layers} H={c.hidden_size} "
                      f"A={c.num_attention_heads} intermediate={c.intermediate_size}")
     return "\n".join(lines)
+
+
+def _first_sentence(toml_text: str) -> str:
+    """The first sentence of a recipe's opening comment (its first paragraph if no sentence
+    ends in it): what `--list` says about the recipe, never cut mid-sentence."""
+    para: list[str] = []
+    for line in toml_text.splitlines():
+        text = line[1:].strip() if line.startswith("#") else None
+        if not text or line.startswith("#   "):  # a blank comment line, code, or an example
+            if para or text is None:
+                break
+            continue
+        para.append(text)
+    joined = " ".join(para)
+    # A sentence ends at . ! ? before a capital, a digit or a quote; "et al. 2018" and "e.g. X"
+    # do not end one.
+    end = re.search(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)[.!?](?=\s+[A-Z0-9`\"(])", joined)
+    return joined[:end.end()] if end else joined
 
 
 def _resolved_config(recipe: PretrainRecipe) -> str:
@@ -270,8 +317,6 @@ def quiet_deepspeed(verbose: bool = False) -> None:
     if not verbose:
         from deepspeed.utils import logger as ds_logger
         ds_logger.setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.*")
-        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated.*")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,12 +20,16 @@ Limits: the model is returned on the CPU in eval mode; heads are bertscale.model
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from bertscale.config import ModelConfig
@@ -61,27 +65,53 @@ class Pretrained:
     """The head the folder was saved with (config.json's architectures[0])."""
     task: dict[str, Any] | None = None
     """bertscale_task.json of a `finetune --save-model` folder, else None."""
+    resolved: str = ""
+    """The folder the weights were read from: for a bertscale run folder, the committed
+    checkpoint it resolved to (its newest, at the moment of loading)."""
+    step: int | None = None
+    """The pretraining step of a bertscale checkpoint; None for a Hugging Face folder."""
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the weights as loaded (names, dtypes, shapes, bytes): what was fine-tuned,
+        whatever the folder layout, ZeRO stage or path it came from."""
+        h = hashlib.sha256()
+        for name in sorted(self.state_dict):
+            t = self.state_dict[name].detach().cpu().contiguous()
+            h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+        return h.hexdigest()
+
+    def identity(self) -> dict[str, Any]:
+        """What a fine-tuning result records about its pretrained weights, and what a grid
+        compares so that it never averages runs of two checkpoints."""
+        return {"checkpoint": self.resolved or self.source, "checkpoint_kind": self.kind,
+                "checkpoint_step": self.step, "checkpoint_fingerprint": self.fingerprint}
 
 
 def load_checkpoint(path: str | Path) -> Pretrained:
     """A Hugging Face folder (it has config.json) or a bertscale run / checkpoint folder."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{p}: checkpoint not found")
+        raise not_found(path)
     if p.is_dir() and (p / "config.json").is_file():
         from bertscale.hf import load_hf_folder
         ck = load_hf_folder(p)
         kind, architecture = "huggingface", ck.architecture
+        resolved, step = str(p), None
     else:
         try:
-            from bertscale.checkpoint import load_consolidated
+            from bertscale.checkpoint import load_consolidated, resolve
         except ModuleNotFoundError as e:
             if e.name != "bertscale.checkpoint":
                 raise
             raise UserError(f"{p}: no config.json, so not a Hugging Face folder, and this "
                             f"installation cannot read bertscale checkpoints") from None
-        ck = load_consolidated(p)
+        # Resolved once: a run folder's newest checkpoint can change while this loads.
+        committed = resolve(p)
+        ck = load_consolidated(committed.path)
         kind, architecture = "bertscale", "BertForPreTraining"
+        resolved, step = str(committed.path), committed.step
     task = None
     if p.is_dir() and (p / TASK_FILE).is_file():
         try:
@@ -90,7 +120,23 @@ def load_checkpoint(path: str | Path) -> Pretrained:
             raise UserError(f"{p / TASK_FILE}: not valid JSON ({e})") from None
     return Pretrained(config=ck.config, state_dict=dict(ck.state_dict),
                       vocab_path=Path(ck.vocab_path), lowercase=bool(ck.lowercase),
-                      source=str(p), kind=kind, architecture=architecture, task=task)
+                      source=str(p), kind=kind, architecture=architecture, task=task,
+                      resolved=resolved, step=step)
+
+
+def not_found(path: str | Path) -> UserError:
+    """The error for a checkpoint that is not there. A name like `bert-base-uncased` or
+    `google-bert/bert-base-uncased` is a Hub model id: say that nothing is downloaded and what
+    to pass instead."""
+    text = str(path)
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", text):
+        name = text.rsplit("/", 1)[-1]
+        return UserError(f"{text}: checkpoint not found; bertscale does not download models "
+                         f"from the Hugging Face Hub: pass a local folder, a Hugging Face BERT "
+                         f"folder (config.json, weights, vocab.txt; e.g. `hf download {text} "
+                         f"--local-dir hf/{name}`) or a bertscale run or checkpoint folder")
+    return UserError(f"{text}: checkpoint not found (expected a Hugging Face BERT folder or a "
+                     f"bertscale run or checkpoint folder)")
 
 
 def head_class(head: str | type) -> type:

@@ -426,6 +426,10 @@ def quiet_third_party(verbose: bool = False) -> None:
             lg.addFilter(_DropBenign())
     for b in BENIGN:
         warnings.filterwarnings("ignore", message=f".*{b}.*")
+    # DeepSpeed calls torch.distributed functions torch has deprecated (ZeRO-3:
+    # reduce_scatter_tensor, four lines a step): torch's advice to its caller, not to our user.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.[\w.]+` is deprecated")
 
 
 class third_party_output:

@@ -11,11 +11,17 @@ Nothing stale ever blocks a resume:
 - A requeued SLURM job (same `SLURM_JOB_ID`, higher `SLURM_RESTART_COUNT`) takes over a lock that
   its own previous run still holds: SLURM ends a job's processes before it requeues it, so such a
   lock is left by a dead node that a network filesystem has not yet noticed.
+- Likewise a worker group that torchrun restarted (same `TORCHELASTIC_RUN_ID`, torchrun's
+  `--rdzv-id`, other than its default "none") takes over the lock of an earlier group of the same
+  job: torchrun starts a group only after every agent of the new rendezvous stopped its workers,
+  so the holder is on a node that left (died, or was cut off and can no longer commit).
 
 Preemption record: when the trainer stops for preemption after committing a checkpoint, rank 0
-writes `<run>/preempted.json` (step, signals, exit code); a trainer that takes the lock removes the
-previous one. So the file exists exactly when the last run of this folder stopped to be requeued,
-whatever the launcher made of its exit code (torchrun turns 75 into 1); slurm/requeue.sh reads it.
+writes `<run>/preempted.json` (step, signals, which rank got which signal, exit code); a trainer
+that takes the lock removes the previous one. So the file exists exactly when the last run of this
+folder stopped to be requeued, whatever the launcher made of its exit code (torchrun turns 75 into
+1); slurm/requeue.sh reads it. A stop for Ctrl-C alone (exit 130) writes none: nothing to requeue.
+Every rank also records it on its own node for `bertscale launch` (distributed.PREEMPTED_RECORD_ENV).
 
 Limits: the lock is as good as the filesystem's flock. Local disks and NFSv4 (Linux turns flock
 into a byte-range lock the server keeps, released when the client's lease expires, ~90 s after a
@@ -55,10 +61,33 @@ def _slurm_job() -> tuple[str | None, int]:
     return job, int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
+def _torchrun_job() -> str | None:
+    """torchrun's rendezvous id, when it names one job (its default "none" names none)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    return run_id if run_id and run_id != "none" else None
+
+
 def _me() -> dict[str, Any]:
     job, restart = _slurm_job()
     return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": job,
-            "slurm_restart_count": restart, "started": round(time.time(), 3)}
+            "slurm_restart_count": restart, "torchrun_job": _torchrun_job(),
+            "torchrun_restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+            "started": round(time.time(), 3)}
+
+
+def _stale(holder: dict[str, Any] | None) -> str | None:
+    """Why the live-looking lock of `holder` belongs to a dead earlier run of this very job
+    (module docstring), or None."""
+    if not holder:
+        return None
+    job, restart = _slurm_job()
+    if job and holder.get("slurm_job_id") == job and \
+            int(holder.get("slurm_restart_count") or 0) < restart:
+        return "this job's previous run"
+    run_id = _torchrun_job()
+    if run_id and holder.get("torchrun_job") == run_id:
+        return f"an earlier worker group of this torchrun job ({run_id})"
+    return None
 
 
 def describe(holder: dict[str, Any] | None) -> str:
@@ -68,6 +97,9 @@ def describe(holder: dict[str, Any] | None) -> str:
     text = f"host {holder.get('host')}, pid {holder.get('pid')}"
     if holder.get("slurm_job_id"):
         text += f", SLURM job {holder['slurm_job_id']} (restart {holder.get('slurm_restart_count', 0)})"
+    if holder.get("torchrun_job"):
+        text += (f", torchrun job {holder['torchrun_job']} (worker restart "
+                 f"{holder.get('torchrun_restart_count', 0)})")
     if holder.get("started"):
         text += f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder['started']))}"
     return text
@@ -107,13 +139,18 @@ class RunLock:
     main: bool = False
     fd: int | None = None
 
-    def record_preemption(self, step: int, signals: list[str]) -> None:
-        """Rank 0: the run stopped for preemption with checkpoint `step` committed."""
+    def record_preemption(self, step: int, signals_by_rank: dict[int, list[str]]) -> None:
+        """Rank 0: the run stopped for preemption with checkpoint `step` committed, because of
+        these signals on these ranks (every rank's, gathered at that step)."""
+        distributed.record_preempted_exit(step)  # every rank, for its node's launcher
         if not self.main:
             return
         job, restart = _slurm_job()
+        signals = list(dict.fromkeys(n for got in signals_by_rank.values() for n in got))
         write_json_atomic(self.run_dir / PREEMPTED_FILE, {
-            "step": step, "signals": signals, "exit_code": distributed.PREEMPTED_EXIT_CODE,
+            "step": step, "signals": signals,
+            "signals_by_rank": {str(r): got for r, got in sorted(signals_by_rank.items())},
+            "exit_code": distributed.PREEMPTED_EXIT_CODE,
             "time": round(time.time(), 3), "host": socket.gethostname(), "pid": os.getpid(),
             "slurm_job_id": job, "slurm_restart_count": restart})
 
@@ -134,11 +171,10 @@ def _take(run_dir: Path) -> RunLock | str:
         fd = _flock_fresh(path)
     except BlockingIOError:
         holder = read_holder(run_dir)
-        job, restart = _slurm_job()
-        if (holder and job and holder.get("slurm_job_id") == job
-                and int(holder.get("slurm_restart_count") or 0) < restart):
-            # Our own job before its requeue: dead (SLURM ended it), its lock not yet released.
-            print(f"warning: {run_dir}: taking over the lock of this job's previous run "
+        whose = _stale(holder)
+        if whose:
+            # Our own job before its requeue or restart: dead, its lock not yet released.
+            print(f"warning: {run_dir}: taking over the lock of {whose} "
                   f"({describe(holder)})", file=sys.stderr, flush=True)
             path.unlink(missing_ok=True)
             return _take(run_dir)
@@ -159,6 +195,7 @@ def _take(run_dir: Path) -> RunLock | str:
 def acquire(run_dir: Path, is_main: bool) -> RunLock:
     """Every rank calls it, after the process group starts: rank 0 takes the lock, and if it
     cannot, every rank raises the same UserError (no rank is left waiting in a collective)."""
+    distributed.clear_preempted_record()  # a record of an earlier worker group is void now
     lock, problems = RunLock(run_dir), []
     if is_main:
         taken = _take(run_dir)

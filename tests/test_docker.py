@@ -88,3 +88,15 @@ def test_image_installs_resolve_to_the_pins(tmp_path):
         assert name in resolved, f"{name} is not installed by the images"
         assert resolved[name].split("+")[0] == pins[name], \
             f"{name}: images resolve {resolved[name]}, constraints.txt pins {pins[name]}"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_image_copies_what_the_package_build_reads(dockerfile):
+    """`pip install .` in the image reads pyproject.toml's readme and license-files: a file not
+    copied in is a build that warns today (setuptools) and fails once the deprecation ends."""
+    import tomllib
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    needed = {"pyproject.toml", project["readme"], *project["license-files"]}
+    copied = {w for line in dockerfile.read_text().splitlines() if line.startswith("COPY ")
+              for w in shlex.split(line)[1:-1]}
+    assert needed <= copied, f"{dockerfile.name} does not COPY {sorted(needed - copied)}"

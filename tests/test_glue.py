@@ -339,6 +339,38 @@ def test_every_entrypoint_from_a_bertscale_pretraining_run(tmp_path: Path, share
             a = tmp_path / "from_run" / task / "runs" / "lr0.001-seed3" / name
             b = tmp_path / "from_hf" / task / "runs" / "lr0.001-seed3" / name
             assert a.read_bytes() == b.read_bytes(), name
+        # Both name the same weights: the run's step-2 checkpoint, the HF copy of it.
+        assert from_run["checkpoint_step"] == 2 and from_hf["checkpoint_step"] is None
+        assert from_run["checkpoint"] == str(run / "checkpoints" / "step_2")
+        assert from_run["checkpoint_fingerprint"] == from_hf["checkpoint_fingerprint"]
+
+    # A grid never mixes pretrained checkpoints. Pretraining goes on to step 4 (a new newest
+    # committed checkpoint), then the MRPC grid from the run folder is asked for another seed:
+    # refused in one line naming both checkpoints. Given the step-2 checkpoint itself, it
+    # continues, and every run of the grid records step 2 and the same fingerprint.
+    # Failed before the fix: the grid took seed 4 from step 4 and averaged it with seed 3 from
+    # step 2, recording only the path "run" for both.
+    _bertscale(["pretrain", "tiny_ci", "--run-dir", str(run),
+                "--set", f"data.manifest={tmp_path / 'shards' / 'seq128' / 'manifest.json'}",
+                "--set", "train.steps=4", "--set", "schedule.warmup=1",
+                "--set", "checkpoint.every=2", "--set", "eval.every=2",
+                "--set", "eval.samples=8", "--set", "eval.at_start=false"], tmp_path)
+    mrpc = [*jobs["MRPC"][0], "--output-dir", str(tmp_path / "from_run"), "--lr", "1e-3",
+            "--seeds", "3,4", "--max-steps", "3", "--batch-size", "8", "--log-every", "0"]
+    with pytest.raises(UserError) as refused:
+        finetune_cli(["finetune", *mrpc, "--checkpoint", str(run)])
+    message = str(refused.value)
+    assert "\n" not in message and "never averaged" in message, message
+    assert f"{run / 'checkpoints' / 'step_2'} (step 2, weights " in message, message
+    assert f"{run / 'checkpoints' / 'step_4'} (step 4, weights " in message, message
+    assert finetune_cli(["finetune", *mrpc, "--checkpoint", str(run / "checkpoints" / "step_2")]) == 0
+    grid = json.loads((tmp_path / "from_run" / "MRPC" / "results.json").read_text())
+    assert grid["checkpoint_step"] == 2 and len(grid["runs"]) == 2
+    for seed in (3, 4):
+        one = json.loads((tmp_path / "from_run" / "MRPC" / "runs" / f"lr0.001-seed{seed}" /
+                          "results.json").read_text())
+        assert (one["checkpoint_step"], one["checkpoint_fingerprint"]) == (
+            2, grid["checkpoint_fingerprint"])
 
 
 def test_bad_flags_are_refused_before_training(tmp_path: Path, minilm_dir: Path) -> None:

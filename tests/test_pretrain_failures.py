@@ -86,13 +86,17 @@ def test_a_damaged_sample_mid_run_stops_every_rank_with_one_line(manifest, tmp_p
     position = 2 * 8 + 4 + 1      # step 3, inside rank 1's half of the global batch of 8
     shard, offset = _corrupt_sample_at(data, position)
     run = tmp_path / "run"
-    results = pretrain(run, data, 2, *SMALL, "data.verify_sha256=false",
+    # Logged (and read back) at steps 1 and 4 only: rank 1 meets the damage at step 3 and steps
+    # on zero-weighted stand-ins until the read at step 4 (the save step) stops every rank,
+    # naming step 3, before anything is saved.
+    results = pretrain(run, data, 2, *SMALL, "data.verify_sha256=false", "logging.every=4",
                        f"data.num_workers={workers}", check=False)
     _assert_same_clean_error(results, "step 3:", f"shard {shard}", f"sample {offset} ",
                              f"(global position {position})", "checksum mismatch",
                              "(found by rank 1)")
-    assert sorted(train_losses(run)) == [1, 2]
+    assert sorted(train_losses(run)) == [1]
     assert ckpt_lib.latest_committed(run).step == 2
+    assert not (run / "checkpoints" / "step_4").exists()
 
 
 def test_shards_cut_short_under_a_running_job_stop_every_rank_with_one_line(manifest, tmp_path):
@@ -192,6 +196,29 @@ def test_a_full_disk_stops_every_rank_with_one_line_and_keeps_the_checkpoint(man
     assert not (run / "checkpoints" / "step_4").exists()
     assert ckpt_lib.load_consolidated(run).step == 2
     assert os.statvfs(small_disk).f_bfree > 0
+
+
+@pytest.mark.timeout(900)
+def test_check_free_space_false_also_lets_a_universal_conversion_try(manifest, small_disk):
+    """checkpoint.check_free_space = false skips the free-space check of the universal
+    conversion too, not only the save's: a 1-rank run commits step 2 on a 100 MB disk (room for
+    one checkpoint), then resumes on 2 ranks, which needs a universal copy. With the check off
+    the conversion runs, the full disk stops its write, and every rank says so in the same one
+    line; no temporary folder is left and the checkpoint is intact.
+
+    Failed before the fix: the resume was refused by the up-front check ("... for a resume on
+    another number of ranks: ... free, about ... are needed") although the recipe turned the
+    check off."""
+    run = small_disk / "run"
+    pretrain(run, manifest, 1, *SMALL, "train.steps=2", "schedule.warmup=1")
+    assert ckpt_lib.latest_committed(run).step == 2
+    results = pretrain(run, manifest, 2, *SMALL, "checkpoint.check_free_space=false", check=False)
+    line = _assert_same_clean_error(results, "writing the universal copy failed",
+                                    "The checkpoint itself is intact")
+    assert re.search(r" \d+(\.\d)? K?B free in ", line), line   # the disk really was full
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()
+                  if p.is_dir()) == ["step_2"], list((run / "checkpoints").iterdir())
+    assert ckpt_lib.load_consolidated(run).step == 2
 
 
 @pytest.mark.timeout(1200)

@@ -76,6 +76,7 @@ BAD: dict[str, tuple[str, str]] = {
     "train.seed": ("-1", "must be in [0, 4294967295]"),
     "train.init_from": ('"/nonexistent/phase1"', "no such run or checkpoint folder"),
     "train.max_loss_scale_skips": ("0", "must be positive"),
+    "train.check_every": ("0", "must be positive"),
     "eval.every": ("-1", "must be >= 0"),
     "eval.samples": ("-1", "must be >= 0"),
     "eval.micro_batch_size": ("-1", "must be >= 0"),

@@ -16,6 +16,7 @@ layer that counts the bytes it serves per object and can cut a transfer midway),
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -221,3 +222,70 @@ def test_doctor_reads_the_store(s3, store, tmp_path):
     assert bad[0].returncode == 1
     lines = [x for x in _stderr_lines(bad) if "FAIL" in x]
     assert len(lines) == 1 and f"s3://{gone}/{last}: cannot be read: no such object" in lines[0]
+
+
+def _prepare_rc(shared_data: Path, stage: Path, url: str, seed: int, capfd,
+                progress: str = "none") -> tuple[int, str]:
+    """`bertscale prepare --out URL` of one Wikipedia file; (exit code, stderr)."""
+    from bertscale.data.prepare import main as prepare
+    capfd.readouterr()
+    rc = prepare([str(shared_data / "wikipedia" / "wiki_00.gz"), "--out", url, "--stage",
+                  str(stage), "--vocab", str(shared_data / "vocab" / "bert-base-uncased-vocab.txt"),
+                  "--samples-per-shard", "300", "--eval-fraction", "0.05", "--seed", str(seed),
+                  "--progress", progress])
+    return rc, capfd.readouterr().err
+
+
+def _store_matches(fs, prefix: str, manifest: Path) -> bool:
+    """Every shard object under `prefix` has the sha256 `manifest` lists."""
+    import hashlib
+    import json
+    rows = [r for rs in json.loads(manifest.read_text())["shards"].values() for r in rs]
+    return all(hashlib.sha256(fs.cat_file(f"{prefix}/{r['name']}")).hexdigest() == r["sha256"]
+               for r in rows)
+
+
+def test_prepare_never_mixes_two_data_sets_in_one_prefix(s3, shared_data, tmp_path, capfd):
+    """`prepare --out s3://PREFIX` where PREFIX holds another prepare's shards (same names, same
+    sizes: another --seed) is refused with one line, and the store keeps the first data set
+    whole. An upload that stops midway (here: a staged shard that no longer matches its
+    manifest, caught before it is sent) leaves a record of what it was uploading; the re-run
+    sends only what is missing, and the prefix then holds exactly the second data set.
+
+    Failed before the fix: the second prepare exited 0 with "uploaded 0 of 12 files (the rest
+    were there)": the skip compared sizes only, so the prefix's manifest named the new shards'
+    sha256 over the old shards' bytes, and training stopped on sha256 mismatches."""
+    import fsspec
+    fs = fsspec.filesystem("s3")
+    prefix = f"{BUCKET}/clash/seq128"
+    rc, _ = _prepare_rc(shared_data, tmp_path / "a", f"s3://{BUCKET}/clash", 1, capfd)
+    assert rc == 0
+    first, second = tmp_path / "a/seq128/manifest.json", tmp_path / "b/seq128/manifest.json"
+    rc, err = _prepare_rc(shared_data, tmp_path / "b", f"s3://{BUCKET}/clash", 2, capfd)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1 and f"s3://{prefix}: holds the manifest of other shards" in lines[0], err
+    assert fs.cat_file(f"{prefix}/manifest.json") == first.read_bytes()
+    assert _store_matches(fs, prefix, first)
+    # Full shards of both have one size: what made the size comparison useless.
+    sizes = lambda m: [r["bytes"] for r in json.loads(m.read_text())["shards"]["train"]]  # noqa: E731
+    assert len(sizes(first)) >= 3 and sizes(first)[:3] == sizes(second)[:3]
+
+    # The second data set into its own prefix; the third shard's staged file is damaged.
+    from bertscale.data.prepare import UPLOAD_RECORD
+    url2, prefix2 = f"s3://{BUCKET}/clash2", f"{BUCKET}/clash2/seq128"
+    third = tmp_path / "b/seq128" / json.loads(second.read_text())["shards"]["train"][2]["name"]
+    good = third.read_bytes()
+    third.write_bytes(good[:4000] + bytes([good[4000] ^ 0xFF]) + good[4001:])
+    rc, err = _prepare_rc(shared_data, tmp_path / "b", url2, 2, capfd)
+    assert rc == 2 and f"{third}: its sha256 is not the one" in err, err[-2000:]
+    assert not fs.exists(f"{prefix2}/manifest.json") and fs.exists(f"{prefix2}/{UPLOAD_RECORD}")
+    assert not fs.exists(f"{prefix2}/{third.name}")
+    third.write_bytes(good)
+    rc, err = _prepare_rc(shared_data, tmp_path / "b", url2, 2, capfd, progress="log")
+    # Sent in manifest order, then the vocabulary: those before the damaged one were kept.
+    names = [r["name"] for rs in json.loads(second.read_text())["shards"].values() for r in rs]
+    n, kept = len(names) + 1, names.index(third.name)
+    assert kept >= 2 and rc == 0 and f"uploaded {n - kept} of {n} files" in err, err[-2000:]
+    assert fs.cat_file(f"{prefix2}/manifest.json") == second.read_bytes()
+    assert not fs.exists(f"{prefix2}/{UPLOAD_RECORD}") and _store_matches(fs, prefix2, second)

@@ -236,7 +236,7 @@ def test_inputs_globs_folders_sorted(tmp_path: Path) -> None:
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text("x\n")
     got = expand_inputs([str(tmp_path / "sub"), str(tmp_path / "*.txt"), str(tmp_path / "a.txt")])
-    assert [p.relative_to(tmp_path).as_posix() for p in got] == ["a.txt", "b.txt", "sub/c.txt", "sub/d.gz"]
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in got] == ["a.txt", "b.txt", "sub/c.txt", "sub/d.gz"]
     with pytest.raises(UserError, match="matches no files"):
         expand_inputs([str(tmp_path / "*.nothing")])
     with pytest.raises(UserError, match="not found"):

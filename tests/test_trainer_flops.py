@@ -13,6 +13,10 @@ G, MICRO = 16, 8
 
 
 def test_trainer_mfu_is_the_shared_count_on_real_tokens(manifest, tmp_path):
+    """Logged at steps 1, 2 and 4 (logging.every=2): the record of step 4 covers steps 3 and 4,
+    the steps since the previous read, since the trainer does not read its statistics back at
+    step 3: its TFLOP/s is both steps' model FLOPs over their wall time, its `model_flops` step
+    4's own."""
     from bertscale.checkpoint import latest_committed, read_state
     from bertscale.config import ModelConfig, from_dict
     from bertscale.data.loader import MaskingConfig, PretrainLoader
@@ -20,9 +24,9 @@ def test_trainer_mfu_is_the_shared_count_on_real_tokens(manifest, tmp_path):
     from bertscale.perf import step_flops
 
     run = tmp_path / "run"
-    res = pretrain(run, manifest, 1, f"train.global_batch_size={G}", "train.steps=2",
+    res = pretrain(run, manifest, 1, f"train.global_batch_size={G}", "train.steps=4",
                    "schedule.warmup=1", "eval.every=0", "eval.at_start=false", "eval.samples=16",
-                   extra=("--peak-tflops", "0.25"))[0]
+                   "logging.every=2", extra=("--peak-tflops", "0.25"))[0]
     assert "MFU against 0.25 TFLOP/s per device (logging.peak_tflops, fp32)" in res.stdout
     state = read_state(latest_committed(run))
     cfg = from_dict(ModelConfig, state["model_config"])
@@ -30,20 +34,27 @@ def test_trainer_mfu_is_the_shared_count_on_real_tokens(manifest, tmp_path):
                             micro_batch_size=MICRO, rank=0, world_size=1, seed=1234,
                             masking=MaskingConfig(), verify_sha256=False)
     batches = iter(loader)
-    padded_like = 0
-    for r in records(run, "train"):
+    flops, padded_like = {}, 0
+    for step in range(1, 5):
         micro = [next(batches) for _ in range(G // MICRO)]
         lengths = [int(n) for b in micro for n in b["attention_mask"].sum(dim=1)]
         predictions = sum(int((b["masked_labels"] != -100).sum()) for b in micro)
-        expect = step_flops(cfg, lengths, predictions).train
-        assert r["model_flops"] == expect, (r["step"], r["model_flops"], expect)
-        assert r["tflops"] == pytest.approx(expect / r["step_time_s"] / 1e12, rel=1e-12)
-        assert r["mfu"] == pytest.approx(r["tflops"] / 0.25, rel=1e-12)
+        flops[step] = step_flops(cfg, lengths, predictions).train
         # Real documents leave padding: counting the padded length would claim more work.
         seq_len = micro[0]["attention_mask"].shape[1]
         padded_like = step_flops(cfg, [seq_len] * len(lengths), predictions).train
-        assert sum(lengths) < seq_len * len(lengths) and expect < padded_like
+        assert sum(lengths) < seq_len * len(lengths) and flops[step] < padded_like
     loader.close()
+    train = records(run, "train")
+    assert [(r["step"], r["window_steps"]) for r in train] == [(1, 1), (2, 1), (4, 2)]
+    for r in train:
+        window = range(r["step"] - r["window_steps"] + 1, r["step"] + 1)
+        assert r["model_flops"] == flops[r["step"]], (r["step"], r["model_flops"])
+        seconds = r["step_time_s"] * r["window_steps"]
+        assert r["tflops"] == pytest.approx(sum(flops[s] for s in window) / seconds / 1e12,
+                                            rel=1e-12)
+        assert r["samples_per_s"] == pytest.approx(G * r["window_steps"] / seconds, rel=1e-12)
+        assert r["mfu"] == pytest.approx(r["tflops"] / 0.25, rel=1e-12)
     assert padded_like
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # What the wheel is built from: the files setuptools reads (symlinks kept: the package's
 # deepspeed_configs is one).
-SOURCES = ("pyproject.toml", "README.md", "bertscale", "deepspeed_configs")
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "bertscale", "deepspeed_configs")
 
 
 def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -34,8 +35,8 @@ def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> sub
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """(fresh venv's bin folder, environment without this checkout on sys.path)."""
+def built(tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
+    """(the wheel, a scratch folder, environment without this checkout on sys.path)."""
     base = tmp_path_factory.mktemp("wheel")
     src = base / "src"
     src.mkdir()
@@ -50,6 +51,14 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
           "-w", str(base / "dist"), str(src)], base, env, 300)
     (wheel,) = (base / "dist").glob("bertscale-*.whl")
+    return wheel, base, env
+
+
+@pytest.fixture(scope="module")
+def installed(built) -> tuple[Path, dict[str, str]]:
+    """(fresh venv's bin folder, environment without this checkout on sys.path)."""
+    wheel, base, env = built
+    env = dict(env)
     venv = base / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], base, env, 300)
     py = venv / "bin" / "python"
@@ -59,6 +68,28 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     _run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], base, env, 300)
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     return venv / "bin", env
+
+
+def _next_commands(report: str) -> list[str]:
+    """The commands under the demo report's "next:" line, without their comments."""
+    lines = report.split("\nnext:\n", 1)[1].splitlines()
+    return [ln.split("#")[0].strip() for ln in lines if ln.startswith("  bertscale ")]
+
+
+def test_wheel_ships_the_license(built):
+    """Failed before the fix: pyproject.toml said Apache-2.0, but neither the repository nor the
+    wheel held the license text."""
+    import zipfile
+    wheel, _, _ = built
+    with zipfile.ZipFile(wheel) as z:
+        licenses = [n for n in z.namelist() if ".dist-info/licenses/" in n]
+        assert licenses == [f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info/licenses/LICENSE"], licenses
+        text = z.read(licenses[0]).decode()
+        metadata = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    assert text == (REPO / "LICENSE").read_text()
+    assert "Apache License\n                           Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    assert "License-Expression: Apache-2.0" in metadata and "License-File: LICENSE" in metadata
 
 
 @pytest.mark.slow
@@ -79,6 +110,25 @@ def test_wheel_demo_and_pretrain_from_an_empty_folder(installed, shared_data, tm
                 empty, env, 600)
     assert "bertscale demo: done" in demo.stdout, demo.stdout[-2000:]
     assert (empty / "d" / "run" / "checkpoints" / "step_2").is_dir()
+    # The report ends with the next commands, not a Python function (failed before: "load with
+    # bertscale.checkpoint.load_consolidated"): the export runs as printed, the fine-tuning
+    # parses with its placeholder GLUE folder.
+    export, finetune = _next_commands(demo.stdout)
+    assert export == "bertscale export --from d/run --to d/hf/run", demo.stdout[-2000:]
+    _run(["bash", "-c", export], empty, env, 300)
+    assert json.loads((empty / "d" / "hf" / "run" / "config.json").read_text())["architectures"]
+    assert finetune.startswith("bertscale finetune glue --task RTE --data-dir GLUE/RTE "
+                               "--checkpoint d/run --output-dir d/finetuned/run")
+    from bertscale.cli import build_parser
+    assert build_parser().parse_args(shlex.split(finetune)[1:]).func
+    # A second demo keeps the first run (failed before: "removing the previous demo run").
+    again = _run([str(bin_dir / "bertscale"), "demo", "--nproc", "1", "--steps", "1",
+                  "--vocab-size", "1000", "--set", "eval.samples=8", "--run-dir", "d"],
+                 empty, env, 600)
+    assert "earlier demo runs in d are kept; this one goes to d/run-2" in again.stdout
+    assert (empty / "d" / "run" / "checkpoints" / "step_2").is_dir()
+    assert (empty / "d" / "run-2" / "checkpoints" / "step_1").is_dir()
+    assert _next_commands(again.stdout)[0] == "bertscale export --from d/run-2 --to d/hf/run-2"
 
     _run([str(bin_dir / "bertscale"), "prepare", str(shared_data / "wikipedia" / "wiki_02.gz"),
           "--out", "shards", "--vocab", str(shared_data / "vocab" / "bert-base-uncased-vocab.txt"),

@@ -35,7 +35,7 @@ Limits, stated honestly:
   stops the run: a machine whose load changes between calibration and the run ends early or late
   (the actual training seconds are in the results).
 - The transformers side runs in this process without DeepSpeed (plain torch, as a `run_mlm` user
-  would); both are fp32 on one process. Its stage restarts from scratch if interrupted (bertscale's
+  would), on the GPU when there is one; both are fp32 on one process (one device). Its stage restarts from scratch if interrupted (bertscale's
   resumes from its checkpoint).
 - Initialisations differ: each side uses its own (both normal(0, 0.02)).
 """
@@ -203,6 +203,8 @@ class TransformersSide:
         from bertscale.data.shards import read_manifest
 
         torch.set_num_threads(threads)
+        # The GPU when there is one, as `bertscale pretrain` uses it (benchmarks/gpu_quality.sh).
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         r = resolved["recipe"]
         self.model_config = from_dict(ModelConfig, r["model"], "model")
         self.optimizer = from_dict(OptimizerConfig, r["optimizer"], "optimizer")
@@ -226,7 +228,7 @@ class TransformersSide:
         seed_all(self.seed)
         hf_cfg = transformers.BertConfig(**config_to_hf(self.model_config))
         hf_cfg._attn_implementation = "sdpa"  # PyTorch's fused attention, as bertscale's
-        return transformers.BertForMaskedLM(hf_cfg).train()
+        return transformers.BertForMaskedLM(hf_cfg).to(self.device).train()
 
     def loader(self, split: str, max_samples: int = 0) -> Any:
         from bertscale.data.loader import PretrainLoader
@@ -275,17 +277,20 @@ class TransformersSide:
                 t0 = time.perf_counter()
                 tokens = 0
                 for _ in range(self.accum):
-                    b = next(batches)
+                    cpu = next(batches)  # labels and token counts made on the host: no sync
+                    labels = self.dense_labels(cpu).to(self.device)
+                    b = {k: v.to(self.device) for k, v in cpu.items()}
                     loss = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
-                                 attention_mask=b["attention_mask"],
-                                 labels=self.dense_labels(b)).loss
+                                 attention_mask=b["attention_mask"], labels=labels).loss
                     (loss / self.accum).backward()  # DeepSpeed divides by the accumulation too
-                    tokens += int(b["attention_mask"].sum())
+                    tokens += int(cpu["attention_mask"].sum())
                 if self.clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()  # the step's time is the device's
                 times.append(time.perf_counter() - t0)
                 tokens_per_step.append(tokens)
                 if evaluate and (step % eval_every == 0 or step == steps):
@@ -310,11 +315,11 @@ class TransformersSide:
             it = iter(loader)
             with torch.no_grad():
                 for _ in range(len(loader)):
-                    b = next(it)
+                    b = {k: v.to(self.device) for k, v in next(it).items()}
                     logits = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
                                    attention_mask=b["attention_mask"]).logits    # (B, T, V)
                     valid = b["masked_labels"] != -100                          # (B, P)
-                    rows = torch.arange(logits.shape[0])[:, None].expand_as(valid)
+                    rows = torch.arange(logits.shape[0], device=self.device)[:, None].expand_as(valid)
                     picked = logits[rows[valid], b["masked_positions"][valid]][:, :V].float()
                     labels = b["masked_labels"][valid]
                     loss_sum += float(F.cross_entropy(picked, labels, reduction="sum"))

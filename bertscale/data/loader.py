@@ -177,6 +177,7 @@ class GlobalOrder:
         self.window = max(1, min(window, self.n)) if self.n else 1
         self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._windows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._inverse: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
     def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         got = self._epochs.get(e)
@@ -220,6 +221,22 @@ class GlobalOrder:
             shard[sel] = order[k]
             offset[sel] = jj - (ends[k] - self.counts[order[k]])
         return shard, offset
+
+    def position_of(self, epoch: int, shard: int, offset: int) -> int:
+        """The global position at which `epoch` reads sample `offset` of `shard`: the inverse
+        of `locate` (bertscale.data.wds masks a sample as the trainer does in that epoch)."""
+        order, ends = self._epoch(epoch)
+        k = int(np.flatnonzero(order == shard)[0])
+        jj = int(ends[k] - self.counts[shard]) + offset    # index in the shard concatenation
+        if self.shuffle:
+            w = jj // self.window
+            inverse = self._inverse.get((epoch, w))
+            if inverse is None:
+                inverse = self._inverse[(epoch, w)] = np.argsort(self._perm(epoch, w))
+                if len(self._inverse) > 2:
+                    self._inverse.popitem(last=False)
+            jj = w * self.window + int(inverse[jj - w * self.window])
+        return epoch * self.n + jj
 
     def window_of(self, position: int) -> tuple[int, int]:
         """(epoch, window) of a global position."""
@@ -551,9 +568,14 @@ class PretrainLoader:
                 "manifest_fingerprint": self.fingerprint, "split": self.split}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved `state_dict` (before iterating). A position in another split or
-        manifest is refused. The seed is this loader's, as today's recipe gives it: a saved one
-        that differs is kept in the checkpoint only, as the recipe's own `train.seed` is."""
+        """Continue from a saved `state_dict` (before iterating). A position in another split,
+        manifest or seed is refused: the seed orders the samples and draws the masks, so the
+        same position would be other samples (a resume refuses a changed train.seed earlier,
+        naming the key: bertscale.resume.STREAM_KEYS)."""
+        if state.get("seed", self.seed) != self.seed:
+            raise UserError(f"the saved data position is one of seed {state['seed']}, this "
+                            f"loader's seed is {self.seed}: the same position would be other "
+                            f"samples")
         if state.get("split", self.split) != self.split:
             raise UserError(f"a saved data position of the {state['split']!r} split cannot resume "
                             f"the {self.split!r} split")

@@ -38,6 +38,7 @@ on a file system all ranks see.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -103,6 +104,10 @@ class PrepareConfig:
     seed: int = 12345
     format: str = "auto"
     text_field: str = "text"
+    """JSON lines, Parquet, Arrow: the field or column with the text."""
+    id_field: str | None = None
+    """JSON lines, Parquet, Arrow: consecutive rows with equal values here are one document
+    (None: every row is a document)."""
     split_sentences: bool = True
     """Split lines into sentences; off when the input is already one sentence per line."""
     docs_per_chunk: int = 1000
@@ -405,7 +410,9 @@ def process_unit(task: UnitTask, report: Callable[[int, int], None] | None = Non
     seed = cfg["seed"]
     summary = dict(unit=task.unit, input=task.path, text_bytes=0, documents=0, sentences=0)
     try:
-        docs_iter = read_documents(task.path, cfg["format"], cfg["text_field"])
+        local, input_sha256, input_bytes = _local_input(task.path, tmp)
+        docs_iter = read_documents(local, cfg["format"], cfg["text_field"],
+                                   cfg.get("id_field"))
         for c, docs in enumerate(chunked(docs_iter, cfg["docs_per_chunk"])):
             text_bytes = sum(len(p.encode("utf-8")) for d in docs for p in d)
             erng = random.Random(derive_seed(seed, "eval", task.unit, c))
@@ -446,8 +453,10 @@ def process_unit(task: UnitTask, report: Callable[[int, int], None] | None = Non
         for key, f in files.items():
             f.close()
             np.save(tmp / f"{key}.idx.npy", np.asarray(offsets[key], dtype=np.int64))
-        summary["input_bytes"] = os.path.getsize(task.path)
-        summary["input_sha256"] = sha256_file(Path(task.path))
+        if local != Path(task.path):
+            local.unlink()  # the downloaded copy of a remote input
+        summary["input_bytes"] = input_bytes
+        summary["input_sha256"] = input_sha256
         summary["counts"] = {k: len(v) - 1 for k, v in offsets.items()}
         summary["stats"] = stats
         (tmp / "done.json").write_text(json.dumps(summary, sort_keys=True))
@@ -588,23 +597,61 @@ def _run_tasks_inner(kind: str, tasks: list[Any], workers: int, progress: Progre
             pending = still
 
 
-def _plan(cfg: PrepareConfig, files: list[Path]) -> dict[str, Any]:
+def _plan(cfg: PrepareConfig, files: list[str], sizes: list[int]) -> dict[str, Any]:
     c = asdict(cfg)
     for k in ("inputs", "out", "vocab", "workers", "keep_work", "progress"):
         c.pop(k)
+    if c["id_field"] is None:
+        c.pop("id_field")  # so that runs without it keep the fingerprint they always had
     c["vocab_sha256"] = sha256_file(cfg.vocab) if cfg.vocab is not None else None
-    c["inputs"] = [[str(f), f.stat().st_size] for f in files]
+    c["inputs"] = [[f, n] for f, n in zip(files, sizes)]
     return c
 
 
-def _deal_units(files: list[Path], size: int) -> list[list[int]]:
+def _input_sizes(files: list[str]) -> list[int]:
+    from bertscale.data import remote
+
+    sizes = []
+    for f in files:
+        try:
+            sizes.append(remote.object_size(f) if remote.is_remote(f) else os.path.getsize(f))
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any store client error becomes one line
+            raise UserError(f"input {f}: {remote.reason(e)}") from None
+    return sizes
+
+
+def _local_input(location: str, folder: Path) -> tuple[Path, str, int]:
+    """(a local path to read, sha256, bytes) of one input; one in an object store is first
+    copied into `folder` (hashed on the way), so it is read once and resumes stay exact."""
+    from bertscale.data import remote
+
+    if not remote.is_remote(location):
+        return Path(location), sha256_file(Path(location)), os.path.getsize(location)
+    local = folder / ("input-" + Path(location).name)
+    h, n = hashlib.sha256(), 0
+    try:
+        with remote.open_read(location) as src, open(local, "wb") as dst:
+            while block := src.read(remote.READ_BLOCK):
+                h.update(block)
+                dst.write(block)
+                n += len(block)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any store client error becomes one line
+        raise UserError(f"input {location}: {remote.reason(e)}") from None
+    return local, h.hexdigest(), n
+
+
+def _deal_units(sizes: list[int], size: int) -> list[list[int]]:
     """Largest files first, each to the least-loaded rank (deterministic)."""
-    order = sorted(range(len(files)), key=lambda i: (-files[i].stat().st_size, i))
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
     loads = [0] * size
     mine: list[list[int]] = [[] for _ in range(size)]
     for i in order:
         r = min(range(size), key=lambda r: (loads[r], r))
-        loads[r] += files[i].stat().st_size
+        loads[r] += sizes[i]
         mine[r].append(i)
     return mine
 
@@ -631,8 +678,8 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
                                    "space and run the same command again to continue"):
                 return fn()
         return run
-    files = collective(ctx, "reading the inputs", lambda: expand_inputs(cfg.inputs))
-    plan = _plan(cfg, files)
+    files, sizes = collective(ctx, "reading the inputs", lambda: _inputs(cfg))
+    plan = _plan(cfg, files, sizes)
     fp = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
     manifests = {L: out / f"seq{L}" / MANIFEST_NAME for L in cfg.seq_lens}
     if all(_manifest_fp(p) == fp for p in manifests.values()):
@@ -668,7 +715,7 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
                       file=sys.stderr)
                 raw = out / "vocab.trained.tmp"
                 vocab_progress = Progress(mode, 2 * len(files), prefix=f"{prefix}vocabulary: ")
-                train_wordpiece(lambda: _all_paragraphs(files, cfg, vocab_progress), raw,
+                train_wordpiece(lambda: _all_paragraphs(files, cfg, work, vocab_progress), raw,
                                 cfg.train_vocab, lower)
                 if mode != "none":
                     vocab_progress.done("trained")
@@ -691,12 +738,14 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
                     eval_fraction=cfg.eval_fraction, seed=cfg.seed, format=cfg.format,
                     text_field=cfg.text_field, split_sentences=cfg.split_sentences,
                     docs_per_chunk=cfg.docs_per_chunk)
-    mine = _deal_units(files, ctx.size)[ctx.rank]
+    if cfg.id_field is not None:
+        unit_cfg["id_field"] = cfg.id_field
+    mine = _deal_units(sizes, ctx.size)[ctx.rank]
     done_before = [i for i in mine if (unit_dir(work, i) / "done.json").is_file()]
     if done_before and cfg.progress != "none":
         print(f"{prefix}prepare: resuming, {len(done_before)} of {len(mine)} units already done",
               file=sys.stderr)
-    tasks = [UnitTask(i, str(files[i]), str(work), str(vocab_path), lowercase, unit_cfg)
+    tasks = [UnitTask(i, files[i], str(work), str(vocab_path), lowercase, unit_cfg)
              for i in mine if i not in done_before]
     prog1 = (Progress(mode, len(tasks), prefix + "prepare phase 1 (tokenize, pair): ")
              if mode != "none" else None)
@@ -705,6 +754,16 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
 
     # Phase 2: every rank reads every unit's summary from the shared folder.
     summaries = [json.loads((unit_dir(work, i) / "done.json").read_text()) for i in range(len(files))]
+    nothing = _nothing_to_train_on(summaries, cfg)   # the same on every rank
+    if nothing:
+        ctx.allgather(None)  # every rank has read the summaries: the work folder may go
+        if ctx.rank == 0 and not cfg.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+            if cfg.train_vocab is not None:
+                (out / "vocab.txt").unlink(missing_ok=True)  # trained on nothing
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if we left it empty
+        raise UserError(nothing)
     shard_tasks = plan_shards(summaries, cfg, work)
     my_shards = shard_tasks[ctx.rank::ctx.size]
     prog2 = (Progress(mode, len(my_shards), prefix + "prepare phase 2 (shards): ")
@@ -740,6 +799,8 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
                             eval_fraction=cfg.eval_fraction, docs_per_chunk=cfg.docs_per_chunk,
                             split_sentences=cfg.split_sentences, format=cfg.format,
                             text_field=cfg.text_field, inputs=inputs, prepare_fingerprint=fp)
+            if cfg.id_field is not None:
+                settings["id_field"] = cfg.id_field
             data = manifest_dict(seq_len=L, pair_objective=cfg.objective, tokenizer_hash=tok_hash,
                                  vocab_file="vocab.txt", lowercase=lowercase, seed=cfg.seed,
                                  vocab_size=vocab_size, token_dtype=str(token_dtype(vocab_size).name),
@@ -757,6 +818,24 @@ def run_prepare(cfg: PrepareConfig, ctx: Context | None = None) -> dict[int, Pat
 
     collective(ctx, "writing the manifests", writing(finish))
     return manifests
+
+
+def _nothing_to_train_on(summaries: list[dict[str, Any]], cfg: PrepareConfig) -> str | None:
+    """Why the inputs give no training sample at some sequence length (an empty corpus is bad
+    input, not a dataset of 0 samples that fails later in training), or None."""
+    text = sum(s["text_bytes"] for s in summaries)
+    docs = sum(s["documents"] for s in summaries)
+    shown = ", ".join(s["input"] for s in summaries[:3]) + (", …" if len(summaries) > 3 else "")
+    where = f"{len(summaries)} input file(s) ({shown})"
+    if not text:
+        return f"{where}: no text (empty or blank files); nothing to prepare"
+    for L in cfg.seq_lens:
+        train = sum(s["stats"][_spool_key(L, "train")]["samples"] for s in summaries)
+        if not train:
+            return (f"{where}: {text:,} bytes of text in {docs:,} document(s) gave no training "
+                    f"sample at sequence length {L} (eval fraction {cfg.eval_fraction:g}); give "
+                    f"more text")
+    return None
 
 
 def _manifest_fp(path: Path) -> str | None:
@@ -779,13 +858,36 @@ def _canonical_vocab(src: Path, dst: Path) -> None:
     src.unlink()
 
 
-def _all_paragraphs(files: list[Path], cfg: PrepareConfig,
+def _inputs(cfg: PrepareConfig) -> tuple[list[str], list[int]]:
+    """The input files (local paths or URLs, sorted) and their sizes; pyarrow is checked here
+    when a Parquet or Arrow input is named, so that its absence is one line before any work."""
+    from bertscale.data import remote, tables
+
+    files = expand_inputs(cfg.inputs)
+    if cfg.format in ("parquet", "arrow") or any(
+            f.endswith((".parquet", ".arrow")) for f in files):
+        tables.pyarrow()
+    # A missing column is found now, in the first file that lacks it, not in the middle of the
+    # run (a local file's schema is its footer; one in a store is checked when it is read).
+    columns = [cfg.text_field] + ([cfg.id_field] if cfg.id_field is not None else [])
+    hint = "; set --text-column" + (" / --doc-id-column" if cfg.id_field is not None else "")
+    for f in files:
+        if not remote.is_remote(f) and cfg.format in ("auto", "parquet", "arrow") \
+                and tables.file_kind(f) is not None:
+            tables.check_columns(f, columns, hint)
+    return files, _input_sizes(files)
+
+
+def _all_paragraphs(files: list[str], cfg: PrepareConfig, work: Path,
                     progress: Progress | None = None) -> Iterator[str]:
     for f in files:
-        for doc in read_documents(f, cfg.format, cfg.text_field):
+        local, _, size = _local_input(f, work)
+        for doc in read_documents(local, cfg.format, cfg.text_field, cfg.id_field):
             yield from doc
+        if local != Path(f):
+            local.unlink()
         if progress is not None:
-            progress.update(text_bytes=f.stat().st_size, units=1)
+            progress.update(text_bytes=size, units=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -794,19 +896,25 @@ def _all_paragraphs(files: list[Path], cfg: PrepareConfig,
 def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "prepare", help="raw text -> WebDataset shards + manifest (NSP/SOP/MLM instances)",
-        description="Turn raw text (BERT-format plain text, WikiExtractor output or JSON lines; "
-                    "gzip/bzip2/xz ok) into tar shards of training instances, one folder per "
-                    "sequence length. Runs in parallel over --workers processes, and over ranks "
-                    "under mpirun/srun.")
-    p.add_argument("inputs", nargs="+", help="files, folders or glob patterns")
+        description="Turn raw text (BERT-format plain text, WikiExtractor output or JSON lines, "
+                    "gzip/bzip2/xz ok; Parquet, Arrow files and datasets.save_to_disk folders) "
+                    "into tar shards of training instances, one folder per sequence length. "
+                    "Runs in parallel over --workers processes, and over ranks under mpirun/srun.")
+    p.add_argument("inputs", nargs="+",
+                   help="files, folders or glob patterns, local or in an object store "
+                        "(s3://bucket/prefix/*.parquet, gs://…, az://…)")
     p.add_argument("--out", required=True,
                    help="output folder, or an object-store prefix (s3://bucket/prefix, gs://…, "
                         "az://…): shards are written to --stage, then uploaded")
     p.add_argument("--stage", type=Path,
                    help="with --out in an object store: the local (or shared, under MPI) folder "
-                        "the shards are written to first (default: ./bertscale-stage)")
+                        "the shards are written to first (default: ./bertscale-stage/ followed "
+                        "by the URL's scheme, bucket and prefix: one folder per output)")
     v = p.add_mutually_exclusive_group(required=True)
-    v.add_argument("--vocab", type=Path, help="WordPiece vocab.txt to tokenize with")
+    v.add_argument("--vocab", type=Path,
+                   help="WordPiece vocab.txt to tokenize with, or a Hugging Face BERT folder "
+                        "(its vocab.txt, and its casing from tokenizer_config.json): the "
+                        "tokenizer of the checkpoint train.init_from will continue")
     v.add_argument("--train-vocab", type=int, metavar="SIZE",
                    help="train a WordPiece vocabulary of SIZE tokens from the inputs first")
     c = p.add_mutually_exclusive_group()
@@ -838,10 +946,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         "seed give the same shards (default: 12345)")
     p.add_argument("--format", choices=FORMATS, default="auto",
                    help="input format: bert (one sentence or paragraph per line, a blank "
-                        "line between documents), wikiextractor (<doc> blocks), jsonl; auto: "
-                        "from each file's first non-empty line (default: auto)")
-    p.add_argument("--text-field", default="text",
-                   help="JSON lines: the field with the text (default: text)")
+                        "line between documents), wikiextractor (<doc> blocks), jsonl, parquet, "
+                        "arrow (a row is a document); auto: from each file's first bytes or "
+                        "first non-empty line (default: auto)")
+    p.add_argument("--text-column", "--text-field", dest="text_field", default="text",
+                   help="JSON lines, Parquet, Arrow: the field or column with the text; its "
+                        "lines are the document's paragraphs (default: text)")
+    p.add_argument("--doc-id-column", dest="id_field", metavar="COLUMN",
+                   help="JSON lines, Parquet, Arrow: consecutive rows with the same value here "
+                        "are one document (a corpus stored a paragraph or sentence per row); "
+                        "default: every row is one document")
     p.add_argument("--no-split-sentences", dest="split_sentences", action="store_false",
                    help="inputs are one sentence per line already")
     p.add_argument("--docs-per-chunk", type=int, default=1000,
@@ -868,15 +982,17 @@ def handle(args: argparse.Namespace) -> int:
     url = args.out if remote.is_remote(args.out) else None
     if url is not None and remote.scheme(url) in ("pipe", "http", "https"):
         raise UserError(f"--out {url}: prepare uploads to s3://, gs:// or az:// prefixes only")
-    out = Path(args.stage or "bertscale-stage") if url else Path(args.out)
+    out = (args.stage or default_stage(url)) if url else Path(args.out)
     if url is not None:
         remote.filesystem(url)  # a missing store package fails now, not after the prepare
-    cfg = PrepareConfig(inputs=args.inputs, out=out, vocab=args.vocab,
-                        lowercase=args.lowercase, train_vocab=args.train_vocab,
+    vocab, lowercase = _vocab_argument(args.vocab, args.lowercase)
+    cfg = PrepareConfig(inputs=args.inputs, out=out, vocab=vocab,
+                        lowercase=lowercase, train_vocab=args.train_vocab,
                         seq_lens=args.seq_lens, objective=args.objective,
                         short_seq_prob=args.short_seq_prob, dupe_factor=args.dupe_factor,
                         samples_per_shard=args.samples_per_shard, eval_fraction=args.eval_fraction,
                         seed=args.seed, format=args.format, text_field=args.text_field,
+                        id_field=args.id_field,
                         split_sentences=args.split_sentences, docs_per_chunk=args.docs_per_chunk,
                         workers=args.workers, keep_work=args.keep_work, progress=args.progress,
                         start_timeout_s=args.start_timeout)
@@ -888,36 +1004,114 @@ def handle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vocab_argument(vocab: Path | None, lowercase: bool | None) -> tuple[Path | None, bool | None]:
+    """--vocab as given, or a Hugging Face folder's vocab.txt and casing (--lowercase / --cased
+    still win)."""
+    if vocab is None or not vocab.is_dir():
+        return vocab, lowercase
+    from bertscale.hf import tokenizer_of_folder
+    path, folder_lowercase = tokenizer_of_folder(vocab)
+    return path, folder_lowercase if lowercase is None else lowercase
+
+
+def default_stage(url: str) -> Path:
+    """Where `--out URL` stages its shards without --stage: a folder of its own per output
+    (./bertscale-stage/s3/bucket/prefix), so that preparing two outputs from one working folder
+    neither mixes them nor refuses the second as "a run with other settings"."""
+    scheme, rest = url.split("://", 1)
+    parts = [re.sub(r"[^A-Za-z0-9._=-]", "_", p) for p in rest.split("/") if p]
+    parts = ["_" if p in (".", "..") else p for p in parts]
+    return Path("bertscale-stage", scheme.lower(), *parts)
+
+
+UPLOAD_RECORD = ".bertscale-upload.json"
+"""Beside the shards in a store prefix while an upload is unfinished: the manifest being
+uploaded. It vouches for the objects already there (a re-run sends only what is missing) and
+is deleted once the manifest itself is in place."""
+
+
 def upload_prepared(manifest: Path, url: str, verbose: bool = True) -> str:
     """Upload one prepared folder (shards, vocabulary, then the manifest) to the store prefix
     `url`. Shard names in the manifest stay relative to it, so they resolve beside the
-    manifest's URL and the prefix can be copied or moved whole (``aws s3 sync``). Objects
-    already there with the right size are not sent again, so a re-run after a failed upload
-    resumes it. Returns the manifest's URL."""
+    manifest's URL and the prefix can be copied or moved whole (``aws s3 sync``). Returns the
+    manifest's URL.
+
+    What is there already counts only when a manifest of the same data vouches for it: the
+    prefix's complete manifest, or the record of an unfinished upload (`UPLOAD_RECORD`) of the
+    same shards, whose objects of the right size were uploaded whole (object stores publish an
+    object only complete), so a re-run after a failed upload sends only the rest. A prefix that
+    holds ANOTHER prepare's manifest or unfinished upload is refused: its objects have the
+    same names and, with one --samples-per-shard, often the same sizes, and mixing them under
+    one manifest gives shards whose sha256 training refuses. Objects no manifest vouches for are
+    sent again. Each staged file is checked against its manifest sha256 before it is sent.
+    Limit: two uploads into one prefix at the same moment are not detected."""
     from bertscale.data import remote
+    from bertscale.data.shards import fingerprint_of, sha256_file
 
     data = json.loads(manifest.read_text(encoding="utf-8"))
-    names = [row["name"] for rows in data["shards"].values() for row in rows]
+    ours = fingerprint_of(data)
+    sha = {row["name"]: row["sha256"] for rows in data["shards"].values() for row in rows}
+    names = [*sha, data["vocab_file"]]
     fs = remote.filesystem(url)
+    vouched = False
+    for name, what in ((MANIFEST_NAME, "the manifest of"), (UPLOAD_RECORD, "an unfinished upload of")):
+        there = _remote_json(fs, remote.join(url, name))
+        if there is None:
+            continue
+        theirs = fingerprint_of(there) if isinstance(there, dict) else "not a manifest"
+        if theirs != ours:
+            raise UserError(f"--out {url}: holds {what} other shards (manifest fingerprint "
+                            f"{theirs[:12]}, these {ours[:12]}); uploading would mix two data "
+                            f"sets under one manifest. Use an empty prefix, or delete "
+                            f"{url}/ first")
+        vouched = True
+    if not vouched:
+        _put(remote, manifest, remote.join(url, UPLOAD_RECORD))
     sent = 0
-    for name in [*names, data["vocab_file"]]:
+    for name in names:
         local, target = manifest.parent / name, remote.join(url, name)
         try:
-            if fs.exists(target) and remote.object_size(target) == local.stat().st_size:
+            if vouched and fs.exists(target) and remote.object_size(target) == local.stat().st_size:
                 continue
-            remote.upload(local, target)
         except Exception as e:  # noqa: BLE001 - any store client error becomes one line
-            raise UserError(f"uploading {local} to {target}: {remote.reason(e)}") from None
+            raise UserError(f"reading {target}: {remote.reason(e)}") from None
+        if name in sha and sha256_file(local) != sha[name]:
+            raise UserError(f"{local}: its sha256 is not the one {manifest} lists; the staged "
+                            f"shards changed after prepare wrote them (prepare again)")
+        _put(remote, local, target)
         sent += 1
     target = remote.join(url, MANIFEST_NAME)
-    try:  # last: a reader never sees a manifest before its shards
-        remote.upload(manifest, target)
+    _put(remote, manifest, target)  # last: a reader never sees a manifest before its shards
+    try:
+        fs.rm_file(remote.join(url, UPLOAD_RECORD))
+    except FileNotFoundError:
+        pass
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"uploading {manifest} to {target}: {remote.reason(e)}") from None
+        raise UserError(f"deleting {remote.join(url, UPLOAD_RECORD)}: {remote.reason(e)}") from None
     if verbose:
-        print(f"prepare: uploaded {sent} of {len(names) + 1} files (the rest were there) and the "
-              f"manifest -> {target}", file=sys.stderr)
+        print(f"prepare: uploaded {sent} of {len(names)} files (the rest were there, checked "
+              f"against the manifest) and the manifest -> {target}", file=sys.stderr)
     return target
+
+
+def _remote_json(fs: Any, url: str) -> Any:
+    """A small JSON object of a store, None when there is none."""
+    from bertscale.data import remote
+    try:
+        if not fs.exists(url):
+            return None
+        return json.loads(remote.read_bytes(url))
+    except ValueError:
+        return "not JSON"
+    except Exception as e:  # noqa: BLE001 - any store client error becomes one line
+        raise UserError(f"reading {url}: {remote.reason(e)}") from None
+
+
+def _put(remote: Any, local: Path, target: str) -> None:
+    try:
+        remote.upload(local, target)
+    except Exception as e:  # noqa: BLE001 - any store client error becomes one line
+        raise UserError(f"uploading {local} to {target}: {remote.reason(e)}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

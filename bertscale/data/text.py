@@ -1,8 +1,8 @@
 """Raw corpus readers and a sentence splitter.
 
 Readers turn one input file into a stream of documents; a document is a list of paragraph
-strings (one per input line). Three formats are read, each optionally gzip / bzip2 / xz
-compressed (detected from the file's first bytes, not its name):
+strings (one per input line). Five formats are read; the three text formats optionally gzip /
+bzip2 / xz compressed (detected from the file's first bytes, not its name):
 
 - ``bert``: the format of Google's ``create_pretraining_data.py``: one sentence or paragraph per
   line, a blank line between documents.
@@ -12,8 +12,22 @@ compressed (detected from the file's first bytes, not its name):
   HTML entities some extractions leave in the text ("&amp;") are unescaped.
 - ``jsonl``: one JSON object per line; its text field (``text`` by default) is one document whose
   paragraphs are its lines.
+- ``parquet`` and ``arrow`` (Arrow IPC, as `datasets` caches and ``save_to_disk`` write it; see
+  `bertscale.data.tables`): one row is one document, its text column split into paragraphs
+  exactly as a JSON line's text field, so the same text gives the same documents in every
+  format. A null text is an empty document (skipped).
 
-``auto`` picks the format from the first non-empty line of each file.
+With a document-id field / column (``--doc-id-column``), consecutive rows or lines with the same
+id are one document, each row adding its paragraphs: for corpora stored a paragraph or a
+sentence per row.
+
+``auto`` picks the format from each file's first bytes (Parquet, Arrow) or its first non-empty
+line.
+
+Inputs (`expand_inputs`) are files, folders, glob patterns, and the same in an object store
+(``s3://``, ``gs://``, ``az://``; `bertscale.data.remote`). A `datasets.save_to_disk` folder is
+its Arrow files in the dataset's order; a folder holding Parquet files (a Hub snapshot) is its
+Parquet files, without the README or other files beside them.
 
 The sentence splitter is a single regular expression for candidate boundaries (``.``, ``!``,
 ``?``, ``…`` followed by optional closing quotes/brackets, whitespace, and an upper-case letter)
@@ -39,11 +53,12 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from bertscale.errors import UserError
 
-FORMATS = ("auto", "bert", "wikiextractor", "jsonl")
+FORMATS = ("auto", "bert", "wikiextractor", "jsonl", "parquet", "arrow")
+TABLE_FORMATS = ("parquet", "arrow")
 
 # Abbreviations after which a period never ends a sentence (case-sensitive: "No." yes, "no." is
 # usually the word "no").
@@ -125,30 +140,80 @@ def split_sentences(text: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Files
 
-def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Files named by paths, directories (all files below, recursively) and glob patterns.
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Files named by paths, directories (all files below, recursively) and glob patterns,
+    local or in an object store (their URLs).
 
+    A `datasets.save_to_disk` folder gives its Arrow files; a folder with Parquet files gives
+    only those (the README.md and .gitattributes of a Hub snapshot are not text to train on).
     The result is sorted and de-duplicated, so the order (and therefore the shards `prepare`
     writes) does not depend on how the shell or the user listed the inputs."""
-    files: set[Path] = set()
+    from bertscale.data import remote
+
+    files: set[str] = set()
     for pat in patterns:
+        if remote.is_remote(pat):
+            files.update(_expand_remote(pat))
+            continue
         p = Path(pat)
         if p.is_dir():
-            found = [Path(root) / f for root, _, names in os.walk(p) for f in names
-                     if not f.startswith(".")]
-            if not found:
-                raise UserError(f"input directory {pat} holds no files")
-            files.update(found)
+            files.update(str(f) for f in _folder_files(p, pat))
         elif p.is_file():
-            files.add(p)
+            files.add(str(p))
         elif glob.has_magic(pat):
-            found = [Path(f) for f in glob.glob(pat, recursive=True) if Path(f).is_file()]
+            found = [f for f in glob.glob(pat, recursive=True) if Path(f).is_file()]
             if not found:
                 raise UserError(f"input pattern {pat!r} matches no files")
             files.update(found)
         else:
             raise UserError(f"input file {pat} not found")
-    return sorted(files, key=lambda f: str(f))
+    return sorted(files)
+
+
+def _folder_files(p: Path, given: str) -> list[Path]:
+    from bertscale.data import tables
+
+    if tables.is_saved_dataset(p):
+        return tables.saved_dataset_files(p)
+    if tables.is_saved_dataset_dict(p):
+        splits = tables.saved_dataset_splits(p)
+        if len(splits) != 1:
+            raise UserError(f"input {given} is a saved DatasetDict with splits "
+                            f"{', '.join(splits)}: give the split's folder, e.g. "
+                            f"{p / splits[0]}")
+        return tables.saved_dataset_files(p / splits[0])
+    found = [Path(root) / f for root, _, names in os.walk(p) for f in names
+             if not f.startswith(".")]
+    if not found:
+        raise UserError(f"input directory {given} holds no files")
+    parquet = [f for f in found if f.name.endswith(".parquet")]
+    return parquet or found
+
+
+def _expand_remote(pat: str) -> list[str]:
+    """URLs of the objects a store URL names: one object, everything under a prefix, or a glob."""
+    from bertscale.data import remote
+
+    fs = remote.filesystem(pat)
+    proto = remote.scheme(pat)
+    try:
+        if glob.has_magic(pat):
+            found = [p for p in fs.glob(pat) if fs.isfile(p)]
+            if not found:
+                raise UserError(f"input pattern {pat!r} matches no objects")
+        elif fs.isfile(pat):
+            found = [pat]
+        else:
+            found = [p for p in fs.find(pat) if not Path(p).name.startswith(".")]
+            if not found:
+                raise UserError(f"input {pat}: no such object, and no objects under it")
+            parquet = [f for f in found if f.endswith(".parquet")]
+            found = parquet or found
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any store client error becomes one line
+        raise UserError(f"input {pat}: {remote.reason(e)}") from None
+    return [f if "://" in f else f"{proto}://{f}" for f in found]
 
 
 _MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
@@ -194,6 +259,11 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def detect_format(path: Path) -> str:
+    from bertscale.data import tables
+
+    kind = tables.file_kind(path)
+    if kind is not None:
+        return kind
     for _, line in _lines(path):
         s = line.strip()
         if not s:
@@ -210,8 +280,11 @@ def detect_format(path: Path) -> str:
     return "bert"
 
 
-def read_documents(path: str | Path, fmt: str = "auto", text_field: str = "text") -> Iterator[list[str]]:
-    """Stream the documents of one file; each document is its non-empty paragraphs."""
+def read_documents(path: str | Path, fmt: str = "auto", text_field: str = "text",
+                   id_field: str | None = None) -> Iterator[list[str]]:
+    """Stream the documents of one file; each document is its non-empty paragraphs.
+    `text_field`: the JSON field or table column with the text; `id_field`: the one whose equal
+    values on consecutive rows make one document (JSON lines and tables only)."""
     path = Path(path)
     if fmt not in FORMATS:
         raise UserError(f"unknown input format {fmt!r} (choose from {', '.join(FORMATS)})")
@@ -221,8 +294,37 @@ def read_documents(path: str | Path, fmt: str = "auto", text_field: str = "text"
         yield from _read_bert(path)
     elif fmt == "wikiextractor":
         yield from _read_wikiextractor(path)
+    elif fmt == "jsonl":
+        yield from _group(_jsonl_rows(path, text_field, id_field), id_field is not None)
     else:
-        yield from _read_jsonl(path, text_field)
+        yield from _group(_table_rows(path, fmt, text_field, id_field), id_field is not None)
+
+
+def paragraphs(text: str) -> list[str]:
+    """A JSON line's or a table row's text as paragraphs: its non-empty lines, stripped."""
+    return [p.strip() for p in text.split("\n") if p.strip()]
+
+
+def _group(rows: Iterator[tuple[Any, list[str]]], by_id: bool) -> Iterator[list[str]]:
+    """Documents from (id, paragraphs) rows: one per row, or one per run of equal ids."""
+    if not by_id:
+        for _, paras in rows:
+            if paras:
+                yield paras
+        return
+    doc: list[str] = []
+    current: Any = _NO_ID
+    for key, paras in rows:
+        if key != current:
+            if doc:
+                yield doc
+            doc, current = [], key
+        doc.extend(paras)
+    if doc:
+        yield doc
+
+
+_NO_ID = object()
 
 
 def _read_bert(path: Path) -> Iterator[list[str]]:
@@ -267,7 +369,7 @@ def _read_wikiextractor(path: Path) -> Iterator[list[str]]:
         raise UserError(f"{path}: ends inside a document (missing </doc>)")
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[list[str]]:
+def _jsonl_rows(path: Path, field: str, id_field: str | None) -> Iterator[tuple[Any, list[str]]]:
     for lineno, line in _lines(path):
         if not line.strip():
             continue
@@ -277,10 +379,35 @@ def _read_jsonl(path: Path, field: str) -> Iterator[list[str]]:
             raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict) or field not in obj:
             raise UserError(f"{path}:{lineno}: JSON object has no field {field!r} "
-                            f"(set --text-field)")
+                            f"(set --text-column)")
         text = obj[field]
         if not isinstance(text, str):
             raise UserError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}, not text")
-        doc = [p.strip() for p in text.split("\n") if p.strip()]
-        if doc:
-            yield doc
+        key = None
+        if id_field is not None:
+            if id_field not in obj:
+                raise UserError(f"{path}:{lineno}: JSON object has no field {id_field!r} "
+                                f"(the --doc-id-column)")
+            key = obj[id_field]
+        yield key, paragraphs(text)
+
+
+def _table_rows(path: Path, fmt: str, field: str,
+                id_field: str | None) -> Iterator[tuple[Any, list[str]]]:
+    from bertscale.data import tables
+
+    kind = tables.file_kind(path)
+    if kind != fmt:
+        raise UserError(f"{path}: not {'a Parquet' if fmt == 'parquet' else 'an Arrow'} file "
+                        f"(--format {fmt}); try --format auto")
+    columns = [field] + ([id_field] if id_field is not None else [])
+    hint = "; set --text-column" + (" / --doc-id-column" if id_field is not None else "")
+    for row, values in tables.iter_rows(path, columns, hint):
+        text = values[0]
+        if text is None:
+            yield (values[1] if id_field is not None else None), []
+            continue
+        if not isinstance(text, str):
+            raise UserError(f"{path}: row {row}: column {field!r} holds {type(text).__name__}, "
+                            f"not text (set --text-column)")
+        yield (values[1] if id_field is not None else None), paragraphs(text)

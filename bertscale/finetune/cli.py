@@ -5,10 +5,10 @@ Defaults are the paper's (Devlin et al. 2018, Sections 4.1-4.4): GLUE batch 32, 
 best of lr 5e-5/4e-5/3e-5/2e-5 on dev; SQuAD v1.1 3 epochs, lr 5e-5, batch 32; SQuAD v2.0
 2 epochs, lr 5e-5, batch 48; SWAG 3 epochs, lr 2e-5, batch 16. Warmup is 10% of the steps.
 NER: see `bertscale finetune ner --help`.
-
-Every parser lives here and imports nothing heavy: a task's module (and torch) is imported only
-when that task runs, so `bertscale --help` stays fast.
 """
+# Every parser lives here and imports nothing heavy: a task's module (and torch) is imported only
+# when that task runs, so `bertscale --help` stays fast. (The docstring above is the command's
+# --help text: notes for developers go here, not there.)
 
 from __future__ import annotations
 
@@ -68,8 +68,7 @@ Limits, stated honestly:
   pieces get no prediction and are scored as O (counted and warned about).
 - Feature mode holds the features of every train/dev/test word in memory (fp32): CoNLL-2003's
   ~300k words x 4096 (BERT-Large, four layers) is ~5 GB; use fewer layers for less.
-- One process per device; several under a launcher train data-parallel (see
-  `bertscale.finetune.common`).
+- One process per device; several under a launcher train data-parallel (docs/finetuning.md).
 """
 
 
@@ -84,9 +83,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(g, "glue", save_model=True, eval_what="the first N examples of each dev file")
     g.add_argument("--task", required=True,
                    help="CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI; a comma list; "
-                        "or 'all' (every task folder with a train.tsv under --data-dir)")
+                        "or 'all' (every task with a training set under --data-dir)")
     g.add_argument("--data-dir", type=Path, required=True,
-                   help="the GLUE folder holding <Task>/train.tsv ... (or one task's folder)")
+                   help="the GLUE folder holding <Task>/train.tsv ... (or one task's folder), "
+                        "or Hugging Face's GLUE: <config>/train-*.parquet ... (cola, sst2, mnli, "
+                        "...) or a save_to_disk folder")
     g.add_argument("--max-seq-length", type=int, default=128,
                    help="word pieces per pair, truncated longest-first (default: 128)")
     g.add_argument("--no-test", action="store_true", help="skip the test-set predictions")
@@ -100,8 +101,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "official evaluate script"))
     s.add_argument("--version", required=True, choices=("1.1", "2.0"),
                    help="the SQuAD version of the files (v2.0 has unanswerable questions)")
-    s.add_argument("--train-file", type=Path, help="e.g. train-v1.1.json (not with --eval-only)")
-    s.add_argument("--predict-file", type=Path, required=True, help="e.g. dev-v1.1.json")
+    s.add_argument("--train-file", type=Path,
+                   help="e.g. train-v1.1.json, or Hugging Face's train-00000-of-00001.parquet "
+                        "(not with --eval-only)")
+    s.add_argument("--predict-file", type=Path, required=True,
+                   help="e.g. dev-v1.1.json, or Hugging Face's validation-00000-of-00001.parquet")
     s.add_argument("--max-seq-length", type=int, default=384,
                    help="word pieces per window (default: 384)")
     s.add_argument("--doc-stride", type=int, default=128,
@@ -121,7 +125,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w = tasks.add_parser("swag", help="SWAG from the official train/val/test CSV files")
     _common(w, "swag", save_model=True, eval_what="the first N val.csv examples")
     w.add_argument("--data-dir", type=Path, required=True, help="folder with train.csv, val.csv "
-                   "and optionally test.csv")
+                   "and optionally test.csv, or Hugging Face's SWAG (regular/train-*.parquet, "
+                   "validation, test)")
     w.add_argument("--max-seq-length", type=int, default=128,
                    help="word pieces per context + ending (default: 128)")
     w.add_argument("--no-test", action="store_true", help="skip the test-set predictions")
@@ -211,8 +216,9 @@ def _common(p: argparse.ArgumentParser, family: str, save_model: bool = False,
             eval_what: str = "the first N dev examples") -> None:
     """Flags every task shares (bertscale.finetune.ner uses them too)."""
     p.add_argument("--checkpoint", type=Path, required=True,
-                   help="a Hugging Face BERT folder or a bertscale run / checkpoint folder "
-                        "(with --eval-only: a fine-tuned model folder written by --save-model)")
+                   help="a local Hugging Face BERT folder or a bertscale run / checkpoint "
+                        "folder; Hub names are not downloaded (with --eval-only: a fine-tuned "
+                        "model folder written by --save-model)")
     p.add_argument("--output-dir", type=Path, required=True,
                    help="results.json and prediction files go to OUTPUT_DIR/<task>/")
     p.add_argument("--lr", help=_lr_help(family))
@@ -306,9 +312,10 @@ def _glue(args: argparse.Namespace) -> int:
     from bertscale.finetune import common, glue
     cfg, lrs, seeds = _train_config(args, "glue")
     if args.task.lower() == "all":
-        names = [t for t in glue.TASKS if (args.data_dir / t / "train.tsv").is_file()]
+        names = glue.tasks_in(args.data_dir)
         if not names:
-            raise UserError(f"{args.data_dir}: no <Task>/train.tsv for any GLUE task")
+            raise UserError(f"{args.data_dir}: no <Task>/train.tsv (nor Hugging Face's "
+                            f"<config>/train-*.parquet) for any GLUE task")
     else:
         names = [glue.task_by_name(t.strip()).name for t in args.task.split(",") if t.strip()]
     lines = []

@@ -722,9 +722,10 @@ def check_output_dir(out_dir: Path, settings: Mapping[str, Any], overwrite: bool
             old = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             old = None
-        if old != settings:
+        if _compared(old) != _compared(settings):
             if not overwrite:
-                diff = _diff(old or {}, settings)
+                _refuse_other_weights(out_dir, old, settings)
+                diff = _diff(_compared(old or {}), _compared(settings))
                 raise UserError(
                     f"{out_dir} holds results of other settings ({diff}); use another "
                     f"--output-dir, or --overwrite to delete those results")
@@ -737,6 +738,36 @@ def check_output_dir(out_dir: Path, settings: Mapping[str, Any], overwrite: bool
                         f"use another --output-dir, or --overwrite to delete them")
     barrier()
     write_json_on_main(path, settings)
+
+
+# Settings that describe a grid without deciding its results: where the weights were read from
+# (the same weights moved elsewhere give the same runs; their step and fingerprint decide).
+_INFORMATIONAL = ("checkpoint",)
+
+
+def _compared(settings: Any) -> Any:
+    if not isinstance(settings, dict):
+        return settings
+    return {k: v for k, v in settings.items() if k not in _INFORMATIONAL}
+
+
+def _refuse_other_weights(out_dir: Path, old: Any, new: Mapping[str, Any]) -> None:
+    """One line when the grid's folder was fine-tuned from other pretrained weights than
+    --checkpoint gives now (a run folder whose newest checkpoint moved on, another model):
+    seeds of two checkpoints are never averaged together."""
+    keys = ("checkpoint_step", "checkpoint_fingerprint")
+    if (not isinstance(old, dict) or "checkpoint_fingerprint" not in old
+            or all(old.get(k) == new.get(k) for k in keys)):
+        return
+
+    def what(s: Mapping[str, Any]) -> str:
+        step = f"step {s.get('checkpoint_step')}, " if s.get("checkpoint_step") is not None else ""
+        return (f"{s.get('checkpoint')} ({step}weights "
+                f"{str(s.get('checkpoint_fingerprint'))[:12]})")
+    raise UserError(f"{out_dir} holds runs fine-tuned from {what(old)}, but --checkpoint now "
+                    f"gives {what(new)}; runs of two pretrained checkpoints are never averaged. "
+                    f"Pass --checkpoint {old.get('checkpoint')} to continue this grid, or use "
+                    f"another --output-dir (--overwrite deletes those results)")
 
 
 def check_eval_dir(out_dir: Path) -> None:
@@ -807,7 +838,9 @@ def run_grid(task: str, out_dir: Path, lrs: Sequence[float], seeds: Sequence[int
             finally:
                 sinks.close()
             write_json_on_main(done, {"task": task, "lr": lr, "seed": seed,
-                                      "metrics": metrics, "train": stats})
+                                      "metrics": metrics, "train": stats,
+                                      **{k: v for k, v in settings.items()
+                                         if k.startswith("checkpoint")}})
             TrainState(cfg, 0, 0).remove()
             runs.append(RunResult(lr, seed, metrics, folder, stats))
     return runs

@@ -1,12 +1,23 @@
 """GLUE: the nine tasks in the TSV layout of the GLUE distribution, official metrics, and test
 predictions in the GLUE server's submission format.
 
-Layout read (one folder per task, named as in the GLUE download: CoLA, SST-2, MRPC, STS-B, QQP,
-MNLI, QNLI, RTE, WNLI): train.tsv, dev.tsv (MNLI: dev_matched.tsv and dev_mismatched.tsv),
-test.tsv (MNLI: test_matched.tsv, test_mismatched.tsv). Fields are tab-separated with no
-quoting (quotes are text, as the GLUE files need); CoLA's train/dev have no header, every other
-file has one and columns are found by name. MNLI's folder (or the GLUE root's
-diagnostic/diagnostic.tsv) may hold the diagnostic set AX.tsv, predicted with the MNLI model.
+Layouts read, picked by what the folder holds:
+
+- The GLUE download (one folder per task: CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI):
+  train.tsv, dev.tsv (MNLI: dev_matched.tsv and dev_mismatched.tsv), test.tsv (MNLI:
+  test_matched.tsv, test_mismatched.tsv). Fields are tab-separated with no quoting (quotes are
+  text, as the GLUE files need); CoLA's train/dev have no header, every other file has one and
+  columns are found by name. MNLI's folder (or the GLUE root's diagnostic/diagnostic.tsv) may
+  hold the diagnostic set AX.tsv, predicted with the MNLI model.
+- Hugging Face's GLUE (nyu-mll/glue; one folder per config: cola, sst2, mrpc, stsb, qqp, mnli,
+  qnli, rte, wnli, ax): Parquet files per split (`train-00000-of-00001.parquet`,
+  `validation_matched/0000.parquet`, `glue-train.parquet`, `data/train-*.parquet`) or a
+  `DatasetDict.save_to_disk` folder, with HF's column names (`sentence`, `sentence1/2`,
+  `question1/2`, `premise/hypothesis`, `question/sentence`, `label`, `idx`). HF's labels are
+  class indices in its own order (MNLI: entailment, neutral, contradiction; the TSVs spell
+  the words, which we keep in Google's order): they are mapped by their names, read from the
+  file's `datasets` features when present, else HF's published names; -1 is "no label" (the
+  test splits). `idx` is the example id in prediction files.
 
 Written per task: results.json (dev metrics, mean ± std over seeds per learning rate) and the
 chosen run's test predictions `<Task>.tsv` (`index<TAB>prediction`, labels as the task spells
@@ -31,6 +42,7 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bertscale.data import tables
 from bertscale.errors import UserError
 from bertscale.files import read_text
 from bertscale.finetune import common
@@ -108,6 +120,38 @@ TASKS: dict[str, Task] = {
                  test=_pair_layout("sentence1", "sentence2", None)),
 }
 AX_LAYOUT = _pair_layout("sentence1", "sentence2", None)
+
+
+@dataclass(frozen=True)
+class HFTask:
+    """A task in Hugging Face's GLUE: its config folder, columns and ClassLabel names."""
+
+    config: str
+    text_a: str
+    text_b: str | None
+    names: tuple[str, ...] | None
+    """HF's label names in its class-index order; None = regression (a float label)."""
+    ours: tuple[str, ...] | None = None
+    """Our label string (Task.labels) for each of `names`; None = the names themselves."""
+
+
+_BINARY = ("0", "1")
+HF_TASKS: dict[str, HFTask] = {
+    "CoLA": HFTask("cola", "sentence", None, ("unacceptable", "acceptable"), _BINARY),
+    "SST-2": HFTask("sst2", "sentence", None, ("negative", "positive"), _BINARY),
+    "MRPC": HFTask("mrpc", "sentence1", "sentence2", ("not_equivalent", "equivalent"), _BINARY),
+    "STS-B": HFTask("stsb", "sentence1", "sentence2", None),
+    "QQP": HFTask("qqp", "question1", "question2", ("not_duplicate", "duplicate"), _BINARY),
+    "MNLI": HFTask("mnli", "premise", "hypothesis", ("entailment", "neutral", "contradiction")),
+    "QNLI": HFTask("qnli", "question", "sentence", ("entailment", "not_entailment")),
+    "RTE": HFTask("rte", "sentence1", "sentence2", ("entailment", "not_entailment")),
+    "WNLI": HFTask("wnli", "sentence1", "sentence2", ("not_entailment", "entailment"), _BINARY),
+}
+HF_AX = HFTask("ax", "premise", "hypothesis", ("entailment", "neutral", "contradiction"))
+# The TSV file each Hugging Face split stands for (the names our outputs are named after).
+HF_SPLITS = {"train.tsv": "train", "dev.tsv": "validation", "test.tsv": "test",
+             "dev_matched.tsv": "validation_matched", "dev_mismatched.tsv": "validation_mismatched",
+             "test_matched.tsv": "test_matched", "test_mismatched.tsv": "test_mismatched"}
 
 
 def task_by_name(name: str) -> Task:
@@ -201,6 +245,106 @@ def find_task_dir(data_dir: Path, task: Task, need: str = "train.tsv") -> Path:
             return cand
     raise UserError(f"{data_dir}: no {task.name}/{need} (nor {need}) here; pass the GLUE "
                     f"folder that holds {task.name}/ or the {task.name} folder itself")
+
+
+@dataclass
+class TaskFiles:
+    """A task's files in either layout, named by the GLUE download's file names."""
+
+    task: Task
+    folder: Path
+    hf: HFTask | None = None
+    """Set for Hugging Face's layout."""
+
+    def has(self, name: str) -> bool:
+        if self.hf is None:
+            return (self.folder / name).is_file()
+        return bool(tables.split_files(self.folder, HF_SPLITS[name]))
+
+    def read(self, name: str, layout: Layout, labelled: bool) -> list[Example]:
+        if self.hf is None:
+            return read_tsv(self.folder / name, self.task, layout, labelled)
+        split = HF_SPLITS[name]
+        files = tables.split_files(self.folder, split)
+        if not files:
+            raise UserError(f"{self.folder}: no {split} split ({split}-*.parquet, "
+                            f"{split}/*.parquet or a saved {split}/ folder)")
+        return read_hf(files, self.task, self.hf, labelled)
+
+    def ax(self) -> list[Example] | None:
+        """The diagnostic set AX (MNLI), unlabelled, when the layout has it."""
+        if self.hf is None:
+            for ax in (self.folder / "AX.tsv", self.folder.parent / "diagnostic" / "diagnostic.tsv"):
+                if ax.is_file():
+                    return read_tsv(ax, self.task, AX_LAYOUT, labelled=False)
+            return None
+        files = tables.split_files(self.folder.parent / "ax", "test")
+        return read_hf(files, self.task, HF_AX, labelled=False) if files else None
+
+
+def task_files(data_dir: Path, task: Task, need: str = "train.tsv") -> TaskFiles:
+    """The task's files under `data_dir`: the GLUE root or the task's folder, in the GLUE
+    download's layout or Hugging Face's (its config folder: mnli/, sst2/, ...)."""
+    hf = HF_TASKS[task.name]
+    for cand in (data_dir / task.name, data_dir):
+        if (cand / need).is_file():
+            return TaskFiles(task, cand)
+    for cand in (data_dir / hf.config, data_dir / task.name, data_dir):
+        if tables.split_files(cand, HF_SPLITS[need]):
+            return TaskFiles(task, cand, hf)
+    raise UserError(f"{data_dir}: no {task.name}/{need} (nor {need}) here, nor Hugging Face's "
+                    f"{hf.config}/{HF_SPLITS[need]}-*.parquet; pass the GLUE folder that holds "
+                    f"{task.name}/ (or {hf.config}/) or the task's folder itself")
+
+
+def tasks_in(data_dir: Path) -> list[str]:
+    """The tasks with a training set under the GLUE root `data_dir`, in either layout."""
+    return [name for name, hf in HF_TASKS.items()
+            if (data_dir / name / "train.tsv").is_file()
+            or tables.split_files(data_dir / hf.config, "train")]
+
+
+def read_hf(files: list[Path], task: Task, hf: HFTask, labelled: bool) -> list[Example]:
+    """One split of Hugging Face's GLUE (Parquet or Arrow files, in order). Labels are mapped
+    to ours by name; every problem names the file and the row."""
+    columns = [hf.text_a] + ([hf.text_b] if hf.text_b else []) + ["label", "idx"]
+    out: list[Example] = []
+    for path in files:
+        schema = tables.schema(path)
+        names = hf.names
+        if hf.names is not None:
+            names = tuple(tables.class_names(schema, "label") or hf.names)
+        # STS-B's scores are float32 in HF's files: read back as the decimal they stand for
+        # (3.8, not 3.799999952...), the score the TSV spells, so that the metrics agree.
+        single = "label" in schema.names and str(schema.field("label").type) == "float"
+        ours = dict(zip(hf.names or (), hf.ours or hf.names or ()))
+        label_index = {s: i for i, s in enumerate(task.labels or ())}
+        unknown = [n for n in names or () if n not in ours]
+        if unknown:
+            raise UserError(f"{path}: label names {', '.join(unknown)} are not {task.name} "
+                            f"labels (Hugging Face's are {', '.join(hf.names or ())})")
+        hint = f"; is this Hugging Face's GLUE {hf.config}?"
+        for row, values in tables.iter_rows(path, columns, hint):
+            a, b = values[0], values[1] if hf.text_b else None
+            raw_label, idx = values[-2], values[-1]
+            if not isinstance(a, str) or (hf.text_b and not isinstance(b, str)):
+                raise UserError(f"{path}: row {row}: a text column is empty (null)")
+            label: int | float | None = None
+            if labelled:
+                if names is None:   # STS-B: a score
+                    if not isinstance(raw_label, (int, float)) or not (
+                            task.score_range[0] <= raw_label <= task.score_range[1]):
+                        raise UserError(f"{path}: row {row}: score {raw_label!r} is not a number "
+                                        f"in [{task.score_range[0]:g}, {task.score_range[1]:g}]")
+                    label = float(str(np.float32(raw_label))) if single else float(raw_label)
+                else:
+                    if not isinstance(raw_label, int) or not 0 <= raw_label < len(names):
+                        raise UserError(f"{path}: row {row}: label {raw_label!r} is not a class "
+                                        f"of {', '.join(names)} (-1, no label, is for test "
+                                        f"splits)")
+                    label = label_index[ours[names[raw_label]]]
+            out.append(Example(str(idx), a, b, label))
+    return out
 
 
 # --------------------------------------------------------------------------- features
@@ -300,10 +444,11 @@ def run(a: GlueArgs) -> dict[str, Any]:
     task = task_by_name(a.task)
     if a.eval_only:
         return evaluate_saved(a, task, t0)
-    folder = find_task_dir(a.data_dir, task)
+    files = task_files(a.data_dir, task)
+    folder = files.folder
     regression = task.labels is None
-    train_ex = read_tsv(folder / "train.tsv", task, task.train, labelled=True)
-    dev_sets, tests = read_eval_sets(folder, task, a)
+    train_ex = files.read("train.tsv", task.train, labelled=True)
+    dev_sets, tests = read_eval_sets(files, task, a)
     if a.max_train_samples:
         train_ex = train_ex[:a.max_train_samples]
 
@@ -316,13 +461,9 @@ def run(a: GlueArgs) -> dict[str, Any]:
                         f"{task.name} training text", [e.text_a for e in train_ex[:2000]])
     pad_id = tok.token_to_id("[PAD]")
 
-    for fname, _suffix in task.dev_files:
-        path = folder / fname
-        if not path.is_file():
-            raise UserError(f"{folder}: no {fname}; the dev set is needed to score the run")
     from bertscale.model import BertForSequenceClassification
     out_dir = Path(a.output_dir) / task.name
-    extra = dict(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+    extra = dict(**pretrained.identity(),
                  lowercase=pretrained.lowercase, data=str(folder), train_examples=len(train_f),
                  max_seq_length=a.max_seq_length, max_eval_samples=a.max_eval_samples,
                  save_model=a.save_model, predict_test=a.predict_test)
@@ -343,27 +484,26 @@ def run(a: GlueArgs) -> dict[str, Any]:
                          [name for name, _, _ in test_f], a.train, t0, task.metric_names, **extra)
 
 
-def read_eval_sets(folder: Path, task: Task, a: GlueArgs) -> tuple[list, list]:
+def read_eval_sets(files: TaskFiles, task: Task, a: GlueArgs) -> tuple[list, list]:
     """The dev sets [(file, metric suffix, examples)] (first --max-eval-samples of each) and
-    the test sets [(submission name, examples)] of a task folder."""
+    the test sets [(submission name, examples)] of a task folder (either layout)."""
     dev_sets = []
     for fname, suffix in task.dev_files:
-        path = folder / fname
-        if not path.is_file():
-            raise UserError(f"{folder}: no {fname}; the dev set is needed to score the run")
-        dev_sets.append((fname, suffix, read_tsv(path, task, task.train, labelled=True)
+        if not files.has(fname):
+            what = f"the {HF_SPLITS[fname]} split" if files.hf else fname
+            raise UserError(f"{files.folder}: no {what}; the dev set is needed to score the run")
+        dev_sets.append((fname, suffix, files.read(fname, task.train, labelled=True)
                          [:a.max_eval_samples or None]))
     tests: list[tuple[str, list[Example]]] = []
     if a.predict_test:
         for fname, _ in task.test_files:
-            if (folder / fname).is_file():
+            if files.has(fname):
                 tests.append((submission_name(task, fname),
-                              read_tsv(folder / fname, task, task.test, labelled=False)))
+                              files.read(fname, task.test, labelled=False)))
         if task.name == "MNLI":
-            for ax in (folder / "AX.tsv", folder.parent / "diagnostic" / "diagnostic.tsv"):
-                if ax.is_file():
-                    tests.append(("AX.tsv", read_tsv(ax, task, AX_LAYOUT, labelled=False)))
-                    break
+            ax = files.ax()
+            if ax is not None:
+                tests.append(("AX.tsv", ax))
     return dev_sets, tests
 
 
@@ -384,8 +524,9 @@ def evaluate_saved(a: GlueArgs, task: Task, t0: float) -> dict[str, Any]:
     """--eval-only: score the dev sets (and predict the test sets) with a saved fine-tuned
     model, through the same prediction and scoring code as training."""
     task, model, tok, saved, pretrained = load_saved(a.checkpoint, task.name)
-    folder = find_task_dir(a.data_dir, task, task.dev_files[0][0])
-    dev_sets, tests = read_eval_sets(folder, task, a)
+    files = task_files(a.data_dir, task, task.dev_files[0][0])
+    folder = files.folder
+    dev_sets, tests = read_eval_sets(files, task, a)
     regression = task.labels is None
     dev_f = [(f, s, featurize(tok, ex, regression), ex) for f, s, ex in dev_sets]
     test_f = [(name, featurize(tok, ex, regression), ex) for name, ex in tests]
@@ -412,14 +553,18 @@ def predict_file(checkpoint: Path, input_file: Path, output: Path,
     text columns; the label column, if any, is ignored) -> the GLUE submission TSV."""
     task, model, tok, _, _ = load_saved(checkpoint)
     layout = task.test if task.name != "MNLI" else AX_LAYOUT
-    examples = read_tsv(input_file, task, layout, labelled=False)
+    if input_file.is_file() and tables.file_kind(input_file) is not None:  # Hugging Face's split
+        examples = read_hf([input_file], task, HF_TASKS[task.name], labelled=False)
+    else:
+        examples = read_tsv(input_file, task, layout, labelled=False)
     feats = featurize(tok, examples, task.labels is None)
     cfg = dataclasses.replace(cfg)
     cfg.run = common.RunContext(output.parent, f"{task.name} predict")
     (logits,) = common.predict(model, feats, logits_of, cfg, tok.token_to_id("[PAD]"),
                                what=input_file.name)
-    common.write_text_on_main(output, submission_tsv(task, [e.guid for e in examples],
-                                                     predict_labels(task, logits)))
+    preds = predict_labels(task, logits)
+    warn_one_class(task, preds, input_file.name, cfg)
+    common.write_text_on_main(output, submission_tsv(task, [e.guid for e in examples], preds))
     return output
 
 
@@ -441,13 +586,24 @@ def score_and_write(task: Task, model: nn.Module, dev_f: Sequence[tuple], test_f
         labels = np.array([f["label"] for f in feats])
         for k, v in compute_metrics(task, preds, labels).items():
             metrics[k + suffix] = v
+        warn_one_class(task, preds, fname, cfg, labels)
         common.write_text_on_main(run_dir / dev_predictions_name(fname),
                                   dev_predictions_tsv(task, ex, preds))
     for name, feats, ex in test_f:
         (logits,) = common.predict(model, feats, logits_of, cfg, pad_id, what=name)
-        common.write_text_on_main(run_dir / name, submission_tsv(
-            task, [e.guid for e in ex], predict_labels(task, logits)))
+        preds = predict_labels(task, logits)
+        warn_one_class(task, preds, name, cfg)
+        common.write_text_on_main(run_dir / name, submission_tsv(task, [e.guid for e in ex], preds))
     return metrics
+
+
+def warn_one_class(task: Task, preds: np.ndarray, what: str, cfg: common.TrainConfig,
+                   gold: np.ndarray | None = None) -> None:
+    """One line when a classifier predicted a single class for a whole file."""
+    found = M.one_class(preds, task.labels, gold) if task.labels else None
+    if found:
+        common.log(f"warning: {cfg.run.name if cfg.run else task.name}, {what}: {found}: the "
+                   f"model predicts one class only")
 
 
 def predict_labels(task: Task, logits: np.ndarray) -> np.ndarray:

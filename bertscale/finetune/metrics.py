@@ -104,6 +104,23 @@ def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
     return pearson(rankdata(x), rankdata(y))
 
 
+def one_class(preds: Sequence[int] | np.ndarray, names: Sequence[str],
+              gold: Sequence[int] | np.ndarray | None = None) -> str | None:
+    """`1725/1725 predictions are "1"` when every prediction (of two or more) is one class,
+    else None. A classifier that learnt only the majority class can still score well on
+    accuracy or F1 (MRPC: F1 81.2 for all "1"); the count says what happened. With `gold`, the
+    true labels' counts follow."""
+    p = np.asarray(preds).reshape(-1)
+    if p.size < 2 or (p != p[0]).any():
+        return None
+    text = f'{p.size}/{p.size} predictions are "{names[int(p[0])]}"'
+    if gold is not None:
+        counts = collections.Counter(int(g) for g in np.asarray(gold).reshape(-1))
+        text += " (true labels: " + ", ".join(f'{n} "{names[k]}"'
+                                              for k, n in counts.most_common()) + ")"
+    return text
+
+
 def _pair(preds: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     p = np.asarray(preds)
     y = np.asarray(labels)

@@ -455,7 +455,7 @@ def run(a: NerArgs) -> dict[str, Any]:  # noqa: C901
         return metrics, stats
 
     extra: dict[str, Any] = dict(
-        checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+        **pretrained.identity(),
         lowercase=pretrained.lowercase, mode=a.mode, labels=labels, tag_scheme=a.tag_scheme,
         train_file=str(a.train_file), dev_file=str(a.dev_file),
         test_file=str(a.test_file) if a.test_file else None,

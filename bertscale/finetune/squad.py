@@ -2,6 +2,13 @@
 the official EM / F1 (v2.0: with the no-answer threshold search), and prediction files in the
 official formats.
 
+Files: the official JSON, or Hugging Face's SQuAD (rajpurkar/squad, squad_v2): a split's
+Parquet file (`plain_text/validation-00000-of-00001.parquet`) or `save_to_disk` folder with
+columns id, title, context, question and answers {text: [...], answer_start: [...]}. Its rows
+are grouped back into articles (consecutive equal titles) and paragraphs (consecutive equal
+contexts), the layout the official evaluation reads; in v2.0 a question without answers is
+unanswerable.
+
 Features follow Google's run_squad: [CLS] question [SEP] context-window [SEP], the question cut
 to --max-query-length word pieces (64), windows of the context every --doc-stride tokens (128)
 so that every token appears in at least one window of --max-seq-length (384). A token seen in
@@ -83,17 +90,70 @@ def _line_of(text: str, qid: str) -> int | None:
     return text.count("\n", 0, m.start()) + 1 if m else None
 
 
+def _table_files(path: Path) -> list[Path] | None:
+    """The Parquet / Arrow files of Hugging Face's SQuAD at `path` (a file, or a save_to_disk
+    folder), or None for the official JSON."""
+    from bertscale.data import tables
+
+    if path.is_dir() and tables.is_saved_dataset(path):
+        return tables.saved_dataset_files(path)
+    if path.is_file() and tables.file_kind(path) is not None:
+        return [path]
+    return None
+
+
+def _squad_from_table(files: list[Path], version: str) -> dict[str, Any]:
+    """Hugging Face's SQuAD rows -> the official JSON layout (articles, paragraphs, qas)."""
+    from bertscale.data import tables
+
+    articles: list[dict[str, Any]] = []
+    empty = answered = 0
+    for path in files:
+        rows = tables.iter_rows(path, ["id", "title", "context", "question", "answers"],
+                                "; is this Hugging Face's SQuAD?")
+        for row, (qid, title, context, question, answers) in rows:
+            if isinstance(answers, dict):   # datasets' Sequence of a dict: a struct of lists
+                texts, starts = answers.get("text") or [], answers.get("answer_start") or []
+                if len(texts) != len(starts):
+                    raise UserError(f"{path}: row {row} (question {qid}): answers has "
+                                    f"{len(texts)} texts but {len(starts)} answer_starts")
+                answers = [{"text": t, "answer_start": a} for t, a in zip(texts, starts)]
+            elif not isinstance(answers, list):
+                raise UserError(f"{path}: row {row} (question {qid}): answers is "
+                                f"{type(answers).__name__}, not a struct of lists")
+            if not articles or articles[-1]["title"] != title:
+                articles.append({"title": title, "paragraphs": []})
+            paras = articles[-1]["paragraphs"]
+            if not paras or paras[-1]["context"] != context:
+                paras.append({"context": context, "qas": []})
+            qa: dict[str, Any] = {"id": qid, "question": question, "answers": answers}
+            if version == "2.0":
+                qa["is_impossible"] = not answers
+            paras[-1]["qas"].append(qa)
+            empty += not answers
+            answered += bool(answers)
+    if version == "1.1" and empty and answered:
+        raise UserError(f"{files[0]}: {empty} questions have no answer: this is SQuAD v2.0; run "
+                        f"with --version 2.0")
+    return {"version": version if version == "1.1" else "v2.0", "data": articles}
+
+
 # Over ruff's complexity limit on purpose: one check per malformed field of a SQuAD file.
 def read_squad(path: str | Path, version: str) -> SquadFile:  # noqa: C901
     """Read and check an official SQuAD JSON file of the stated version."""
     path = Path(path)
     if version not in _VERSIONS:
         raise UserError(f"--version {version!r}: choose 1.1 or 2.0")
-    text = read_text(path)
-    try:
-        top = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    table = _table_files(path)
+    if table is not None:
+        text, top = "", _squad_from_table(table, version)
+    else:
+        text = read_text(path)
+        try:
+            top = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column "
+                            f"{e.colno})") from None
     if not isinstance(top, dict) or not isinstance(top.get("data"), list):
         raise UserError(f"{path}: not a SQuAD file (expected an object with a \"data\" list of "
                         f"articles)")
@@ -444,7 +504,7 @@ def run(a: SquadArgs) -> dict[str, Any]:
     from bertscale.model import BertForQuestionAnswering
     out_dir = Path(a.output_dir) / name
     files = _files(a)
-    extra = dict(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+    extra = dict(**pretrained.identity(),
                  lowercase=pretrained.lowercase, train_file=str(a.train_file),
                  predict_file=str(a.predict_file),
                  train_questions=len(train_data.examples),

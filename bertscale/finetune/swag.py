@@ -3,7 +3,10 @@
 Reads the official CSV files of the swagaf release (train.csv, val.csv with a `label` column,
 test.csv without): a leading unnamed index column, then video-id, fold-ind, startphrase, sent1,
 sent2, gold-source, ending0..ending3[, label]. Standard CSV quoting (the files quote endings that
-hold commas). Columns are found by name, so a file without the index column reads too.
+hold commas). Columns are found by name, so a file without the index column reads too. Or, when
+the folder has no train.csv, Hugging Face's SWAG (allenai/swag, config `regular`): Parquet files
+per split (train, validation, test; in the folder or its `regular/`) or a `save_to_disk` folder,
+the same columns with the label a class index (-1 in test); an example's index is its row.
 
 Each choice is encoded as ([CLS] sent1 [SEP] sent2 + " " + ending_i [SEP]), truncated
 longest-first to --max-seq-length (128); BertForMultipleChoice scores each with a vector dotted
@@ -100,6 +103,57 @@ def read_swag(path: Path, labelled: bool) -> list[SwagExample]:
     return out
 
 
+_HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+
+
+def read_split(folder: Path, name: str, labelled: bool) -> list[SwagExample] | None:
+    """`name` (train, val or test) of a SWAG folder in either layout; None when it is absent."""
+    from bertscale.data import tables
+
+    csv_file = folder / f"{name}.csv"
+    if csv_file.is_file() or (folder / "train.csv").is_file():
+        return read_swag(csv_file, labelled) if csv_file.is_file() else None
+    for cand in (folder / "regular", folder):
+        files = tables.split_files(cand, _HF_SPLITS[name])
+        if files:
+            return read_swag_hf(files, labelled)
+    return None
+
+
+def read_swag_hf(files: list[Path], labelled: bool) -> list[SwagExample]:
+    """One split of Hugging Face's SWAG (`regular`); errors name the file and the row."""
+    from bertscale.data import tables
+
+    columns = [*_TEXT_COLUMNS, "label"]
+    out: list[SwagExample] = []
+    for path in files:
+        for row, values in tables.iter_rows(path, columns, "; is this SWAG's regular config?"):
+            v = dict(zip(columns, values))
+            if not all(isinstance(v[c], str) for c in _TEXT_COLUMNS):
+                raise UserError(f"{path}: row {row}: a text column is empty (null)")
+            label = None
+            if labelled:
+                if v["label"] not in range(NUM_CHOICES):
+                    raise UserError(f"{path}: row {row}: label {v['label']!r} is not an ending "
+                                    f"number 0-{NUM_CHOICES - 1}")
+                label = int(v["label"])
+            out.append(SwagExample(index=str(len(out)), context=v["sent1"],
+                                   start_ending=v["sent2"],
+                                   endings=[v[f"ending{i}"] for i in range(NUM_CHOICES)],
+                                   label=label))
+    if not out:
+        raise UserError(f"{files[0]}: the split has no examples")
+    return out
+
+
+def _need_split(folder: Path, name: str, labelled: bool) -> list[SwagExample]:
+    got = read_split(folder, name, labelled)
+    if got is None:
+        raise UserError(f"{folder}: no {name}.csv, nor Hugging Face's {_HF_SPLITS[name]} split "
+                        f"({_HF_SPLITS[name]}-*.parquet here or in regular/)")
+    return got
+
+
 def featurize(tok: Any, examples: Sequence[SwagExample]) -> list[dict[str, Any]]:
     pairs = [(e.context, f"{e.start_ending} {ending}".strip())
              for e in examples for ending in e.endings]
@@ -156,23 +210,34 @@ def score_and_write(model: nn.Module, val: tuple[list[SwagExample], list[dict[st
     model gives the run's own numbers."""
     (val_ex, val_f), (test_ex, test_f) = val, test
     (logits,) = common.predict(model, val_f, logits_of, cfg, pad_id, what="val")
-    metrics = {"accuracy": M.accuracy(logits.argmax(-1), [f["label"] for f in val_f])}
+    gold = [f["label"] for f in val_f]
+    metrics = {"accuracy": M.accuracy(logits.argmax(-1), gold)}
+    _warn_one_ending(logits.argmax(-1), "val.csv", cfg, gold)
     common.write_text_on_main(run_dir / "val_predictions.csv",
                               predictions_csv(val_ex, logits.argmax(-1), with_label=True))
     if test_f:
         (logits,) = common.predict(model, test_f, logits_of, cfg, pad_id, what="test")
+        _warn_one_ending(logits.argmax(-1), "test.csv", cfg)
         common.write_text_on_main(run_dir / "predictions.csv",
                                   predictions_csv(test_ex, logits.argmax(-1)))
     return metrics
+
+
+def _warn_one_ending(preds: np.ndarray, what: str, cfg: common.TrainConfig,
+                     gold: Sequence[int] | None = None) -> None:
+    """One line when the model chose the same ending for every example of a file."""
+    found = M.one_class(preds, [f"ending {k}" for k in range(4)], gold)
+    if found:
+        common.log(f"warning: {cfg.run.name if cfg.run else 'SWAG'}, {what}: {found}: the model "
+                   f"chooses by position only")
 
 
 def _eval_sets(a: SwagArgs, tok: Any) -> tuple[tuple[list, list], tuple[list, list]]:
     """(val examples, features) cut to --max-eval-samples, and test's (empty without test.csv
     or with --no-test)."""
     d = Path(a.data_dir)
-    val_ex = read_swag(d / "val.csv", labelled=True)[:a.max_eval_samples or None]
-    test_ex = read_swag(d / "test.csv", labelled=False) \
-        if a.predict_test and (d / "test.csv").is_file() else []
+    val_ex = _need_split(d, "val", labelled=True)[:a.max_eval_samples or None]
+    test_ex = (read_split(d, "test", labelled=False) or []) if a.predict_test else []
     return (val_ex, featurize(tok, val_ex)), (test_ex, featurize(tok, test_ex))
 
 
@@ -209,8 +274,12 @@ def predict_file(checkpoint: Path, input_file: Path, output: Path,
                  cfg: common.TrainConfig) -> Path:
     """`finetune predict` for a SWAG model: a CSV in the official layout (a label column, if
     any, is ignored) -> `index,pred` (the chosen ending 0-3 per example id), as predictions.csv."""
+    from bertscale.data import tables
+
     model, tok, _, _ = load_saved(checkpoint)
-    examples = read_swag(input_file, labelled=False)
+    examples = (read_swag_hf([input_file], labelled=False)
+                if input_file.is_file() and tables.file_kind(input_file) is not None
+                else read_swag(input_file, labelled=False))
     cfg = dataclasses.replace(cfg)
     cfg.run = common.RunContext(output.parent, "SWAG predict")
     (logits,) = common.predict(model, featurize(tok, examples), logits_of, cfg,
@@ -225,7 +294,7 @@ def run(a: SwagArgs) -> dict[str, Any]:
     if a.eval_only:
         return evaluate_saved(a, t0)
     d = Path(a.data_dir)
-    train_ex = read_swag(d / "train.csv", labelled=True)[:a.max_train_samples or None]
+    train_ex = _need_split(d, "train", labelled=True)[:a.max_train_samples or None]
     pretrained = common.load_checkpoint(a.checkpoint)
     tok = common.load_task_tokenizer(pretrained, a.max_seq_length)
     train_f = featurize(tok, train_ex)
@@ -249,7 +318,7 @@ def run(a: SwagArgs) -> dict[str, Any]:
                                "recipe": common.recipe(cfg)})
         return metrics, stats
 
-    extra = dict(checkpoint=pretrained.source, checkpoint_kind=pretrained.kind,
+    extra = dict(**pretrained.identity(),
                  lowercase=pretrained.lowercase, data=str(d), train_examples=len(train_f),
                  max_seq_length=a.max_seq_length, max_eval_samples=a.max_eval_samples,
                  save_model=a.save_model, predict_test=a.predict_test)

@@ -13,7 +13,7 @@ from typing import Any
 
 from bertscale.pretraining.agreement import next_micro_batches
 from bertscale.pretraining.stats import EvalStats
-from bertscale.pretraining.step import forward, to_device
+from bertscale.pretraining.step import forward, host_lengths, to_device
 
 
 class Evaluator:
@@ -29,9 +29,12 @@ class Evaluator:
         if self.at_start and step == 0:
             self.run(step)
 
+    def due(self, step: int) -> bool:
+        return bool(self.every and step % self.every == 0 or step == self.total)
+
     def maybe_run(self, step: int) -> None:
         """After applied step `step`."""
-        if self.every and step % self.every == 0 or step == self.total:
+        if self.due(step):
             self.run(step)
 
     def run(self, step: int) -> dict[str, float]:
@@ -52,9 +55,9 @@ class Evaluator:
             batches = iter(loader)
             with torch.no_grad():
                 for _ in range(len(loader)):
-                    batch = to_device(next_micro_batches(batches, 1, step=step, device=device)[0],
-                                      device)
-                    p = forward(engine, batch, self.vocab_size)
+                    cpu_batch = next_micro_batches(batches, 1, step=step, device=device)[0]
+                    batch = to_device(cpu_batch, device)
+                    p = forward(engine, batch, self.vocab_size, host_lengths(cpu_batch))
                     sums += EvalStats.pack(
                         device, mlm_loss=p.mlm * p.mlm_count, nsp_loss=p.nsp * p.nsp_count,
                         mlm_correct=p.mlm_correct, mlm_count=p.mlm_count,

@@ -9,13 +9,17 @@ chosen steps, so that DeepSpeed's own overflow check skips the update. What it d
 fp16 loss scaler (halving the scale on overflow, hysteresis, raising it again after
 `loss_scale_window` good steps) and the fp16 optimizers' own overflow check, which only a GPU
 runs. `debug.nan_loss_at_step` turns rank 0's loss into NaN, for the non-finite stop end to end.
+
+`debug.forbid_host_syncs` is an instrument, not a fault: `SyncCheck` fails the run when the step
+code between reads waits for the GPU (the GPU test of the sync-free step).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 
 @dataclass
@@ -62,3 +66,59 @@ class DebugHooks:
         if self.nan_loss_at_step == next_step:
             return loss * float("nan")
         return loss
+
+
+class SyncCheck:
+    """debug.forbid_host_syncs, on CUDA: inside `guard()` (the loop's step code between reads:
+    fetching, moving and forward/backward of the micro-batches, the statistics) torch's sync debug
+    mode is "error", so an implicit wait for the GPU (`.item()`, `.tolist()`, `nonzero()`, a
+    blocking copy) raises where it happens; explicit ones (`torch.cuda.synchronize()`, a stream or
+    event wait, which that mode does not see) are caught through torch's GPU trace. Outside the
+    guard: the reads, the optimizer update (DeepSpeed's overflow check reads the gradient norm
+    back), evals and saves. Off (or on a CPU) it does nothing."""
+
+    def __init__(self, enabled: bool, device: Any, warn: Any):
+        self.enabled = bool(enabled) and getattr(device, "type", str(device)) == "cuda"
+        if enabled and not self.enabled:
+            warn(f"debug.forbid_host_syncs: no CUDA device ({device}); nothing is checked")
+        self.active, self.steps, self.explicit = False, 0, []
+        if self.enabled:
+            import torch
+            from torch.cuda import _gpu_trace
+
+            torch._C._activate_gpu_trace()
+            for register in (_gpu_trace.register_callback_for_device_synchronization,
+                             _gpu_trace.register_callback_for_stream_synchronization,
+                             _gpu_trace.register_callback_for_event_synchronization):
+                register(self._on_sync)
+
+    def _on_sync(self, *_: Any) -> None:
+        if self.active:  # torch swallows exceptions raised in trace callbacks: record instead
+            import traceback
+
+            self.explicit.append("".join(traceback.format_stack(limit=8)[:-1]))
+
+    @contextmanager
+    def guard(self, on: bool = True) -> Iterator[None]:
+        if not (self.enabled and on):
+            yield
+            return
+        import torch
+
+        torch.cuda.set_sync_debug_mode("error")
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+            torch.cuda.set_sync_debug_mode("default")
+        self.steps += 1
+        if self.explicit:
+            raise RuntimeError(f"debug.forbid_host_syncs: {len(self.explicit)} explicit CUDA "
+                               f"synchronization(s) in the step; the first:\n{self.explicit[0]}")
+
+    def summary(self) -> str | None:
+        if not self.enabled:
+            return None
+        return (f"sync check: {self.steps} step(s) ran their step code with no host sync "
+                f"(torch.cuda.set_sync_debug_mode('error'), explicit synchronizations traced)")

@@ -1,6 +1,12 @@
 """The values of each train and skip record: losses and accuracies from the step's all-reduced
 sums, and throughput, model FLOPs, TFLOP/s and MFU, computed here and nowhere else.
 
+The step's own numbers (losses, accuracies, rate, gradient norm) are the record's step's. Time is
+only known between reads (bertscale.pretraining.agreement: the host does not wait for the device
+at every step), so throughput, TFLOP/s, MFU and `step_time_s` are over the applied steps since the
+previous read: their real tokens and model FLOPs over the read's wall time. With a read at every
+step (`logging.every = 1`) that is the step itself.
+
 Model FLOPs are bertscale.perf's one count (matmuls on the real tokens, attention over each
 sequence's real length, the MLM head at the masked positions); MFU is TFLOP/s against the peak of
 all W devices (`logging.peak_tflops`, else the CUDA device's datasheet peak; none on the CPU).
@@ -33,31 +39,39 @@ class StepMetrics:
         return (f"MFU against {self.peak[0]:g} TFLOP/s per device ({self.peak[1]}, "
                 f"{self.precision}); model FLOPs on real tokens (bertscale.perf)")
 
-    def train(self, stats: StepStats, update: Update, dt: float, *, engine: Any,
-              consumed_samples: int, skipped_steps: int) -> dict[str, float]:
-        """The record of an applied step that took `dt` seconds."""
+    def train(self, stats: StepStats, update: Update, *, window: list[StepStats],
+              seconds: float, engine: Any, consumed_samples: int,
+              skipped_steps: int) -> dict[str, float]:
+        """The record of an applied step; `window`: the applied steps since the previous read
+        (this one last), which took `seconds`."""
         from bertscale import perf
 
         n = self.micro_batches
-        model_flops = perf.step_flops_from_sums(
-            self.model_config, self.G, int(stats.tokens), int(stats.tokens_squared),
-            int(stats.mlm_count), nsp=stats.nsp_count > 0).train
-        tflops = model_flops / dt / 1e12
+        model_flops = sum(self._flops(s) for s in window)
+        tflops = model_flops / seconds / 1e12
         values = {"loss": stats.loss / n, "mlm_loss": stats.mlm_loss / n,
                   "mlm_acc": stats.mlm_correct / max(stats.mlm_count, 1),
-                  "lr": update.lr, "samples_per_s": self.G / dt,
-                  "tokens_per_s": stats.tokens / dt, "model_flops": model_flops, "tflops": tflops,
-                  "step_time_s": dt,
+                  "lr": update.lr, "samples_per_s": self.G * len(window) / seconds,
+                  "tokens_per_s": sum(s.tokens for s in window) / seconds,
+                  "model_flops": self._flops(stats), "tflops": tflops,
+                  "step_time_s": seconds / len(window), "window_steps": len(window),
                   "consumed_samples": consumed_samples, "skipped_steps": skipped_steps}
         if stats.nsp_count:
             values.update(nsp_loss=stats.nsp_loss / n, nsp_acc=stats.nsp_correct / stats.nsp_count)
-        grad_norm = engine.get_global_grad_norm()
+        grad_norm = engine.get_global_grad_norm()  # the last update's: this step's
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
         if self.peak is not None:
             values["mfu"] = tflops / (self.peak[0] * self.W)
         values.update(perf.peak_memory_gib(self.device))
         return values
+
+    def _flops(self, stats: StepStats) -> float:
+        from bertscale import perf
+
+        return perf.step_flops_from_sums(
+            self.model_config, self.G, int(stats.tokens), int(stats.tokens_squared),
+            int(stats.mlm_count), nsp=stats.nsp_count > 0).train
 
     def skipped(self, stats: StepStats, update: Update, *, consumed_samples: int,
                 skipped_steps: int) -> dict[str, float]:

@@ -6,6 +6,13 @@ instead of N tracebacks.
 batch fields (`deepspeed_config`), picks the checkpoint a resume continues (bertscale.resume.find)
 or the weights `train.init_from` starts from, and makes sure the run folder can be written. It
 runs on every rank with the same files, so every rank reaches the same verdict without talking.
+
+`train.init_from` is a bertscale run or checkpoint folder (phase 2 after phase 1), or a Hugging
+Face BERT folder (continued pretraining from a published checkpoint: `BertForPreTraining`,
+`BertForMaskedLM` or an encoder alone, safetensors or bin). Either must have the recipe's shape
+and the shards' tokenizer (for a Hugging Face folder: its vocab.txt and casing, which
+`prepare --vocab FOLDER` takes); the parts a folder lacks (an encoder-only folder's MLM and NSP
+heads and pooler) start fresh, and the run's first lines name them.
 """
 
 from __future__ import annotations
@@ -13,14 +20,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bertscale import checkpoint as ckpt_lib
 from bertscale import distributed
 from bertscale import resume as resume_lib
-from bertscale.config import ModelConfig, PretrainRecipe, padded_vocab_size
+from bertscale.config import ModelConfig, PretrainRecipe, padded_vocab_size, recipe_to_dict
 from bertscale.errors import ConfigError, UserError
 
 # The built-in DeepSpeed JSONs ship inside the package (bertscale/deepspeed_configs: in the
@@ -29,6 +36,88 @@ from bertscale.errors import ConfigError, UserError
 DEEPSPEED_CONFIG_DIR = Path(os.environ.get("BERTSCALE_DEEPSPEED_CONFIGS",
                                            Path(__file__).parent.parent / "deepspeed_configs"))
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+          "max_position_embeddings", "type_vocab_size", "hidden_act")
+_PARTS = (("bert.pooler.", "pooler"), ("cls.predictions.", "MLM head"),
+          ("cls.seq_relationship.", "NSP head"))
+
+
+@dataclass
+class InitFrom:
+    """The weights a run starts from (`train.init_from`)."""
+
+    path: Path
+    """A bertscale checkpoint folder (step_N), or a Hugging Face folder."""
+    kind: str
+    """"bertscale" | "huggingface"."""
+    step: int | None = None
+    """The bertscale checkpoint's step."""
+    architecture: str | None = None
+    """A Hugging Face folder's architecture (config.json's architectures[0])."""
+    fresh: list[str] = field(default_factory=list)
+    """After `load_into`: the pooler / MLM / NSP parts the weights lacked (fresh init)."""
+
+    def load_into(self, model: Any) -> None:
+        """Copy the weights into a freshly initialised BertForPreTraining (every rank)."""
+        from bertscale.model import load_pretrained
+
+        source = f"train.init_from {self.path}"
+        if self.kind == "bertscale":
+            weights = ckpt_lib.load_consolidated(self.path)
+            load_pretrained(model, weights.state_dict, source=source)
+            return
+        from bertscale.hf import load_hf_folder, pad_vocab_rows
+        ck = load_hf_folder(self.path)
+        state = pad_vocab_rows(ck.state_dict, model.state_dict())
+        missing = load_pretrained(model, state, source=source, warn=False)
+        self.fresh = [name for prefix, name in _PARTS if any(k.startswith(prefix) for k in missing)]
+
+    def describe(self) -> str:
+        """The run's opening line about its weights."""
+        if self.kind == "bertscale":
+            return f"initialised from {self.path} (step {self.step} weights)"
+        loaded = [name for _, name in _PARTS if name not in self.fresh]
+        fresh = (f"; {', '.join(self.fresh)} initialised fresh (not in the folder)"
+                 if self.fresh else "")
+        return (f"initialised from the Hugging Face {self.architecture} folder {self.path}: "
+                f"encoder{''.join(', ' + n for n in loaded)} loaded{fresh}")
+
+
+def resolve_init_from(path: Path, model: ModelConfig, tokenizer_hash: str) -> InitFrom:
+    """`train.init_from` checked against the recipe's model and the shards' tokenizer, before
+    any process group: a mismatch is one line saying what to change."""
+    from bertscale import hf
+
+    if not hf.is_hf_folder(path):
+        try:
+            committed = ckpt_lib.resolve(path)
+        except UserError as e:
+            raise ConfigError(f"train.init_from: {e}") from None
+        ckpt_lib.check_compatible(ckpt_lib.read_state(committed), tokenizer_hash=tokenizer_hash,
+                                  manifest_fingerprint=None, model_config=model,
+                                  where=f"train.init_from {committed.path}")
+        return InitFrom(committed.path, "bertscale", step=committed.step)
+    from bertscale.tokenizer import vocab_hash
+
+    theirs, architecture = hf.read_hf_config(path)
+    diff = [k for k in _SHAPE if getattr(theirs, k) != getattr(model, k)]
+    if diff:
+        shown = "; ".join(f"{k} {getattr(model, k)} vs {getattr(theirs, k)}" for k in diff)
+        sets = " ".join(f"--set model.{k}={getattr(theirs, k)!r}".replace("'", '"') for k in diff)
+        raise ConfigError(f"train.init_from {path}: the recipe's model differs from its "
+                          f"config.json ({shown}); give the recipe the checkpoint's shape: {sets}")
+    vocab, lowercase = hf.tokenizer_of_folder(path)
+    if vocab_hash(vocab, lowercase) != tokenizer_hash:
+        raise UserError(f"train.init_from {path}: the shards were prepared with another tokenizer "
+                        f"than the checkpoint's ({vocab}, {'un' if lowercase else ''}cased); "
+                        f"prepare them with `bertscale prepare --vocab {path} …`")
+    if theirs.vocab_size > model.vocab_size:
+        raise ConfigError(f"train.init_from {path}: config.json has vocab_size "
+                          f"{theirs.vocab_size}, more than the model's {model.vocab_size}; set "
+                          f"model.vocab_size = {theirs.vocab_size}")
+    return InitFrom(path, "huggingface", architecture=architecture)
 
 
 @dataclass
@@ -45,7 +134,7 @@ class Plan:
     zero_stage: int
     grad_accum: int
     resume_from: resume_lib.ResumePoint | None
-    init_from: ckpt_lib.Committed | None
+    init_from: InitFrom | None
     stop_at_step: int | None
 
     @property
@@ -107,6 +196,10 @@ def deepspeed_config(recipe: PretrainRecipe, world_size: int,
     stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
     # A client (torch) optimizer under ZeRO is "untested" in DeepSpeed's words; ours are tested.
     cfg.setdefault("zero_allow_untested_optimizer", True)
+    # DeepSpeed's throughput timer, on by default, calls torch.cuda.synchronize() at every
+    # forward and every engine.step(): a drained GPU queue per micro-batch. The trainer times
+    # its steps itself, between reads (bertscale.pretraining.metrics).
+    cfg.setdefault("timers", {"throughput": {"enabled": False}})
     return cfg, path, "fp16" if fp16 else "bf16" if bf16 else "fp32", stage, accum
 
 
@@ -134,16 +227,10 @@ def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, 
     # manifest's tokenizer hash is the tokenizer's identity for resumes and init_from.
     tokenizer_hash = manifest.tokenizer_hash
     resume_point = resume_lib.find(run_dir, resume, resume_lib.Identity(
-        tokenizer_hash, manifest.fingerprint, model))
+        tokenizer_hash, manifest.fingerprint, model, recipe_to_dict(recipe), stage, precision))
     init_from = None
     if recipe.train.init_from is not None and resume_point is None:
-        try:
-            init_from = ckpt_lib.resolve(recipe.train.init_from)
-        except UserError as e:
-            raise ConfigError(f"train.init_from: {e}") from None
-        ckpt_lib.check_compatible(ckpt_lib.read_state(init_from), tokenizer_hash=tokenizer_hash,
-                                  manifest_fingerprint=None, model_config=model,
-                                  where=f"train.init_from {init_from.path}")
+        init_from = resolve_init_from(Path(recipe.train.init_from), model, tokenizer_hash)
     _check_run_folder(run_dir, Path(manifest.vocab_file))
     return Plan(recipe, env, run_dir, manifest, model, tokenizer_hash, ds_config, ds_path,
                 precision, stage, accum, resume_point, init_from, stop_at_step)

@@ -25,7 +25,7 @@ class Reporter:
         self.plan, self.main = plan, plan.env.is_main
         self.total = plan.recipe.train.steps
         self.every = plan.recipe.logging.every
-        self.start_step = start_step
+        self.start_step, self.stop_at = start_step, plan.stop_at
         self.t_start: float | None = None
         lg = plan.recipe.logging
         self.bar = self.main and (lg.progress == "bar" or (lg.progress == "auto" and sys.stdout.isatty()))
@@ -54,12 +54,19 @@ class Reporter:
     def record(self, kind: str, step: int, values: dict[str, float]) -> None:
         self.sinks.record(kind, step, values)
 
+    def logs(self, step: int) -> bool:
+        """The logging cadence: every `logging.every` steps, and always the first and the last
+        step of the run and of this invocation (after a resume, at --stop-at-step). The same on
+        every rank: the loop reads the statistics back at these steps."""
+        return (step % self.every == 0 or step in (1, self.total, self.stop_at)
+                or step == self.start_step + 1)
+
     def train_step(self, step: int, values: dict[str, float]) -> None:
-        """An applied step: the bar on every step; a record and a plain line at the logging
-        cadence, and always for the first and the last step."""
+        """An applied step whose statistics were read: the bar on each; a record and a plain
+        line at the logging cadence (`logs`)."""
         if not self.main:
             return
-        log_now = step % self.every == 0 or step == self.total or step == 1
+        log_now = self.logs(step)
         if self.t_start is None:  # the first step pays for warm-up; ETA counts from its end
             self.t_start, self.t_first = time.monotonic(), step
         if log_now:
@@ -101,11 +108,17 @@ class Reporter:
         recipe, t, W = plan.recipe, plan.recipe.train, plan.env.world_size
         if start.resumed_from is not None:
             how = (f", converted from {start.saved_world_size} ranks through a universal checkpoint"
-                   if start.universal else "")
+                   if start.universal and start.saved_world_size != W else "")
             self.info(f"resumed from {start.resumed_from.path} (step {step}, "
                       f"{consumed_samples} samples consumed{how})")
+            if start.layout_change:
+                self.info(f"engine changed since the checkpoint: {start.layout_change} (loaded "
+                          f"through its universal conversion)")
+            if start.changes:
+                self.info(f"recipe changed since the checkpoint, in force from step {step + 1}: "
+                          + "; ".join(start.changes))
         elif plan.init_from is not None:
-            self.info(f"initialised from {plan.init_from.path} (step {plan.init_from.step} weights)")
+            self.info(plan.init_from.describe())
         self.info(f"pretraining {recipe.name}: {n_params / 1e6:.1f}M parameters, {W} rank(s), "
                   f"ZeRO-{plan.zero_stage} {plan.precision}, global batch {t.global_batch_size} = "
                   f"{t.micro_batch_size} x {plan.grad_accum} accumulation x {W}, seq "

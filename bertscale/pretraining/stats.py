@@ -3,8 +3,8 @@
 A record class lists its fields once; `pack(device, name=value, ...)` lays values out in that
 order (fields not named are zero), the caller sums packed tensors locally (no host sync per
 micro-batch) and all-reduces the sum once, and `unpack` turns the reduced tensor back into the
-record. Nothing reads a statistic by position, so a field added or reordered cannot shift the
-others.
+record (`unpack_rows`: a stack of records, one per step, in one host copy). Nothing reads a
+statistic by position, so a field added or reordered cannot shift the others.
 
 Every field is a sum over ranks and micro-batches (means are taken after the reduction, from
 sums and counts), hence float64: exact for counts up to 2**53.
@@ -40,7 +40,13 @@ class Reduced:
 
     @classmethod
     def unpack(cls: type[R], reduced: Any) -> R:
+        """The record of a reduced (F,) tensor. Reads it back to the host (a sync)."""
         return cls(**dict(zip(cls.names(), reduced.tolist(), strict=True)))
+
+    @classmethod
+    def unpack_rows(cls: type[R], reduced: Any) -> list[R]:
+        """The records of a reduced (n, F) stack, in one host copy."""
+        return [cls(**dict(zip(cls.names(), row, strict=True))) for row in reduced.tolist()]
 
 
 def _as_f64(value: Any, device: Any) -> Any:
@@ -48,7 +54,9 @@ def _as_f64(value: Any, device: Any) -> Any:
 
     if torch.is_tensor(value):
         return value.to(torch.float64)
-    return torch.tensor(float(value), dtype=torch.float64, device=device)
+    # A fill on the device, not torch.tensor(x, device=...): that copies from the host and, on
+    # CUDA, waits for the copy (a sync in the middle of the step).
+    return torch.full((), float(value), dtype=torch.float64, device=device)
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,8 @@ class StepStats(Reduced):
     tokens: float = 0.0            # real (non-padding) tokens
     tokens_squared: float = 0.0    # sum of squared real lengths: the FLOP count's attention term
     nonfinite: float = 0.0         # micro-batches whose loss was NaN/inf
-    preempted: float = 0.0         # ranks that received a preemption signal
+    data_error: float = 0.0        # ranks that could not read this step's data (see agreement)
+    preempted: float = 0.0         # ranks that had received a preemption signal by the read
 
 
 @dataclass(frozen=True)

@@ -1,60 +1,70 @@
 """One training step's forward and backward: the step's micro-batches with gradient
-accumulation, then ONE all-reduce of the step's statistics (`StepStats`, named fields).
+accumulation, and this rank's statistics of them (`StepStats`, named fields) summed on the
+device.
 
-`train_step` stops the run (StopTraining, exit 3) when any rank's loss was NaN/inf, BEFORE the
-optimizer step, so the weights stay those of the last step; which samples did it is printed on
-the stderr of the rank that saw them. The optimizer update itself is `update.Updater.apply`.
+Nothing here waits for the GPU: the statistics stay on the device until the loop's next read
+(bertscale.pretraining.agreement.Reads), which sums them over the ranks and acts on a NaN/inf
+loss there; the unpadded model gets the sequence lengths from the host batch, so it sizes its
+packed tensors without reading the mask back. The optimizer update itself is
+`update.Updater.apply`.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-from bertscale import checkpoint as ckpt_lib
-from bertscale import distributed
 from bertscale.pretraining.faults import DebugHooks
 from bertscale.pretraining.stats import StepStats
-from bertscale.pretraining.update import StopTraining
 
 
 def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def forward(engine: Any, batch: dict[str, Any], vocab_size: int) -> Any:
-    """The model's loss parts (bertscale.model.LossParts) on one micro-batch already on device."""
+def host_lengths(cpu_batch: dict[str, Any]) -> list[int]:
+    """The real length of each sequence, from the batch before it is moved (no device read)."""
+    return cpu_batch["attention_mask"].sum(1).tolist()
+
+
+def forward(engine: Any, batch: dict[str, Any], vocab_size: int,
+            lengths: list[int] | None = None) -> Any:
+    """The model's loss parts (bertscale.model.LossParts) on one micro-batch already on device;
+    `lengths`: its sequences' real lengths, known on the host (`host_lengths`)."""
     from bertscale.model import pretraining_loss
 
     out = engine(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                 attention_mask=batch["attention_mask"], masked_positions=batch["masked_positions"])
+                 attention_mask=batch["attention_mask"], masked_positions=batch["masked_positions"],
+                 lengths=lengths)
     return pretraining_loss(out, batch["masked_labels"], batch["next_sentence_label"],
                             vocab_size=vocab_size)
 
 
 def train_step(engine: Any, micro_batches: list[dict[str, Any]], *, step: int, vocab_size: int,
-               hooks: DebugHooks, rank: int, run_dir: Path, info: Any) -> StepStats:
+               hooks: DebugHooks, real: bool = True) -> tuple[Any, list[tuple[Any, Any]]]:
     """Forward and backward over the micro-batches of the update that would become step
-    `step + 1`, and their statistics summed over every rank. Collective."""
+    `step + 1`. Returns this rank's packed StepStats sums (on the device, not reduced) and, per
+    micro-batch, (finite?, sample_ids) for the report of a NaN/inf loss. `real` False: stand-ins
+    after a data error on this rank (agreement.Feed), backpropagated with weight 0 and counted
+    only as the error."""
     import torch
-    import torch.distributed as dist
 
     from bertscale import perf
 
     device = engine.device
-    sums = StepStats.pack(device)
-    seen: list[tuple[Any, Any]] = []  # (finite?, sample_ids) per micro-batch, no host sync
+    sums = StepStats.pack(device, data_error=0.0 if real else 1.0)
+    seen: list[tuple[Any, Any]] = []
     hooks.before_step(step + 1)
     for micro, cpu_batch in enumerate(micro_batches):
         batch = to_device(cpu_batch, device)
-        parts = forward(engine, batch, vocab_size)
-        loss = hooks.loss(step + 1, parts.total)
+        parts = forward(engine, batch, vocab_size, host_lengths(cpu_batch))
+        loss = hooks.loss(step + 1, parts.total) if real else parts.total * 0.0
         finite = torch.isfinite(loss.detach())
-        seen.append((finite, batch["sample_ids"]))
+        seen.append((finite, cpu_batch["sample_ids"]))
         engine.backward(loss)
         if micro < len(micro_batches) - 1:
             engine.step()  # inside the accumulation window: DeepSpeed only counts it
+        if not real:
+            continue
         tokens, tokens_squared = perf.batch_length_sums(batch["attention_mask"])
         sums += StepStats.pack(
             device, loss=torch.where(finite, loss.detach(), 0.0),
@@ -63,24 +73,4 @@ def train_step(engine: Any, micro_batches: list[dict[str, Any]], *, step: int, v
             mlm_correct=parts.mlm_correct, mlm_count=parts.mlm_count,
             nsp_correct=parts.nsp_correct, nsp_count=parts.nsp_count,
             tokens=tokens, tokens_squared=tokens_squared, nonfinite=~finite)
-    # Read at the step boundary and summed with the rest: every rank learns of a signal that
-    # reached any rank in the same all-reduce, so all of them save the same step.
-    sums += StepStats.pack(device, preempted=1.0 if distributed.local_preemption_flag() else 0.0)
-    dist.all_reduce(sums)
-    stats = StepStats.unpack(sums)
-    if stats.nonfinite:
-        _stop_nonfinite(stats, seen, step=step, rank=rank, run_dir=run_dir, info=info)
-    return stats
-
-
-def _stop_nonfinite(stats: StepStats, seen: list[tuple[Any, Any]], *, step: int, rank: int,
-                    run_dir: Path, info: Any) -> None:
-    bad_ids = [i for ok, ids in seen if not bool(ok) for i in ids.tolist()]
-    if bad_ids:
-        print(f"[rank {rank}] step {step + 1}: non-finite loss; batch sample_ids {bad_ids}",
-              file=sys.stderr, flush=True)
-    latest = ckpt_lib.latest_committed(run_dir)
-    info(f"error: step {step + 1}: loss is NaN/inf in {int(stats.nonfinite)} micro-batch(es) "
-         f"(sample ids on stderr of the rank(s) that saw it); stopping without saving. Newest "
-         f"committed checkpoint: {latest.path if latest else 'none'}")
-    raise StopTraining(distributed.NONFINITE_EXIT_CODE)
+    return sums, seen

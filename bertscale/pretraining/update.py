@@ -8,8 +8,10 @@ eval and checkpoint cadences all count applied updates; the samples of the skipp
 consumed all the same, so the data position (the loader's `consumed_samples`) moves on and a
 resume does not read them again.
 
-`Updater.apply` is that update and its stop rule: `train.max_loss_scale_skips` skips in a row, or
-DeepSpeed's fp16 scaler giving up at its minimum scale, stop the run (exit 3) without saving.
+`Updater.apply` is that update; `Updater.stop_if_collapsed` its stop rule, which the loop applies
+after the read that follows every skip (so a NaN/inf loss that caused the skips is named first):
+`train.max_loss_scale_skips` skips in a row, or DeepSpeed's fp16 scaler giving up at its minimum
+scale, stop the run (exit 3) without saving.
 A CPU test drives the skip path through the real engine with `debug.overflow_at_steps`
 (bertscale.pretraining.faults).
 """
@@ -77,6 +79,7 @@ class Update:
     applied: bool
     lr: float                   # the rate this update used (or would have)
     loss_scale: float | None    # fp16 only
+    collapsed: bool = False     # the skip rule says stop (Updater.stop_if_collapsed)
 
 
 class Updater:
@@ -90,10 +93,8 @@ class Updater:
         self.info = info
 
     def apply(self, step: int) -> Update:
-        """Apply the update that would become step `step + 1`; raises StopTraining when the
-        loss scale has collapsed."""
-        from bertscale import distributed
-
+        """Apply the update that would become step `step + 1`. DeepSpeed decides on the host
+        whether it was applied (its overflow check reads the gradient norm back)."""
         lr = float(self.scheduler.get_last_lr()[0])  # read before the schedule steps
         collapsed = False
         try:
@@ -107,8 +108,15 @@ class Updater:
         applied = not collapsed and self.engine.was_step_applied()
         self.skips.record(applied)
         scale = loss_scale(self.engine) if self.fp16 else None
-        if collapsed or self.skips.in_a_row >= self.max_in_a_row:
+        return Update(applied, lr, scale, collapsed or self.skips.in_a_row >= self.max_in_a_row)
+
+    def stop_if_collapsed(self, step: int, update: Update) -> None:
+        """After the skipped update that would have become step `step + 1`: StopTraining when
+        the loss scale has collapsed. Every rank alike: DeepSpeed all-reduces the overflow."""
+        from bertscale import distributed
+
+        if update.collapsed:
             self.info(f"error: step {step + 1}: {self.skips.in_a_row} optimizer updates in a row "
-                      f"skipped for gradient overflow (loss scale {scale}); stopping without saving")
+                      f"skipped for gradient overflow (loss scale {update.loss_scale}); stopping "
+                      f"without saving")
             raise StopTraining(distributed.NONFINITE_EXIT_CODE)
-        return Update(applied, lr, scale)

@@ -1,0 +1,170 @@
+"""`bertscale launch`: start this node's share of a multi-node job through torchrun, as a
+container's command on Kubernetes (JobSet, Kubeflow TrainJob / PyTorchJob), SkyPilot or any
+machine.
+
+    bertscale launch [--nnodes N|MIN:MAX] [--nproc-per-node N] [--max-restarts K] pretrain ...
+
+It reads where this node sits from the scheduler's environment (`distributed.discover_node`),
+runs `torchrun` with a c10d rendezvous on node 0's stable address, and turns what happened into
+the exit code the scheduler's failure policy acts on:
+
+  0   the command finished;
+  75  a worker on THIS node stopped for preemption after its checkpoint was committed (torchrun
+      itself reports a worker's 75 as 1, so the workers leave a node-local record, named by
+      `distributed.PREEMPTED_RECORD_ENV`): the policy restarts the pod without counting a failure
+      (`--preempted-exit` picks another code for a controller that retries only some: PyTorchJob
+      v1 retries codes >= 128);
+  any other code: torchrun's.
+
+SIGTERM and SIGINT go to torchrun, which forwards them to the workers and waits up to
+`--shutdown-timeout` seconds (torchrun's TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default) before
+killing them: set it to the grace period the scheduler gives minus a margin, so that the
+checkpoint commits before SIGKILL. SIGUSR1 (SLURM's warning signal) is forwarded as SIGTERM,
+because torchrun dies on SIGUSR1 without forwarding it.
+
+In-job elasticity: with `--nnodes MIN:MAX` and `--max-restarts K`, a node that dies or leaves
+makes torchrun restart the workers on the others, which resume from the newest committed
+checkpoint at the new world size (global batch and sample stream kept); a node that joins
+triggers the same restart. The rendezvous store lives on node 0 (torchrun's c10d backend): losing
+node 0 ends the job on every node, and the scheduler's policy restarts it.
+
+Why a record on the node and not the run folder's preempted.json (which SLURM's requeue.sh reads
+after the whole job step ended): under elastic membership the surviving nodes' restarted workers
+take the run folder over, and remove that file, while this node's launcher is still deciding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bertscale import distributed
+from bertscale.errors import UserError
+
+DEFAULT_SHUTDOWN_TIMEOUT = 300
+
+
+def torchrun_argv(node: distributed.NodeEnv, command: list[str], *, max_restarts: int,
+                  python: str = sys.executable) -> list[str]:
+    """The torchrun command line for this node (one node: standalone, no rendezvous host)."""
+    argv = [python, "-m", "torch.distributed.run", "--nproc-per-node", node.nproc_per_node,
+            "--max-restarts", str(max_restarts)]
+    if node.node_range == (1, 1):
+        argv += ["--standalone"]
+    else:
+        argv += ["--nnodes", node.nnodes, "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", f"{node.master_addr}:{node.master_port}",
+                 "--rdzv-id", node.rdzv_id]
+    return [*argv, "-m", "bertscale", *command]
+
+
+def run(node: distributed.NodeEnv, command: list[str], *, max_restarts: int,
+        shutdown_timeout: int, preempted_exit: int = distributed.PREEMPTED_EXIT_CODE) -> int:
+    """Run torchrun for this node; the exit code for the scheduler (module docstring)."""
+    argv = torchrun_argv(node, command, max_restarts=max_restarts)
+    with tempfile.TemporaryDirectory(prefix="bertscale-launch-") as tmp:
+        record = Path(tmp) / "preempted.json"
+        env = {**os.environ, distributed.PREEMPTED_RECORD_ENV: str(record),
+               "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown_timeout)}
+        # The workers must not take this process's own layout (a PyTorchJob's RANK is the pod's).
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            env.pop(name, None)
+        print(f"bertscale launch: {node.describe()}", flush=True)
+        proc = subprocess.Popen(argv, env=env)
+
+        def forward(signum: int, _frame) -> None:
+            sent = signal.SIGTERM if signum == signal.SIGUSR1 else signum
+            if proc.poll() is None:
+                proc.send_signal(sent)
+
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(s, forward)
+        rc = proc.wait()
+        return exit_code(rc, record, preempted_exit)
+
+
+def exit_code(rc: int, record: Path, preempted_exit: int = distributed.PREEMPTED_EXIT_CODE) -> int:
+    """torchrun's exit code as the scheduler should see it: `preempted_exit` when a worker of
+    this node recorded a preemption after its checkpoint committed."""
+    if rc == 0:
+        return 0
+    try:
+        seen = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return preempted_exit if rc == distributed.PREEMPTED_EXIT_CODE else rc
+    print(f"bertscale launch: preempted after committing checkpoint step {seen.get('step')} "
+          f"(torchrun exited {rc}); exiting {preempted_exit} so that the scheduler restarts "
+          f"this node", file=sys.stderr, flush=True)
+    return preempted_exit
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "launch", help="run a command on this node of a multi-node job through torchrun "
+                       "(Kubernetes, SkyPilot)",
+        description="Start this node's processes through torchrun, with the rendezvous the "
+                    "scheduler's environment describes (Kubeflow PET_*, an Indexed Job or "
+                    "JobSet pod, SkyPilot, SLURM), and exit 75 when they stopped for "
+                    "preemption after a committed checkpoint. Example: bertscale launch "
+                    "pretrain bert_large_phase1 --run-dir /runs/p1")
+    p.add_argument("--nnodes", help="node count N, or MIN:MAX for in-job elastic membership "
+                                    "(default: the scheduler's)")
+    p.add_argument("--nproc-per-node", help="processes (GPUs) per node (default: the "
+                                            "scheduler's, else 1)")
+    p.add_argument("--max-restarts", type=int, default=None,
+                   help="times torchrun restarts the workers after a failure or a membership "
+                        "change (default 3 with MIN:MAX, else 0)")
+    p.add_argument("--shutdown-timeout", type=int, default=DEFAULT_SHUTDOWN_TIMEOUT,
+                   help="seconds torchrun gives the workers after SIGTERM before SIGKILL: the "
+                        "scheduler's grace period minus a margin (default "
+                        f"{DEFAULT_SHUTDOWN_TIMEOUT})")
+    p.add_argument("--preempted-exit", type=int, default=distributed.PREEMPTED_EXIT_CODE,
+                   help="exit code for 'stopped for preemption, checkpoint committed' (default "
+                        f"{distributed.PREEMPTED_EXIT_CODE}; 143 for PyTorchJob v1, which "
+                        "restarts pods on codes >= 128)")
+    p.add_argument("--print", action="store_true", help="print the torchrun command and exit")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                   help="the bertscale command to run on every process, e.g. pretrain RECIPE ...")
+    p.set_defaults(func=_handle)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    command = args.args[1:] if args.args[:1] == ["--"] else args.args
+    if not command:
+        raise UserError("give the bertscale command to launch, e.g. `bertscale launch pretrain "
+                        "bert_large_phase1 --run-dir /runs/p1`")
+    node = distributed.discover_node()
+    changes = {}
+    if args.nnodes:
+        changes["nnodes"] = distributed.check_nnodes(args.nnodes, "--nnodes")
+    if args.nproc_per_node:
+        changes["nproc_per_node"] = args.nproc_per_node
+    if changes:
+        node = dataclasses.replace(node, **changes)
+    restarts = args.max_restarts if args.max_restarts is not None else (3 if node.elastic else 0)
+    if restarts < 0 or args.shutdown_timeout < 0:
+        raise UserError("--max-restarts and --shutdown-timeout must not be negative")
+    if not 0 < args.preempted_exit < 256:
+        raise UserError(f"--preempted-exit {args.preempted_exit} is not an exit code (1-255)")
+    if args.print:
+        print(" ".join(torchrun_argv(node, command, max_restarts=restarts)))
+        return 0
+    return run(node, command, max_restarts=restarts, shutdown_timeout=args.shutdown_timeout,
+               preempted_exit=args.preempted_exit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bertscale.launch ...`."""
+    from bertscale.commands import run_subcommand
+    return run_subcommand("launch", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""`bertscale.data.wds.shard_pipeline`: our shards through a `webdataset` pipeline yield, for every
+key of a whole epoch, exactly what the trainer's loader (bertscale.data.loader) decodes and masks
+for that sample in that epoch: the same token ids, segments, pair label, masked positions and
+labels, drawn for the same global stream position. Real shards prepared from Wikipedia; the
+loader is the reference (this is a library for other training loops, so the library is what the
+test calls).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bertscale.data.loader import PretrainLoader
+from bertscale.data.masking import MaskingConfig
+from bertscale.data.shards import read_manifest
+from bertscale.data.wds import ShardPipeline, shard_pipeline
+from bertscale.errors import UserError
+from pretrain_runs import manifest  # noqa: F401
+
+SEED = 1234
+MASKING = MaskingConfig(max_predictions_per_seq=20)
+
+
+def _loader_samples(m, split: str, first: int, count: int) -> dict[str, dict]:
+    """Positions [first, first + count) as the trainer's loader reads and masks them, by key."""
+    G = 128
+    loader = PretrainLoader(m, split=split, global_batch_size=G, micro_batch_size=G, rank=0,
+                            world_size=1, seed=SEED, masking=MASKING, verify_sha256=False,
+                            consumed_samples=first - first % G)
+    out: dict[str, dict] = {}
+    k = 0
+    while len(out) < count:
+        positions = loader.positions(k)
+        b = loader.make_batch(positions)
+        k += 1
+        for i, p in enumerate(positions.tolist()):
+            if not first <= p < first + count:
+                continue
+            sid = int(b["sample_ids"][i])
+            assert sid >= 0
+            shard, offset = (sid & ((1 << 62) - 1)) >> 32, sid & 0xFFFFFFFF
+            n = int(b["attention_mask"][i].sum())
+            out[f"{split}-{shard:06d}-{offset:06d}"] = dict(
+                position=p, n=n, input_ids=b["input_ids"][i, :n].numpy(),
+                token_type_ids=b["token_type_ids"][i, :n].numpy(),
+                masked_positions=b["masked_positions"][i].numpy(),
+                masked_labels=b["masked_labels"][i].numpy(),
+                next_sentence_label=int(b["next_sentence_label"][i]))
+    return out
+
+
+def _check(pipeline: ShardPipeline, want: dict[str, dict]) -> None:
+    got = {s["__key__"]: s for s in pipeline}
+    assert got.keys() == want.keys()        # every sample of the epoch once, no other
+    for key, w in want.items():
+        s = got[key]
+        assert s["position"] == w["position"], key
+        for field in ("input_ids", "token_type_ids", "masked_positions", "masked_labels"):
+            assert np.array_equal(s[field], w[field]), (key, field)
+        assert s["next_sentence_label"] == w["next_sentence_label"], key
+        # unmasked: putting the labels back gives the stored ids
+        ids = s["input_ids"].copy()
+        keep = s["masked_labels"] >= 0
+        ids[s["masked_positions"][keep]] = s["masked_labels"][keep]
+        assert np.array_equal(ids, w["plain"]), key
+
+
+@pytest.mark.slow
+def test_pipeline_yields_what_the_loader_decodes_over_whole_epochs(manifest) -> None:
+    m = read_manifest(manifest)
+    for split, epochs in (("eval", [0]), ("train", [0, 1])):
+        n = m.num_samples(split)
+        plain = {s["__key__"]: s for s in shard_pipeline(m, split)}
+        assert len(plain) == n > 200
+        for epoch in epochs:
+            want = _loader_samples(m, split, epoch * n, n)
+            for key, w in want.items():
+                w["plain"] = plain[key]["input_ids"]
+                assert plain[key]["input_ids"].dtype == np.int64
+            _check(shard_pipeline(m, split, mask=True, masking=MASKING, epoch=epoch, seed=SEED),
+                   want)
+    # A DataLoader with workers deals the shards over them: still every eval sample once.
+    keys = [s["__key__"] for s in torch.utils.data.DataLoader(
+        shard_pipeline(m, "eval"), batch_size=None, num_workers=2)]
+    assert sorted(keys) == sorted(plain_key for plain_key in
+                                  (s["__key__"] for s in shard_pipeline(m, "eval")))
+    # webdataset's fluid methods work on it
+    batch = next(iter(shard_pipeline(m, "eval").batched(4, collation_fn=list)))
+    assert len(batch) == 4
+
+
+def test_a_damaged_sample_names_the_shard(manifest, tmp_path) -> None:
+    import shutil
+
+    m = read_manifest(manifest)
+    folder = tmp_path / "copy"
+    shutil.copytree(manifest.parent, folder)
+    shard = folder / m.shards["eval"][0].name
+    data = bytearray(shard.read_bytes())
+    data[512 + 40] ^= 0xFF           # a token id of the first sample
+    shard.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"eval-000000\.tar: sample eval-000000-000000: checksum "
+                                        r"mismatch"):
+        list(shard_pipeline(folder / "manifest.json", "eval"))
+
+
+def test_shards_in_an_object_store(manifest, tmp_path, monkeypatch) -> None:
+    """The manifest and shards uploaded to S3 (moto's server on 127.0.0.1) read through the
+    store URL: the same samples as the local copy."""
+    pytest.importorskip("moto.moto_server.werkzeug_app", reason="needs the test extra (moto[server])")
+    pytest.importorskip("s3fs", reason="needs the s3 extra (s3fs)")
+    import fsspec
+
+    from bertscale.bench.s3_server import LocalS3
+    from bertscale.data.prepare import upload_prepared
+
+    import s3fs
+
+    server = LocalS3()
+    s3fs.S3FileSystem.clear_instance_cache()   # fsspec keeps clients, with their endpoint
+    try:
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        fsspec.filesystem("s3").mkdir("wds")
+        url = upload_prepared(manifest, "s3://wds/seq128", verbose=False)
+        m = read_manifest(url, cache_dir=tmp_path / "cache")
+        assert m.shard_location("eval", 0).startswith("s3://wds/seq128/")
+        remote = {s["__key__"]: s for s in shard_pipeline(m, "eval")}
+        local = {s["__key__"]: s for s in shard_pipeline(manifest, "eval")}
+        assert remote.keys() == local.keys()
+        for key in local:
+            assert np.array_equal(remote[key]["input_ids"], local[key]["input_ids"])
+            assert remote[key]["__url__"].startswith("s3://wds/seq128/eval-")
+    finally:
+        server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
