@@ -99,6 +99,7 @@ BAD: dict[str, tuple[str, str]] = {
     "fast.pad_vocab_multiple": ("0", "must be positive"),
     "debug.nan_loss_at_step": ("-1", "must be >= 0"),
     "debug.overflow_at_steps": ("[0]", "positive step numbers"),
+    "debug.forbid_host_syncs": ('"yes"', "must be bool"),
 }
 
 # Fields no recipe sets (derived by the loader) and the sections themselves (walked into).
