@@ -35,11 +35,11 @@ the batch step, not the MPI ranks.
 
 Preemption: `install_signal_handlers()` makes SIGUSR1 and SIGTERM set a flag and nothing else (no
 I/O, no collectives inside a handler); the first Ctrl-C (SIGINT) sets it too (one line on rank
-0's terminal), and a second one a moment later stops at once. The loop calls `preemption_requested()` (or folds
-`local_preemption_flag()` into its own per-step all-reduce) at a step boundary, so all ranks agree
-even when the signal reached only one of them. A run that stopped for preemption after committing a
-checkpoint exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: "try again later"), which the SLURM
-scripts requeue on.
+0's terminal), and a second one a moment later stops at once. The trainer folds
+`local_preemption_flag()` into the all-reduce of its next read (bertscale.training.agreement), so
+all ranks agree at one step boundary even when the signal reached only one of them. A run that
+stopped for preemption after committing a checkpoint exits with `PREEMPTED_EXIT_CODE` (75,
+EX_TEMPFAIL: "try again later", bertscale.training.stop), which the SLURM scripts requeue on.
 
 Launcher death: under torchrun or the `deepspeed` launcher, a worker asks Linux to send it
 `PARENT_DEATH_SIGNAL` (SIGTERM) when the launcher that spawned it dies (PR_SET_PDEATHSIG). It is
@@ -75,23 +75,11 @@ from types import FrameType
 
 from bertscale.errors import UserError
 from bertscale.files import write_json_atomic
-
-PREEMPTED_EXIT_CODE = 75
-"""Exit status of a run that stopped on SIGUSR1/SIGTERM after committing its checkpoint
-(sysexits' EX_TEMPFAIL). SLURM batch scripts requeue the job when they see it."""
-
-INTERRUPTED_EXIT_CODE = 130
-"""Exit status of a run stopped by Ctrl-C (SIGINT): 128 + 2, what a shell reports for it. After
-the first Ctrl-C the run commits a checkpoint at the next step boundary; nothing requeues it."""
+from bertscale.training.stop import PREEMPTED_EXIT_CODE
 
 PREEMPTED_RECORD_ENV = "BERTSCALE_PREEMPTED_RECORD"
 """Names a node-local file that every worker which stops for preemption after the commit writes
 (`record_preempted_exit`): `bertscale launch` reads it to exit 75 where torchrun exited 1."""
-
-NONFINITE_EXIT_CODE = 3
-"""Exit status of a run that stopped because the loss or the weights became NaN/inf. No
-checkpoint is written for the bad step; the last committed one is intact."""
-
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -688,20 +676,3 @@ def local_preemption_flag() -> bool:
 def signal_names() -> list[str]:
     """Names of the signals received so far, for the log line."""
     return list(_signal_seen)
-
-
-def preemption_requested() -> bool:
-    """Whether ANY rank received a preemption signal: an all-reduce (MAX) of the local flags.
-    Every rank must call it at the same step boundary."""
-    import torch
-    import torch.distributed as dist
-
-    flag = _preempt.is_set()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    from deepspeed.accelerator import get_accelerator
-
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32,
-                     device=get_accelerator().current_device_name())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())

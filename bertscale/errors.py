@@ -6,10 +6,13 @@ traceback.
 """
 
 
+from bertscale.training.stop import BAD_INPUT_EXIT_CODE
+
+
 class UserError(Exception):
     """Bad input: the message names the file, field or rank and what is wrong."""
 
-    exit_code = 2
+    exit_code = BAD_INPUT_EXIT_CODE
 
 
 class ConfigError(UserError):

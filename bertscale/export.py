@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         # Imported here: the checkpoint module pulls in DeepSpeed, which an HF-to-HF export
         # does not need.
-        from bertscale.checkpoint import load_consolidated
+        from bertscale.training.checkpoint.consolidated import load_consolidated
 
         model = load_consolidated(source)
         cfg, state, vocab, lowercase = (model.config, model.state_dict, model.vocab_path,

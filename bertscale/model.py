@@ -571,7 +571,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 def load_pretrained(model: nn.Module, state_dict: Mapping[str, Tensor], source: str,
                     warn: bool = True) -> list[str]:
     """Load pretrained weights (BertForPreTraining keys, as `bertscale.hf.import_state_dict` and
-    `bertscale.checkpoint.load_consolidated` give them) into any model of this module.
+    `bertscale.training.checkpoint.consolidated.load_consolidated` give them) into any model of this module.
 
     Every shape must match and the encoder layers must be complete, else UserError naming
     `source`. Weights the checkpoint lacks keep their fresh initialisation and are returned:

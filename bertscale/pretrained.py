@@ -101,9 +101,10 @@ def load_checkpoint(path: str | Path) -> Pretrained:
         resolved, step = str(p), None
     else:
         try:
-            from bertscale.checkpoint import load_consolidated, resolve
+            from bertscale.training.checkpoint.consolidated import load_consolidated
+            from bertscale.training.checkpoint.layout import resolve
         except ModuleNotFoundError as e:
-            if e.name != "bertscale.checkpoint":
+            if e.name is None or not e.name.startswith("bertscale.training"):
                 raise
             raise UserError(f"{p}: no config.json, so not a Hugging Face folder, and this "
                             f"installation cannot read bertscale checkpoints") from None

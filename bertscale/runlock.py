@@ -47,6 +47,7 @@ from typing import Any
 from bertscale import distributed
 from bertscale.errors import UserError
 from bertscale.files import write_json_atomic
+from bertscale.training.stop import PREEMPTED_EXIT_CODE
 
 LOCK_FILE = ".lock"
 HOLDER_FILE = "lock.json"
@@ -150,7 +151,7 @@ class RunLock:
         write_json_atomic(self.run_dir / PREEMPTED_FILE, {
             "step": step, "signals": signals,
             "signals_by_rank": {str(r): got for r, got in sorted(signals_by_rank.items())},
-            "exit_code": distributed.PREEMPTED_EXIT_CODE,
+            "exit_code": PREEMPTED_EXIT_CODE,
             "time": round(time.time(), 3), "host": socket.gethostname(), "pid": os.getpid(),
             "slurm_job_id": job, "slurm_restart_count": restart})
 

@@ -111,16 +111,20 @@ def ws1_runs(manifest, tmp_path_factory) -> tuple[Path, Path]:
         straight, resumed = base / "straight", base / "resumed"
         pretrain(straight, manifest, 1, *WS1)
         pretrain(resumed, manifest, 1, *WS1, extra=("--stop-at-step", "15"))
-        from bertscale.checkpoint import STATE_FILE, latest_committed
-        assert latest_committed(resumed).step == 15
-        # The resume reads this checkpoint as one written before the loader's state dict was
-        # stored whole (format 1: the position only as the top-level consumed_samples), so the
-        # exact-resume test also proves old checkpoints continue the same stream. The 2-rank
-        # resumes (preemption, test_resume_matrix) read the current form.
-        state_file = latest_committed(resumed).path / STATE_FILE
+        from bertscale.training.checkpoint.layout import STATE_FILE, latest_committed
+        latest = latest_committed(resumed)
+        assert latest.step == 15
+        # The resume reads this checkpoint as one written before the trainer state was laid out
+        # by component (format 1: counters, the position as the top-level consumed_samples and
+        # the run's identity side by side), so the exact-resume test also proves old
+        # checkpoints continue the same stream. The 2-rank resumes (preemption,
+        # test_resume_matrix) read the current form.
+        state_file = latest.path / STATE_FILE
         state = json.loads(state_file.read_text())
-        assert state.pop("data")["consumed_samples"] == state["consumed_samples"] == 15 * 16
-        state_file.write_text(json.dumps(state))
+        assert state["format"] == 2 and state["components"]["data"]["consumed_samples"] == 15 * 16
+        old = {**state["run"], **state["components"]["train"], "world_size": 1, "format": 1,
+               "consumed_samples": state["components"]["data"]["consumed_samples"]}
+        state_file.write_text(json.dumps(old))
         pretrain(resumed, manifest, 1, *WS1)
         return straight, resumed
     return cached("ws1", build)

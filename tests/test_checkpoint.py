@@ -16,7 +16,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bertscale import checkpoint as ckpt_lib
+from bertscale.files import write_json_atomic
+from bertscale.training.checkpoint import layout as ckpt_lib
+from bertscale.training.checkpoint.consolidated import load_consolidated
+from bertscale.training.checkpoint.marker import COMMIT_FILE
+from bertscale.training.checkpoint.state import read_state
 from bertscale.errors import UserError
 from pretrain_runs import (WS1, manifest, plain_eval, prepare_wiki, records,  # noqa: F401
                            two_rank_env, ws1_runs, ws2_straight, zero_runs)
@@ -36,16 +40,16 @@ def _fake_later_copy(run: Path, src_step: int, step: int, commit: bool) -> Path:
     """Step `step` as a copy of `src_step`'s files: committed (marker naming it) or not."""
     src, dst = run / "checkpoints" / f"step_{src_step}", run / "checkpoints" / f"step_{step}"
     shutil.copytree(src, dst)
-    (dst / ckpt_lib.COMMIT_FILE).unlink()
+    (dst / COMMIT_FILE).unlink()
     if commit:
-        ckpt_lib.write_json_atomic(dst / ckpt_lib.COMMIT_FILE, {"tag": dst.name, "step": step})
+        write_json_atomic(dst / COMMIT_FILE, {"tag": dst.name, "step": step})
     return dst
 
 
 def test_uncommitted_checkpoint_is_ignored_on_resume(run_copy, manifest):
     from bertscale import distributed
     from bertscale.config import load_pretrain_recipe
-    from bertscale.pretrain import build_plan
+    from bertscale.pretraining.plan import build_plan
 
     torn = _fake_later_copy(run_copy, 30, 35, commit=False)  # e.g. killed during the save
     assert ckpt_lib.latest_committed(run_copy).step == 30
@@ -54,9 +58,10 @@ def test_uncommitted_checkpoint_is_ignored_on_resume(run_copy, manifest):
     assert ckpt_lib.resolve(run_copy).step == 30
     recipe = load_pretrain_recipe("tiny_ci", [f"data.manifest={json.dumps(str(manifest))}", *WS1])
     plan = build_plan(recipe, distributed.discover({}), run_copy, "require")
-    assert plan.resume_from.step == 30 and plan.resume_from.consumed_samples == 480
+    assert plan.resume_from.step == 30
+    assert plan.resume_from.component_state("data")["consumed_samples"] == 480
     # A marker that names another checkpoint is damage, not a commit.
-    ckpt_lib.write_json_atomic(torn / ckpt_lib.COMMIT_FILE, {"tag": "step_30", "step": 30})
+    write_json_atomic(torn / COMMIT_FILE, {"tag": "step_30", "step": 30})
     with pytest.raises(UserError, match="does not name this checkpoint"):
         ckpt_lib.list_committed(run_copy)
 
@@ -105,14 +110,15 @@ def test_checkpoint_contents(ws2_straight, manifest):
     from bertscale.data.shards import read_manifest
 
     latest = ckpt_lib.latest_committed(ws2_straight)
-    state = ckpt_lib.read_state(latest)
+    state = read_state(latest)
     m = read_manifest(manifest)
-    assert (latest.step, latest.marker["world_size"]) == (8, 2)
-    assert (state["step"], state["consumed_samples"], state["world_size"]) == (8, 8 * 32, 2)
-    assert state["tokenizer_hash"] == m.tokenizer_hash
-    assert state["manifest_fingerprint"] == m.fingerprint
-    assert state["model_config"]["num_hidden_layers"] == 2
-    assert state["recipe"]["train"]["global_batch_size"] == 32
+    assert (latest.step, latest.marker["world_size"], latest.world_size) == (8, 2, 2)
+    assert state.components["train"] == {"step": 8, "skipped_steps": 0}
+    assert state.components["data"]["consumed_samples"] == 8 * 32
+    assert state.run["tokenizer_hash"] == m.tokenizer_hash
+    assert state.run["manifest_fingerprint"] == m.fingerprint
+    assert state.run["model_config"]["num_hidden_layers"] == 2
+    assert state.run["recipe"]["train"]["global_batch_size"] == 32
     rng = [torch.load(latest.path / f"rng_rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert not torch.equal(rng[0]["torch"], rng[1]["torch"])  # each rank its own dropout stream
     assert not (latest.root / "latest").exists()  # DeepSpeed's pointer is not ours to trust
@@ -121,7 +127,7 @@ def test_checkpoint_contents(ws2_straight, manifest):
 def test_load_consolidated_from_zero2_and_zero3(ws2_straight, zero_runs, manifest):
     from bertscale.model import BertForPreTraining
 
-    final = ckpt_lib.load_consolidated(ws2_straight)  # the run folder: newest committed
+    final = load_consolidated(ws2_straight)  # the run folder: newest committed
     assert final.step == 8 and final.lowercase is True
     assert final.vocab_path == ws2_straight / "vocab.txt"
     model = BertForPreTraining(final.config)
@@ -137,8 +143,8 @@ def test_load_consolidated_from_zero2_and_zero3(ws2_straight, zero_runs, manifes
         assert mine[key] == pytest.approx(logged[key], abs=2e-3), key
 
     # ZeRO-3 partitions the parameters themselves; merged they equal ZeRO-2's at the same step.
-    z2 = ckpt_lib.load_consolidated(ws2_straight / "checkpoints" / "step_4")
-    z3 = ckpt_lib.load_consolidated(zero_runs[3])
+    z2 = load_consolidated(ws2_straight / "checkpoints" / "step_4")
+    z3 = load_consolidated(zero_runs[3])
     assert z3.step == z2.step == 4
     assert set(z3.state_dict) == set(z2.state_dict)
     for k, v in z2.state_dict.items():
@@ -158,6 +164,6 @@ def test_deepspeed_converts_it_to_a_universal_checkpoint(ws2_straight, tmp_path)
                                     keep_temp_folder=False, strict=True, inject_missing_state=False))
     word = out / "zero" / "bert.embeddings.word_embeddings.weight"
     merged = torch.load(word / "fp32.pt", weights_only=False)["param"]
-    z = ckpt_lib.load_consolidated(ws2_straight)
+    z = load_consolidated(ws2_straight)
     torch.testing.assert_close(merged, z.state_dict["bert.embeddings.word_embeddings.weight"])
     assert (word / "exp_avg.pt").is_file() and (word / "exp_avg_sq.pt").is_file()

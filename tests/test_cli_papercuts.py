@@ -334,7 +334,7 @@ def test_a_signal_on_one_rank_is_recorded_and_ctrl_c_checkpoints(manifest, tmp_p
        preemption makes, whose resume tests/test_run_folder.py follows. Failed before the fix:
        Ctrl-C stopped at once with nothing saved.
     """
-    from bertscale.checkpoint import latest_committed
+    from bertscale.training.checkpoint.layout import latest_committed
     run = tmp_path / "run"
     argv = pretrain_argv(run, manifest, *LONG, 'train.deepspeed="zero3_fp32"')
 

@@ -20,7 +20,7 @@ import pytest
 
 from bertscale.config import load_pretrain_recipe
 from bertscale.errors import ConfigError
-from bertscale.pretrain import DEEPSPEED_CONFIG_DIR, deepspeed_config
+from bertscale.pretraining.plan import DEEPSPEED_CONFIG_DIR, deepspeed_config
 from pretrain_runs import manifest  # noqa: F401 - fixture
 
 REPO = Path(__file__).resolve().parent.parent

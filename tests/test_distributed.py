@@ -1,5 +1,6 @@
 """Launcher discovery (torchrun / deepspeed env, Open MPI, PMI, SLURM), and preemption agreement
-across real ranks: a signal to ONE rank makes every rank see `preemption_requested()`.
+across real ranks: a signal to ONE rank makes every rank's next read (the trainer's agreement,
+bertscale.training.agreement.Reads) see a preemption.
 
 The environment tables below are the variables each launcher really sets; discovery is a pure
 function of them. The multi-process tests start real ranks (our loopback launcher, and Open MPI's

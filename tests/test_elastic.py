@@ -2,7 +2,8 @@
 the same model, optimizer state, schedule and data position.
 
 The multi-process cases run tests/workers/elastic_worker.py (DeepSpeed + bertscale's model and
-LAMB, not the trainer) so they test bertscale.elastic on its own:
+LAMB through the trainer core's engine, commit and resume, not the pretraining trainer) so they
+test the checkpoint layer (bertscale.training.checkpoint: universal, resume) on its own:
 
   2 ranks ZeRO-2 fp32 LAMB  -> 1 rank ZeRO-2          (converts)
                             -> 3 ranks ZeRO-1         (reuses the conversion; other stage)
@@ -33,8 +34,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertscale import elastic
 from bertscale.errors import ConfigError, UserError
+from bertscale.pretraining.plan import plan_batch, workable_world_sizes
+from bertscale.training.checkpoint import universal
+from bertscale.training.checkpoint.marker import COMMIT_FILE
 from launch import free_port, run_ranks
 
 WORKER = Path(__file__).parent / "workers" / "elastic_worker.py"
@@ -46,27 +49,27 @@ KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
 def test_plan_batch_keeps_the_global_batch():
-    assert elastic.plan_batch(256, 8, 4) == 8
-    assert elastic.plan_batch(256, 8, 32) == 1
-    assert elastic.plan_batch(12, 2, 3) == 2
-    assert elastic.workable_world_sizes(12, 2) == [1, 2, 3, 6]
+    assert plan_batch(256, 8, 4) == 8
+    assert plan_batch(256, 8, 32) == 1
+    assert plan_batch(12, 2, 3) == 2
+    assert workable_world_sizes(12, 2) == [1, 2, 3, 6]
 
 
 def test_plan_batch_names_the_world_sizes_that_work():
     with pytest.raises(ConfigError) as e:
-        elastic.plan_batch(256, 8, 3)
+        plan_batch(256, 8, 3)
     assert "global batch 256 is not divisible by micro batch 8 x 3 ranks" in str(e.value)
     assert "works on 1, 2, 4, 8, 16, 32 ranks" in str(e.value)
     with pytest.raises(ConfigError, match="micro batches that divide it: 1, 2, 3, 4, 6, 12"):
-        elastic.plan_batch(12, 5, 2)
+        plan_batch(12, 5, 2)
     with pytest.raises(ConfigError, match="world size must be a positive integer"):
-        elastic.plan_batch(12, 2, 0)
+        plan_batch(12, 2, 0)
 
 
 def test_needs_conversion_and_config():
-    assert elastic.needs_conversion(2, 3) and not elastic.needs_conversion(4, 4)
+    assert universal.needs_conversion(2, 3) and not universal.needs_conversion(4, 4)
     cfg = {"train_batch_size": 8, "checkpoint": {"tag_validation": "Warn"}}
-    out = elastic.with_load_universal(cfg)
+    out = universal.with_load_universal(cfg)
     assert out["checkpoint"] == {"tag_validation": "Warn", "load_universal": True}
     assert cfg["checkpoint"] == {"tag_validation": "Warn"}   # the input is not modified
 
@@ -151,7 +154,7 @@ def test_two_ranks_to_one_zero2_lamb(lamb_run):
     launch(1, "resume", "--run", str(lamb_run), "--zero", "2", "--optim", "lamb",
            "--save", str(SAVE), "--steps", str(STEPS))
     check_resume(lamb_run, 2, 1, later_rtol=1e-5)
-    assert elastic.is_committed_universal(lamb_run / "checkpoints", f"step_{SAVE}")
+    assert universal.is_committed_universal(lamb_run / "checkpoints", f"step_{SAVE}")
 
 
 @pytest.mark.slow
@@ -168,29 +171,29 @@ def test_conversion_is_cached_atomic_and_refuses_what_it_cannot_carry(lamb_run, 
     shutil.copytree(lamb_run / "checkpoints" / f"step_{SAVE}", ckpt / "step_3")
     # A conversion killed half-way leaves only a hidden temporary folder: never used, cleaned.
     (ckpt / ".step_3_universal.tmp-99999" / "step_3_universal").mkdir(parents=True)
-    assert not elastic.is_committed_universal(ckpt, "step_3")
-    out = elastic.convert_to_universal(ckpt, "step_3")
-    assert out == ckpt / "step_3_universal" and elastic.is_committed_universal(ckpt, "step_3")
+    assert not universal.is_committed_universal(ckpt, "step_3")
+    out = universal.convert_to_universal(ckpt, "step_3")
+    assert out == ckpt / "step_3_universal" and universal.is_committed_universal(ckpt, "step_3")
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_3", "step_3_universal"]
-    marker = json.loads((out / elastic.COMMIT_MARKER).read_text())
+    marker = json.loads((out / COMMIT_FILE).read_text())
     assert marker["source_world_size"] == 2 and marker["zero_stage"] == 2
-    stamp = (out / elastic.COMMIT_MARKER).stat().st_mtime_ns
-    elastic.convert_to_universal(ckpt, "step_3")            # cached: not rewritten
-    assert (out / elastic.COMMIT_MARKER).stat().st_mtime_ns == stamp
+    stamp = (out / COMMIT_FILE).stat().st_mtime_ns
+    universal.convert_to_universal(ckpt, "step_3")            # cached: not rewritten
+    assert (out / COMMIT_FILE).stat().st_mtime_ns == stamp
 
     # The tag saved again (new files): the old conversion is stale and is redone.
     model_file = ckpt / "step_3" / "mp_rank_00_model_states.pt"
     os.utime(model_file, ns=(time.time_ns(), time.time_ns()))
-    assert not elastic.is_committed_universal(ckpt, "step_3")
-    elastic.convert_to_universal(ckpt, "step_3")
-    assert elastic.is_committed_universal(ckpt, "step_3")
+    assert not universal.is_committed_universal(ckpt, "step_3")
+    universal.convert_to_universal(ckpt, "step_3")
+    assert universal.is_committed_universal(ckpt, "step_3")
 
     # Without universal_checkpoint_info DeepSpeed cannot convert: one clear error.
     sd = torch.load(model_file, weights_only=False)
     sd.pop("universal_checkpoint_info")
     torch.save(sd, model_file)
     with pytest.raises(UserError, match="has no universal_checkpoint_info"):
-        elastic.convert_to_universal(ckpt, "step_3")
+        universal.convert_to_universal(ckpt, "step_3")
 
     # Optimizer state ds_to_universal would silently drop: refused, naming the keys.
     shutil.rmtree(ckpt / "step_3")
@@ -201,12 +204,12 @@ def test_conversion_is_cached_atomic_and_refuses_what_it_cannot_carry(lamb_run, 
     state[0]["momentum_buffer"] = state[0]["exp_avg"].clone()
     torch.save(sd, optim_file)
     with pytest.raises(UserError, match=r"optimizer state keys .*'momentum_buffer'.* cannot be converted"):
-        elastic.convert_to_universal(ckpt, "step_3")
+        universal.convert_to_universal(ckpt, "step_3")
 
     # A missing partition is named, not converted into a wrong checkpoint.
     (ckpt / "step_3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(UserError, match=r"incomplete checkpoint, no optimizer partition for rank\(s\) 0"):
-        elastic.saved_world_size(ckpt, "step_3")
+        universal.convert_to_universal(ckpt, "step_3")
 
 
 # ------------------------------------------------------------------------------ 1 rank -> 2, ZeRO-3
@@ -242,7 +245,7 @@ def test_checkpoint_killed_mid_write_is_never_loaded(tmp_path, tiny_shards):
     reason = _pretrain_available()
     if reason:
         pytest.skip(reason)
-    from bertscale import checkpoint as ckpt_lib
+    from bertscale.training.checkpoint import layout as ckpt_lib
 
     run_dir = tmp_path / "run"
     args = _pretrain_args(tiny_shards, run_dir, steps=40, every=2)
@@ -260,12 +263,12 @@ def test_checkpoint_killed_mid_write_is_never_loaded(tmp_path, tiny_shards):
                 time.sleep(0.001)
                 continue
             for d in sorted(root.glob("step_*")):
-                if d.name.endswith("_universal") or (d / ckpt_lib.COMMIT_FILE).exists():
+                if d.name.endswith("_universal") or (d / COMMIT_FILE).exists():
                     continue
                 if not any(d.glob("*.pt")):
                     continue            # wait until the ranks have started writing their files
                 procs[1].send_signal(signal.SIGSTOP)
-                if not (d / ckpt_lib.COMMIT_FILE).exists():
+                if not (d / COMMIT_FILE).exists():
                     victim = d.name
                     procs[1].kill()
                     written = sorted(p.name for p in d.iterdir())
@@ -284,7 +287,7 @@ def test_checkpoint_killed_mid_write_is_never_loaded(tmp_path, tiny_shards):
     interrupted = int(victim.split("_")[1])
     committed = ckpt_lib.latest_committed(run_dir)
     assert committed is not None and committed.step < interrupted
-    assert not (root / victim / ckpt_lib.COMMIT_FILE).exists()
+    assert not (root / victim / COMMIT_FILE).exists()
 
     results = run_ranks(["-m", "bertscale.cli", *args, "--stop-at-step", str(interrupted + 2)], 2,
                         timeout=300)

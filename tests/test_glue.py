@@ -295,7 +295,7 @@ def test_every_entrypoint_from_a_bertscale_pretraining_run(tmp_path: Path, share
     # The fine-tuning model's encoder is exactly the run's consolidated weights.
     import torch
 
-    from bertscale.checkpoint import load_consolidated
+    from bertscale.training.checkpoint.consolidated import load_consolidated
     from bertscale.model import BertForSequenceClassification
     consolidated = load_consolidated(run).state_dict
     model = common.build_model(BertForSequenceClassification, common.load_checkpoint(run),

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertscale import checkpoint as ckpt_lib
+from bertscale.training.checkpoint import layout as ckpt_lib
 from bertscale.config import DebugSection, preset
-from bertscale.distributed import NONFINITE_EXIT_CODE
+from bertscale.training.stop import NONFINITE_EXIT_CODE
 from bertscale.model import BertForPreTraining, pretraining_loss
 from bertscale.parallelize import FastPaths, apply_fast_paths
 from pretrain_runs import manifest, pretrain, pretrain_argv, train_losses  # noqa: F401
@@ -68,7 +68,7 @@ class _FakeDeviceEngine:
     def backward(self, loss):
         loss.backward()
 
-    def step(self):
+    def micro_step(self):
         pass
 
 

@@ -78,7 +78,7 @@ def test_our_export_continues_exactly_as_the_run_folder(manifest, tmp_path: Path
 def test_minilm_encoder_continues_with_fresh_heads(manifest, minilm_dir: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from bertscale.checkpoint import load_consolidated
+    from bertscale.training.checkpoint.consolidated import load_consolidated
 
     run = tmp_path / "minilm"
     out = pretrain(run, manifest, 1, *RUN, *MINILM_SHAPE, "train.steps=1", "optimizer.lr=1e-12",

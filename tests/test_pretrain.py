@@ -26,8 +26,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertscale import checkpoint as ckpt_lib
-from bertscale.distributed import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
+from bertscale.training.checkpoint import layout as ckpt_lib
+from bertscale.training.checkpoint.consolidated import load_consolidated
+from bertscale.training.checkpoint.state import read_state
+from bertscale.training.stop import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
 from launch import free_port
 from pretrain_runs import (BF16, BF16_RTOL, WS2, manifest, plain_eval, prepare_wiki,  # noqa: F401
                            pretrain, pretrain_argv, records, train_losses, two_rank_env,
@@ -66,11 +68,13 @@ def test_resume_is_exact_at_world_size_1(ws1_runs):
     assert [a[s] for s in a] == [b[s] for s in a]  # bit-identical, fp32
     assert records(straight, "eval")[-1] == {**records(resumed, "eval")[-1],
                                              "time": records(straight, "eval")[-1]["time"]}
-    state = ckpt_lib.read_state(ckpt_lib.latest_committed(resumed))
-    assert (state["step"], state["consumed_samples"]) == (30, 480)
+    latest = ckpt_lib.latest_committed(resumed)
+    state = read_state(latest)
+    assert (latest.step, state.components["data"]["consumed_samples"]) == (30, 480)
     # The data position a checkpoint stores is the loader's own state dict, whole.
-    assert state["data"] == {"consumed_samples": 480, "seed": state["recipe"]["train"]["seed"],
-                             "manifest_fingerprint": state["manifest_fingerprint"], "split": "train"}
+    assert state.components["data"] == {
+        "consumed_samples": 480, "seed": state.run["recipe"]["train"]["seed"],
+        "manifest_fingerprint": state.run["manifest_fingerprint"], "split": "train"}
 
 
 def _start_ranks(argv: list[str], world: int) -> list[subprocess.Popen]:
@@ -125,8 +129,8 @@ def test_zero_stages_1_and_3_train_like_zero_2(ws2_straight, zero_runs):
     for stage, run in zero_runs.items():
         losses = train_losses(run)
         assert sorted(losses) == [1, 2, 3, 4]
-        state = ckpt_lib.read_state(ckpt_lib.latest_committed(run))
-        assert state["zero_stage"] == stage
+        state = read_state(ckpt_lib.latest_committed(run))
+        assert state.run["zero_stage"] == stage
         for step, loss in losses.items():  # same math, other partitioning and reduction order
             assert loss == pytest.approx(ref[step], rel=1e-5), (stage, step)
         assert losses[4] < losses[1] - 0.05  # and it trains (step 1 has lr 0: warmup)
@@ -137,8 +141,8 @@ def test_bf16_resume_within_tolerance(manifest, tmp_path):
     pretrain(straight, manifest, 1, *BF16)
     pretrain(resumed, manifest, 1, *BF16, extra=("--stop-at-step", "3"))
     pretrain(resumed, manifest, 1, *BF16)
-    state = ckpt_lib.read_state(ckpt_lib.latest_committed(resumed))
-    assert (state["precision"], state["step"]) == ("bf16", 6)
+    latest = ckpt_lib.latest_committed(resumed)
+    assert (read_state(latest).run["precision"], latest.step) == ("bf16", 6)
     a, b = train_losses(straight), train_losses(resumed)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for s in a:
@@ -188,7 +192,7 @@ def test_phase2_starts_from_phase1_weights_with_fresh_state(ws1_runs, shared_dat
                        "eval.micro_batch_size=4")
     assert f"initialised from {phase1 / 'checkpoints' / 'step_30'} (step 30 weights)" in results[0].stdout
     # Its step-0 evaluation (512-token data) is phase 1's final weights, redone in plain PyTorch.
-    weights = ckpt_lib.load_consolidated(phase1)
+    weights = load_consolidated(phase1)
     model = BertForPreTraining(weights.config)
     model.load_state_dict(weights.state_dict)
     mine = plain_eval(model, seq512, micro=4, seed=1234, samples=16,
@@ -197,8 +201,10 @@ def test_phase2_starts_from_phase1_weights_with_fresh_state(ws1_runs, shared_dat
     assert start["step"] == 0 and start["mlm_loss"] == pytest.approx(mine["mlm_loss"], rel=1e-5)
     assert start["mlm_acc"] > 0.03  # not a fresh model (that would be ~0)
     # Weights only: the step counter, data position and schedule start again.
-    state = ckpt_lib.read_state(ckpt_lib.latest_committed(run))
-    assert (state["step"], state["consumed_samples"], state["seq_len"]) == (2, 2 * 32, 512)
+    latest = ckpt_lib.latest_committed(run)
+    state = read_state(latest)
+    assert (latest.step, state.components["data"]["consumed_samples"],
+            state.run["seq_len"]) == (2, 2 * 32, 512)
     assert records(run, "train")[0]["lr"] == 2e-3  # no warmup: the new schedule's peak
 
 
@@ -283,7 +289,7 @@ def test_demo_runs_the_whole_pipeline_offline(tmp_path, capfd):
 def test_builtin_recipes_are_valid(name, world, accum):
     from bertscale.config import load_pretrain_recipe
     from bertscale.optim import warmup_steps
-    from bertscale.pretrain import deepspeed_config
+    from bertscale.pretraining.plan import deepspeed_config
 
     recipe = load_pretrain_recipe(name)
     cfg, path, precision, stage, got = deepspeed_config(recipe, world, cuda=True)
@@ -418,8 +424,8 @@ def test_padded_vocab_trains_and_exports_the_real_vocabulary(manifest, tmp_path)
     run, hf_dir = tmp_path / "run", tmp_path / "hf"
     pretrain(run, manifest, 1, "train.steps=2", "schedule.warmup=1", "checkpoint.every=2",
              "eval.every=2", "eval.at_start=false", "eval.samples=16", "fast.pad_vocab_multiple=64")
-    state = ckpt_lib.read_state(ckpt_lib.latest_committed(run))
-    assert state["model_config"]["vocab_size"] == 30528
+    state = read_state(ckpt_lib.latest_committed(run))
+    assert state.run["model_config"]["vocab_size"] == 30528
     assert records(run, "eval")[-1]["mlm_acc"] >= 0  # evaluated over the real vocabulary
     done = subprocess.run([sys.executable, "-m", "bertscale.cli", "export", "--from", str(run),
                            "--to", str(hf_dir)], capture_output=True, text=True, timeout=300)
@@ -428,7 +434,7 @@ def test_padded_vocab_trains_and_exports_the_real_vocabulary(manifest, tmp_path)
     hf, info = transformers.BertForPreTraining.from_pretrained(hf_dir, output_loading_info=True,
                                                                attn_implementation="eager")
     assert not info["missing_keys"] and not info["mismatched_keys"], info
-    weights = ckpt_lib.load_consolidated(run)
+    weights = load_consolidated(run)
     ours = BertForPreTraining(weights.config).eval()
     ours.load_state_dict(weights.state_dict)
     ids = torch.tensor([[101, 7592, 2088, 2003, 2307, 1012, 102, 2009, 2003, 102]])

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from bertscale import checkpoint as ckpt_lib
+from bertscale.training.checkpoint import layout as ckpt_lib
+from bertscale.training.checkpoint.consolidated import load_consolidated
 from disk import tmpfs
 from pretrain_runs import WS2, manifest, pretrain, train_losses  # noqa: F401
 
@@ -179,7 +180,7 @@ def test_a_full_disk_stops_every_rank_with_one_line_and_keeps_the_checkpoint(man
 
     # What the weights of the surviving checkpoint are: complete (DeepSpeed's consolidation reads
     # every partition). The CLI has no command that only reads a checkpoint, hence the library.
-    weights = ckpt_lib.load_consolidated(run)
+    weights = load_consolidated(run)
     assert weights.step == 2 and len(weights.state_dict) > 30
     del weights          # its tensors may map the files: deleted, they would still hold the space
     gc.collect()
@@ -194,7 +195,7 @@ def test_a_full_disk_stops_every_rank_with_one_line_and_keeps_the_checkpoint(man
     assert "The newest committed checkpoint, step 2" in line
     assert [c.step for c in ckpt_lib.list_committed(run)] == [2]
     assert not (run / "checkpoints" / "step_4").exists()
-    assert ckpt_lib.load_consolidated(run).step == 2
+    assert load_consolidated(run).step == 2
     assert os.statvfs(small_disk).f_bfree > 0
 
 
@@ -218,7 +219,7 @@ def test_check_free_space_false_also_lets_a_universal_conversion_try(manifest, s
     assert re.search(r" \d+(\.\d)? K?B free in ", line), line   # the disk really was full
     assert sorted(p.name for p in (run / "checkpoints").iterdir()
                   if p.is_dir()) == ["step_2"], list((run / "checkpoints").iterdir())
-    assert ckpt_lib.load_consolidated(run).step == 2
+    assert load_consolidated(run).step == 2
 
 
 @pytest.mark.timeout(1200)

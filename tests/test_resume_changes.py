@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from bertscale import checkpoint as ckpt_lib
+from bertscale.training.checkpoint import layout as ckpt_lib
 from pretrain_runs import (cached, manifest, pretrain, records, train_losses,  # noqa: F401
                           two_rank_env)
 

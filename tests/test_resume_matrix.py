@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertscale import checkpoint as ckpt_lib
+from bertscale.training.checkpoint import layout as ckpt_lib
+from bertscale.training.checkpoint.state import read_state
 from bertscale.config import preset
 from bertscale.model import BertForPreTraining, count_parameters
 from pretrain_runs import cached, manifest, pretrain, records, train_losses  # noqa: F401
@@ -157,5 +158,6 @@ def test_resume_on_fewer_then_more_ranks_trains_the_same_model(stage, optimizer,
         for key in ("lr", "weight_decay", "betas", "eps"):
             assert mine[key] == pytest.approx(theirs[key]), (key, mine, theirs)
     assert steps == ref_steps == {STEPS}, f"optimizer step counts {steps} after {STEPS} steps"
-    state = ckpt_lib.read_state(final)
-    assert (state["step"], state["consumed_samples"], state["world_size"]) == (STEPS, STEPS * G, 2)
+    state = read_state(final)
+    assert (final.step, state.components["data"]["consumed_samples"],
+            final.world_size) == (STEPS, STEPS * G, 2)

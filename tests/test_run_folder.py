@@ -47,7 +47,7 @@ def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 240)
 
 
 def latest_step(run: Path) -> int:
-    from bertscale.checkpoint import latest_committed  # reads what the trainer committed
+    from bertscale.training.checkpoint.layout import latest_committed  # reads what the trainer committed
     return latest_committed(run).step
 
 

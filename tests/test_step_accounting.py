@@ -76,9 +76,11 @@ def test_skipped_updates_are_logged_not_counted_and_resume_keeps_the_count(manif
     assert [r["step"] for r in records(run, "eval")] == [4, 8]
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert ckpts == ["step_4", "step_8"], ckpts
-    from bertscale.checkpoint import latest_committed, read_state
-    state = read_state(latest_committed(run))
-    assert (state["step"], state["skipped_steps"], state["consumed_samples"]) == (8, 3, 11 * G)
+    from bertscale.training.checkpoint.layout import latest_committed
+    from bertscale.training.checkpoint.state import read_state
+    state = read_state(latest_committed(run)).components
+    assert (state["train"]["step"], state["train"]["skipped_steps"],
+            state["data"]["consumed_samples"]) == (8, 3, 11 * G)
     assert "resumed from" in second.stdout and "(step 4, 96 samples consumed" in second.stdout
 
 

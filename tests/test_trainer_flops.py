@@ -17,7 +17,8 @@ def test_trainer_mfu_is_the_shared_count_on_real_tokens(manifest, tmp_path):
     the steps since the previous read, since the trainer does not read its statistics back at
     step 3: its TFLOP/s is both steps' model FLOPs over their wall time, its `model_flops` step
     4's own."""
-    from bertscale.checkpoint import latest_committed, read_state
+    from bertscale.training.checkpoint.layout import latest_committed
+    from bertscale.training.checkpoint.state import read_state
     from bertscale.config import ModelConfig, from_dict
     from bertscale.data.loader import MaskingConfig, PretrainLoader
     from bertscale.data.shards import read_manifest
@@ -29,7 +30,7 @@ def test_trainer_mfu_is_the_shared_count_on_real_tokens(manifest, tmp_path):
                    "logging.every=2", extra=("--peak-tflops", "0.25"))[0]
     assert "MFU against 0.25 TFLOP/s per device (logging.peak_tflops, fp32)" in res.stdout
     state = read_state(latest_committed(run))
-    cfg = from_dict(ModelConfig, state["model_config"])
+    cfg = from_dict(ModelConfig, state.run["model_config"])
     loader = PretrainLoader(read_manifest(manifest), split="train", global_batch_size=G,
                             micro_batch_size=MICRO, rank=0, world_size=1, seed=1234,
                             masking=MaskingConfig(), verify_sha256=False)

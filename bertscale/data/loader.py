@@ -571,7 +571,7 @@ class PretrainLoader:
         """Continue from a saved `state_dict` (before iterating). A position in another split,
         manifest or seed is refused: the seed orders the samples and draws the masks, so the
         same position would be other samples (a resume refuses a changed train.seed earlier,
-        naming the key: bertscale.resume.STREAM_KEYS)."""
+        naming the key: bertscale.training.checkpoint.resume.STREAM_KEYS)."""
         if state.get("seed", self.seed) != self.seed:
             raise UserError(f"the saved data position is one of seed {state['seed']}, this "
                             f"loader's seed is {self.seed}: the same position would be other "

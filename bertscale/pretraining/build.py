@@ -1,19 +1,26 @@
 """What a pretraining run builds once, before its first step: the shard check, the run folder's
-files, the engine factory the resume path calls, and the loaders.
+files, the model, the engine factory the resume path calls, and the loaders.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING
 
-from bertscale import checkpoint as ckpt_lib
 from bertscale import distributed
 from bertscale.config import recipe_to_dict
 from bertscale.errors import UserError
 from bertscale.files import copy_atomic, write_json_atomic
 from bertscale.pretraining.plan import Plan
+from bertscale.seeding import seed_all
+from bertscale.training.checkpoint.layout import VOCAB_FILE
+from bertscale.training.deepspeed_engine import DeepSpeedFactory, mark_universal
+
+if TYPE_CHECKING:
+    import torch
+
+    from bertscale.data.loader import MaskingConfig, PretrainLoader
+    from bertscale.model import BertForPreTraining
 
 
 def check_shards(plan: Plan) -> None:
@@ -35,33 +42,48 @@ def check_shards(plan: Plan) -> None:
 def write_run_files(plan: Plan) -> None:
     """The run folder's vocabulary, resolved recipe and DeepSpeed JSON (rank 0)."""
     if plan.env.is_main:
-        copy_atomic(Path(plan.manifest.vocab_file), plan.run_dir / ckpt_lib.VOCAB_FILE)
+        copy_atomic(Path(plan.manifest.vocab_file), plan.run_dir / VOCAB_FILE)
         write_json_atomic(plan.run_dir / "recipe.json", recipe_to_dict(plan.recipe))
         write_json_atomic(plan.run_dir / "deepspeed_config.json", plan.ds_config)
 
 
-def engine_builder(plan: Plan, model: Any, optimizer: Any) -> Callable[[dict[str, Any]], tuple[Any, Any]]:
-    """`build(ds_config) -> (engine, scheduler)` for bertscale.resume.restore, which chooses the
-    DeepSpeed config (a universal load needs its own) before the engine exists."""
-    import deepspeed
+def model(plan: Plan) -> tuple[BertForPreTraining, torch.optim.Optimizer]:
+    """The model (same initial weights on every rank: seeded identically first) and its
+    optimizer; the weights of `train.init_from` if the run starts from them."""
+    from bertscale import optim, perf
+    from bertscale.model import BertForPreTraining
+    from bertscale.parallelize import FastPaths, apply_fast_paths
 
+    recipe, t = plan.recipe, plan.recipe.train
+    seed_all(t.seed)
+    fast = recipe.fast
+    perf.set_tf32(fast.tf32)
+    model = BertForPreTraining(plan.model_config)
+    apply_fast_paths(model, FastPaths(
+        unpad=fast.unpad, checkpoint_activations=fast.checkpoint_activations, compile=fast.compile))
+    if plan.init_from is not None:
+        plan.init_from.load_into(model)  # a bertscale run's or a Hugging Face folder's weights
+    mark_universal(model)
+    optimizer = optim.build_optimizer(recipe.optimizer, model)
+    return model, optimizer
+
+
+def engine_factory(plan: Plan, model: BertForPreTraining,
+                   optimizer: torch.optim.Optimizer) -> DeepSpeedFactory:
+    """The DeepSpeed engine of the plan, for bertscale.training.checkpoint.resume.restore, which
+    decides how a checkpoint loads (a universal load needs its own config) before the engine
+    exists."""
     from bertscale import optim
 
     recipe = plan.recipe
-
-    def build(ds_config: dict[str, Any]) -> tuple[Any, Any]:
-        engine, _, _, scheduler = deepspeed.initialize(
-            # The device is local_rank modulo the visible GPUs, not DeepSpeed's LOCAL_RANK as is.
-            args=argparse.Namespace(device_rank=distributed.local_device_index(plan.env)),
-            model=model, optimizer=optimizer, config=ds_config,
-            lr_scheduler=lambda opt: optim.build_scheduler(opt, recipe.schedule, recipe.train.steps))
-        optim.make_zero_aware(optimizer, engine)  # LAMB: trust ratios per original tensor under ZeRO
-        return engine, scheduler
-
-    return build
+    return DeepSpeedFactory(
+        model, optimizer, plan.ds_config,
+        lambda opt: optim.build_scheduler(opt, recipe.schedule, recipe.train.steps),
+        device_rank=distributed.local_device_index(plan.env), world_size=plan.env.world_size,
+        fp16=plan.precision == "fp16", check_free_space=recipe.checkpoint.check_free_space)
 
 
-def _masking(plan: Plan) -> Any:
+def _masking(plan: Plan) -> MaskingConfig:
     from bertscale.data.loader import MaskingConfig
 
     d = plan.recipe.data
@@ -69,7 +91,7 @@ def _masking(plan: Plan) -> Any:
                          whole_word=d.whole_word_masking)
 
 
-def train_loader(plan: Plan) -> Any:
+def train_loader(plan: Plan) -> PretrainLoader:
     """This rank's train stream from position 0; a resume moves it (`load_state_dict`): the
     loader alone holds the data position."""
     from bertscale.data.cache import FetchSettings
@@ -86,7 +108,7 @@ def train_loader(plan: Plan) -> Any:
                           fetch=FetchSettings.of(r.data))
 
 
-def eval_loader(plan: Plan) -> Any:
+def eval_loader(plan: Plan) -> PretrainLoader:
     """One pass over the first eval.samples of the eval split (see bertscale.pretraining.evaluator)."""
     from bertscale.data.cache import FetchSettings
     from bertscale.data.loader import PretrainLoader

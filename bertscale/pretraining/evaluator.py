@@ -9,15 +9,24 @@ token-weighted over the whole pass (sums, not means of means).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from bertscale.pretraining.agreement import next_micro_batches
+from bertscale.devices import to_device
 from bertscale.pretraining.stats import EvalStats
-from bertscale.pretraining.step import forward, host_lengths, to_device
+from bertscale.pretraining.step import forward, host_lengths
+from bertscale.training.agreement import next_micro_batches
+
+if TYPE_CHECKING:
+    from bertscale.data.loader import PretrainLoader
+    from bertscale.pretraining.plan import Plan
+    from bertscale.pretraining.reporter import Reporter
+    from bertscale.training.deepspeed_engine import DeepSpeedEngine
 
 
 class Evaluator:
-    def __init__(self, plan: Any, engine: Any, reporter: Any, make_loader: Any):
+    def __init__(self, plan: Plan, engine: DeepSpeedEngine, reporter: Reporter,
+                 make_loader: Callable[[], PretrainLoader]):
         self.engine, self.reporter = engine, reporter
         self.every = plan.recipe.eval.every
         self.at_start = plan.recipe.eval.at_start

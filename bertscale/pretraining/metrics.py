@@ -2,7 +2,7 @@
 sums, and throughput, model FLOPs, TFLOP/s and MFU, computed here and nowhere else.
 
 The step's own numbers (losses, accuracies, rate, gradient norm) are the record's step's. Time is
-only known between reads (bertscale.pretraining.agreement: the host does not wait for the device
+only known between reads (bertscale.training.agreement: the host does not wait for the device
 at every step), so throughput, TFLOP/s, MFU and `step_time_s` are over the applied steps since the
 previous read: their real tokens and model FLOPs over the read's wall time. With a read at every
 step (`logging.every = 1`) that is the step itself.
@@ -14,14 +14,20 @@ all W devices (`logging.peak_tflops`, else the CUDA device's datasheet peak; non
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from bertscale.pretraining.stats import StepStats
-from bertscale.pretraining.update import Update
+from bertscale.training.engine import Update
+
+if TYPE_CHECKING:
+    import torch
+
+    from bertscale.pretraining.plan import Plan
+    from bertscale.training.deepspeed_engine import DeepSpeedEngine
 
 
 class StepMetrics:
-    def __init__(self, plan: Any, device: Any):
+    def __init__(self, plan: Plan, device: torch.device):
         from bertscale import perf
 
         self.model_config = plan.model_config
@@ -40,7 +46,7 @@ class StepMetrics:
                 f"{self.precision}); model FLOPs on real tokens (bertscale.perf)")
 
     def train(self, stats: StepStats, update: Update, *, window: list[StepStats],
-              seconds: float, engine: Any, consumed_samples: int,
+              seconds: float, engine: DeepSpeedEngine, consumed_samples: int,
               skipped_steps: int) -> dict[str, float]:
         """The record of an applied step; `window`: the applied steps since the previous read
         (this one last), which took `seconds`."""
@@ -58,9 +64,9 @@ class StepMetrics:
                   "consumed_samples": consumed_samples, "skipped_steps": skipped_steps}
         if stats.nsp_count:
             values.update(nsp_loss=stats.nsp_loss / n, nsp_acc=stats.nsp_correct / stats.nsp_count)
-        grad_norm = engine.get_global_grad_norm()  # the last update's: this step's
+        grad_norm = engine.grad_norm()  # the last update's: this step's
         if grad_norm is not None:
-            values["grad_norm"] = float(grad_norm)
+            values["grad_norm"] = grad_norm
         if self.peak is not None:
             values["mfu"] = tflops / (self.peak[0] * self.W)
         values.update(perf.peak_memory_gib(self.device))

@@ -3,8 +3,9 @@ exists, so that a bad recipe, batch, manifest or resume fails in seconds with on
 instead of N tracebacks.
 
 `build_plan` reads the manifest, sizes the vocabulary, reads the DeepSpeed JSON and injects the
-batch fields (`deepspeed_config`), picks the checkpoint a resume continues (bertscale.resume.find)
-or the weights `train.init_from` starts from, and makes sure the run folder can be written. It
+batch fields (`deepspeed_config`, the gradient accumulation that keeps the global batch at this
+world size: `plan_batch`), picks the checkpoint a resume continues (bertscale.training.checkpoint.
+resume: find, check_identity) or the weights `train.init_from` starts from, and makes sure the run folder can be written. It
 runs on every rank with the same files, so every rank reaches the same verdict without talking.
 
 `train.init_from` is a bertscale run or checkpoint folder (phase 2 after phase 1), or a Hugging
@@ -24,11 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bertscale import checkpoint as ckpt_lib
 from bertscale import distributed
-from bertscale import resume as resume_lib
 from bertscale.config import ModelConfig, PretrainRecipe, padded_vocab_size, recipe_to_dict
 from bertscale.errors import ConfigError, UserError
+from bertscale.training.checkpoint import layout
+from bertscale.training.checkpoint import resume as resume_lib
+from bertscale.training.checkpoint.consolidated import load_consolidated
+from bertscale.training.checkpoint.state import read_state
 
 # The built-in DeepSpeed JSONs ship inside the package (bertscale/deepspeed_configs: in the
 # repository a symlink to the top-level deepspeed_configs/, in a wheel the files themselves), so
@@ -65,7 +68,7 @@ class InitFrom:
 
         source = f"train.init_from {self.path}"
         if self.kind == "bertscale":
-            weights = ckpt_lib.load_consolidated(self.path)
+            weights = load_consolidated(self.path)
             load_pretrained(model, weights.state_dict, source=source)
             return
         from bertscale.hf import load_hf_folder, pad_vocab_rows
@@ -92,12 +95,12 @@ def resolve_init_from(path: Path, model: ModelConfig, tokenizer_hash: str) -> In
 
     if not hf.is_hf_folder(path):
         try:
-            committed = ckpt_lib.resolve(path)
+            committed = layout.resolve(path)
         except UserError as e:
             raise ConfigError(f"train.init_from: {e}") from None
-        ckpt_lib.check_compatible(ckpt_lib.read_state(committed), tokenizer_hash=tokenizer_hash,
-                                  manifest_fingerprint=None, model_config=model,
-                                  where=f"train.init_from {committed.path}")
+        resume_lib.check_compatible(read_state(committed).run, tokenizer_hash=tokenizer_hash,
+                                    manifest_fingerprint=None, model_config=model,
+                                    where=f"train.init_from {committed.path}")
         return InitFrom(committed.path, "bertscale", step=committed.step)
     from bertscale.tokenizer import vocab_hash
 
@@ -144,6 +147,49 @@ class Plan:
         return min(steps, self.stop_at_step) if self.stop_at_step else steps
 
 
+def plan_batch(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Gradient accumulation steps that keep `global_batch` on `world_size` ranks.
+
+    global_batch = micro_batch x accumulation x world_size must hold exactly; otherwise the
+    error says which world sizes would work for this global and micro batch.
+    """
+    for name, value in (("global batch", global_batch), ("micro batch", micro_batch),
+                        ("world size", world_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if global_batch % micro_batch:
+        micro_ok = [m for m in range(1, min(global_batch, 4 * micro_batch) + 1) if global_batch % m == 0]
+        raise ConfigError(
+            f"global batch {global_batch} is not divisible by micro batch {micro_batch}, so no "
+            f"number of ranks can keep it; micro batches that divide it: "
+            f"{', '.join(map(str, micro_ok))}")
+    per_micro = global_batch // micro_batch
+    if per_micro % world_size:
+        raise ConfigError(
+            f"global batch {global_batch} is not divisible by micro batch {micro_batch} x "
+            f"{world_size} ranks; with micro batch {micro_batch} it works on "
+            f"{_describe_world_sizes(per_micro, world_size)} ranks (or change the micro batch)")
+    return per_micro // world_size
+
+
+def workable_world_sizes(global_batch: int, micro_batch: int, limit: int = 1024) -> list[int]:
+    """Every world size up to `limit` on which `global_batch` splits into whole micro batches."""
+    if global_batch % micro_batch:
+        return []
+    per_micro = global_batch // micro_batch
+    return [w for w in range(1, min(per_micro, limit) + 1) if per_micro % w == 0]
+
+
+def _describe_world_sizes(per_micro: int, requested: int) -> str:
+    sizes = workable_world_sizes(per_micro, 1)
+    if len(sizes) > 12:
+        # Many divisors: the ones near the request matter, plus the nearest one above 2x.
+        near = [w for w in sizes if w <= 2 * requested]
+        above = [w for w in sizes if w > 2 * requested][:1]
+        return ", ".join(map(str, near + above)) + ", ..."
+    return ", ".join(map(str, sizes))
+
+
 def resolve_deepspeed_config(value: str) -> Path:
     """A DeepSpeed JSON given by path, or by name: ./deepspeed_configs/NAME.json (a user's edited
     copy in the current folder) first, then the built-in DEEPSPEED_CONFIG_DIR/NAME.json."""
@@ -169,7 +215,6 @@ def deepspeed_config(recipe: PretrainRecipe, world_size: int,
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
     # The global batch is the recipe's at every world size (also after an elastic resume);
     # when it cannot be split, the error lists the world sizes that would work.
-    from bertscale.elastic import plan_batch
     try:
         accum = plan_batch(t.global_batch_size, t.micro_batch_size, world_size)
     except ConfigError as e:
@@ -226,8 +271,11 @@ def build_plan(recipe: PretrainRecipe, env: distributed.DistEnv, run_dir: Path, 
     # Resume: the newest committed checkpoint of this run folder, if it is the same run. The
     # manifest's tokenizer hash is the tokenizer's identity for resumes and init_from.
     tokenizer_hash = manifest.tokenizer_hash
-    resume_point = resume_lib.find(run_dir, resume, resume_lib.Identity(
-        tokenizer_hash, manifest.fingerprint, model, recipe_to_dict(recipe), stage, precision))
+    resume_point = resume_lib.find(run_dir, resume, {"train": ("step",),
+                                                     "data": ("consumed_samples",)})
+    if resume_point is not None:
+        resume_point = resume_lib.check_identity(resume_point, resume_lib.Identity(
+            tokenizer_hash, manifest.fingerprint, model, recipe_to_dict(recipe), stage, precision))
     init_from = None
     if recipe.train.init_from is not None and resume_point is None:
         init_from = resolve_init_from(Path(recipe.train.init_from), model, tokenizer_hash)
@@ -317,7 +365,7 @@ def _check_paths(recipe: PretrainRecipe) -> None:
 
 def _check_run_folder(run_dir: Path, vocab_file: Path) -> None:
     """The run folder exists, is writable, and was not started with another vocabulary."""
-    run_vocab = run_dir / ckpt_lib.VOCAB_FILE
+    run_vocab = run_dir / layout.VOCAB_FILE
     if run_vocab.is_file() and run_vocab.read_bytes() != vocab_file.read_bytes():
         raise UserError(f"{run_vocab}: this run folder was started with another vocabulary than "
                         f"{vocab_file}; use a new --run-dir")

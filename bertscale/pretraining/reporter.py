@@ -1,58 +1,40 @@
 """Rank 0's outputs of a pretraining run: the terminal (a bar redrawn in place, or plain lines
-at the logging cadence), metrics.jsonl, W&B and TensorBoard (through bertscale.reporting's
-`MetricSinks`, which fine-tuning writes through too).
-
-Every record is written by rank 0 only; the other ranks' Reporter does nothing. Every optional
-sink fails soft: a warning, never a crashed or stalled job.
+at the logging cadence), metrics.jsonl, W&B and TensorBoard (the core's reporter,
+bertscale.training.reporter, with the recipe's [logging] section).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any
 
 from bertscale.config import recipe_to_dict
+from bertscale.pretraining.plan import Plan
 from bertscale.reporting import MetricSinks
 from bertscale.reporting import hms as _hms
+from bertscale.training import reporter
+from bertscale.training.checkpoint.layout import checkpoints_dir
+from bertscale.training.checkpoint.resume import Start
 
 
-class Reporter:
-    """Rank 0's outputs: terminal (bar or plain lines), metrics.jsonl, W&B, TensorBoard. Every
-    optional sink fails soft: a warning, never a crashed or stalled job."""
+class Reporter(reporter.Reporter):
+    """Rank 0's outputs: terminal (bar or plain lines), metrics.jsonl, W&B, TensorBoard."""
 
-    def __init__(self, plan: Any, start_step: int):
-        self.plan, self.main = plan, plan.env.is_main
+    def __init__(self, plan: Plan, start_step: int):
+        lg, main = plan.recipe.logging, plan.env.is_main
+        self.main, self.bar_open, self.stream = main, False, sys.stdout  # warn() in the sinks' start
+        super().__init__(MetricSinks(plan.run_dir, enabled=main, wandb=lg.wandb,
+                                     tensorboard=lg.tensorboard, project=lg.wandb_project,
+                                     name=plan.recipe.name,
+                                     wandb_config=recipe_to_dict(plan.recipe),
+                                     wandb_mode=lg.wandb_mode, warn=self.warn), main=main)
+        self.plan = plan
         self.total = plan.recipe.train.steps
-        self.every = plan.recipe.logging.every
+        self.every = lg.every
         self.start_step, self.stop_at = start_step, plan.stop_at
         self.t_start: float | None = None
-        lg = plan.recipe.logging
-        self.bar = self.main and (lg.progress == "bar" or (lg.progress == "auto" and sys.stdout.isatty()))
-        self.bar_open = False
-        # metrics.jsonl, W&B and TensorBoard: the sinks fine-tuning writes through too.
-        self.sinks = MetricSinks(plan.run_dir, enabled=self.main, wandb=lg.wandb,
-                                 tensorboard=lg.tensorboard, project=lg.wandb_project,
-                                 name=plan.recipe.name, wandb_config=recipe_to_dict(plan.recipe),
-                                 wandb_mode=lg.wandb_mode, warn=self.warn)
-
-    def warn(self, msg: str) -> None:
-        if self.main:
-            self._end_bar()
-            print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-    def info(self, msg: str) -> None:
-        if self.main:
-            self._end_bar()
-            print(msg, flush=True)
-
-    def _end_bar(self) -> None:
-        if self.bar_open:
-            sys.stdout.write("\n")
-            self.bar_open = False
-
-    def record(self, kind: str, step: int, values: dict[str, float]) -> None:
-        self.sinks.record(kind, step, values)
+        self.t_first = 0
+        self.bar = main and (lg.progress == "bar" or (lg.progress == "auto" and sys.stdout.isatty()))
 
     def logs(self, step: int) -> bool:
         """The logging cadence: every `logging.every` steps, and always the first and the last
@@ -99,12 +81,12 @@ class Reporter:
         self.info(f"eval step {step}: loss {values['loss']:.4f}  mlm_acc {values['mlm_acc']:.3f}"
                   f"{nsp}  ({int(values['samples'])} samples)")
 
-    def start(self, plan: Any, *, step: int, consumed_samples: int, start: Any, n_params: int,
+    def start(self, plan: Plan, *, step: int, consumed_samples: int, start: Start, n_params: int,
               mfu: str) -> None:
         """The opening lines: where the run starts from and what it is. metrics.jsonl keeps
         one record per step: what an earlier run recorded past this start goes (all of it when
         the run starts over)."""
-        self.sinks.rewind(step if start.resumed_from is not None else -1)
+        self.rewind(step if start.resumed_from is not None else -1)
         recipe, t, W = plan.recipe, plan.recipe.train, plan.env.world_size
         if start.resumed_from is not None:
             how = (f", converted from {start.saved_world_size} ranks through a universal checkpoint"
@@ -130,13 +112,6 @@ class Reporter:
         if step < self.total:
             self.info(f"stopped at step {step} as asked (--stop-at-step); resume to continue")
         else:
-            from bertscale import checkpoint as ckpt_lib
             self.info(f"done: {step} steps, {consumed_samples} samples; checkpoints in "
-                      f"{ckpt_lib.checkpoints_dir(self.plan.run_dir)}, metrics in "
+                      f"{checkpoints_dir(self.plan.run_dir)}, metrics in "
                       f"{self.plan.run_dir / 'metrics.jsonl'}")
-
-    def close(self) -> None:
-        if not self.main:
-            return
-        self._end_bar()
-        self.sinks.close()

@@ -3,7 +3,7 @@ accumulation, and this rank's statistics of them (`StepStats`, named fields) sum
 device.
 
 Nothing here waits for the GPU: the statistics stay on the device until the loop's next read
-(bertscale.pretraining.agreement.Reads), which sums them over the ranks and acts on a NaN/inf
+(bertscale.training.agreement.Reads), which sums them over the ranks and acts on a NaN/inf
 loss there; the unpadded model gets the sequence lengths from the host batch, so it sizes its
 packed tensors without reading the mask back. The optimizer update itself is
 `update.Updater.apply`.
@@ -11,23 +11,29 @@ packed tensors without reading the mask back. The optimizer update itself is
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
+from bertscale.devices import to_device
 from bertscale.pretraining.faults import DebugHooks
 from bertscale.pretraining.stats import StepStats
 
+if TYPE_CHECKING:
+    import torch
 
-def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    from bertscale.model import LossParts
+    from bertscale.training.deepspeed_engine import DeepSpeedEngine
+
+Batch = dict[str, "torch.Tensor"]
 
 
-def host_lengths(cpu_batch: dict[str, Any]) -> list[int]:
+def host_lengths(cpu_batch: Batch) -> list[int]:
     """The real length of each sequence, from the batch before it is moved (no device read)."""
-    return cpu_batch["attention_mask"].sum(1).tolist()
+    lengths: list[int] = cpu_batch["attention_mask"].sum(1).tolist()
+    return lengths
 
 
-def forward(engine: Any, batch: dict[str, Any], vocab_size: int,
-            lengths: list[int] | None = None) -> Any:
+def forward(engine: DeepSpeedEngine, batch: Batch, vocab_size: int,
+            lengths: list[int] | None = None) -> LossParts:
     """The model's loss parts (bertscale.model.LossParts) on one micro-batch already on device;
     `lengths`: its sequences' real lengths, known on the host (`host_lengths`)."""
     from bertscale.model import pretraining_loss
@@ -39,8 +45,9 @@ def forward(engine: Any, batch: dict[str, Any], vocab_size: int,
                             vocab_size=vocab_size)
 
 
-def train_step(engine: Any, micro_batches: list[dict[str, Any]], *, step: int, vocab_size: int,
-               hooks: DebugHooks, real: bool = True) -> tuple[Any, list[tuple[Any, Any]]]:
+def train_step(engine: DeepSpeedEngine, micro_batches: list[Batch], *, step: int,
+               vocab_size: int, hooks: DebugHooks, real: bool = True
+               ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Forward and backward over the micro-batches of the update that would become step
     `step + 1`. Returns this rank's packed StepStats sums (on the device, not reduced) and, per
     micro-batch, (finite?, sample_ids) for the report of a NaN/inf loss. `real` False: stand-ins
@@ -52,7 +59,7 @@ def train_step(engine: Any, micro_batches: list[dict[str, Any]], *, step: int, v
 
     device = engine.device
     sums = StepStats.pack(device, data_error=0.0 if real else 1.0)
-    seen: list[tuple[Any, Any]] = []
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     hooks.before_step(step + 1)
     for micro, cpu_batch in enumerate(micro_batches):
         batch = to_device(cpu_batch, device)
@@ -62,7 +69,7 @@ def train_step(engine: Any, micro_batches: list[dict[str, Any]], *, step: int, v
         seen.append((finite, cpu_batch["sample_ids"]))
         engine.backward(loss)
         if micro < len(micro_batches) - 1:
-            engine.step()  # inside the accumulation window: DeepSpeed only counts it
+            engine.micro_step()  # inside the accumulation window: DeepSpeed only counts it
         if not real:
             continue
         tokens, tokens_squared = perf.batch_length_sums(batch["attention_mask"])

@@ -1,16 +1,19 @@
 """One rank of the elastic-checkpoint test (tests/test_elastic.py), started by tests/launch.py.
 
-It uses DeepSpeed and bertscale's model directly, not the trainer, so it tests the elastic layer on
-its own. Data: byte-level tokens of a real English text file shipped with Python (argparse.py's
+It uses DeepSpeed and bertscale's model with the trainer core's DeepSpeed engine, commit and resume
+path (bertscale.training), not the pretraining trainer, so it tests the checkpoint layer on its
+own. Data: byte-level tokens of a real English text file shipped with Python (argparse.py's
 docstrings and messages); global sample i is a deterministic function of i alone, global batch b
 is samples [b*G, (b+1)*G), and rank r of W takes its contiguous slice as micro-batches of MICRO.
 With equal micro-batch sizes the global gradient is the mean of the same G/MICRO micro-batch
 means on any number of ranks, so losses are comparable across world sizes.
 
-  train:  train STEPS steps on W ranks, save `step_<SAVE>` (with universal_checkpoint_info), and
-          write the full fp32 weights and moments at that step (gathered *after* a step, never
-          right after a load) plus every step's loss, to compare the resumed runs against.
-  resume: load `step_<SAVE>` on W' ranks through bertscale.resume.load_engine_state (converting when W' != W),
+  train:  train STEPS steps on W ranks, commit `step_<SAVE>` (the model marked for universal
+          conversion; the data position as the "data" component), and write the full fp32 weights
+          and moments at that step (gathered *after* a step, never right after a load) plus every
+          step's loss, to compare the resumed runs against.
+  resume: restore `step_<SAVE>` on W' ranks through bertscale.training.checkpoint.resume.restore
+          (converting when W' != W),
           write each rank's LOCAL fp32 and moment fragments with their offsets (no collectives,
           see DESIGN's trap about safe_get_full_optimizer_state after a load), then train to STEPS
           and write the losses.
@@ -28,11 +31,14 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-from bertscale import elastic, resume
 from bertscale.config import ModelConfig
 from bertscale.model import BertForPreTraining, pretraining_loss
+from bertscale.pretraining.plan import plan_batch
+from bertscale.training.checkpoint.checkpointer import save
+from bertscale.training.checkpoint.resume import find, restore
+from bertscale.training.checkpoint.state import TrainerState
+from bertscale.training.deepspeed_engine import DeepSpeedEngine, DeepSpeedFactory, mark_universal
 
 GLOBAL_BATCH = 12
 MICRO = 2
@@ -70,12 +76,26 @@ def micro_batches(ids: torch.Tensor, step: int, rank: int, world: int, seen: lis
         yield {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
-def build(args, world: int, load_universal: bool):
+class Position:
+    """The data position: the global sample counter, never a per-rank offset."""
+
+    def __init__(self) -> None:
+        self.consumed_samples = 0
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed_samples = int(state["consumed_samples"])
+
+
+def factory(args, world: int) -> DeepSpeedFactory:
     torch.manual_seed(1234)   # same initial weights on every world size
     cfg = ModelConfig(vocab_size=256 + SPECIAL, hidden_size=32, num_hidden_layers=2,
                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=SEQ,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = BertForPreTraining(cfg)
+    mark_universal(model)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
@@ -84,27 +104,19 @@ def build(args, world: int, load_universal: bool):
         optimizer = Lamb(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-6)
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-6)
-    # Warm up over 2 steps then decay linearly: the resumed lr must continue the schedule.
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / 2, max(0.0, 1 - s / 40)))
     ds_config = {
         "train_batch_size": GLOBAL_BATCH,
         "train_micro_batch_size_per_gpu": MICRO,
-        "gradient_accumulation_steps": elastic.plan_batch(GLOBAL_BATCH, MICRO, world),
+        "gradient_accumulation_steps": plan_batch(GLOBAL_BATCH, MICRO, world),
         "zero_optimization": {"stage": args.zero, "stage3_param_persistence_threshold": 0},
         "bf16": {"enabled": args.dtype == "bf16"},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": 1.0,
         "steps_per_print": 10**9,
     }
-    if load_universal:
-        ds_config = elastic.with_load_universal(ds_config)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=schedule, config=ds_config)
-    if args.optim == "lamb":
-        from bertscale.optim import make_zero_aware
-        make_zero_aware(optimizer, engine)
-    return engine
+    # Warm up over 2 steps then decay linearly: the resumed lr must continue the schedule.
+    return DeepSpeedFactory(model, optimizer, ds_config, lambda opt: torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / 2, max(0.0, 1 - s / 40))), device_rank=0, world_size=world)
 
 
 def train_step(engine, ids, step: int, rank: int, world: int, seen: list[int]) -> float:
@@ -193,35 +205,38 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     ids = text_ids()
-    ckpt = args.run / "checkpoints"
     tag = f"step_{args.save}"
     losses: dict[int, float] = {}
     seen: list[int] = []
 
+    position = Position()
     if args.mode == "train":
-        engine = build(args, world, load_universal=False)
+        wrapped: DeepSpeedEngine = factory(args, world).build(None)
+        engine = wrapped.ds
         for step in range(1, args.steps + 1):
             losses[step] = train_step(engine, ids, step, rank, world, seen)
+            position.consumed_samples += GLOBAL_BATCH
             if step == args.save:
-                engine.save_checkpoint(str(ckpt), tag=tag, client_state={
-                    UNIVERSAL_CHECKPOINT_INFO: elastic.universal_checkpoint_info(),
-                    "consumed_samples": step * GLOBAL_BATCH})
+                save(wrapped, args.run, step, TrainerState({"data": position.state_dict()}),
+                     keep=2, log=lambda m: None)
                 ref = full_state(engine)
                 if rank == 0:
                     torch.save({"params": ref, "groups": hyperparameters(engine)},
                                args.run / "reference.pt")
         info = {"losses": losses, "world": world}
     else:
-        source = elastic.resume_source(ckpt, tag, world)
-        engine = build(args, world, load_universal=source.universal)
-        client = resume.load_engine_state(engine, source)
-        assert client["consumed_samples"] == args.save * GLOBAL_BATCH, client
+        point = find(args.run, "require")
+        assert point is not None and point.checkpoint.tag == tag, point
+        wrapped, start = restore(point, factory(args, world), {"data": position}, rank=rank,
+                                 world_size=world, seed=0)
+        engine = wrapped.ds
+        assert position.consumed_samples == args.save * GLOBAL_BATCH, position.consumed_samples
         torch.save(local_fragments(engine, rank), args.run / f"loaded_w{world}_rank{rank}.pt")
         # The data position is the global sample counter, never a per-rank offset.
-        for step in range(client["consumed_samples"] // GLOBAL_BATCH + 1, args.steps + 1):
+        for step in range(position.consumed_samples // GLOBAL_BATCH + 1, args.steps + 1):
             losses[step] = train_step(engine, ids, step, rank, world, seen)
-        info = {"losses": losses, "world": world, "universal": source.universal,
-                "saved_world_size": source.saved_world_size, "tag": source.tag}
+        info = {"losses": losses, "world": world, "universal": start.universal,
+                "saved_world_size": start.saved_world_size}
     (args.run / f"{args.mode}_w{world}_rank{rank}.json").write_text(
         json.dumps({"samples": seen, "steps_end": optimizer_steps(engine)}))
     if rank == 0:
