@@ -41,7 +41,8 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("s3", "gs", "az")
 
-AZURITE_VERSION = "3.37.0"
+# 3.35.0: the newest release whose declared engines take Node 20 (3.36 wants 21, 3.37 22).
+AZURITE_VERSION = "3.35.0"
 AZURITE_DIR = REPO / ".cache" / "azurite"
 AZURITE_BIN = AZURITE_DIR / "node_modules" / ".bin" / "azurite-blob"
 # Azurite's well-known development account (published in its README and Microsoft's docs).
@@ -50,10 +51,20 @@ AZURITE_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K
                "KBHBeksoGMGw==")
 
 
+def _azurite_installed() -> bool:
+    import json
+    try:
+        package = json.loads((AZURITE_DIR / "node_modules" / "azurite" / "package.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return package.get("version") == AZURITE_VERSION and AZURITE_BIN.exists()
+
+
 def install_azurite() -> Path:
-    """Azurite's blob server, `npm install`ed once into .cache/azurite (under a lock: two test
-    workers may ask at once). Raises RuntimeError when npm is missing or the install fails."""
-    if AZURITE_BIN.exists():
+    """Azurite's blob server at the pinned version, `npm install`ed once into .cache/azurite
+    (under a lock: two test workers may ask at once). Raises RuntimeError when npm is missing or
+    the install fails."""
+    if _azurite_installed():
         return AZURITE_BIN
     npm = shutil.which("npm")
     if npm is None:
@@ -62,12 +73,12 @@ def install_azurite() -> Path:
     AZURITE_DIR.mkdir(parents=True, exist_ok=True)
     with open(AZURITE_DIR / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not AZURITE_BIN.exists():
+        if not _azurite_installed():
             r = subprocess.run([npm, "install", "--prefix", str(AZURITE_DIR), "--no-audit",
                                 "--no-fund", "--no-save", "--loglevel=error",
                                 f"azurite@{AZURITE_VERSION}"],
                                capture_output=True, text=True, timeout=600)
-            if r.returncode or not AZURITE_BIN.exists():
+            if r.returncode or not _azurite_installed():
                 raise RuntimeError(f"npm install azurite@{AZURITE_VERSION} failed "
                                    f"(exit {r.returncode}):\n{r.stderr[-2000:]}")
     return AZURITE_BIN

@@ -8,11 +8,13 @@ serves every store, and each store's package is an optional extra (``pip install
 that kind is used.
 
 Credentials and endpoints come from the environment and each store's usual configuration, never
-from a manifest: for S3, ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_PROFILE``,
-``~/.aws``, instance roles, and ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) for an
-S3-compatible store (MinIO, Ceph, …); for GCS, application-default credentials
-(``GOOGLE_APPLICATION_CREDENTIALS``); for Azure, ``AZURE_STORAGE_ACCOUNT_NAME`` and
-``AZURE_STORAGE_KEY`` / ``AZURE_STORAGE_CONNECTION_STRING`` or a managed identity.
+from a manifest (docs/data.md has the table): for S3, ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` / ``AWS_PROFILE``, ``~/.aws``, instance roles, and ``AWS_ENDPOINT_URL``
+(or ``AWS_ENDPOINT_URL_S3``) for an S3-compatible store (MinIO, Ceph, …); for GCS,
+application-default credentials (``GOOGLE_APPLICATION_CREDENTIALS``), and
+``STORAGE_EMULATOR_HOST`` for an emulator; for Azure, ``AZURE_STORAGE_CONNECTION_STRING`` (its
+``BlobEndpoint`` for Azurite), or ``AZURE_STORAGE_ACCOUNT_NAME`` with
+``AZURE_STORAGE_ACCOUNT_KEY`` / ``AZURE_STORAGE_SAS_TOKEN`` or a managed identity.
 
 Limits: reads are whole-object streams (a shard is fetched whole into the node cache, see
 `bertscale.data.cache`); ``pipe:`` cannot be listed or uploaded to, and its failures are not
