@@ -83,16 +83,14 @@ def store(request, store_servers, monkeypatch):
     ``@pytest.mark.parametrize("store", stores.KINDS, indirect=True)``."""
     import shutil
 
-    from stores import clear_clients, install_azurite
+    from stores import clear_clients
 
     kind = getattr(request, "param", "s3")
     for module in _STORE_PACKAGES[kind]:
         pytest.importorskip(module, reason=f"the {kind} store needs the test extra ({module})")
     if kind == "az" and shutil.which("npm") is None and not os.environ.get("CI"):
-        try:
-            install_azurite()
-        except RuntimeError as e:
-            pytest.skip(str(e))
+        # In CI (`make test` installs npm when it can) a missing npm fails the test instead.
+        pytest.skip("npm not found: Azurite, the Azure Blob emulator, installs through npm")
     server = store_servers.server(kind)
     for k, v in server.env().items():
         monkeypatch.setenv(k, v)

@@ -15,6 +15,8 @@ them through the node cache. bertscale is pointed at each store by the environme
 - A corrupt object stops the run with exit 2 and one line naming it (each store).
 - `prepare --out URL` never mixes two data sets in one prefix and resumes a cut upload (each).
 - Refused credentials fail at once, as one line (Azurite checks the account key).
+- A shard larger than each client's single-request upload and than one ranged read comes back
+  whole, each byte served once (each store).
 - The cache bound holds at every step over several epochs (library level: only the loader can
   be looked at between steps), and a bound too small for two windows is refused at start.
 - `doctor` reads the first and last shard in the store, and names one that is missing (each).
@@ -23,6 +25,7 @@ them through the node cache. bertscale is pointed at each store by the environme
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -303,6 +306,31 @@ def test_refused_credentials_fail_at_once(store, shared_data, tmp_path, monkeypa
     assert str(e.value).startswith(f"shard vocab.txt: cannot fetch {store.url('in/vocab.txt')}: "
                                    f"access denied")
     assert not list((tmp_path / "cache").rglob("*.part-*"))
+
+
+@each_store
+def test_a_large_shard_round_trips_once(store, tmp_path):
+    """Library level (prepare's shards here are ~1 MB; a 70 MB one would cost minutes of
+    prepare): a shard larger than every client's single-request upload (s3fs multipart above
+    50 MB, gcsfs resumable above 5 MB, adlfs blocks above 64 MB) goes up with prepare's upload
+    call and comes back through the node cache, in several ranged reads, whole and verified,
+    each byte served once."""
+    import hashlib
+
+    from bertscale.data import remote
+    from bertscale.data.cache import NodeCache
+
+    data = os.urandom(70 << 20)
+    (tmp_path / "big.tar").write_bytes(data)
+    url = store.url("big/train-000000.tar")
+    remote.upload(tmp_path / "big.tar", url)
+    assert remote.object_size(url) == len(data)
+    store.server.reset_counts()
+    got = NodeCache(tmp_path / "cache").fetch("k/train-000000.tar", url, len(data),
+                                               hashlib.sha256(data).hexdigest())
+    assert got.read_bytes() == data
+    assert store.server.served[Store.key(url)] == len(data)
+    assert store.server.gets[Store.key(url)] > 1  # several ranged reads (6 here)
 
 
 def _prepare_rc(shared_data: Path, stage: Path, url: str, seed: int, capfd,
