@@ -202,3 +202,9 @@ def test_parquet_in_an_object_store(store, shared_data, corpus, jsonl_shards, tm
         assert store.server.gets[key] == 1 and i["bytes"] == fs.info(key)["size"]
     assert len(local) == 3
     assert not list(out.rglob("input-*"))   # the copies are gone
+    # The same objects named by a glob and one by its URL (library level: the listing prepare
+    # starts with; a prepare per form would cost a whole run each).
+    from bertscale.data.text import expand_inputs
+    urls = [i["path"] for i in inputs]
+    assert expand_inputs([store.url("wiki/*.parquet")]) == urls
+    assert expand_inputs([urls[1]]) == [urls[1]]

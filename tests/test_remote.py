@@ -13,7 +13,8 @@ them through the node cache. bertscale is pointed at each store by the environme
   fetching none. Those two are the node cache's own behaviour, the same whatever client filled
   it, so GCS and Azure run one 2-rank job each (to step 4) rather than three.
 - A corrupt object stops the run with exit 2 and one line naming it (each store).
-- `prepare --out URL` never mixes two data sets in one prefix and resumes a cut upload (each).
+- `prepare --out URL` never mixes two data sets in one prefix and resumes a cut upload, and one
+  into a bucket that does not exist stops before it starts (each).
 - Refused credentials fail at once, as one line (Azurite checks the account key).
 - A shard larger than each client's single-request upload and than one ranged read comes back
   whole, each byte served once (each store).
@@ -351,6 +352,22 @@ def _store_matches(fs, prefix: str, manifest: Path) -> bool:
     rows = [r for rs in json.loads(manifest.read_text())["shards"].values() for r in rs]
     return all(hashlib.sha256(fs.cat_file(f"{prefix}/{r['name']}")).hexdigest() == r["sha256"]
                for r in rows)
+
+
+@each_store
+def test_prepare_into_a_missing_bucket_stops_before_preparing(store, shared_data, tmp_path, capfd):
+    """`prepare --out URL` whose bucket (container) does not exist: one line at once, before
+    any work (bertscale creates no buckets: their region, access and billing are the owner's).
+
+    Failed before the fix: the whole prepare ran, then its upload stopped with "uploading
+    .../manifest.json to s3://.../.bertscale-upload.json: no such object (The specified bucket
+    does not exist)" (gcsfs: "(http://127.0.0.1:PORT/upload/storage/v1/b/NAME/o)")."""
+    missing = f"{store.kind}://no-such-{store.bucket}"
+    rc, err = _prepare_rc(shared_data, tmp_path / "stage", f"{missing}/wiki", 1, capfd)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and lines == [f"bertscale prepare: error: --out {missing}/wiki: there is no "
+                                 f"bucket no-such-{store.bucket} (create it first)"], err
+    assert not (tmp_path / "stage").exists()
 
 
 @each_store

@@ -93,6 +93,22 @@ def _gcs_emulator_filesystem() -> Any:
     return GCSFileSystem(**({} if configured else {"token": "anon"}))
 
 
+def require_bucket(url: str, what: str) -> None:
+    """A one-line UserError now when the bucket (container) of the store URL `url` does not
+    exist, rather than after the work meant for it. bertscale creates no buckets: their region,
+    access and billing are the owner's choices. Anything else the check meets lets it pass
+    (credentials may be allowed to write objects but not to read the bucket's metadata, e.g.
+    GCS's objectAdmin role): the upload itself then says what is wrong."""
+    name = url.split("://", 1)[1].split("/", 1)[0]
+    fs = filesystem(url)  # a missing store package is its own one line
+    try:
+        fs.info(f"{scheme(url)}://{name}")
+    except FileNotFoundError:
+        raise UserError(f"{what} {url}: there is no bucket {name} (create it first)") from None
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass
+
+
 class _PipeReader:
     """A `pipe:` command's stdout as a file; a non-zero exit is an error on close."""
 
