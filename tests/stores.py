@@ -32,7 +32,6 @@ import sys
 import threading
 import time
 import urllib.parse
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,11 +295,14 @@ class GcsEmulator(MeteredProxy):
                                      "-q"], workdir / f"gcs-{attempt}.log")
 
             def ready(port: int = port) -> bool:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
                 try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2):
-                        return True
+                    conn.request("GET", "/")
+                    return conn.getresponse().read() == b"OK"  # its health check, no other's
                 except OSError:
                     return False
+                finally:
+                    conn.close()
             try:
                 self.process.wait_for(ready, "gcp-storage-emulator", timeout=30)
                 break
