@@ -378,7 +378,9 @@ _BUCKETS = itertools.count()
 
 @dataclass
 class Store:
-    """One bucket of one store kind: `url()` for bertscale, `env` for the processes it starts,
+    """One bucket of one store kind: `url()` for bertscale; `env`, the variables that point
+    bertscale at the store (the `store` fixture puts them in this process's environment, which
+    the processes a test starts inherit; pass them on explicitly to a clean environment);
     `server` for the metering (gets, served, cut_next, bandwidth, reset_counts, wait_idle)."""
 
     kind: str
