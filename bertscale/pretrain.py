@@ -11,7 +11,6 @@ import re
 import shutil
 import sys
 import textwrap
-from pathlib import Path
 
 from bertscale import distributed
 from bertscale.config import PretrainRecipe, load_pretrain_recipe, recipe_to_dict
@@ -37,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "gives at this world size as one JSON object, and exit")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
                    help="override a recipe field, e.g. --set train.steps=100 (repeatable)")
-    p.add_argument("--run-dir", type=Path, help="run folder (default: recipe run_dir or runs/<name>)")
+    p.add_argument("--run-dir", help="run folder: a local path, or an object-store URL "
+                   "(s3://, gs://, az://; checkpoints staged on this node, uploaded and "
+                   "committed there: docs/cloud.md) (default: recipe run_dir or runs/<name>)")
     p.add_argument("--resume", choices=("auto", "require", "never"), default="auto",
                    help="auto: continue from the newest committed checkpoint if there is one")
     p.add_argument("--stop-at-step", type=int, help="save and stop after this step (exit 0)")

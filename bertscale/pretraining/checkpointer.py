@@ -37,9 +37,17 @@ def run_identity(plan: Plan) -> dict[str, Any]:
 
 
 def checkpointer(plan: Plan, engine: Engine, *, state: TrainState, loader: PretrainLoader,
-                 last_saved: int | None, info: Callable[[str], None]) -> Checkpointer:
+                 last_saved: int | None, info: Callable[[str], None],
+                 record: Callable[..., None] | None = None) -> Checkpointer:
+    """The core's checkpointer; for a run folder in an object store, the one that uploads and
+    commits there (bertscale.training.checkpoint.upload)."""
     c = plan.recipe.checkpoint
-    return Checkpointer(engine, plan.run_dir, Cadence(c.every, c.at_end, c.keep, c.check_free_space),
-                        components={"train": state, "data": loader}, identity=run_identity(plan),
-                        total_steps=plan.recipe.train.steps, stop_at=plan.stop_at,
-                        last_saved=last_saved, info=info)
+    args = (engine, plan.run_dir, Cadence(c.every, c.at_end, c.keep, c.check_free_space))
+    kwargs: dict[str, Any] = dict(
+        components={"train": state, "data": loader}, identity=run_identity(plan),
+        total_steps=plan.recipe.train.steps, stop_at=plan.stop_at, last_saved=last_saved,
+        info=info)
+    if plan.store is not None:
+        from bertscale.training.checkpoint.upload import StoreCheckpointer
+        return StoreCheckpointer(*args, store=plan.store, record=record, **kwargs)
+    return Checkpointer(*args, **kwargs)

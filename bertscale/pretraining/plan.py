@@ -139,6 +139,9 @@ class Plan:
     resume_from: resume_lib.ResumePoint | None
     init_from: InitFrom | None
     stop_at_step: int | None
+    store: Any = None
+    """The object store the run folder lives in (training.checkpoint.store.RunStore), None for a
+    local run folder; `run_dir` is then its node-local staging copy."""
 
     @property
     def stop_at(self) -> int:

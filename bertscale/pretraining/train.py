@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bertscale import distributed, runlock
+from bertscale import distributed, runlock, storelock
 from bertscale.config import PretrainRecipe
 from bertscale.pretraining import build
 from bertscale.pretraining.checkpointer import checkpointer
@@ -58,6 +58,7 @@ from bertscale.pretraining.update import Updater
 from bertscale.seeding import seed_all
 from bertscale.training.agreement import Attempt, Feed, Preemption, Read, Reads
 from bertscale.training.checkpoint.resume import restore
+from bertscale.training.checkpoint.store import RunStore, store_url
 from bertscale.training.deepspeed_engine import DeepSpeedEngine
 from bertscale.training.engine import Update
 from bertscale.training.state import TrainState
@@ -79,6 +80,8 @@ def train(plan: Plan) -> int:
     distributed.install_signal_handlers()
     # One writer per run folder: a second live trainer stops here, on every rank (exit 2).
     run_lock = runlock.acquire(plan.run_dir, env.is_main)
+    # A run folder in an object store: the same, as a lease there (bertscale.storelock).
+    store_lock = storelock.acquire(plan.store.url, env.is_main) if plan.store else None
     build.check_shards(plan)
     build.write_run_files(plan)
 
@@ -103,7 +106,8 @@ def train(plan: Plan) -> int:
                       info=reporter.info)
     evaluator = Evaluator(plan, engine, reporter, lambda: build.eval_loader(plan))
     saver = checkpointer(plan, engine, state=state, loader=loader, info=reporter.info,
-                         last_saved=state.step if start.resumed_from is not None else None)
+                         last_saved=state.step if start.resumed_from is not None else None,
+                         record=reporter.record)
     preemption = Preemption(run_lock.record_preemption, t.steps, reporter.info)
     sync_check = SyncCheck(recipe.debug.forbid_host_syncs, engine.device, reporter.warn)
 
@@ -149,8 +153,12 @@ def train(plan: Plan) -> int:
     finally:
         reporter.close()
         loader.close()
+        if plan.store is not None:  # an upload in flight commits; the final records go up
+            saver.close()  # type: ignore[attr-defined]
     distributed.barrier()
     run_lock.release()
+    if store_lock is not None:
+        store_lock.release()
     distributed.shutdown()
     return exit_code
 
@@ -176,8 +184,23 @@ def run(recipe: PretrainRecipe, *, run_dir: str | Path | None = None, resume: st
     """Validate, then train. The Python entry point behind `bertscale pretrain`."""
     env = distributed.discover()
     distributed.require_usable_gpus()
-    run_dir = Path(run_dir or recipe.run_dir or Path("runs") / recipe.name)
-    plan = build_plan(recipe, env, run_dir, resume, stop_at_step)
+    location = run_dir or recipe.run_dir or Path("runs") / recipe.name
+    url = store_url(location)
+    store = None
+    if url is not None:
+        # The store is the run folder; the trainer works on this node's staging copy of it
+        # (bertscale.training.checkpoint.store). Checked on every rank: one line, exit 2.
+        store = RunStore(url)
+        store.check()
+        store.mirror()
+        if env.is_main:
+            print(f"run folder {url} (staging on this node: {store.staging})", flush=True)
+        location = store.staging
+    plan = build_plan(recipe, env, Path(location), resume, stop_at_step)
+    if store is not None:
+        plan.store = store
+        store.prepare_resume(plan.resume_from, env.rank, env.world_size,
+                             check_free_space=recipe.checkpoint.check_free_space)
     try:
         return train(plan)
     finally:
