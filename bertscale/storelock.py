@@ -133,6 +133,20 @@ class StoreLock:
         self.main = False
 
 
+def refuse_if_held(url: str) -> None:
+    """Before a start touches anything (its staging copy included): one line when a live
+    trainer holds the run's lease. Every rank checks, read-only; `acquire` then takes it."""
+    lock = StoreLock(url, False)
+    try:
+        holder = lock._read()
+    except Exception as e:  # noqa: BLE001 - any store client error becomes one line
+        raise UserError(f"{url}: cannot read the run lock ({remote.reason(e)})") from None
+    if holder is not None and lock._stale(holder) is None:
+        raise UserError(f"{url}: another `bertscale pretrain` is writing this run "
+                        f"({runlock.describe(holder)}); wait for it to end or stop it, or use "
+                        f"another --run-dir")
+
+
 def acquire(url: str, is_main: bool) -> StoreLock:
     """Every rank calls it after the process group starts: rank 0 takes the lease, and if it
     cannot, every rank raises the same UserError."""

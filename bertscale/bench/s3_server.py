@@ -32,6 +32,7 @@ class LocalS3:
 
         self.app = DomainDispatcherApplication(create_backend_app)
         self.bandwidth = bandwidth
+        self.put_bandwidth = 0.0  # bytes/s of uploads (PUT/POST bodies), 0: unthrottled
         self.latency = latency
         self.gets: Counter[str] = Counter()
         self.served: Counter[str] = Counter()
@@ -75,6 +76,9 @@ class LocalS3:
     def _wsgi(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         key = environ.get("PATH_INFO", "").lstrip("/")
         is_read = environ["REQUEST_METHOD"] == "GET" and "/" in key and not environ.get("QUERY_STRING")
+        if self.put_bandwidth and environ["REQUEST_METHOD"] in ("PUT", "POST"):
+            # A slow link up: the request's body takes its length / put_bandwidth to arrive.
+            time.sleep(int(environ.get("CONTENT_LENGTH") or 0) / self.put_bandwidth)
         body = self.app(environ, start_response)
         if not is_read:
             return body

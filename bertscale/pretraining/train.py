@@ -192,6 +192,7 @@ def run(recipe: PretrainRecipe, *, run_dir: str | Path | None = None, resume: st
         # (bertscale.training.checkpoint.store). Checked on every rank: one line, exit 2.
         store = RunStore(url)
         store.check()
+        storelock.refuse_if_held(url)  # before the staging copy is touched
         store.mirror()
         if env.is_main:
             print(f"run folder {url} (staging on this node: {store.staging})", flush=True)
