@@ -103,7 +103,7 @@ def committed(files: list[str]) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def reference(manifest, tmp_path_factory) -> dict[int, float]:  # noqa: F811
+def reference(manifest, tmp_path_factory) -> dict[int, float]:
     """The uninterrupted run: one rank, a local folder, every step's loss."""
     run = tmp_path_factory.mktemp("store-ref") / "run"
     run_ranks(pretrain_argv(run, manifest, *BASE), 1, timeout=400)
@@ -113,7 +113,7 @@ def reference(manifest, tmp_path_factory) -> dict[int, float]:  # noqa: F811
 
 
 def test_killed_mid_upload_resumes_on_another_rank_count_from_s3(
-        store, manifest, reference, tmp_path):  # noqa: F811
+        store, manifest, reference, tmp_path):
     """2 ranks train into S3 (uploads slowed to 8 MB/s, so each takes seconds); a second
     trainer on the same run is refused while the first holds the lease; the job is killed -9
     while step 4 uploads, after step 2 was committed. Step 4 is then in the store in part and
@@ -173,7 +173,7 @@ def test_killed_mid_upload_resumes_on_another_rank_count_from_s3(
 
 
 @pytest.mark.parametrize("store", ["gs", "az"], indirect=True)
-def test_store_round_trip_on_a_new_node(store, manifest, reference, tmp_path):  # noqa: F811
+def test_store_round_trip_on_a_new_node(store, manifest, reference, tmp_path):
     """One rank trains steps 1-4 into the store and stops (--stop-at-step 4: a synchronous
     upload and commit before exit); a run on a NEW node (an empty staging folder) resumes from
     the store alone: it downloads step 4 (the proxy counts the reads), trains 5-6, and its
@@ -197,7 +197,7 @@ def test_store_round_trip_on_a_new_node(store, manifest, reference, tmp_path):  
     assert not [f for f in files if f.startswith("checkpoints/step_2")]
 
 
-def test_bad_store_locations_stop_with_one_line(store, manifest, tmp_path):  # noqa: F811
+def test_bad_store_locations_stop_with_one_line(store, manifest, tmp_path):
     """A bucket that does not exist, a store that cannot be reached, a scheme that is no
     store: exit 2 on every rank with one line naming the URL, and nothing written (no staging
     folder, no local folder named after the URL, nothing in the store)."""

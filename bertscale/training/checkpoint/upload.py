@@ -15,8 +15,9 @@ A save (`StoreCheckpointer.maybe_save`, collective, at the core checkpointer's c
    to the newest `keep` commits. No collective runs in a thread.
 
 The stall the loop sees is steps 1-3 (and 4 for a synchronous save); each save prints it and
-records it in metrics.jsonl (kind "checkpoint": stall_s, wait_upload_s, save_s, and on the next
-save upload_s / upload_mb_s of the previous one).
+records it in metrics.jsonl (kind "checkpoint": stall_s, wait_upload_s, save_s, sync, and
+upload_step / upload_s / upload_mb_s: rank 0's upload of the checkpoint that finished during
+this save, the previous one, or this one when it was synchronous).
 
 Synchronous: the save of a preemption (exit 75), of the last step and of `--stop-at-step`
 upload and commit before `maybe_save` returns, so the process exits only after its checkpoint
@@ -202,7 +203,7 @@ class StoreCheckpointer(Checkpointer):
         self.upload = Upload(self.store, saved, rank=rank, world=world, keep=self.cadence.keep,
                              records=records, log=self.info)
         if sync:
-            self._finish()
+            _, previous = self._finish()
         stall = time.monotonic() - t0
         self.last_stall = stall
         how = ("uploaded and committed" if sync else "uploading in the background")
@@ -211,8 +212,8 @@ class StoreCheckpointer(Checkpointer):
                   f"{how} to {self.store.tag_url(saved.tag)}")
         values = {"stall_s": round(stall, 3), "wait_upload_s": round(waited, 3),
                   "save_s": round(t_saved - t0 - waited, 3), "sync": float(sync)}
-        if previous is not None and previous.seconds > 0:
-            values.update(upload_s=round(previous.seconds, 3),
+        if previous is not None and previous.seconds > 0:  # this save's when synchronous
+            values.update(upload_step=previous.saved.step, upload_s=round(previous.seconds, 3),
                           upload_mb_s=round(previous.bytes / previous.seconds / 1e6, 2))
         if self.record is not None and rank == 0:
             self.record("checkpoint", step, values)
