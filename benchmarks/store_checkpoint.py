@@ -46,7 +46,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path) -> tuple[list[dict
             "--set", 'train.deepspeed="zero1_fp32"', "--set", "train.global_batch_size=2",
             "--set", "train.micro_batch_size=2", "--set", f"train.steps={steps}",
             "--set", f"checkpoint.every={args.every}", "--set", "checkpoint.keep=2",
-            "--set", "eval.every=0", "--set", "eval.at_start=false",
+            "--set", "eval.every=0", "--set", "eval.samples=2", "--set", "eval.at_start=false",
             "--set", "optimizer.name=\"adamw\"", "--set", "optimizer.lr=1e-4",
             "--set", "schedule.warmup=1",
             "--set", "logging.progress=\"plain\"", "--set", "logging.every=1"]

@@ -549,10 +549,16 @@ class Pods:
 
 
 def run_preempt_resume(argv: list[str], envs: list[dict[str, str]], grace: int,
-                       action, tmp_path: Path, reference: dict[int, float]) -> str:
+                       action, tmp_path: Path, reference: dict[int, float],
+                       store=None) -> str:
     """Start the pods, SIGTERM pod 1 after checkpoint 2, check every pod's exit code and what
-    the policy does with it, start them again, check the resume and the losses."""
+    the policy does with it, start them again, check the resume and the losses. With `store`
+    (tests/stores.py) the run folder is a URL in it, each pod staging on its own folder
+    (BERTSCALE_STAGING_DIR): the commit and the losses are read from the store, the preemption
+    record from the staging copy of rank 0's pod."""
     run = Path(envs[0]["BERTSCALE_RUN_DIR"])
+    if store is not None:
+        url = envs[0]["BERTSCALE_RUN_DIR"]
     pods = Pods(argv, envs, tmp_path, "first")
     try:
         pods.wait_for("checkpoint step 2 committed")
@@ -565,9 +571,16 @@ def run_preempt_resume(argv: list[str], envs: list[dict[str, str]], grace: int,
     assert None not in codes, f"pods still running {grace}s after SIGTERM:\n{pods.tails()}"
     actions = {action(c) for c in codes}
     assert len(set(codes)) == 1 and actions <= {"Ignore", "Restart"}, (codes, pods.tails())
+    if store is not None:  # rank 0's node: the rendezvous decides which pod that is
+        run = next(p for env in envs for p in Path(env["BERTSCALE_STAGING_DIR"]).iterdir()
+                   if (p / "preempted.json").exists())
     record = json.loads((run / "preempted.json").read_text())
     stopped = record["step"]
     assert 2 <= stopped < STEPS and (run / "checkpoints" / f"step_{stopped}" / "commit.json").exists()
+    if store is not None:  # committed in the store before any pod exited
+        fs = store.fs()
+        fs.invalidate_cache()
+        assert fs.exists(f"{url}/checkpoints/step_{stopped}/commit.json"), fs.find(url)
     again = Pods(argv, envs, tmp_path, "again")
     try:
         codes2 = again.wait(400)
@@ -575,8 +588,15 @@ def run_preempt_resume(argv: list[str], envs: list[dict[str, str]], grace: int,
         again.kill()
     assert codes2 == [0, 0], again.tails()
     text = again.text(0) + again.text(1)
-    assert f"resumed from {run / 'checkpoints' / f'step_{stopped}'}" in text, again.tails()
-    losses = train_losses(run)
+    resumed = (f"resumed from {run / 'checkpoints' / f'step_{stopped}'}" if store is None else
+               f"/checkpoints/step_{stopped} (step {stopped}, ")  # some pod's staging copy
+    assert resumed in text, again.tails()
+    if store is None:
+        losses = train_losses(run)
+    else:  # the records the run put in the store
+        fs.invalidate_cache()
+        losses = {r["step"]: r["loss"] for r in map(json.loads, fs.cat_file(
+            f"{url}/metrics.jsonl").decode().splitlines()) if r["kind"] == "train"}
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert losses[step] == pytest.approx(reference[step], rel=1e-6), step
@@ -615,23 +635,30 @@ def test_manifest_pods_preempt_and_resume(kind, manifest, reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_skypilot_multinode_run_preempts_and_resumes(manifest, reference, tmp_path):
-    """skypilot/pretrain-multinode.yaml's `run` on 2 "nodes" with SkyPilot's variables; a
-    preempted node's exit code is one job_recovery recovers on (recover_on_exit_codes)."""
+def test_skypilot_multinode_run_preempts_and_resumes(store, manifest, reference, tmp_path):
+    """skypilot/pretrain-multinode.yaml's `run` on 2 "nodes" with SkyPilot's variables and its
+    run location, a bucket (moto's S3 here: only the bucket's name is replaced), each node
+    staging on its own disk; a preempted node's exit code is one job_recovery recovers on
+    (recover_on_exit_codes), and every node exits only after the checkpoint is committed in
+    the bucket (the preemption save uploads synchronously)."""
     task = docs(SKY / "pretrain-multinode.yaml")[0]
     recover = task["resources"]["job_recovery"]["recover_on_exit_codes"]
-    run = tmp_path / "run"
+    run_url = task["envs"]["BERTSCALE_RUN_DIR"]
+    assert run_url.startswith("s3://my-bucket/")
+    run_url = run_url.replace("s3://my-bucket", store.prefix)
     port = str(free_port())  # the head node's: every node must name the same one
     envs = [{**{k: str(v) for k, v in task["envs"].items()},
              "SKYPILOT_NODE_RANK": str(i), "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1\n",
              "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "0",
              "SKYPILOT_TASK_ID": "sky-managed-test_bertscale_1", "PET_MASTER_PORT": port,
-             "BERTSCALE_RUN_DIR": str(run), "BERTSCALE_RECIPE": "tiny_ci",
+             "BERTSCALE_RUN_DIR": run_url, "BERTSCALE_STAGING_DIR": str(tmp_path / f"node{i}"),
+             "BERTSCALE_RECIPE": "tiny_ci",
              "BERTSCALE_ARGS": f"--set data.manifest={json.dumps(str(manifest))} {TRAIN}",
              "GLOO_SOCKET_IFNAME": "lo"} for i in range(2)]
     argv = ["bash", "-c", task["run"]]
     print("SkyPilot: " + run_preempt_resume(
-        argv, envs, 120, lambda c: "Restart" if c in recover else "Count", tmp_path, reference))
+        argv, envs, 120, lambda c: "Restart" if c in recover else "Count", tmp_path, reference,
+        store=store))
 
 
 @pytest.mark.slow

@@ -200,7 +200,7 @@ def run(recipe: PretrainRecipe, *, run_dir: str | Path | None = None, resume: st
     plan = build_plan(recipe, env, Path(location), resume, stop_at_step)
     if store is not None:
         plan.store = store
-        store.prepare_resume(plan.resume_from, env.rank, env.world_size,
+        store.prepare_resume(plan.resume_from, env.world_size,
                              check_free_space=recipe.checkpoint.check_free_space)
     try:
         return train(plan)

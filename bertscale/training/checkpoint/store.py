@@ -221,30 +221,38 @@ class RunStore:
                     pass
         return newest
 
-    def pull(self, tag: str, rank: int, *, everything: bool) -> int:
-        """Download into staging what rank `rank` loads from checkpoint `tag`: its own files and
-        rank 0's shared ones, or `everything` (a universal conversion reads every rank's
-        partition). Files already here at the store's size are kept. Returns bytes fetched."""
+    def pull(self, tag: str) -> int:
+        """Download checkpoint `tag` into staging: every file of it, once per node (its ranks
+        share the folder), concurrently; files already here at the store's size are kept.
+        Returns bytes fetched. Every file, not only this rank's: the one resume path checks that
+        every partition is there and reads rank 0's to learn the checkpoint's layout before it
+        decides how to load (universal.inspect_checkpoint), and a universal conversion reads
+        them all."""
         sizes = self.objects(tag)
-        wanted = {n: s for n, s in sizes.items() if everything or not _other_rank(n, rank)}
         folder = checkpoints_dir(self.staging) / tag
-        fetched = 0
+        folder.mkdir(parents=True, exist_ok=True)
         with self.node_lock():
-            for name, size in sorted(wanted.items()):
-                local = folder / name
-                if local.is_file() and local.stat().st_size == size:
-                    continue
-                self._get(self.at("checkpoints", tag, name), local)
-                fetched += size
-        return fetched
+            todo = [n for n, size in sorted(sizes.items())
+                    if not ((folder / n).is_file() and (folder / n).stat().st_size == size)]
+            tmps = [folder / f".{n}.part" for n in todo]
+            try:
+                if todo:
+                    self.fs.get([self.at("checkpoints", tag, n) for n in todo],
+                                [str(t) for t in tmps])
+                for n, tmp in zip(todo, tmps):
+                    os.replace(tmp, folder / n)
+            finally:
+                for tmp in tmps:
+                    tmp.unlink(missing_ok=True)
+        return sum(sizes[n] for n in todo)
 
-    def prepare_resume(self, point: Any, rank: int, world_size: int, *,
+    def prepare_resume(self, point: Any, world_size: int, *,
                        check_free_space: bool = True) -> None:
-        """Before the resume (`point`: a resume.ResumePoint or None): this rank's files of the
-        checkpoint in staging, or every rank's when the resume converts it (another world
-        size, ZeRO stage or precision); then this node converts it itself, under the node
-        lock, so that every node holds the universal copy the resume loads (rank 0's
-        conversion is visible to its own node only: there is no shared filesystem)."""
+        """Before the resume (`point`: a resume.ResumePoint or None): the checkpoint in this
+        node's staging (`pull`); when the resume converts it (another world size, ZeRO stage or
+        precision) this node converts it itself, under the node lock, so that every node holds
+        the universal copy the resume loads (rank 0's conversion would be seen on its own node
+        only: there is no shared filesystem)."""
         if point is None:
             return
         from bertscale.training.checkpoint import universal
@@ -253,7 +261,7 @@ class RunStore:
         convert = point.layout_change is not None or universal.needs_conversion(
             ckpt.world_size, world_size)
         try:
-            self.pull(ckpt.tag, rank, everything=convert)
+            self.pull(ckpt.tag)
         except Exception as e:  # noqa: BLE001 - any store client error becomes one line
             raise UserError(f"{self.tag_url(ckpt.tag)}: cannot download the checkpoint to "
                             f"{self.staging}: {remote.reason(e)}") from None
@@ -262,6 +270,17 @@ class RunStore:
                 if universal.inspect_checkpoint(ckpt.root, ckpt.tag).zero_stage:
                     universal.convert_to_universal(ckpt.root, ckpt.tag,
                                                    check_free_space=check_free_space)
+
+    def prune_staging(self, keep: int) -> None:
+        """On a node whose staging rank 0 does not prune (the core checkpointer prunes on global
+        rank 0 only; another node holds no local markers), the checkpoint folders older than
+        the newest `keep` go. Call after every upload of them finished."""
+        root = checkpoints_dir(self.staging)
+        steps = sorted(int(m.group(1)) for p in root.iterdir()
+                       if (m := _TAG.match(p.name))) if root.is_dir() else []
+        for step in steps[:-keep]:
+            shutil.rmtree(root / tag_for(step), ignore_errors=True)
+            shutil.rmtree(root / (tag_for(step) + UNIVERSAL_SUFFIX), ignore_errors=True)
 
     def _get(self, url: str, local: Path) -> None:
         """One object to a local file, whole or not at all (a temporary name, then rename)."""
@@ -310,8 +329,3 @@ class RunStore:
                 fs.rm(self.tag_url(m.group(0)), recursive=True)
         fs.invalidate_cache()
 
-
-def _other_rank(name: str, rank: int) -> bool:
-    """A per-rank file of another rank (rank 0's partition is not what rank 1 loads)."""
-    m = _RANK_FILE.search(name)
-    return m is not None and int(m.group(1)) != rank

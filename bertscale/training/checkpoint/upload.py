@@ -196,6 +196,8 @@ class StoreCheckpointer(Checkpointer):
         saved = super().maybe_save(step, preempted=preempted)
         if saved is None:
             return None
+        if rank != 0 and os.environ.get("LOCAL_RANK", "0") == "0":
+            self.store.prune_staging(self.cadence.keep)  # another node's staging copy
         t_saved = time.monotonic()
         sync = (not self.background or preempted or step == self.total
                 or step == self.stop_at)
