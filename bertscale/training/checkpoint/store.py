@@ -188,7 +188,8 @@ class RunStore:
         checkpoint committed IN THE STORE is the only one kept (its marker and trainer state
         fetched; the engine files come with `pull`), every other local checkpoint folder goes
         (a local commit whose upload never committed is not a checkpoint of this run), and the
-        run's records come from the store where this node has none."""
+        run's records come from the store (metrics.jsonl unless this node's is longer: it was
+        rank 0's node and holds the records since the last commit)."""
         try:
             commits = self.committed()
         except UserError:
@@ -213,9 +214,10 @@ class RunStore:
                 write_json_atomic(folder / COMMIT_FILE, newest.marker)
             for name in RECORD_FILES:
                 mine = self.staging / name
-                if name == "metrics.jsonl" and mine.exists():
-                    continue  # this node's is the longer one (records past the last commit)
                 try:
+                    if name == "metrics.jsonl" and mine.exists() and \
+                            mine.stat().st_size >= self.fs.info(self.at(name))["size"]:
+                        continue  # this node's is longer: it has the records since the commit
                     self._get(self.at(name), mine)
                 except FileNotFoundError:
                     pass

@@ -51,6 +51,7 @@ UPLOAD_ENV = "BERTSCALE_CHECKPOINT_UPLOAD"
 COMMIT_TIMEOUT_S = float(os.environ.get("BERTSCALE_UPLOAD_TIMEOUT", 6 * 3600))
 """How long rank 0 waits for the other ranks' `uploaded` objects of one checkpoint."""
 _POLL_S = 0.2
+PUT_TRIES = 3
 
 
 class Upload:
@@ -84,7 +85,7 @@ class Upload:
                           if p.is_file() and p.name != COMMIT_FILE and not p.name.startswith(".")
                           and owner_rank(p.name) == self.rank)
             for path in mine:
-                fs.put_file(str(path), f"{base}/{path.name}")
+                _put_retrying(fs, path, f"{base}/{path.name}")
                 self.bytes += path.stat().st_size
             self.seconds = time.monotonic() - t0
             fs.pipe_file(done, json.dumps({"files": [p.name for p in mine], "bytes": self.bytes,
@@ -128,6 +129,21 @@ class Upload:
         for name, data in self.records.items():
             fs.pipe_file(self.store.at(name), data)
         self.store.prune(self.keep, log=self.log)
+
+
+def _put_retrying(fs: Any, path: Path, url: str) -> None:
+    """One file, again from the start after an error a retry can fix (the store clients retry
+    single requests; a multipart upload that failed as a whole, e.g. its completion answered
+    after the client gave up, is retried here): PUT_TRIES tries."""
+    for attempt in range(PUT_TRIES):
+        try:
+            fs.put_file(str(path), url)
+            return
+        except Exception as e:
+            if attempt == PUT_TRIES - 1 or isinstance(e, PermissionError) or \
+                    remote.http_status(e) in (401, 403):
+                raise
+            time.sleep(2 ** attempt)
 
 
 class _Failed(Exception):
