@@ -37,10 +37,11 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path) -> tuple[list[dict
     fs = fsspec.filesystem("s3")
     fs.clear_instance_cache()
     fs = fsspec.filesystem("s3")
-    fs.mkdir("bench")
+    bucket = f"bench-{mode}"  # moto's backend is one per process: a bucket per mode
+    fs.mkdir(bucket)
     steps = args.every * args.saves
     argv = [sys.executable, "-m", "bertscale", "pretrain", "bert_base_phase1", "--no-wandb",
-            "--run-dir", f"s3://bench/{mode}",
+            "--run-dir", f"s3://{bucket}/run",
             "--set", f"data.manifest={json.dumps(args.manifest)}",
             "--set", f'model.preset="{args.preset}"',
             "--set", 'train.deepspeed="zero1_fp32"', "--set", "train.global_batch_size=2",
@@ -57,11 +58,12 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path) -> tuple[list[dict
         print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"{mode}: bertscale pretrain exited {proc.returncode}")
     fs.invalidate_cache()
-    tags = sorted(p for p in fs.ls(f"bench/{mode}/checkpoints") if p.split("_")[-1].isdigit())
+    tags = sorted(p for p in fs.ls(f"{bucket}/run/checkpoints") if p.split("_")[-1].isdigit())
     size = sum(fs.du(t, total=True) for t in tags[-1:])
     metrics = next((work / mode).iterdir()) / "metrics.jsonl"
     records = [r for r in map(json.loads, metrics.read_text().splitlines())
                if r["kind"] == "checkpoint"]
+    fs.rm(bucket, recursive=True)  # moto holds it in this process's memory
     s3.stop()
     return records, wall, size
 
