@@ -2,7 +2,8 @@
 truth, a node-local staging folder is the trainer's working copy of it.
 
     <url>/checkpoints/step_N/<files>            every rank's checkpoint files, as on a disk
-    <url>/checkpoints/step_N/uploaded/rank_R.json  rank R's files are all in the store (or why not)
+    <url>/checkpoints/step_N/uploaded/rank_R.json  rank R's files are all in the store
+                                                (rank_R.error.json: why not)
     <url>/checkpoints/step_N/commit.json        THE commit marker, put last by rank 0 once every
                                                 rank's `uploaded` object says so
     <url>/checkpoints/step_N_universal/         never in the store: each node converts its own

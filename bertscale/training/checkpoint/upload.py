@@ -48,9 +48,9 @@ from bertscale.training.checkpoint.store import (RECORD_FILES, UPLOADED_DIR, Run
                                                  owner_rank)
 
 UPLOAD_ENV = "BERTSCALE_CHECKPOINT_UPLOAD"
-COMMIT_TIMEOUT_S = float(os.environ.get("BERTSCALE_UPLOAD_TIMEOUT", 6 * 3600))
+COMMIT_TIMEOUT_S = float(os.environ.get("BERTSCALE_UPLOAD_TIMEOUT", 3600))
 """How long rank 0 waits for the other ranks' `uploaded` objects of one checkpoint."""
-_POLL_S = 0.2
+_POLL_S = 0.5
 PUT_TRIES = 3
 
 
@@ -97,7 +97,8 @@ class Upload:
                           f"rank {self.rank}: {remote.reason(e)}")
             if self.rank != 0:  # rank 0 must not wait for this rank's files
                 try:
-                    self.store.fs.pipe_file(done, json.dumps({"error": self.error}).encode())
+                    self.store.fs.pipe_file(done.replace(".json", ".error.json"),
+                                            json.dumps({"error": self.error}).encode())
                 except Exception:  # noqa: BLE001 - the store is gone: rank 0 times out
                     pass
 
@@ -105,16 +106,18 @@ class Upload:
         """Rank 0: every rank's `uploaded` object, then the marker, the records, the prune."""
         deadline = time.monotonic() + COMMIT_TIMEOUT_S
         pending = set(range(self.world))
-        while pending:
+        while pending:  # one listing per poll, whatever the number of ranks
             fs.invalidate_cache()
-            for r in sorted(pending):
-                try:
-                    said = json.loads(fs.cat_file(f"{base}/{UPLOADED_DIR}/rank_{r}.json"))
-                except FileNotFoundError:
-                    continue
-                if said.get("error"):
-                    raise _Failed(said["error"])
-                pending.discard(r)
+            try:
+                names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{base}/{UPLOADED_DIR}",
+                                                              detail=False)}
+            except FileNotFoundError:
+                names = set()
+            failed = sorted(n for n in names if n.endswith(".error.json"))
+            if failed:
+                said = json.loads(fs.cat_file(f"{base}/{UPLOADED_DIR}/{failed[0]}"))
+                raise _Failed(said.get("error") or failed[0])
+            pending -= {r for r in pending if f"rank_{r}.json" in names}
             if pending:
                 if time.monotonic() > deadline:
                     raise _Failed(f"rank(s) {sorted(pending)} did not finish their upload of "
