@@ -22,7 +22,7 @@ import torch
 
 from bertscale import embed, features
 from bertscale.errors import UserError
-from bertscale.finetune import common
+from bertscale.finetune.models import Pretrained, load_checkpoint
 
 from launch import run_ranks
 
@@ -37,8 +37,8 @@ def sentences(shared_data: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def pretrained(minilm_dir: Path) -> common.Pretrained:
-    return common.load_checkpoint(minilm_dir)
+def pretrained(minilm_dir: Path) -> Pretrained:
+    return load_checkpoint(minilm_dir)
 
 
 @pytest.fixture(scope="module")

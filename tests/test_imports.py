@@ -21,7 +21,8 @@ from bertscale.commands import COMMANDS
 REPO = Path(__file__).resolve().parent.parent
 
 # Every module that is a command or a subcommand with its own handler. The finetune tasks are
-# siblings of one another (`finetune ner` must not load the GLUE code) and of finetune.cli.
+# siblings of one another (`finetune ner` must not load the GLUE code) and of the finetune
+# command (bertscale.commands.finetune).
 COMMAND_MODULES = sorted({*COMMANDS.values(), "bertscale.finetune.glue",
                           "bertscale.finetune.squad", "bertscale.finetune.swag",
                           "bertscale.finetune.ner"})

@@ -41,8 +41,15 @@ import torch.nn.functional as F
 
 from bertscale.config import ModelConfig, preset
 from bertscale.devices import resolve_device
+from bertscale.distributed import discover
 from bertscale.errors import UserError
-from bertscale.finetune import common, glue
+from bertscale.devices import to_device
+from bertscale.finetune import glue
+from bertscale.finetune.data import Batch, collate, model_inputs
+from bertscale.finetune.models import load_checkpoint, load_task_tokenizer
+from bertscale.finetune.predict import predict
+from bertscale.finetune.runtime import Runtime
+from bertscale.training.torch_engine import adamw
 from bertscale.model import BertForSequenceClassification
 from bertscale.parallelize import FastPaths, apply_fast_paths
 from bertscale.seeding import seed_all
@@ -51,7 +58,7 @@ TRAIN_VARIANTS = ("max_length", "dynamic", "unpad", "transformers")
 PREDICT_VARIANTS = ("input_order", "sorted", "sorted_unpad")
 
 
-def _pad_to(batch: common.Batch, length: int, pad_id: int) -> common.Batch:
+def _pad_to(batch: Batch, length: int, pad_id: int) -> Batch:
     """Pad a dynamically padded batch on to `length` positions."""
     extra = length - batch["input_ids"].shape[-1]
     if extra <= 0:
@@ -67,8 +74,8 @@ def _load(args: argparse.Namespace) -> tuple[ModelConfig, dict[str, torch.Tensor
     """(config, weights or None for random, tokenizer, description of the model)."""
     from bertscale.tokenizer import guess_lowercase, load_tokenizer
     if args.checkpoint:
-        pre = common.load_checkpoint(args.checkpoint)
-        tok = common.load_task_tokenizer(pre, args.max_seq_length)
+        pre = load_checkpoint(args.checkpoint)
+        tok = load_task_tokenizer(pre, args.max_seq_length)
         return pre.config, pre.state_dict, tok, str(args.checkpoint)
     if not args.vocab:
         raise UserError("give --checkpoint, or --preset with --vocab (the vocabulary that "
@@ -108,7 +115,7 @@ class _Bench:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.device = device = resolve_device(args.device, common.ranks().local_rank)
+        self.device = device = resolve_device(args.device)
         self.task = task = glue.task_by_name(args.task)
         folder = glue.find_task_dir(args.data_dir, task)
         self.cfg, weights, tok, self.what = _load(args)
@@ -129,17 +136,18 @@ class _Bench:
         self.hf = None if args.no_transformers else _transformers_copy(self.ours, self.cfg,
                                                                        num_labels)
         self.ours.to(device).train()
-        opt_cfg = common.TrainConfig(lr=1e-5, device=str(device), precision="fp32")
-        self.opt_ours, _ = common.build_optimizer(self.ours, opt_cfg, device, 1000)
+        self.opt_ours, _ = adamw(self.ours, lr=1e-5, weight_decay=0.01, warmup=0.1,
+                                 total_steps=1000, device=device)
         if self.hf is not None:
             self.hf.to(device).train()
-            self.opt_hf, _ = common.build_optimizer(self.hf, opt_cfg, device, 1000)
+            self.opt_hf, _ = adamw(self.hf, lr=1e-5, weight_decay=0.01, warmup=0.1,
+                                   total_steps=1000, device=device)
         self.loss = glue.loss_fn(regression)
 
         rng = np.random.default_rng(args.seed)
         draws = [rng.choice(len(train), size=min(args.batch, len(train)), replace=False)
                  for _ in range(args.num_batches)]
-        self.dynamic = dynamic = [common.to_device(common.collate([train[i] for i in d], pad_id),
+        self.dynamic = dynamic = [to_device(collate([train[i] for i in d], pad_id),
                                                    device) for d in draws]
         self.shaped = {"max_length": [_pad_to(b, args.max_seq_length, pad_id) for b in dynamic],
                        "dynamic": dynamic, "unpad": dynamic, "transformers": dynamic}
@@ -147,13 +155,13 @@ class _Bench:
                         "unpad": FastPaths(unpad=True)}
         self.train_names = [n for n in TRAIN_VARIANTS if n != "transformers" or self.hf is not None]
 
-    def hf_loss(self, model: Any, batch: common.Batch) -> torch.Tensor:
-        logits = model(**common.model_inputs(batch)).logits
+    def hf_loss(self, model: Any, batch: Batch) -> torch.Tensor:
+        logits = model(**model_inputs(batch)).logits
         if self.regression:
             return F.mse_loss(logits.squeeze(-1).float(), batch["label"].float())
         return F.cross_entropy(logits.float(), batch["label"])
 
-    def train_step(self, name: str, batch: common.Batch) -> None:
+    def train_step(self, name: str, batch: Batch) -> None:
         if name == "transformers":
             self.hf_loss(self.hf, batch).backward()
             self.opt_hf.step()
@@ -171,15 +179,14 @@ class _Bench:
             ours.eval()
             with torch.no_grad():
                 for i in range(0, len(dev), args.eval_batch_size):
-                    b = common.to_device(common.collate(dev[i:i + args.eval_batch_size],
+                    b = to_device(collate(dev[i:i + args.eval_batch_size],
                                                         self.pad_id), self.device)
                     glue.logits_of(ours, b).float().cpu()
             ours.train()
             return
         fast = FastPaths(unpad=name == "sorted_unpad")
-        common.predict(ours, dev, glue.logits_of, common.TrainConfig(
-            eval_batch_size=args.eval_batch_size, device=str(self.device), precision="fp32",
-            fast=fast), self.pad_id)
+        predict(ours, dev, glue.logits_of, Runtime(discover({}), self.device, None),
+                batch_size=args.eval_batch_size, fast=fast, pad_id=self.pad_id)
 
     def first_losses(self) -> dict[str, float]:
         """Each training variant's loss on the same first batch, before any step: the variants

@@ -31,10 +31,9 @@ outside the task's set stops the run with the file and line named.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +44,18 @@ from torch import Tensor, nn
 from bertscale.data import tables
 from bertscale.errors import UserError
 from bertscale.files import read_text
-from bertscale.finetune import common
 from bertscale.finetune import metrics as M
+from bertscale.finetune.data import Feature, model_inputs
+from bertscale.finetune.grid import check_eval_dir, run_grid
+from bertscale.finetune.models import (Pretrained, build_model, check_casing, finetuned_task,
+                                       load_checkpoint, load_task_tokenizer, save_model,
+                                       pad_id_of, unk_fraction)
+from bertscale.finetune.predict import predict
+from bertscale.finetune.recipe import GLUE_TASKS, GlueRecipe, glue_task
+from bertscale.finetune.results import finish
+from bertscale.finetune.runtime import Runtime
+from bertscale.finetune.train import RunSpec, fit
+from bertscale.parallelize import FastPaths
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,7 @@ TASKS: dict[str, Task] = {
                  test=_pair_layout("sentence1", "sentence2", None)),
 }
 AX_LAYOUT = _pair_layout("sentence1", "sentence2", None)
+assert tuple(TASKS) == GLUE_TASKS
 
 
 @dataclass(frozen=True)
@@ -155,10 +165,10 @@ HF_SPLITS = {"train.tsv": "train", "dev.tsv": "validation", "test.tsv": "test",
 
 
 def task_by_name(name: str) -> Task:
-    for key, task in TASKS.items():
-        if key.lower() == name.lower() or key.replace("-", "").lower() == name.replace("-", "").lower():
-            return task
-    raise UserError(f"unknown GLUE task {name!r}; choose from {', '.join(TASKS)}")
+    key = glue_task(name)
+    if key is None:
+        raise UserError(f"unknown GLUE task {name!r}; choose from {', '.join(TASKS)}")
+    return TASKS[key]
 
 
 def submission_name(task: Task, test_file: str) -> str:
@@ -200,12 +210,18 @@ def read_tsv(path: Path, task: Task, layout: Layout, labelled: bool) -> list[Exa
                             f"{'train/dev' if labelled else 'test'} file?")
         return header.index(name)
 
+    def header_index(name: str | int, header: list[str]) -> int:
+        found = col(name, header)
+        assert found is not None
+        return found
+
+    n_fields: int | None
     if layout.header:
         header = lines[0].split("\t")
         n_fields, first = len(header), 1
     else:
         header, n_fields, first = [], layout.num_fields, 0
-    ia, ib = col(layout.text_a, header), col(layout.text_b, header)
+    ia, ib = header_index(layout.text_a, header), col(layout.text_b, header)
     il = col(layout.label, header) if labelled else None
     ii = col(layout.index, header)
     label_index = {s: i for i, s in enumerate(task.labels)} if task.labels else None
@@ -367,7 +383,7 @@ def featurize(tok: Any, examples: Sequence[Example], regression: bool) -> list[d
 
 def loss_fn(regression: bool):
     def compute(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        logits = model(**common.model_inputs(batch))                   # (B, labels)
+        logits = model(**model_inputs(batch))                          # (B, labels)
         if regression:
             return F.mse_loss(logits.squeeze(-1).float(), batch["label"].float())
         return F.cross_entropy(logits.float(), batch["label"])
@@ -375,7 +391,8 @@ def loss_fn(regression: bool):
 
 
 def logits_of(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    return model(**common.model_inputs(batch))
+    logits: Tensor = model(**model_inputs(batch))
+    return logits
 
 
 def compute_metrics(task: Task, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -399,7 +416,8 @@ def dev_predictions_name(dev_file: str) -> str:
 def dev_predictions_tsv(task: Task, examples: Sequence[Example], preds: np.ndarray) -> str:
     """`id<TAB>prediction<TAB>label` for error analysis (id: the file's index column, or
     file:line for files without one); labels spelled as in the task's files."""
-    def spell(v: float) -> str:   # scores in full (repr) precision: they are re-scorable
+    def spell(v: float | None) -> str:   # scores in full (repr) precision: re-scorable
+        assert v is not None
         return repr(float(v)) if task.labels is None else task.labels[int(v)]
     rows = ["id\tprediction\tlabel"]
     rows += [f"{e.guid}\t{spell(p)}\t{spell(e.label)}" for e, p in zip(examples, preds)]
@@ -419,83 +437,82 @@ def submission_tsv(task: Task, guids: Sequence[str], preds: np.ndarray) -> str:
 # --------------------------------------------------------------------------------- run
 
 
-@dataclass
-class GlueArgs:
-    task: str
-    data_dir: Path
-    checkpoint: Path
-    output_dir: Path
-    lrs: list[float] = field(default_factory=lambda: [5e-5, 4e-5, 3e-5, 2e-5])
-    seeds: list[int] = field(default_factory=lambda: [1])
-    train: common.TrainConfig = field(default_factory=common.TrainConfig)
-    max_seq_length: int = 128
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    predict_test: bool = True
-    save_model: bool = False
-    eval_only: bool = False
-    """Score the dev set with the fine-tuned model in `checkpoint` (a --save-model folder)."""
+def task_names(recipe: GlueRecipe) -> list[str]:
+    """The tasks `data.task` names: one, a comma list, or "all" (every task with a training set
+    under data.data_dir)."""
+    d = recipe.data
+    if d.task.strip().lower() == "all":
+        assert d.data_dir is not None
+        names = tasks_in(d.data_dir)
+        if not names:
+            raise UserError(f"{d.data_dir}: no <Task>/train.tsv (nor Hugging Face's "
+                            f"<config>/train-*.parquet) for any GLUE task")
+        return names
+    return [task_by_name(t.strip()).name for t in d.task.split(",") if t.strip()]
 
 
-def run(a: GlueArgs) -> dict[str, Any]:
-    """Fine-tune and evaluate one GLUE task over the lr x seed grid; returns the summary."""
-    common.ranks(a.train.device)  # one process, or the data-parallel group of a launcher
+def run(recipe: GlueRecipe, task_name: str, rt: Runtime) -> dict[str, Any]:
+    """Fine-tune and evaluate one GLUE task over the recipe's lr x seed grid; the summary."""
     t0 = time.perf_counter()
-    task = task_by_name(a.task)
-    if a.eval_only:
-        return evaluate_saved(a, task, t0)
-    files = task_files(a.data_dir, task)
+    task = task_by_name(task_name)
+    d = recipe.data
+    assert d.data_dir is not None and recipe.pretrained is not None
+    files = task_files(d.data_dir, task)
     folder = files.folder
     regression = task.labels is None
     train_ex = files.read("train.tsv", task.train, labelled=True)
-    dev_sets, tests = read_eval_sets(files, task, a)
-    if a.max_train_samples:
-        train_ex = train_ex[:a.max_train_samples]
+    dev_sets, tests = read_eval_sets(files, task, recipe)
+    if d.max_train_samples:
+        train_ex = train_ex[:d.max_train_samples]
 
-    pretrained = common.load_checkpoint(a.checkpoint)
-    tok = common.load_task_tokenizer(pretrained, a.max_seq_length)
+    pretrained = load_checkpoint(recipe.pretrained)
+    tok = load_task_tokenizer(pretrained, d.max_seq_length)
     train_f = featurize(tok, train_ex, regression)
     dev_f = [(f, s, featurize(tok, ex, regression), ex) for f, s, ex in dev_sets]
     test_f = [(name, featurize(tok, ex, regression), ex) for name, ex in tests]
-    common.check_casing(pretrained, common.unk_fraction(tok, (f["input_ids"] for f in train_f)),
-                        f"{task.name} training text", [e.text_a for e in train_ex[:2000]])
-    pad_id = tok.token_to_id("[PAD]")
+    check_casing(pretrained, unk_fraction(tok, (f["input_ids"] for f in train_f)),
+                 f"{task.name} training text", [e.text_a for e in train_ex[:2000]])
+    pad_id = pad_id_of(tok)
 
     from bertscale.model import BertForSequenceClassification
-    out_dir = Path(a.output_dir) / task.name
+    out_dir = Path(recipe.output_dir or ".") / task.name
     extra = dict(**pretrained.identity(),
                  lowercase=pretrained.lowercase, data=str(folder), train_examples=len(train_f),
-                 max_seq_length=a.max_seq_length, max_eval_samples=a.max_eval_samples,
-                 save_model=a.save_model, predict_test=a.predict_test)
+                 max_seq_length=d.max_seq_length, max_eval_samples=d.max_eval_samples or None,
+                 save_model=recipe.output.save_model, predict_test=d.predict_test)
+    fast = FastPaths(unpad=recipe.fast.unpad, compile=recipe.fast.compile,
+                     checkpoint_activations=recipe.fast.checkpoint_activations)
 
-    def train_one(cfg: common.TrainConfig, run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
-        model = common.build_model(BertForSequenceClassification, pretrained,
-                                   num_labels=1 if regression else len(task.labels or ()))
-        stats = common.fit(model, train_f, loss_fn(regression), cfg, pad_id)
-        metrics = score_and_write(task, model, dev_f, test_f, cfg, pad_id, run_dir)
-        if a.save_model:
-            common.save_model(model, pretrained, run_dir, "BertForSequenceClassification",
-                              saved_task(task, a.max_seq_length, cfg))
+    def train_one(run: RunSpec) -> tuple[dict[str, float], dict[str, Any]]:
+        model = build_model(BertForSequenceClassification, pretrained, rt,
+                            num_labels=1 if regression else len(task.labels or ()))
+        stats = fit(model, train_f, loss_fn(regression), recipe, run, rt, pad_id)
+        metrics = score_and_write(task, model, dev_f, test_f, rt, recipe.train.eval_batch_size,
+                                  fast, pad_id, run.folder, run.name)
+        if recipe.output.save_model:
+            save_model(model, pretrained, run.folder, "BertForSequenceClassification", rt,
+                       saved_task(task, d.max_seq_length, run, recipe))
         return metrics, stats
 
-    runs = common.run_grid(task.name, out_dir, a.lrs, a.seeds, a.train, len(train_f),
-                           "examples", train_one, extra)
-    return common.finish(task.name, task.main_metric, runs, out_dir,
-                         [name for name, _, _ in test_f], a.train, t0, task.metric_names, **extra)
+    runs = run_grid(task.name, out_dir, recipe, len(train_f), "examples", train_one, extra, rt)
+    return finish(task.name, task.main_metric, runs, out_dir, [name for name, _, _ in test_f],
+                  recipe, rt, t0, task.metric_names, **extra)
 
 
-def read_eval_sets(files: TaskFiles, task: Task, a: GlueArgs) -> tuple[list, list]:
-    """The dev sets [(file, metric suffix, examples)] (first --max-eval-samples of each) and
+def read_eval_sets(files: TaskFiles, task: Task, recipe: GlueRecipe
+                   ) -> tuple[list[tuple[str, str, list[Example]]], list[tuple[str, list[Example]]]]:
+    """The dev sets [(file, metric suffix, examples)] (first data.max_eval_samples of each) and
     the test sets [(submission name, examples)] of a task folder (either layout)."""
+    d = recipe.data
     dev_sets = []
     for fname, suffix in task.dev_files:
         if not files.has(fname):
             what = f"the {HF_SPLITS[fname]} split" if files.hf else fname
             raise UserError(f"{files.folder}: no {what}; the dev set is needed to score the run")
         dev_sets.append((fname, suffix, files.read(fname, task.train, labelled=True)
-                         [:a.max_eval_samples or None]))
+                         [:d.max_eval_samples or None]))
     tests: list[tuple[str, list[Example]]] = []
-    if a.predict_test:
+    if d.predict_test:
         for fname, _ in task.test_files:
             if files.has(fname):
                 tests.append((submission_name(task, fname),
@@ -507,108 +524,114 @@ def read_eval_sets(files: TaskFiles, task: Task, a: GlueArgs) -> tuple[list, lis
     return dev_sets, tests
 
 
-def load_saved(checkpoint: Path, task_name: str | None = None
-               ) -> tuple[Task, nn.Module, Any, dict[str, Any], common.Pretrained]:
+def load_saved(checkpoint: Path, rt: Runtime, task_name: str | None = None
+               ) -> tuple[Task, nn.Module, Any, dict[str, Any], Pretrained]:
     """A `--save-model` folder: (task, model with its trained head, tokenizer, saved task)."""
-    pretrained = common.load_checkpoint(checkpoint)
-    saved = common.finetuned_task(pretrained, "glue")
+    pretrained = load_checkpoint(checkpoint)
+    saved = finetuned_task(pretrained, "glue")
     task = task_by_name(saved["task"])
     if task_name is not None and task_by_name(task_name).name != task.name:
         raise UserError(f"{checkpoint}: fine-tuned for {task.name}, not {task_name}")
-    model = common.build_model(None, pretrained)
-    tok = common.load_task_tokenizer(pretrained, saved["max_seq_length"])
+    model = build_model(None, pretrained, rt)
+    tok = load_task_tokenizer(pretrained, saved["max_seq_length"])
     return task, model, tok, saved, pretrained
 
 
-def evaluate_saved(a: GlueArgs, task: Task, t0: float) -> dict[str, Any]:
+def evaluate_saved(recipe: GlueRecipe, task_name: str, rt: Runtime) -> dict[str, Any]:
     """--eval-only: score the dev sets (and predict the test sets) with a saved fine-tuned
     model, through the same prediction and scoring code as training."""
-    task, model, tok, saved, pretrained = load_saved(a.checkpoint, task.name)
-    files = task_files(a.data_dir, task, task.dev_files[0][0])
+    t0 = time.perf_counter()
+    assert recipe.pretrained is not None and recipe.data.data_dir is not None
+    task, model, tok, saved, pretrained = load_saved(recipe.pretrained, rt, task_name)
+    files = task_files(recipe.data.data_dir, task, task.dev_files[0][0])
     folder = files.folder
-    dev_sets, tests = read_eval_sets(files, task, a)
+    dev_sets, tests = read_eval_sets(files, task, recipe)
     regression = task.labels is None
     dev_f = [(f, s, featurize(tok, ex, regression), ex) for f, s, ex in dev_sets]
     test_f = [(name, featurize(tok, ex, regression), ex) for name, ex in tests]
-    out_dir = Path(a.output_dir) / task.name
-    common.check_eval_dir(out_dir)
-    cfg = dataclasses.replace(a.train)
-    cfg.run = common.RunContext(out_dir, f"{task.name} eval-only")
-    metrics = score_and_write(task, model, dev_f, test_f, cfg, tok.token_to_id("[PAD]"), out_dir)
+    out_dir = Path(recipe.output_dir or ".") / task.name
+    check_eval_dir(out_dir)
+    fast = FastPaths(unpad=recipe.fast.unpad, compile=recipe.fast.compile,
+                     checkpoint_activations=recipe.fast.checkpoint_activations)
+    metrics = score_and_write(task, model, dev_f, test_f, rt, recipe.train.eval_batch_size, fast,
+                              pad_id_of(tok), out_dir, f"{task.name} eval-only")
     summary = {"task": task.name, "eval_only": True, "checkpoint": pretrained.source,
                "trained": saved, "metrics": metrics, "data": str(folder),
-               "max_eval_samples": a.max_eval_samples,
+               "max_eval_samples": recipe.data.max_eval_samples or None,
                "predictions": [name for name, _, _ in test_f],
                "seconds": time.perf_counter() - t0}
-    common.write_json_on_main(out_dir / "results.json", summary)
-    if common.ranks().is_main:
+    rt.write_json(out_dir / "results.json", summary)
+    if rt.is_main:
         shown = "  ".join(f"{k} {100 * metrics[k]:.2f}" for k in task.metric_names if k in metrics)
         print(f"{task.name} (eval-only, {pretrained.source})  {shown}", flush=True)
     return summary
 
 
-def predict_file(checkpoint: Path, input_file: Path, output: Path,
-                 cfg: common.TrainConfig) -> Path:
+def predict_file(checkpoint: Path, input_file: Path, output: Path, rt: Runtime,
+                 batch_size: int) -> Path:
     """`finetune predict` for a GLUE model: `input_file` in the task's test layout (index and
     text columns; the label column, if any, is ignored) -> the GLUE submission TSV."""
-    task, model, tok, _, _ = load_saved(checkpoint)
+    task, model, tok, _, _ = load_saved(checkpoint, rt)
     layout = task.test if task.name != "MNLI" else AX_LAYOUT
     if input_file.is_file() and tables.file_kind(input_file) is not None:  # Hugging Face's split
         examples = read_hf([input_file], task, HF_TASKS[task.name], labelled=False)
     else:
         examples = read_tsv(input_file, task, layout, labelled=False)
     feats = featurize(tok, examples, task.labels is None)
-    cfg = dataclasses.replace(cfg)
-    cfg.run = common.RunContext(output.parent, f"{task.name} predict")
-    (logits,) = common.predict(model, feats, logits_of, cfg, tok.token_to_id("[PAD]"),
-                               what=input_file.name)
+    label = f"{task.name} predict"
+    (logits,) = predict(model, feats, logits_of, rt, batch_size=batch_size,
+                        pad_id=pad_id_of(tok), label=label, what=input_file.name)
     preds = predict_labels(task, logits)
-    warn_one_class(task, preds, input_file.name, cfg)
-    common.write_text_on_main(output, submission_tsv(task, [e.guid for e in examples], preds))
+    warn_one_class(task, preds, input_file.name, rt, label)
+    rt.write_text(output, submission_tsv(task, [e.guid for e in examples], preds))
     return output
 
 
-def saved_task(task: Task, max_seq_length: int, cfg: common.TrainConfig) -> dict[str, Any]:
+def saved_task(task: Task, max_seq_length: int, run: RunSpec,
+               recipe: GlueRecipe) -> dict[str, Any]:
     return {"family": "glue", "task": task.name, "labels": list(task.labels) if task.labels
-            else None, "max_seq_length": max_seq_length, "lr": cfg.lr, "seed": cfg.seed,
-            "recipe": common.recipe(cfg)}
+            else None, "max_seq_length": max_seq_length, "lr": run.lr, "seed": run.seed,
+            "recipe": recipe.summary()}
 
 
-def score_and_write(task: Task, model: nn.Module, dev_f: Sequence[tuple], test_f: Sequence[tuple],
-                    cfg: common.TrainConfig, pad_id: int, run_dir: Path) -> dict[str, float]:
+def score_and_write(task: Task, model: nn.Module,
+                    dev_f: Sequence[tuple[str, str, Sequence[Feature], list[Example]]],
+                    test_f: Sequence[tuple[str, Sequence[Feature], list[Example]]], rt: Runtime,
+                    batch_size: int, fast: FastPaths, pad_id: int, run_dir: Path,
+                    label: str) -> dict[str, float]:
     """Predict the dev sets (scored; id/prediction/label files) and the test sets (submission
     files) into `run_dir`; returns the dev metrics. Training and --eval-only share it, which is
     why re-scoring a saved model gives the run's own numbers."""
     metrics: dict[str, float] = {}
     for fname, suffix, feats, ex in dev_f:
-        (logits,) = common.predict(model, feats, logits_of, cfg, pad_id, what=fname)
+        (logits,) = predict(model, feats, logits_of, rt, batch_size=batch_size, fast=fast,
+                            pad_id=pad_id, label=label, what=fname)
         preds = predict_labels(task, logits)
         labels = np.array([f["label"] for f in feats])
         for k, v in compute_metrics(task, preds, labels).items():
             metrics[k + suffix] = v
-        warn_one_class(task, preds, fname, cfg, labels)
-        common.write_text_on_main(run_dir / dev_predictions_name(fname),
-                                  dev_predictions_tsv(task, ex, preds))
+        warn_one_class(task, preds, fname, rt, label, labels)
+        rt.write_text(run_dir / dev_predictions_name(fname), dev_predictions_tsv(task, ex, preds))
     for name, feats, ex in test_f:
-        (logits,) = common.predict(model, feats, logits_of, cfg, pad_id, what=name)
+        (logits,) = predict(model, feats, logits_of, rt, batch_size=batch_size, fast=fast,
+                            pad_id=pad_id, label=label, what=name)
         preds = predict_labels(task, logits)
-        warn_one_class(task, preds, name, cfg)
-        common.write_text_on_main(run_dir / name, submission_tsv(task, [e.guid for e in ex], preds))
+        warn_one_class(task, preds, name, rt, label)
+        rt.write_text(run_dir / name, submission_tsv(task, [e.guid for e in ex], preds))
     return metrics
 
 
-def warn_one_class(task: Task, preds: np.ndarray, what: str, cfg: common.TrainConfig,
+def warn_one_class(task: Task, preds: np.ndarray, what: str, rt: Runtime, label: str,
                    gold: np.ndarray | None = None) -> None:
     """One line when a classifier predicted a single class for a whole file."""
     found = M.one_class(preds, task.labels, gold) if task.labels else None
     if found:
-        common.log(f"warning: {cfg.run.name if cfg.run else task.name}, {what}: {found}: the "
-                   f"model predicts one class only")
+        rt.log(f"warning: {label}, {what}: {found}: the model predicts one class only")
 
 
 def predict_labels(task: Task, logits: np.ndarray) -> np.ndarray:
     return logits[:, 0] if task.labels is None else logits.argmax(-1)
 
 
-__all__ = ["TASKS", "Task", "Layout", "Example", "GlueArgs", "read_tsv", "featurize",
-           "compute_metrics", "submission_tsv", "run", "task_by_name"]
+__all__ = ["TASKS", "Task", "Layout", "Example", "read_tsv", "featurize", "compute_metrics",
+           "submission_tsv", "run", "evaluate_saved", "task_by_name", "task_names"]

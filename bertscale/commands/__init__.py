@@ -22,7 +22,7 @@ COMMANDS: dict[str, str] = {
     "prepare": "bertscale.data.prepare",
     "pretrain": "bertscale.pretrain",
     "demo": "bertscale.demo",
-    "finetune": "bertscale.finetune.cli",
+    "finetune": "bertscale.commands.finetune",
     "embed": "bertscale.embed",
     "export": "bertscale.export",
     "doctor": "bertscale.doctor",
@@ -50,8 +50,20 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     check runs in the top parser, which knows only `bertscale COMMAND ...`."""
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        chosen(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+        chosen(parser, args).error(f"unrecognized arguments: {' '.join(_with_values(unknown, argv))}")
     return args
+
+
+def _with_values(unknown: list[str], argv: list[str]) -> list[str]:
+    """The unknown arguments, an unknown flag with the value written after it (`--epochz 1`),
+    which argparse may have taken for an optional positional (finetune's RECIPE)."""
+    out = []
+    for u in unknown:
+        out.append(u)
+        i = argv.index(u) + 1 if u.startswith("-") and "=" not in u and u in argv else len(argv)
+        if i < len(argv) and not argv[i].startswith("-") and argv[i] not in unknown:
+            out.append(argv[i])
+    return out
 
 
 def chosen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
