@@ -32,9 +32,9 @@ from typing import Any
 
 from bertscale.commands import parse_list
 from bertscale.errors import UserError
-from bertscale.finetune import recipe as recipes
+from bertscale.finetune import recipes
 from bertscale.config import parse_override
-from bertscale.finetune.recipe import FinetuneRecipe
+from bertscale.finetune.recipe import FAMILIES, FinetuneRecipe
 
 NER_DESCRIPTION = """\
 Named entity recognition on CoNLL-2003 files: `bertscale finetune ner`, in the paper's two
@@ -229,7 +229,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
              "squad": "SQuAD v1.1 or v2.0 from the official JSON files",
              "swag": "SWAG from the official train/val/test CSV files",
              "ner": "named entity recognition from CoNLL-2003-style files"}
-    for family in recipes.FAMILIES:
+    for family in FAMILIES:
         kwargs: dict[str, Any] = {}
         if family == "ner":
             kwargs = {"description": NER_DESCRIPTION,

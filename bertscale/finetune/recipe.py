@@ -12,25 +12,21 @@ are the paper's (Devlin et al. 2018, Sections 4.1-4.4): GLUE lr {5e-5, 4e-5, 3e-
 SWAG lr 2e-5, batch 16, 3 epochs; warmup 10% of the steps, AdamW with weight decay 0.01.
 
 Every flag of `bertscale finetune` is a recipe key (`--lr` is `train.lr`, `--data-dir` is
-`data.data_dir`: bertscale.commands.finetune lists them). This module imports no torch: a recipe
-is read and refused before any heavy import.
+`data.data_dir`: bertscale.commands.finetune lists them). Reading a recipe (built-in, file,
+`--set`): bertscale.finetune.recipes. No torch here: a recipe is refused before any heavy import.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from bertscale.config import (MAX_SEED, apply_overrides, from_dict, load_toml, parse_override,
-                              to_dict)
+from bertscale.config import MAX_SEED, to_dict
 from bertscale.errors import ConfigError
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "finetune"
 FAMILIES = ("glue", "squad", "swag", "ner")
 GLUE_TASKS = ("CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI", "QNLI", "RTE", "WNLI")
 """The nine GLUE tasks (bertscale.finetune.glue.TASKS describes each)."""
@@ -497,114 +493,3 @@ def format_number(v: float) -> str:
 def format_list(values: list[float] | list[int]) -> str:
     """`5e-5,4e-5`: a list value as a comma list."""
     return ",".join(format_number(v) for v in values)
-
-
-# ------------------------------------------------------------------------ loading
-
-
-def builtin(name: str) -> Path:
-    """A recipe shipped in bertscale/recipes/finetune/."""
-    path = RECIPE_DIR / f"{name}.toml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.toml")))
-        raise ConfigError(f"no built-in fine-tuning recipe {name!r}; built-in: {known}")
-    return path
-
-
-def builtin_names(family: str | None = None) -> list[str]:
-    """The built-in recipes (of one family), by name."""
-    out = []
-    for path in sorted(RECIPE_DIR.glob("*.toml")):
-        if family is None or load_toml(path).get("family") == family:
-            out.append(path.stem)
-    return out
-
-
-def read_source(source: str | Path) -> tuple[dict[str, Any], str, bool]:
-    """A recipe's data from a TOML file or a built-in name: (data, where it came from, whether
-    it is built in). The file's name is the recipe's name unless it sets one."""
-    path = Path(source)
-    builtin_name = not path.is_file() and path.suffix != ".toml" and "/" not in str(source)
-    if builtin_name:
-        path = builtin(str(source))
-    data = load_toml(path)
-    data.setdefault("name", path.stem)
-    return data, str(path), builtin_name
-
-
-def flat_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
-    """The keys a recipe's data sets ("train.lr", ...)."""
-    out: set[str] = set()
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out |= flat_keys(value, f"{prefix}{key}.")
-        else:
-            out.add(f"{prefix}{key}")
-    return out
-
-
-def load_recipe(family: str, source: str | Path | dict[str, Any],
-                overrides: list[str] | None = None, origin: str | None = None) -> FinetuneRecipe:
-    """A fine-tuning recipe of `family` from a TOML file, a built-in name or a dict (read from
-    `origin`), with `a.b=value` overrides; every error names the recipe (and the override) and
-    the field. The checks that need the command's context (paths, what --eval-only leaves out)
-    are `FinetuneRecipe.validate`'s."""
-    if family not in RECIPES:
-        raise ConfigError(f"unknown fine-tuning family {family!r}; choose {', '.join(FAMILIES)}")
-    if isinstance(source, dict):
-        data, where = copy.deepcopy(source), origin or "recipe"
-    else:
-        data, where, _ = read_source(source)
-    overrides = list(overrides or [])
-    try:
-        data = apply_overrides(data, overrides)
-        data.setdefault("name", family)
-        data.setdefault("family", family)
-        if data["family"] != family:
-            raise ConfigError(f"family = {data['family']!r}: a recipe for `bertscale finetune "
-                              f"{data['family']}`, not {family}")
-        recipe = from_dict(RECIPES[family], data)
-    except ConfigError as e:
-        raise ConfigError(f"{_blame(str(e), where, overrides)}: {e}") from None
-    return recipe
-
-
-def _blame(message: str, origin: str, overrides: list[str]) -> str:
-    named = [o for o in overrides
-             if re.search(rf"(?<![\w.]){re.escape('.'.join(parse_override(o)[0]))}(?!\w)", message)]
-    return f"{', '.join(f'--set {o}' for o in named)} (over {origin})" if named else origin
-
-
-def describe_defaults(family: str, key: str) -> str:
-    """A key's value in the family's built-in recipes, for --help: `5e-5` or `5e-5 (v1.1),
-    5e-5 (v2.0)`."""
-    shown = []
-    for name in builtin_names(family):
-        recipe = load_recipe(family, name)
-        value: Any = recipe
-        for part in key.split("."):
-            value = getattr(value, part)
-        text = format_list(value) if isinstance(value, list) else (
-            format_number(value) if isinstance(value, float) else str(value))
-        shown.append((name, text))
-    if len(shown) == 1:
-        return shown[0][1]
-    return ", ".join(f"{t} ({_variant(family, name)})" for name, t in shown)
-
-
-def _variant(family: str, name: str) -> str:
-    recipe = load_recipe(family, name)
-    if isinstance(recipe, SquadRecipe):
-        return f"v{recipe.data.version}"
-    if isinstance(recipe, NerRecipe):
-        return f"--mode {recipe.ner.mode}"
-    return name
-
-
-def replace(recipe: FinetuneRecipe, **sections: dict[str, Any]) -> FinetuneRecipe:
-    """A copy of `recipe` with fields of its sections replaced: replace(r, data={"task": "RTE"})."""
-    changes = {key: dataclasses.replace(getattr(recipe, key), **values)
-               for key, values in sections.items()}
-    return dataclasses.replace(recipe, **changes)
-
-
