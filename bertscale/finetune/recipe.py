@@ -29,7 +29,7 @@ from bertscale.errors import ConfigError
 
 FAMILIES = ("glue", "squad", "swag", "ner")
 GLUE_TASKS = ("CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI", "QNLI", "RTE", "WNLI")
-"""The nine GLUE tasks (bertscale.finetune.glue.TASKS describes each)."""
+"""The nine GLUE tasks (bertscale.finetune.glue_tasks.TASKS describes each)."""
 LAYER_NAMES = ("embeddings", "last", "second-to-last", "sum-last-four", "concat-last-four",
                "weighted-sum")
 """NER feature mode's hidden-state choices (bertscale.features reads them; a comma list of
