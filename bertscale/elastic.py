@@ -542,23 +542,3 @@ def _restore_param_groups(engine, universal_folder: Path) -> None:
     for state in engine.optimizer.optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m bertscale.elastic CHECKPOINT_DIR TAG`: convert ahead of a resume (e.g. in a
-    cheap CPU job before a large GPU allocation)."""
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m bertscale.elastic", description=main.__doc__)
-    p.add_argument("checkpoint_dir", type=Path)
-    p.add_argument("tag")
-    args = p.parse_args(argv)
-    try:
-        print(convert_to_universal(args.checkpoint_dir, args.tag))
-    except UserError as e:
-        print(f"bertscale.elastic: error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -54,7 +54,7 @@ def s3():
 
 def _prepare(shared_data: Path, stage: Path, url: str, *files: str, per_shard: int) -> str:
     """`bertscale prepare --out s3://…` with pretrain_runs.prepare_wiki's settings."""
-    from bertscale.data.prepare import main as prepare
+    from bertscale.commands.prepare import main as prepare
     rc = prepare([*(str(shared_data / "wikipedia" / f) for f in files), "--out", url,
                   "--stage", str(stage), "--vocab",
                   str(shared_data / "vocab" / "bert-base-uncased-vocab.txt"),
@@ -159,7 +159,7 @@ def test_cache_bound_holds_every_step(s3, shared_data, tmp_path):
     """Library level: the cache's size and content between steps is what is checked, which the
     command does not show. Many small shards and windows of about one shard, over 3 epochs."""
     from bertscale.data.cache import FetchSettings
-    from bertscale.data.loader import PretrainLoader
+    from bertscale.data.loader import LoaderConfig, open_loader
     from bertscale.data.shards import read_manifest
     from bertscale.errors import UserError
 
@@ -172,13 +172,14 @@ def test_cache_bound_holds_every_step(s3, shared_data, tmp_path):
     biggest = sorted((i.bytes for i in infos), reverse=True)
     limit = sum(biggest[:6])  # a window of one shard's samples touches <= 3 shards
     with pytest.raises(UserError, match=r"data.cache_limit_gb = .* smaller than two shuffle windows"):
-        PretrainLoader(m, split="train", global_batch_size=30, micro_batch_size=30, rank=0,
-                       world_size=1, seed=3, shuffle_window=window,
-                       fetch=FetchSettings(cache_dir=tmp_path / "c", limit_bytes=limit - 1))
+        open_loader(m, LoaderConfig(
+            split="train", global_batch_size=30, micro_batch_size=30, rank=0, world_size=1, seed=3,
+            shuffle_window=window,
+            fetch=FetchSettings(cache_dir=tmp_path / "c", limit_bytes=limit - 1)))
     cache = tmp_path / "cache"
-    loader = PretrainLoader(m, split="train", global_batch_size=30, micro_batch_size=30, rank=0,
-                            world_size=1, seed=3, shuffle_window=window,
-                            fetch=FetchSettings(cache_dir=cache, limit_bytes=limit))
+    loader = open_loader(m, LoaderConfig(
+        split="train", global_batch_size=30, micro_batch_size=30, rank=0, world_size=1, seed=3,
+        shuffle_window=window, fetch=FetchSettings(cache_dir=cache, limit_bytes=limit)))
     fetcher, order = loader.fetcher, loader.order
     s3.reset_counts()
     steps = 3 * m.num_samples("train") // 30
@@ -227,7 +228,7 @@ def test_doctor_reads_the_store(s3, store, tmp_path):
 def _prepare_rc(shared_data: Path, stage: Path, url: str, seed: int, capfd,
                 progress: str = "none") -> tuple[int, str]:
     """`bertscale prepare --out URL` of one Wikipedia file; (exit code, stderr)."""
-    from bertscale.data.prepare import main as prepare
+    from bertscale.commands.prepare import main as prepare
     capfd.readouterr()
     rc = prepare([str(shared_data / "wikipedia" / "wiki_00.gz"), "--out", url, "--stage",
                   str(stage), "--vocab", str(shared_data / "vocab" / "bert-base-uncased-vocab.txt"),

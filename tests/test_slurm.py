@@ -191,7 +191,7 @@ def test_prepare_runs_as_one_mpi_job_across_both_nodes(mpi_prepare, tmp_path):
     assert "2 MPI rank(s) on 2 node(s) [n[1-2]]" in text
     assert "[rank 1] prepare phase 1" in text             # rank 1 did its share of the work
     # The same shards as one process on this machine: the rank count does not change the data.
-    from bertscale.data.prepare import main as prepare
+    from bertscale.commands.prepare import main as prepare
     assert prepare([*map(str, mpi_prepare["inputs"]), "--out", str(tmp_path),
                     *mpi_prepare["args"].split(), "--progress", "none"]) == 0
     mpi, single = mpi_prepare["out"] / "seq64", tmp_path / "seq64"

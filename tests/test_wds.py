@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bertscale.data.loader import PretrainLoader
+from bertscale.data.loader import LoaderConfig, open_loader
 from bertscale.data.masking import MaskingConfig
 from bertscale.data.shards import read_manifest
 from bertscale.data.wds import ShardPipeline, shard_pipeline
@@ -26,9 +26,9 @@ MASKING = MaskingConfig(max_predictions_per_seq=20)
 def _loader_samples(m, split: str, first: int, count: int) -> dict[str, dict]:
     """Positions [first, first + count) as the trainer's loader reads and masks them, by key."""
     G = 128
-    loader = PretrainLoader(m, split=split, global_batch_size=G, micro_batch_size=G, rank=0,
-                            world_size=1, seed=SEED, masking=MASKING, verify_sha256=False,
-                            consumed_samples=first - first % G)
+    loader = open_loader(m, LoaderConfig(
+        split=split, global_batch_size=G, micro_batch_size=G, rank=0, world_size=1, seed=SEED,
+        masking=MASKING, verify_sha256=False, consumed_samples=first - first % G))
     out: dict[str, dict] = {}
     k = 0
     while len(out) < count:
