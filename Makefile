@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint venv system-deps clean gpu-kit gpu-data
+.PHONY: demo test lint typecheck venv system-deps clean gpu-kit gpu-data
 
 demo: venv
 	$(VENV)/bin/bertscale demo
@@ -17,12 +17,17 @@ demo: venv
 # the end, to see where the suite's time goes.
 TEST_JOBS ?= 2
 
-test: venv lint
+test: venv lint typecheck
 	$(PY) -m pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile) --durations=25 $(PYTEST_ARGS)
 
 # A small rule set ([tool.ruff] in pyproject.toml); `make test` runs it before the suite.
 lint: venv
 	$(VENV)/bin/ruff check bertscale tests benchmarks
+
+# The type checker ([tool.mypy] in pyproject.toml): the whole package, strict where it pays;
+# `make test` runs it before the suite.
+typecheck: venv
+	$(PY) -m mypy
 
 venv: $(STAMP)
 

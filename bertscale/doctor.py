@@ -124,7 +124,8 @@ def check_launch(dist, env, rank: int, world: int) -> list[Finding]:
     try:
         node = distributed.discover_node()
         job = (node.scheduler, node.nnodes, f"{node.master_addr}:{node.master_port}", node.rdzv_id)
-        mine = (None, job, node.node_rank, node.source)
+        mine: tuple[str | None, tuple[str, str, str, str] | None, int | None, str | None] = (
+            None, job, node.node_rank, node.source)
     except UserError as e:
         mine = (str(e), None, None, None)
     everyone: list = [None] * world
@@ -272,7 +273,7 @@ def check_checkpoint_dir(dist, folder: Path | None, rank: int, world: int) -> li
 
 # Over ruff's complexity limit on purpose: one check per way a shard can be wrong, each with its
 # message.
-def check_shards(dist, manifest_path: Path | None, verify_sha256: bool, rank: int,  # noqa: C901
+def check_shards(dist, manifest_path: str | None, verify_sha256: bool, rank: int,  # noqa: C901
                  world: int) -> list[Finding]:
     if manifest_path is None:
         return [Finding("shards", SKIP, "no --manifest given")] if rank == 0 else []

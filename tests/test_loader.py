@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from bertscale.data.cache import FetchSettings
-from bertscale.data.loader import (GlobalOrder, LoaderConfig, MaskingConfig, PretrainLoader,
-                                   open_loader)
 from bertscale.commands.prepare import register
+from bertscale.data.cache import FetchSettings
+from bertscale.data.loader import LoaderConfig, MaskingConfig, PretrainLoader, open_loader
+from bertscale.data.order import GlobalOrder
 from bertscale.data.shards import decode_sample, read_manifest
 from bertscale.errors import UserError
 from bertscale.tokenizer import read_vocab

@@ -136,3 +136,23 @@ def test_shards_in_an_object_store(manifest, tmp_path, monkeypatch) -> None:
     finally:
         server.stop()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_shards_behind_a_pipe_command(manifest, tmp_path) -> None:
+    """Shard locations of `pipe:COMMAND` (WebDataset's convention, which the trainer's loader
+    reads too): the same samples as the local copy, and a command that fails is one error naming
+    the shard. Failed before the fix with an AttributeError: the pipeline closed every shard's
+    stream, and the pipe reader had no `close` (mypy found it)."""
+    local = {s["__key__"]: s for s in shard_pipeline(manifest, "eval")}
+    m = read_manifest(manifest, shard_base=f"pipe:cat {manifest.parent}/{{name}}")
+    assert m.shard_location("eval", 0).startswith("pipe:cat ")
+    piped = {s["__key__"]: s for s in shard_pipeline(m, "eval")}
+    assert piped.keys() == local.keys()
+    for key in local:
+        assert np.array_equal(piped[key]["input_ids"], local[key]["input_ids"])
+    # A command that writes the whole shard and then fails (a copy tool that reports an error
+    # at the end): its status is the error, not a silent success.
+    failing = read_manifest(manifest, shard_base=f"pipe:cat {manifest.parent}/{{name}}; exit 3")
+    with pytest.raises(UserError, match=r"shard pipe:cat .*eval-000000\.tar; exit 3: .*exited "
+                                        r"with status 3"):
+        list(shard_pipeline(failing, "eval"))

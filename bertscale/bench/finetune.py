@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +224,7 @@ class _Bench:
         with torch.no_grad():
             for name in self.train_names:
                 model = self.hf if name == "transformers" else self.ours
+                assert model is not None  # "transformers" is a variant only with self.hf
                 if model is self.ours:
                     apply_fast_paths(self.ours, self.fast_of[name])
                 model.eval()
@@ -251,12 +253,12 @@ class _Bench:
             order = self.train_names if r % 2 == 0 else self.train_names[::-1]
             for name in order:
                 b = self.shaped[name][r % args.num_batches]
-                t = self.timed(lambda name=name, b=b: self.train_step(name, b))
+                t = self.timed(partial(self.train_step, name, b))
                 if r >= args.warmup:
                     train_s[name].append(t)
             if not args.no_predict:
                 for name in (PREDICT_VARIANTS if r % 2 == 0 else PREDICT_VARIANTS[::-1]):
-                    t = self.timed(lambda name=name: self.predict_pass(name))
+                    t = self.timed(partial(self.predict_pass, name))
                     if r >= args.warmup:
                         predict_s[name].append(t)
         return train_s, predict_s

@@ -187,6 +187,7 @@ def build_models(cfg: ModelConfig, fast: Any, device: torch.device, with_hf: boo
     hf_model = None
     if with_hf:
         transformers = import_transformers()
+        assert transformers is not None, "with_hf only when transformers imports"
         hf_cfg = transformers.BertConfig(**config_to_hf(cfg))
         hf_cfg._attn_implementation = "sdpa"  # PyTorch's fused attention, as ours
         with device:
@@ -205,12 +206,12 @@ def build_models(cfg: ModelConfig, fast: Any, device: torch.device, with_hf: boo
 
 
 def make_step(model: torch.nn.Module, kind: str, optimizer: torch.optim.Optimizer,
-              device: torch.device, dtype: torch.dtype) -> Callable[[Batch], float]:
+              device: torch.device, dtype: torch.dtype) -> Callable[[Batch], torch.Tensor]:
     from bertscale.model import pretraining_loss
 
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def step(b: Batch) -> float:
+    def step(b: Batch) -> torch.Tensor:
         with autocast:
             if kind == "bertscale":
                 out = model(b.input_ids, b.token_type_ids, b.attention_mask,
@@ -291,7 +292,7 @@ class _Setup:
     ours: torch.nn.Module
     runs: dict[str, Callable[[Batch], Any]]
     batches: list[Batch]
-    flops_of: dict[int, float]
+    flops_of: dict[int, int]
     initial_loss: dict[str, float]
     with_hf: bool
     note: str

@@ -15,7 +15,7 @@ import os
 import sys
 
 from bertscale import __version__
-from bertscale.commands.args import parse_list
+from bertscale.commands.args import Subparsers, parse_list
 from bertscale.errors import UserError
 
 # The fine-tuning command's list parser lives in args.py; kept importable from here as well.
@@ -36,7 +36,7 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def register(name: str, subparsers: argparse._SubParsersAction) -> None:
+def register(name: str, subparsers: Subparsers) -> None:
     """Import the command's module (only now) and let it add its parser."""
     importlib.import_module(COMMANDS[name]).register(subparsers)
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 from bertscale.errors import UserError
 
 T = TypeVar("T")
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+"""What `register(subparsers)` of a command module is given (`add_subparsers()`)."""
 
 
 def parse_list(text: str, kind: Callable[[str], T], flag: str) -> list[T]:

@@ -25,20 +25,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bertscale.commands.args import parse_list
+from bertscale.commands.args import Subparsers, parse_list
 from bertscale.config import PRESETS
 from bertscale.errors import UserError
 
 DTYPE_NAMES = ("fp32", "bf16")
 
 
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def register(subparsers: Subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="measure training-step speed against transformers, "
                               "find micro-batch sizes, time fine-tuning and the data pipeline",
                               description=__doc__.split("\n\n")[0] + "\n\n" +
                               __doc__.split("\n\n")[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+    def usage(args: argparse.Namespace) -> int:  # `bertscale bench` alone
+        p.print_help()
+        return 2
+
+    p.set_defaults(func=usage)
     sub = p.add_subparsers(dest="bench_what", metavar="WHAT")
     for add in (_model_parser, _microbatch_parser, _finetune_parser, _data_parser, _remote_parser,
                 _quality_parser):
@@ -62,7 +67,7 @@ def _write_json(path: Path | None, result: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------ model
 
 
-def _model_parser(sub: argparse._SubParsersAction) -> None:
+def _model_parser(sub: Subparsers) -> None:
     m = sub.add_parser("model", help="one training step: bertscale vs transformers")
     m.add_argument("--preset", choices=PRESETS, default="base")
     m.add_argument("--seq-len", type=int, default=128)
@@ -104,7 +109,7 @@ def _model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _microbatch_parser(sub: argparse._SubParsersAction) -> None:
+def _microbatch_parser(sub: Subparsers) -> None:
     mb = sub.add_parser("microbatch", help="largest micro-batch that fits, and the gradient "
                         "accumulation that keeps the global batch (CUDA)")
     mb.add_argument("--preset", choices=PRESETS, default="large")
@@ -129,7 +134,7 @@ def _microbatch(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ finetune
 
 
-def _finetune_parser(sub: argparse._SubParsersAction) -> None:
+def _finetune_parser(sub: Subparsers) -> None:
     f = sub.add_parser("finetune", help="a GLUE fine-tuning step and dev prediction: padding "
                        "to max length vs dynamic vs unpadded, and transformers",
                        description="See bertscale.bench.finetune: training steps on the same "
@@ -170,7 +175,7 @@ def _finetune(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ data
 
 
-def _data_parser(sub: argparse._SubParsersAction) -> None:
+def _data_parser(sub: Subparsers) -> None:
     d = sub.add_parser("data", help="prepare MB/s and loader samples/s (bertscale.bench.data)")
     d.add_argument("--files", nargs="+", help="raw text files (default: wiki_00..07 of the "
                    "Wikipedia sample in ../shared/data)")
@@ -196,7 +201,7 @@ def _data(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ remote
 
 
-def _remote_parser(sub: argparse._SubParsersAction) -> None:
+def _remote_parser(sub: Subparsers) -> None:
     p = sub.add_parser("remote", help="steps' wait for shards in an object store, prefetch off "
                        "and on, over a throttled local S3 (bertscale.bench.remote)")
     p.add_argument("--files", nargs="+", help="raw text (default: wiki_00..03 of the shared "
@@ -239,7 +244,7 @@ QUALITY_TASKS = ("CoLA", "MRPC", "RTE", "STS-B")
 QUALITY_RECIPE = "quality_mini"
 
 
-def _quality_parser(sub: argparse._SubParsersAction) -> None:
+def _quality_parser(sub: Subparsers) -> None:
     p = sub.add_parser("quality", help="prepare, pretrain bertscale and transformers on the same "
                        "samples in the same time, fine-tune both and random init on GLUE "
                        "(bertscale.bench.quality)")

@@ -7,8 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from bertscale.commands.args import Subparsers
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+
+def register(subparsers: Subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="the whole pipeline on Python's own documentation, in minutes, offline",
         description="Build a corpus from the documentation that ships with Python, train a "

@@ -8,8 +8,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from bertscale.commands.args import Subparsers
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+
+def register(subparsers: Subparsers) -> None:
     p = subparsers.add_parser(
         "doctor", help="check ranks, network, GPUs, disk, shards and wandb before a long job",
         description="Run with the same launcher and layout as the training job (e.g. "

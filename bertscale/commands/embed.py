@@ -39,12 +39,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from bertscale.commands.args import parse_list
+from bertscale.commands.args import Subparsers, parse_list
 from bertscale.embed import OUTPUT_FORMATS, POOLINGS
 from bertscale.features import LAYER_NAMES
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     p = subparsers.add_parser(
         "embed", help="contextual features from a frozen BERT (the feature-based approach)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bertscale.commands.args import Subparsers
 from bertscale.config import HEADS
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="write a Hugging Face BERT folder from a run, checkpoint or HF folder",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

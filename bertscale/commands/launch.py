@@ -9,11 +9,12 @@ import dataclasses
 import sys
 
 from bertscale import distributed
+from bertscale.commands.args import Subparsers
 from bertscale.errors import UserError
 from bertscale.launch import DEFAULT_SHUTDOWN_TIMEOUT, run, torchrun_argv
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     p = subparsers.add_parser(
         "launch", help="run a command on this node of a multi-node job through torchrun "
                        "(Kubernetes, SkyPilot)",
@@ -50,13 +51,10 @@ def _handle(args: argparse.Namespace) -> int:
         raise UserError("give the bertscale command to launch, e.g. `bertscale launch pretrain "
                         "bert_large_phase1 --run-dir /runs/p1`")
     node = distributed.discover_node()
-    changes = {}
     if args.nnodes:
-        changes["nnodes"] = distributed.check_nnodes(args.nnodes, "--nnodes")
+        node = dataclasses.replace(node, nnodes=distributed.check_nnodes(args.nnodes, "--nnodes"))
     if args.nproc_per_node:
-        changes["nproc_per_node"] = args.nproc_per_node
-    if changes:
-        node = dataclasses.replace(node, **changes)
+        node = dataclasses.replace(node, nproc_per_node=args.nproc_per_node)
     restarts = args.max_restarts if args.max_restarts is not None else (3 if node.elastic else 0)
     if restarts < 0 or args.shutdown_timeout < 0:
         raise UserError("--max-restarts and --shutdown-timeout must not be negative")

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bertscale.commands.args import Subparsers
 from bertscale.data.instances import OBJECTIVES
 from bertscale.data.prepare import (START_TIMEOUT_S, PrepareConfig, default_stage, detect_context,
                                     run_prepare, upload_prepared)
@@ -13,7 +14,7 @@ from bertscale.data.text import FORMATS
 from bertscale.errors import UserError
 
 
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def register(subparsers: Subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "prepare", help="raw text -> WebDataset shards + manifest (NSP/SOP/MLM instances)",
         description="Turn raw text (BERT-format plain text, WikiExtractor output or JSON lines, "

@@ -11,11 +11,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+from bertscale.commands.args import Subparsers
 from bertscale.config import PretrainRecipe, load_pretrain_recipe, recipe_to_dict
 from bertscale.errors import ConfigError
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain", help="pretrain BERT (MLM + NSP) with DeepSpeed ZeRO",
         description="Pretrain BERT from prepared shards. Launch one process per device with "

@@ -330,7 +330,8 @@ def load_pretrain_recipe(source: str | Path | dict[str, Any],
             raise ConfigError("missing [model] section (a preset name or a table)")
         model_raw = data["model"]
         model = model_config_from(model_raw)
-        sections = {key: from_dict(cls, data.get(key, {}), key) for key, cls in _RECIPE_SECTIONS.items()}
+        sections: dict[str, Any] = {key: from_dict(cls, data.get(key, {}), key)
+                                    for key, cls in _RECIPE_SECTIONS.items()}
         if "optimizer" not in data:
             raise ConfigError("missing [optimizer] section (name, lr, ...)")
         recipe = PretrainRecipe(
@@ -368,6 +369,6 @@ def _blame(message: str, origin: str, overrides: list[str], as_written: dict[str
 
 def recipe_to_dict(recipe: PretrainRecipe) -> dict[str, Any]:
     """The recipe as plain data (for checkpoints, logs and W&B), in its TOML layout."""
-    out = to_dict(recipe)
+    out: dict[str, Any] = to_dict(recipe)
     out.pop("vocab_size_explicit", None)
     return out

@@ -38,7 +38,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 def coerce(tp: Any, value: Any, name: str) -> Any:  # noqa: C901
     """`value` checked (and converted where lossless: int to float, str to Path) as type `tp`."""
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, name)
     if origin is Literal:
         allowed = get_args(tp)

@@ -15,6 +15,7 @@ import io
 import json
 import tarfile
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ class ShardWriter:
                 files["offsets"] = f"{stem}.offsets.npy"
                 arrays["offsets"] = offsets
             for key, name in files.items():
-                write_atomic(self.folder / name, lambda p, x=arrays[key]: _write_npy(p, x))
+                write_atomic(self.folder / name, partial(_write_npy, arr=arrays[key]))
             info["files"] = files
         elif self.fmt == "safetensors":
             from safetensors.numpy import save_file

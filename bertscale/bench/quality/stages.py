@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ def run(cfg: QualityConfig) -> dict[str, Any]:
            "transformers": run.stage("pretrain_transformers", run.pretrain_transformers)}
     run.stage("export", run.export)
     run.stage("random_init", run.random_init)
-    glue_raw = {m: run.stage(f"finetune_{m}", lambda m=m: run.finetune(m)) for m in MODELS}
+    glue_raw = {m: run.stage(f"finetune_{m}", partial(run.finetune, m)) for m in MODELS}
     return run.report(prepared, pre, glue_raw)
 
 
