@@ -60,6 +60,45 @@ def minilm_no_dropout(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory
     return d
 
 
+@pytest.fixture(scope="session")
+def store_servers(tmp_path_factory: pytest.TempPathFactory):
+    """The object-store servers of this session (tests/stores.py), each started on first use:
+    moto's S3, gcp-storage-emulator, Azurite; all on 127.0.0.1, stopped at the end."""
+    from stores import Servers
+
+    servers = Servers(tmp_path_factory.mktemp("stores"))
+    yield servers
+    servers.stop()
+
+
+_STORE_PACKAGES = {"s3": ("s3fs", "moto.moto_server.werkzeug_app"),
+                   "gs": ("gcsfs", "gcp_storage_emulator"), "az": ("adlfs",)}
+
+
+@pytest.fixture
+def store(request, store_servers, monkeypatch):
+    """A new, empty bucket in a real object store on 127.0.0.1 (tests/stores.py `Store`), with
+    this process's environment pointing bertscale at it the way a user's does (the variables
+    of docs/data.md; subprocesses inherit them). S3 unless parametrized:
+    ``@pytest.mark.parametrize("store", stores.KINDS, indirect=True)``."""
+    import shutil
+
+    from stores import clear_clients
+
+    kind = getattr(request, "param", "s3")
+    for module in _STORE_PACKAGES[kind]:
+        pytest.importorskip(module, reason=f"the {kind} store needs the test extra ({module})")
+    if kind == "az" and shutil.which("npm") is None and not os.environ.get("CI"):
+        # In CI (`make test` installs npm when it can) a missing npm fails the test instead.
+        pytest.skip("npm not found: Azurite, the Azure Blob emulator, installs through npm")
+    server = store_servers.server(kind)
+    for k, v in server.env().items():
+        monkeypatch.setenv(k, v)
+    clear_clients(kind)
+    yield store_servers.new_bucket(kind)
+    clear_clients(kind)
+
+
 # The longest files, longest first (measured with --durations on 2 cores); the others follow.
 LONGEST_FIRST = ("test_resume_matrix.py", "test_pretrain.py", "test_gpu_check.py",
                  "test_bench_quality.py", "test_remote.py", "test_pretrain_failures.py",

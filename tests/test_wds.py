@@ -18,6 +18,7 @@ from bertscale.data.shards import read_manifest
 from bertscale.data.wds import ShardPipeline, shard_pipeline
 from bertscale.errors import UserError
 from pretrain_runs import manifest  # noqa: F401
+from stores import KINDS
 
 SEED = 1234
 MASKING = MaskingConfig(max_predictions_per_seq=20)
@@ -106,36 +107,22 @@ def test_a_damaged_sample_names_the_shard(manifest, tmp_path) -> None:
         list(shard_pipeline(folder / "manifest.json", "eval"))
 
 
-def test_shards_in_an_object_store(manifest, tmp_path, monkeypatch) -> None:
-    """The manifest and shards uploaded to S3 (moto's server on 127.0.0.1) read through the
-    store URL: the same samples as the local copy."""
-    pytest.importorskip("moto.moto_server.werkzeug_app", reason="needs the test extra (moto[server])")
-    pytest.importorskip("s3fs", reason="needs the s3 extra (s3fs)")
-    import fsspec
-
-    from bertscale.bench.s3_server import LocalS3
+@pytest.mark.parametrize("store", KINDS, indirect=True)
+def test_shards_in_an_object_store(store, manifest, tmp_path) -> None:
+    """The manifest and shards uploaded to each object store (moto's S3, gcp-storage-emulator,
+    Azurite on 127.0.0.1; tests/stores.py) read through the store URL: the same samples as the
+    local copy."""
     from bertscale.data.prepare import upload_prepared
 
-    import s3fs
-
-    server = LocalS3()
-    s3fs.S3FileSystem.clear_instance_cache()   # fsspec keeps clients, with their endpoint
-    try:
-        for k, v in server.env().items():
-            monkeypatch.setenv(k, v)
-        fsspec.filesystem("s3").mkdir("wds")
-        url = upload_prepared(manifest, "s3://wds/seq128", verbose=False)
-        m = read_manifest(url, cache_dir=tmp_path / "cache")
-        assert m.shard_location("eval", 0).startswith("s3://wds/seq128/")
-        remote = {s["__key__"]: s for s in shard_pipeline(m, "eval")}
-        local = {s["__key__"]: s for s in shard_pipeline(manifest, "eval")}
-        assert remote.keys() == local.keys()
-        for key in local:
-            assert np.array_equal(remote[key]["input_ids"], local[key]["input_ids"])
-            assert remote[key]["__url__"].startswith("s3://wds/seq128/eval-")
-    finally:
-        server.stop()
-        s3fs.S3FileSystem.clear_instance_cache()
+    url = upload_prepared(manifest, store.url("seq128"), verbose=False)
+    m = read_manifest(url, cache_dir=tmp_path / "cache")
+    assert m.shard_location("eval", 0).startswith(store.url("seq128/"))
+    remote = {s["__key__"]: s for s in shard_pipeline(m, "eval")}
+    local = {s["__key__"]: s for s in shard_pipeline(manifest, "eval")}
+    assert remote.keys() == local.keys()
+    for key in local:
+        assert np.array_equal(remote[key]["input_ids"], local[key]["input_ids"])
+        assert remote[key]["__url__"].startswith(store.url("seq128/eval-"))
 
 
 def test_shards_behind_a_pipe_command(manifest, tmp_path) -> None:

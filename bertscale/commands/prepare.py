@@ -105,8 +105,8 @@ def handle(args: argparse.Namespace) -> int:
     if url is not None and remote.scheme(url) in ("pipe", "http", "https"):
         raise UserError(f"--out {url}: prepare uploads to s3://, gs:// or az:// prefixes only")
     out = (args.stage or default_stage(url)) if url else Path(args.out)
-    if url is not None:
-        remote.filesystem(url)  # a missing store package fails now, not after the prepare
+    if url is not None:  # a missing store package or bucket fails now, not after the prepare
+        remote.require_bucket(url, "--out")
     vocab, lowercase = _vocab_argument(args.vocab, args.lowercase)
     cfg = PrepareConfig(inputs=args.inputs, out=out, vocab=vocab,
                         lowercase=lowercase, train_vocab=args.train_vocab,
