@@ -22,7 +22,10 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bertscale.data.shards import Manifest
 
 
 def bench_remote(files: list[Path], vocab: Path, *, samples_per_shard: int, window_shards: int,
@@ -31,8 +34,6 @@ def bench_remote(files: list[Path], vocab: Path, *, samples_per_shard: int, wind
     import fsspec
 
     from bertscale.bench.s3_server import LocalS3
-    from bertscale.data.cache import FetchSettings
-    from bertscale.data.loader import LoaderConfig, open_loader
     from bertscale.data.prepare import PrepareConfig, run_prepare, upload_prepared
     from bertscale.data.shards import read_manifest
 
@@ -66,32 +67,43 @@ def bench_remote(files: list[Path], vocab: Path, *, samples_per_shard: int, wind
             print(f"{'prefetch':>8} | {'first window wait':>17} | {'later windows wait':>18} | "
                   f"{'longest later wait':>18} | {'steps waiting >1 ms':>19} | {'wall':>6}")
             for prefetch in (False, True):
-                loader = open_loader(m, LoaderConfig(
-                    split="train", global_batch_size=global_batch, micro_batch_size=global_batch,
-                    seed=1, shuffle_window=window, verify_sha256=False,
-                    fetch=FetchSettings(cache_dir=Path(tmp) / f"c{prefetch}", prefetch=prefetch,
-                                        concurrency=concurrency)))
-                waits = []
-                it = iter(loader)
-                start = time.perf_counter()
-                for _ in range(steps):
-                    before = loader.fetch_wait_s
-                    next(it)
-                    waits.append(loader.fetch_wait_s - before)
-                    time.sleep(step_ms / 1e3)  # the device's step
-                wall = time.perf_counter() - start
-                loader.close()
-                first = int(steps_per_window)
-                later = waits[first:]
-                row = {"first_window_wait_s": sum(waits[:first]),
-                       "later_wait_s": sum(later), "later_max_wait_ms": 1e3 * max(later, default=0),
-                       "later_steps_waiting": sum(w > 1e-3 for w in later),
-                       "later_steps": len(later), "wall_s": wall}
+                row = _timed_pass(m, prefetch, steps=steps, first=int(steps_per_window),
+                                  global_batch=global_batch, window=window, step_ms=step_ms,
+                                  concurrency=concurrency, cache_dir=Path(tmp) / f"c{prefetch}")
                 result["prefetch_on" if prefetch else "prefetch_off"] = row
                 print(f"{'on' if prefetch else 'off':>8} | {row['first_window_wait_s']:15.2f} s | "
                       f"{row['later_wait_s']:16.2f} s | {row['later_max_wait_ms']:15.1f} ms | "
                       f"{row['later_steps_waiting']:>9} of {row['later_steps']:<6} | "
-                      f"{wall:5.1f}s")
+                      f"{row['wall_s']:5.1f}s")
     finally:
         server.stop()
     return result
+
+
+def _timed_pass(m: Manifest, prefetch: bool, *, steps: int, first: int, global_batch: int,
+                window: int, step_ms: float, concurrency: int, cache_dir: Path) -> dict[str, Any]:
+    """`steps` training steps' worth of batches from the store, each followed by `step_ms` of
+    (simulated) device work: the time the steps waited for shards, the first window (`first`
+    steps, fetched cold) apart from the later ones (where prefetch should hide the fetches)."""
+    from bertscale.data.cache import FetchSettings
+    from bertscale.data.loader import LoaderConfig, open_loader
+
+    loader = open_loader(m, LoaderConfig(
+        split="train", global_batch_size=global_batch, micro_batch_size=global_batch,
+        seed=1, shuffle_window=window, verify_sha256=False,
+        fetch=FetchSettings(cache_dir=cache_dir, prefetch=prefetch, concurrency=concurrency)))
+    waits = []
+    it = iter(loader)
+    start = time.perf_counter()
+    for _ in range(steps):
+        before = loader.fetch_wait_s
+        next(it)
+        waits.append(loader.fetch_wait_s - before)
+        time.sleep(step_ms / 1e3)  # the device's step
+    wall = time.perf_counter() - start
+    loader.close()
+    later = waits[first:]
+    return {"first_window_wait_s": sum(waits[:first]),
+            "later_wait_s": sum(later), "later_max_wait_ms": 1e3 * max(later, default=0),
+            "later_steps_waiting": sum(w > 1e-3 for w in later),
+            "later_steps": len(later), "wall_s": wall}
