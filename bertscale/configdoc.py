@@ -71,8 +71,8 @@ def _type_name(tp: object) -> str:
 def _default(f: dataclasses.Field) -> str:
     if f.default is not dataclasses.MISSING:
         value = f.default
-    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = f.default_factory()  # type: ignore[misc]
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
     else:
         return "(required)"
     return f"`{value!r}`" if not hasattr(value, "__fspath__") else f"`{str(value)!r}`"

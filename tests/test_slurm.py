@@ -191,7 +191,7 @@ def test_prepare_runs_as_one_mpi_job_across_both_nodes(mpi_prepare, tmp_path):
     assert "2 MPI rank(s) on 2 node(s) [n[1-2]]" in text
     assert "[rank 1] prepare phase 1" in text             # rank 1 did its share of the work
     # The same shards as one process on this machine: the rank count does not change the data.
-    from bertscale.data.prepare import main as prepare
+    from bertscale.commands.prepare import main as prepare
     assert prepare([*map(str, mpi_prepare["inputs"]), "--out", str(tmp_path),
                     *mpi_prepare["args"].split(), "--progress", "none"]) == 0
     mpi, single = mpi_prepare["out"] / "seq64", tmp_path / "seq64"
@@ -337,9 +337,9 @@ def test_deepspeed_launcher_with_a_hostfile_from_the_allocation(slurm, tmp_path)
 
 
 def test_finetune_array_runs_one_glue_task_per_index(slurm, reference_job, shared_data, tmp_path):
-    from bertscale.cli import COMMANDS
+    from bertscale.commands import COMMANDS
     if "finetune" not in COMMANDS:
-        pytest.skip("`bertscale finetune` is not registered in bertscale/cli.py yet")
+        pytest.skip("`bertscale finetune` is not registered in bertscale/commands/__init__.py yet")
     wait_done(slurm, reference_job["id"], reference_job["log"], 400)
     t0 = time.monotonic()
     job_id = sbatch(slurm, "finetune.sbatch", "--array=0-1", "--gpus-per-node=0",

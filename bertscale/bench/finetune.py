@@ -26,12 +26,13 @@ recorded in the JSON: they agree, which shows the variants compute the same mode
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,41 @@ TRAIN_VARIANTS = ("max_length", "dynamic", "unpad", "transformers")
 PREDICT_VARIANTS = ("input_order", "sorted", "sorted_unpad")
 
 
+@dataclass
+class FinetuneBenchConfig:
+    """One `bertscale bench finetune` run."""
+
+    data_dir: Path
+    """The GLUE folder."""
+    task: str = "MRPC"
+    checkpoint: Path | None = None
+    """A Hugging Face or bertscale checkpoint; None: `preset` with random weights."""
+    preset: str = "base"
+    vocab: str | None = None
+    """vocab.txt for `preset` (casing guessed from it)."""
+    max_seq_length: int = 128
+    batch: int = 32
+    """Training examples per step."""
+    eval_batch_size: int = 64
+    max_eval_samples: int = 256
+    """Dev examples per prediction pass."""
+    num_batches: int = 4
+    """Distinct training batches."""
+    repeats: int = 5
+    warmup: int = 1
+    device: str = "cpu"
+    threads: int | None = None
+    seed: int = 0
+    no_transformers: bool = False
+    no_predict: bool = False
+    """Time the training step only."""
+
+    def validate(self) -> None:
+        for flag in ("batch", "eval_batch_size", "repeats", "num_batches", "max_seq_length"):
+            if getattr(self, flag) <= 0:
+                raise UserError(f"--{flag.replace('_', '-')} must be positive")
+
+
 def _pad_to(batch: Batch, length: int, pad_id: int) -> Batch:
     """Pad a dynamically padded batch on to `length` positions."""
     extra = length - batch["input_ids"].shape[-1]
@@ -70,7 +106,7 @@ def _pad_to(batch: Batch, length: int, pad_id: int) -> Batch:
     return out
 
 
-def _load(args: argparse.Namespace) -> tuple[ModelConfig, dict[str, torch.Tensor] | None, Any, str]:
+def _load(args: FinetuneBenchConfig) -> tuple[ModelConfig, dict[str, torch.Tensor] | None, Any, str]:
     """(config, weights or None for random, tokenizer, description of the model)."""
     from bertscale.tokenizer import guess_lowercase, load_tokenizer
     if args.checkpoint:
@@ -113,7 +149,7 @@ class _Bench:
     weights), their optimizers, and the batches of every variant, built once; one method per
     thing that is timed."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: FinetuneBenchConfig):
         self.args = args
         self.device = device = resolve_device(args.device)
         self.task = task = glue.task_by_name(args.task)
@@ -195,6 +231,7 @@ class _Bench:
         with torch.no_grad():
             for name in self.train_names:
                 model = self.hf if name == "transformers" else self.ours
+                assert model is not None  # "transformers" is a variant only with self.hf
                 if model is self.ours:
                     apply_fast_paths(self.ours, self.fast_of[name])
                 model.eval()
@@ -223,12 +260,12 @@ class _Bench:
             order = self.train_names if r % 2 == 0 else self.train_names[::-1]
             for name in order:
                 b = self.shaped[name][r % args.num_batches]
-                t = self.timed(lambda name=name, b=b: self.train_step(name, b))
+                t = self.timed(partial(self.train_step, name, b))
                 if r >= args.warmup:
                     train_s[name].append(t)
             if not args.no_predict:
                 for name in (PREDICT_VARIANTS if r % 2 == 0 else PREDICT_VARIANTS[::-1]):
-                    t = self.timed(lambda name=name: self.predict_pass(name))
+                    t = self.timed(partial(self.predict_pass, name))
                     if r >= args.warmup:
                         predict_s[name].append(t)
         return train_s, predict_s
@@ -240,10 +277,10 @@ def _paired(times: dict[str, list[float]], base: str, name: str) -> float:
     return statistics.median(b / t for b, t in zip(times[base], times[name]))
 
 
-def bench_finetune(args: argparse.Namespace) -> dict[str, Any]:
-    for flag in ("batch", "eval_batch_size", "repeats", "num_batches", "max_seq_length"):
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be positive")
+def bench_finetune(args: FinetuneBenchConfig) -> dict[str, Any]:
+    """Time the training step and the dev prediction of every variant (module docstring); the
+    results as a JSON-ready dict."""
+    args.validate()
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = _Bench(args)
@@ -306,12 +343,3 @@ def format_table(r: dict[str, Any]) -> str:
         f"{k} {v:.6f}" for k, v in r["first_batch_eval_loss"].items()))
     lines.append(f"load average {r['load_avg_before'][0]:.1f} -> {r['load_avg_after'][0]:.1f}")
     return "\n".join(lines)
-
-
-def handle(args: argparse.Namespace) -> int:
-    from bertscale.bench.model import write_json
-    r = bench_finetune(args)
-    print(format_table(r), flush=True)
-    if args.out:
-        write_json(args.out, r)
-    return 0

@@ -1,9 +1,10 @@
-"""The subcommands by name, and running one of them with the command line's error handling.
+"""The command layer: every `bertscale` command's arguments, handler and entry point.
 
-This module sits below every command: it names their modules as strings and imports one only
-when it runs, so a command module can use `run_subcommand` for its own `python -m` entry point
-without importing `bertscale.cli` (which would import every other command back) and `python -m
-bertscale.pretrain` on each rank of a launcher pays only for the pretraining imports.
+`COMMANDS` names each command's module as a string; `bertscale NAME ...` imports only NAME's
+module (each rank of a launcher pays only for what runs), `bertscale --help` imports them all to
+list them. A command module exposes `register(subparsers)` (adds its parser, sets `func`) and
+`main(argv)`; it turns arguments into the library's typed configs and calls the library, which
+imports nothing from here (tests/test_imports.py).
 """
 
 from __future__ import annotations
@@ -12,33 +13,62 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Any
 
+from bertscale import __version__
+from bertscale.commands.args import Subparsers, parse_list
 from bertscale.errors import UserError
 
-# name -> module that registers it (`register(subparsers)` adds its parser and sets `func`).
-# Order is the order of the pipeline, which `bertscale --help` lists.
+# The fine-tuning command's list parser lives in args.py; kept importable from here as well.
+__all__ = ["COMMANDS", "build_parser", "main", "parse_list", "run", "run_subcommand"]
+
+# name -> module that registers it. Order is the order of the pipeline, which `bertscale --help`
+# lists.
 COMMANDS: dict[str, str] = {
-    "prepare": "bertscale.data.prepare",
-    "pretrain": "bertscale.pretrain",
-    "demo": "bertscale.demo",
+    "prepare": "bertscale.commands.prepare",
+    "pretrain": "bertscale.commands.pretrain",
+    "demo": "bertscale.commands.demo",
     "finetune": "bertscale.commands.finetune",
-    "embed": "bertscale.embed",
-    "export": "bertscale.export",
-    "doctor": "bertscale.doctor",
-    "launch": "bertscale.launch",
-    "bench": "bertscale.bench",
+    "embed": "bertscale.commands.embed",
+    "export": "bertscale.commands.export",
+    "doctor": "bertscale.commands.doctor",
+    "launch": "bertscale.commands.launch",
+    "bench": "bertscale.commands.bench",
 }
 
 
-def register(name: str, subparsers: argparse._SubParsersAction) -> None:
+def register(name: str, subparsers: Subparsers) -> None:
     """Import the command's module (only now) and let it add its parser."""
     importlib.import_module(COMMANDS[name]).register(subparsers)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, every command registered (for `--help` and the docs check)."""
+    parser = argparse.ArgumentParser(
+        prog="bertscale",
+        description="Pretrain BERT with DeepSpeed ZeRO, elastically, and fine-tune it.")
+    parser.add_argument("--version", action="version", version=f"bertscale {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        register(name, sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `bertscale` console script and `python -m bertscale`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return run_subcommand(argv[0], argv[1:])
+    parser = build_parser()
+    args = parse(parser, argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return run(args)
+
+
 def run_subcommand(name: str, argv: list[str] | None = None) -> int:
-    """`bertscale <name> ...` with only that command's module imported (each rank of a launcher
-    pays for what it imports), and the same error handling as `bertscale`."""
+    """`bertscale <name> ...` with only that command's module imported, and the same error
+    handling as `bertscale`."""
     parser = argparse.ArgumentParser(prog="bertscale")
     register(name, parser.add_subparsers(dest="command", required=True))
     return run(parse(parser, [name, *(sys.argv[1:] if argv is None else argv)]))
@@ -50,14 +80,15 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     check runs in the top parser, which knows only `bertscale COMMAND ...`."""
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        chosen(parser, args).error(f"unrecognized arguments: {' '.join(_with_values(unknown, argv))}")
+        shown = " ".join(_with_values(unknown, argv))
+        chosen(parser, args).error(f"unrecognized arguments: {shown}")
     return args
 
 
 def _with_values(unknown: list[str], argv: list[str]) -> list[str]:
     """The unknown arguments, an unknown flag with the value written after it (`--epochz 1`),
     which argparse may have taken for an optional positional (finetune's RECIPE)."""
-    out = []
+    out: list[str] = []
     for u in unknown:
         out.append(u)
         i = argv.index(u) + 1 if u.startswith("-") and "=" not in u and u in argv else len(argv)
@@ -71,8 +102,10 @@ def chosen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argpars
     while True:
         sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
                    None)
-        name = getattr(args, sub.dest, None) if sub is not None else None
-        if name not in (sub.choices if sub is not None else ()):
+        if sub is None:
+            return parser
+        name = getattr(args, sub.dest, None)
+        if name is None or name not in sub.choices:
             return parser
         parser = sub.choices[name]
 
@@ -100,15 +133,3 @@ def _rank() -> str | None:
         if os.environ.get(var) is not None:
             return os.environ[var]
     return None
-
-
-def parse_list(text: str, kind: type, flag: str) -> list[Any]:
-    """A comma-separated flag value (`--lr 2e-5,3e-5`) as a list of `kind`, or one clear error."""
-    try:
-        values = [kind(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected a comma-separated list of "
-                        f"{kind.__name__}s") from None
-    if not values:
-        raise UserError(f"{flag} is empty")
-    return values

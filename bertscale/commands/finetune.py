@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bertscale.commands import parse_list
+from bertscale.commands.args import Subparsers, parse_list
 from bertscale.errors import UserError
 from bertscale.finetune import recipes
 from bertscale.config import parse_override
@@ -219,7 +219,7 @@ DATA_HELP = {"glue": {"data.data_dir": "the GLUE folder holding <Task>/train.tsv
                                               "--test-file)"}}
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: Subparsers) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune on GLUE, SQuAD v1.1/v2.0, SWAG or CoNLL-2003 NER",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -284,7 +284,7 @@ def _flag_help(family: str, flag: str, key: str) -> str:
     return f"{text} [{key}]"
 
 
-def _predict_parser(tasks: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _predict_parser(tasks: Subparsers) -> None:
     r = tasks.add_parser(
         "predict", help="predict a new file with a fine-tuned model (--save-model folder)",
         description="Write predictions for a new file with a model saved by `finetune "
@@ -383,7 +383,7 @@ def _default_recipe(family: str, values: dict[str, Any]) -> str:
 
 
 def _listing(family: str) -> str:
-    from bertscale.pretrain import _first_sentence as first_sentence
+    from bertscale.commands.pretrain import _first_sentence as first_sentence
 
     lines = [f"built-in {family} recipes (bertscale finetune {family} NAME; files in "
              f"bertscale/recipes/finetune/):"]

@@ -35,7 +35,7 @@ Limits (honest):
 - Conversion runs in one process (no worker pool, so it is safe inside a distributed job) and
   needs about the checkpoint's size again on disk. Measured on a busy 2-core CPU machine: BERT-Base
   (110M parameters, ZeRO-2 fp32) 43 s, 2.1 GB written; expect about 3x for BERT-Large. It happens
-  once per resized resume; `python -m bertscale.elastic DIR TAG` does it ahead, e.g. in a CPU job.
+  once per resized resume; `python -m bertscale.commands.elastic DIR TAG` does it ahead, e.g. in a CPU job.
 - Per-rank RNG states cannot be mapped onto a different number of ranks; the trainer reseeds.
 """
 
