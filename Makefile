@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint venv system-deps clean gpu-kit gpu-data azurite
+.PHONY: demo test lint typecheck venv system-deps clean gpu-kit gpu-data azurite
 
 demo: venv
 	$(VENV)/bin/bertscale demo
@@ -17,7 +17,7 @@ demo: venv
 # the end, to see where the suite's time goes.
 TEST_JOBS ?= 2
 
-test: venv lint azurite
+test: venv lint typecheck azurite
 	$(PY) -m pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile) --durations=25 $(PYTEST_ARGS)
 
 # Azurite, the Azure Blob emulator the object-store tests run against (tests/stores.py pins its
@@ -35,6 +35,11 @@ azurite: venv
 # A small rule set ([tool.ruff] in pyproject.toml); `make test` runs it before the suite.
 lint: venv
 	$(VENV)/bin/ruff check bertscale tests benchmarks
+
+# The type checker ([tool.mypy] in pyproject.toml): the whole package, strict where it pays;
+# `make test` runs it before the suite.
+typecheck: venv
+	$(PY) -m mypy
 
 venv: $(STAMP)
 

@@ -4,16 +4,22 @@
     (the same as `bertscale bench data ...`)
 
 Defaults to eight files of the real Wikipedia sample and Google's uncased vocab in
-../shared/data (or $BERTSCALE_SHARED_DATA). bertscale/data/bench.py says what is measured.
+../shared/data (or $BERTSCALE_SHARED_DATA). bertscale/bench/data.py says what is measured.
 """
 
 from __future__ import annotations
 
 import sys
 
-from bertscale.data.bench import bench_data, main
+from bertscale.bench.data import bench_data
+from bertscale.commands import main as bertscale
 
 __all__ = ["bench_data", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bertscale(["bench", "data", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -114,7 +114,7 @@ HAVE_PYTEST=0; "$PY" -c 'import pytest' 2>/dev/null && HAVE_PYTEST=1
 NGPU=0
 [ "$ON_CUDA" = 1 ] && NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
 
-step peak 60 15 "$PY" -m bertscale.perf --device "$DEVICE" --dtype "$DTYPE" ${PEAK_N:+--n "$PEAK_N"}
+step peak 60 15 "$PY" -m bertscale.commands.perf --device "$DEVICE" --dtype "$DTYPE" ${PEAK_N:+--n "$PEAK_N"}
 # The measured peak (TFLOP/s) for the pretrain cases' second MFU.
 PEAK_TFLOPS="$(sed -n 's/^matmul peak on .*: \([0-9.]*\) TFLOP\/s$/\1/p' "$LOG" | tail -n 1)"
 
@@ -186,7 +186,7 @@ if [ "$HAVE_DATA" = 1 ]; then
   fi
 fi
 
-BENCH=("$PY" -m bertscale.bench model --preset "$PRESET" --dtype "$DTYPE" --device "$DEVICE"
+BENCH=("$PY" -m bertscale.cli bench model --preset "$PRESET" --dtype "$DTYPE" --device "$DEVICE"
        --optimizer-impl fused --warmup 2 --repeats "$REPEATS" --steps 3
        ${PEAK_N:+--peak-n "$PEAK_N"})
 step phase1 150 45 "${BENCH[@]}" --seq-len 128 --batch "$BATCH1" --out "$RESULTS/phase1.json"
@@ -205,7 +205,7 @@ if [ -f "$RESULTS/phase1_compile.json" ] && ! "$PY" -c 'import json, sys; r = js
   FAILED+=(phase1_compile)
 fi
 if [ "$ON_CUDA" = 1 ]; then
-  step microbatch 90 60 "$PY" -m bertscale.bench microbatch --preset "$PRESET" --seq-len 512 \
+  step microbatch 90 60 "$PY" -m bertscale.cli bench microbatch --preset "$PRESET" --seq-len 512 \
     --global-batch 256 --start 32 --dtype "$DTYPE" --device "$DEVICE"
 else
   say "== microbatch skipped: it needs a CUDA device (DEVICE=$DEVICE)"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quality stage on one GPU, for when a check has time left or a second command is possible:
-# `bertscale bench quality` (bertscale/bench/quality.py, the same pipeline as on the CPU) on the
+# `bertscale bench quality` (bertscale/bench/quality/, the same pipeline as on the CPU) on the
 # real Wikipedia sample and GLUE tasks that travel with the checkout (`make gpu-data` copies them
 # into benchmarks/data/, git-ignored). It pretrains BERT-Mini (GPU_QUALITY_PRESET=small:
 # BERT-Small) with bertscale and, on the same batches for the same wall-clock, with

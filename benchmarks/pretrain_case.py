@@ -35,7 +35,7 @@ def _pretrain(args: argparse.Namespace, run: Path, extra: list[str]) -> subproce
     launch = [sys.executable]
     if args.nproc > 1:
         launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    argv = [*launch, "-m", "bertscale.pretrain", args.recipe, "--run-dir", str(run),
+    argv = [*launch, "-m", "bertscale", "pretrain", args.recipe, "--run-dir", str(run),
             "--set", f"data.manifest={json.dumps(str(args.manifest))}",
             "--set", f"train.steps={args.steps}", "--set", f"logging.every={args.log_every}",
             "--set", "checkpoint.every=0", "--set", "checkpoint.at_end=false", *extra]

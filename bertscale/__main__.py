@@ -2,6 +2,6 @@
 
 import sys
 
-from bertscale.cli import main
+from bertscale.commands import main
 
 sys.exit(main())

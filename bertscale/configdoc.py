@@ -31,6 +31,22 @@ SECTIONS: list[tuple[str, str]] = [
     ("masking (the loader; set through [data])", "bertscale.data.masking:MaskingConfig"),
 ]
 
+# The fine-tuning recipes (bertscale.finetune.recipe): the sections every task shares, then each
+# task's own.
+FINETUNE_SECTIONS: list[tuple[str, str]] = [
+    ("[train] (fine-tuning)", "bertscale.finetune.recipe:TrainSection"),
+    ("[checkpoint] (fine-tuning)", "bertscale.finetune.recipe:CheckpointSection"),
+    ("[logging] (fine-tuning)", "bertscale.finetune.recipe:LoggingSection"),
+    ("[fast] (fine-tuning)", "bertscale.finetune.recipe:FastSection"),
+    ("[output] (fine-tuning)", "bertscale.finetune.recipe:OutputSection"),
+    ("[data] of `finetune glue`", "bertscale.finetune.recipe:GlueData"),
+    ("[data] of `finetune squad`", "bertscale.finetune.recipe:SquadData"),
+    ("[decode] of `finetune squad`", "bertscale.finetune.recipe:SquadDecode"),
+    ("[data] of `finetune swag`", "bertscale.finetune.recipe:SwagData"),
+    ("[data] of `finetune ner`", "bertscale.finetune.recipe:NerData"),
+    ("[ner] of `finetune ner`", "bertscale.finetune.recipe:NerSection"),
+]
+
 
 def field_docs(cls: type) -> dict[str, str]:
     """The string literal written under each field of a dataclass, by name."""
@@ -55,8 +71,8 @@ def _type_name(tp: object) -> str:
 def _default(f: dataclasses.Field) -> str:
     if f.default is not dataclasses.MISSING:
         value = f.default
-    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = f.default_factory()  # type: ignore[misc]
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
     else:
         return "(required)"
     return f"`{value!r}`" if not hasattr(value, "__fspath__") else f"`{str(value)!r}`"
@@ -66,14 +82,17 @@ def _default(f: dataclasses.Field) -> str:
 TOP_LEVEL = ("name", "run_dir")
 
 
-def _top_level() -> list[str]:
-    from bertscale.config import PretrainRecipe
-    hints = typing.get_type_hints(PretrainRecipe)
-    docs = field_docs(PretrainRecipe)
-    fields = {f.name: f for f in dataclasses.fields(PretrainRecipe)}
-    out = ["## Top level (keys before the first [section])", "", "`bertscale.config.PretrainRecipe`", "",
+def _top_level(cls: type | None = None, names: tuple[str, ...] = TOP_LEVEL,
+               title: str = "## Top level (keys before the first [section])") -> list[str]:
+    if cls is None:
+        from bertscale.config import PretrainRecipe
+        cls = PretrainRecipe
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = [title, "", f"`{cls.__module__}.{cls.__name__}`", "",
            "| field | type | default | meaning |", "|---|---|---|---|"]
-    for name in TOP_LEVEL:
+    for name in names:
         f = fields[name]
         out.append(f"| `{name}` | {_type_name(hints[name])} | {_default(f)} | "
                    f"{docs.get(name, '').replace('|', chr(92) + '|')} |")
@@ -94,7 +113,24 @@ def render() -> str:
            "command line with `--set section.field=value`. `bertscale pretrain RECIPE",
            "--print-config` prints a recipe as resolved (and its DeepSpeed JSON).", ""]
     out += _top_level()
-    for title, target in SECTIONS:
+    out += _sections(SECTIONS)
+    from bertscale.finetune.recipe import FinetuneRecipe
+    out += ["# Fine-tuning recipes", "",
+            "`bertscale finetune glue|squad|swag|ner [RECIPE]` reads a recipe of the same kind: a",
+            "TOML file, or a built-in one (bertscale/recipes/finetune/; `--list` shows them, the",
+            "paper's are the defaults). Every flag of the command sets one of these keys (`--lr` is",
+            "`train.lr`, `--data-dir` is `data.data_dir`; `--help` names each flag's key), and",
+            "`--set section.field=value` sets any; `--print-config` prints the recipe as resolved.",
+            ""]
+    out += _top_level(FinetuneRecipe, ("name", "family", "pretrained", "output_dir"),
+                      "## Top level (fine-tuning)")
+    out += _sections(FINETUNE_SECTIONS)
+    return "\n".join(out)
+
+
+def _sections(sections: list[tuple[str, str]]) -> list[str]:
+    out: list[str] = []
+    for title, target in sections:
         module, name = target.split(":")
         cls = getattr(importlib.import_module(module), name)
         hints = typing.get_type_hints(cls)
@@ -110,7 +146,7 @@ def render() -> str:
             meaning = docs.get(f.name, "").replace("|", "\\|")
             out.append(f"| `{f.name}` | {_type_name(hints[f.name])} | {_default(f)} | {meaning} |")
         out.append("")
-    return "\n".join(out)
+    return out
 
 
 if __name__ == "__main__":

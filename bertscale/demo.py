@@ -25,7 +25,6 @@ the first run on a fresh machine includes DeepSpeed's one-off build of its CPU c
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
@@ -38,6 +37,7 @@ import sys
 import sysconfig
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bertscale.errors import UserError
@@ -167,7 +167,7 @@ def launch_local(argv: list[str], nproc: int, log_dir: Path, cuda: bool = False)
     return next((c for c in codes if c), 0)
 
 
-# ------------------------------------------------------------------------------ the command
+# ------------------------------------------------------------------------------ the demo
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -176,56 +176,50 @@ def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_demo(args: argparse.Namespace) -> int:
+@dataclass
+class DemoConfig:
+    """One `bertscale demo`."""
+
+    run_dir: Path = Path("runs/demo")
+    """The demo's folder: data, vocabulary, and one run folder per demo (run, run-2, ...)."""
+    shards: Path | None = None
+    """Train on these shards (a manifest) instead of the corpus of Python's documentation."""
+    preset: str | None = None
+    """Model preset instead of the demo recipe's."""
+    steps: int | None = None
+    """Optimizer steps instead of the demo recipe's."""
+    nproc: int | None = None
+    """Local processes (default: 2 on the CPU, one per GPU)."""
+    vocab_size: int = 8000
+    """WordPiece vocabulary to train."""
+    overrides: list[str] = field(default_factory=list)
+    """`--set` overrides of the demo recipe."""
+
+
+def run_demo(cfg: DemoConfig) -> int:
+    """The demo's steps (module docstring); the pretraining's exit code if it failed."""
     import torch
 
-    from bertscale.tokenizer import train_wordpiece
-
     t0 = time.monotonic()
-    root = Path(args.run_dir)
+    root = Path(cfg.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
-    nproc = args.nproc or (torch.cuda.device_count() if cuda else 2)
-    overrides: list[str] = []
-    if args.shards:
-        manifest = Path(args.shards)
+    nproc = cfg.nproc or (torch.cuda.device_count() if cuda else 2)
+    if cfg.shards:
+        manifest = Path(cfg.shards)
         print(f"demo: using your shards {manifest}")
     else:
-        from bertscale.data.prepare import PrepareConfig, run_prepare
-
-        data = root / "data"
-        data.mkdir(exist_ok=True)
-        corpus = data / "python_docs.txt"
-        stats = write_corpus(corpus)
-        print(f"demo: corpus {corpus}: {stats['documents']} documents, {stats['paragraphs']} "
-              f"paragraphs, {stats['characters'] / 1e6:.2f} MB of English prose from Python's own "
-              f"documentation ({time.monotonic() - t0:.0f}s)")
-        # Not inside `data`: prepare owns that folder (and copies the vocabulary beside the shards).
-        vocab = root / "tokenizer" / "vocab.txt"
-        if not vocab.is_file():
-            def paragraphs():
-                return (p for p in corpus.read_text(encoding="utf-8").splitlines() if p)
-            train_wordpiece(paragraphs, vocab, vocab_size=args.vocab_size, lowercase=True)
-        print(f"demo: WordPiece vocabulary {vocab} ({args.vocab_size} tokens, {time.monotonic() - t0:.0f}s)")
-        manifests = run_prepare(PrepareConfig(
-            inputs=[str(corpus)], out=data, vocab=vocab, lowercase=True, seq_lens=[128],
-            dupe_factor=3, samples_per_shard=2000, eval_fraction=0.05, seed=12345,
-            progress="none"))
-        manifest = manifests[128]
-        from bertscale.data.shards import read_manifest
-        m = read_manifest(manifest)
-        print(f"demo: shards {manifest.parent}: {m.num_samples('train')} train / "
-              f"{m.num_samples('eval')} eval NSP pairs of up to 128 tokens ({time.monotonic() - t0:.0f}s)")
-    overrides.append(f"data.manifest={json.dumps(str(manifest))}")
-    if args.preset:
-        overrides.append(f"model.preset={json.dumps(args.preset)}")
-    if args.steps:
-        overrides.append(f"train.steps={args.steps}")
+        manifest = demo_shards(root, cfg.vocab_size, t0)
+    overrides = [f"data.manifest={json.dumps(str(manifest))}"]
+    if cfg.preset:
+        overrides.append(f"model.preset={json.dumps(cfg.preset)}")
+    if cfg.steps:
+        overrides.append(f"train.steps={cfg.steps}")
     if cuda:
         overrides.append('train.deepspeed="zero2_bf16"')
-    overrides += args.overrides
+    overrides += cfg.overrides
     run_dir = new_run_folder(root)
-    argv = ["-m", "bertscale.pretrain", "demo", "--run-dir", str(run_dir)]
+    argv = ["-m", "bertscale", "pretrain", "demo", "--run-dir", str(run_dir)]
     for o in overrides:
         argv += ["--set", o]
     print(f"demo: pretraining on {nproc} local process(es) with DeepSpeed ZeRO-2 "
@@ -236,7 +230,45 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"demo: pretraining stopped with exit code {code} (other ranks' logs: {root}/rank*.log)",
               file=sys.stderr)
         return code
+    report(run_dir, root, time.monotonic() - t0, time.monotonic() - t_train)
+    return 0
 
+
+def demo_shards(root: Path, vocab_size: int, t0: float) -> Path:
+    """The corpus, a WordPiece vocabulary trained on it and NSP shards at sequence 128, in
+    `root` (each reused when there); the shards' manifest."""
+    from bertscale.data.prepare import PrepareConfig, run_prepare
+    from bertscale.data.shards import read_manifest
+    from bertscale.tokenizer import train_wordpiece
+
+    data = root / "data"
+    data.mkdir(exist_ok=True)
+    corpus = data / "python_docs.txt"
+    stats = write_corpus(corpus)
+    print(f"demo: corpus {corpus}: {stats['documents']} documents, {stats['paragraphs']} "
+          f"paragraphs, {stats['characters'] / 1e6:.2f} MB of English prose from Python's own "
+          f"documentation ({time.monotonic() - t0:.0f}s)")
+    # Not inside `data`: prepare owns that folder (and copies the vocabulary beside the shards).
+    vocab = root / "tokenizer" / "vocab.txt"
+    if not vocab.is_file():
+        def paragraphs() -> Iterator[str]:
+            return (p for p in corpus.read_text(encoding="utf-8").splitlines() if p)
+        train_wordpiece(paragraphs, vocab, vocab_size=vocab_size, lowercase=True)
+    print(f"demo: WordPiece vocabulary {vocab} ({vocab_size} tokens, {time.monotonic() - t0:.0f}s)")
+    manifests = run_prepare(PrepareConfig(
+        inputs=[str(corpus)], out=data, vocab=vocab, lowercase=True, seq_lens=[128],
+        dupe_factor=3, samples_per_shard=2000, eval_fraction=0.05, seed=12345,
+        progress="none"))
+    manifest = manifests[128]
+    m = read_manifest(manifest)
+    print(f"demo: shards {manifest.parent}: {m.num_samples('train')} train / "
+          f"{m.num_samples('eval')} eval NSP pairs of up to 128 tokens ({time.monotonic() - t0:.0f}s)")
+    return manifest
+
+
+def report(run_dir: Path, root: Path, seconds: float, train_seconds: float) -> None:
+    """What the demo's model learned (held-out MLM and NSP accuracy, first eval against last)
+    and the next commands."""
     evals = [r for r in _read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     trains = [r for r in _read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
     if len(evals) < 2:
@@ -244,8 +276,8 @@ def run_demo(args: argparse.Namespace) -> int:
     first, last = evals[0], evals[-1]
     vocab_size = json.loads((run_dir / "recipe.json").read_text())["model"]["vocab_size"]
     print("\n" + "=" * 72)
-    print(f"bertscale demo: done in {time.monotonic() - t0:.0f}s "
-          f"(pretraining {time.monotonic() - t_train:.0f}s, {last['step']} steps)")
+    print(f"bertscale demo: done in {seconds:.0f}s "
+          f"(pretraining {train_seconds:.0f}s, {last['step']} steps)")
     print(f"  MLM accuracy (held-out): {first['mlm_acc']:.1%} at step {first['step']} "
           f"(chance {1 / vocab_size:.3%})  ->  {last['mlm_acc']:.1%} at step {last['step']}")
     if "nsp_acc" in last:
@@ -258,7 +290,6 @@ def run_demo(args: argparse.Namespace) -> int:
     for line in next_commands(run_dir, root):
         print(f"  {line}")
     print("=" * 72)
-    return 0
 
 
 def new_run_folder(root: Path) -> Path:
@@ -280,22 +311,3 @@ def next_commands(run_dir: Path, root: Path) -> list[str]:
     return [f"bertscale export --from {run} --to {hf}    # a Hugging Face folder for transformers",
             f"bertscale finetune glue --task RTE --data-dir GLUE/RTE --checkpoint {run} "
             f"--output-dir {tuned}    # GLUE/RTE: see docs/quickstart.md"]
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "demo", help="the whole pipeline on Python's own documentation, in minutes, offline",
-        description="Build a corpus from the documentation that ships with Python, train a "
-                    "WordPiece vocabulary, write shards, pretrain a tiny BERT with DeepSpeed "
-                    "ZeRO-2 on local processes, and report what it learned.")
-    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"),
-                   help="the demo's folder: data, vocabulary, and one run folder per demo (run, "
-                        "run-2, ...: earlier runs are kept) (default: runs/demo)")
-    p.add_argument("--shards", type=Path, help="train on these shards (a manifest) instead")
-    p.add_argument("--preset", help="model preset (tiny, mini, small, medium, base, large)")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: the demo recipe's)")
-    p.add_argument("--nproc", type=int, help="local processes (default: 2 on CPU, one per GPU)")
-    p.add_argument("--vocab-size", type=int, default=8000, help="WordPiece vocabulary to train")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
-                   help="override a field of the demo recipe (repeatable)")
-    p.set_defaults(func=run_demo)

@@ -1,4 +1,4 @@
-"""`bertscale doctor`: check the environment of a job before it spends its allocation.
+"""The checks of `bertscale doctor`: the environment of a job, before it spends its allocation.
 
 Launched exactly like the training job (one process per device, by srun, torchrun, the deepspeed
 launcher or mpirun), it checks, with a clear one-line message per failure and a non-zero exit:
@@ -39,7 +39,6 @@ compares models, not driver versions.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import os
@@ -57,6 +56,29 @@ from bertscale.errors import UserError
 from bertscale.files import write_text_atomic
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
+
+
+@dataclass
+class DoctorConfig:
+    """What `run_checks` checks, and how long a rank waits for the others at each step."""
+
+    checkpoint_dir: Path | None = None
+    """The run's checkpoint folder (writable by every rank, one shared folder); None: skipped."""
+    manifest: str | None = None
+    """A data manifest (or its folder, or its URL): every shard checked; None: skipped."""
+    sha256: bool = True
+    """Check each shard's sha256, not only its size."""
+    require_gpu: bool = False
+    cpu: bool = False
+    """gloo on the CPU even when GPUs are there."""
+    wandb: bool = True
+    """The job logs to Weights & Biases (else the wandb check is skipped)."""
+    timeout_s: float = 120.0
+    """Seconds for joining and for each collective."""
+
+    def validate(self) -> None:
+        if self.timeout_s <= 0:
+            raise UserError(f"--timeout must be positive, got {self.timeout_s}")
 
 
 @dataclass
@@ -102,7 +124,8 @@ def check_launch(dist, env, rank: int, world: int) -> list[Finding]:
     try:
         node = distributed.discover_node()
         job = (node.scheduler, node.nnodes, f"{node.master_addr}:{node.master_port}", node.rdzv_id)
-        mine = (None, job, node.node_rank, node.source)
+        mine: tuple[str | None, tuple[str, str, str, str] | None, int | None, str | None] = (
+            None, job, node.node_rank, node.source)
     except UserError as e:
         mine = (str(e), None, None, None)
     everyone: list = [None] * world
@@ -250,7 +273,7 @@ def check_checkpoint_dir(dist, folder: Path | None, rank: int, world: int) -> li
 
 # Over ruff's complexity limit on purpose: one check per way a shard can be wrong, each with its
 # message.
-def check_shards(dist, manifest_path: Path | None, verify_sha256: bool, rank: int,  # noqa: C901
+def check_shards(dist, manifest_path: str | None, verify_sha256: bool, rank: int,  # noqa: C901
                  world: int) -> list[Finding]:
     if manifest_path is None:
         return [Finding("shards", SKIP, "no --manifest given")] if rank == 0 else []
@@ -427,46 +450,47 @@ class _Watchdog:
                 os._exit(1)
 
 
-def run_checks(args: argparse.Namespace) -> int:
+def run_checks(cfg: DoctorConfig) -> int:
+    """Every check on every rank; the exit code, the same on every rank (0 ok, 1 failed)."""
     import torch
     import torch.distributed as dist
 
     from bertscale import distributed
 
+    cfg.validate()
     env = distributed.discover()
     distributed.export_env(env)
-    if not args.cpu:
+    if not cfg.cpu:
         distributed.require_usable_gpus()
-    use_cuda = torch.cuda.is_available() and not args.cpu
+    use_cuda = torch.cuda.is_available() and not cfg.cpu
     if use_cuda:
         torch.cuda.set_device(distributed.device_index(env.local_rank, torch.cuda.device_count()))
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    folder = args.checkpoint_dir or (args.run_dir / "checkpoints" if args.run_dir else None)
     t0 = time.monotonic()
-    with _Watchdog(args.timeout, env.rank) as dog:
+    with _Watchdog(cfg.timeout_s, env.rank) as dog:
         # torch's own timeout is later than the watchdog's, so the clear message comes first.
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=env.rank,
                                 world_size=env.world_size,
-                                timeout=timedelta(seconds=args.timeout + 60))
+                                timeout=timedelta(seconds=cfg.timeout_s + 60))
         rank, world = dist.get_rank(), dist.get_world_size()
-        dog.stage("exchanging host names", args.timeout)
+        dog.stage("exchanging host names", cfg.timeout_s)
         findings = [check_ranks(dist, world)]
         findings += check_launch(dist, env, rank, world)
-        dog.stage("running the all-reduce", args.timeout)
+        dog.stage("running the all-reduce", cfg.timeout_s)
         findings.append(check_allreduce(dist, device, rank, world))
-        dog.stage("comparing GPUs", args.timeout)
-        findings += check_gpus(dist, env.local_rank, args.require_gpu, rank, world)
-        dog.stage("checking the checkpoint folder", args.timeout)
-        findings += check_checkpoint_dir(dist, folder, rank, world)
+        dog.stage("comparing GPUs", cfg.timeout_s)
+        findings += check_gpus(dist, env.local_rank, cfg.require_gpu, rank, world)
+        dog.stage("checking the checkpoint folder", cfg.timeout_s)
+        findings += check_checkpoint_dir(dist, cfg.checkpoint_dir, rank, world)
         # Hashing a real data set takes as long as it takes: no deadline while reading shards
         # (ranks that finish first wait in the gather, which is not a hang).
         dog.stage("reading the shards", float("inf"))
-        findings += check_shards(dist, args.manifest, not args.no_sha256, rank, world)
-        dog.stage("looking for stale build locks", args.timeout)
+        findings += check_shards(dist, cfg.manifest, cfg.sha256, rank, world)
+        dog.stage("looking for stale build locks", cfg.timeout_s)
         findings += check_jit_build(dist, rank, world)
-        dog.stage("collecting the results", args.timeout)
+        dog.stage("collecting the results", cfg.timeout_s)
         if rank == 0:
-            findings.append(check_wandb(args.no_wandb))
+            findings.append(check_wandb(not cfg.wandb))
         gathered: list = [None] * world
         dist.all_gather_object(gathered, [f for f in findings if f.status == FAIL])
         failed = [f for per_rank in gathered for f in per_rank]
@@ -494,29 +518,3 @@ def _report(findings: list[Finding], failed: list[Finding], seconds: float) -> N
         if f.status != FAIL:
             print(f"  {f.check:<{width}}  {f.status:<4}  {f.detail}")
     sys.stdout.flush()
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "doctor", help="check ranks, network, GPUs, disk, shards and wandb before a long job",
-        description="Run with the same launcher and layout as the training job (e.g. "
-                    "`srun bertscale doctor --run-dir R --manifest M`). Exits non-zero with one "
-                    "line per problem; prints a summary table when everything is fine.")
-    p.add_argument("--run-dir", type=Path, help="run folder; its checkpoints/ folder is checked")
-    p.add_argument("--checkpoint-dir", type=Path, help="checkpoint folder to check (instead of "
-                   "RUN_DIR/checkpoints)")
-    p.add_argument("--manifest", help="data manifest (or its folder; or its s3://, gs://, az:// "
-                   "URL): check every shard")
-    p.add_argument("--no-sha256", action="store_true", help="check shard sizes only (fast)")
-    p.add_argument("--require-gpu", action="store_true", help="fail when no GPU is visible")
-    p.add_argument("--cpu", action="store_true", help="use gloo on the CPU even if GPUs exist")
-    p.add_argument("--no-wandb", action="store_true", help="the job runs with --no-wandb")
-    p.add_argument("--timeout", type=float, default=120.0,
-                   help="seconds for joining and each collective (default 120)")
-    p.set_defaults(func=_handle)
-
-
-def _handle(args: argparse.Namespace) -> int:
-    if args.timeout <= 0:
-        raise UserError(f"--timeout must be positive, got {args.timeout}")
-    return run_checks(args)

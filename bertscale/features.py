@@ -94,7 +94,7 @@ def combine_layers(hidden_states: Sequence[Any], sel: LayerSelection) -> Any:
     if sel.mode == "concat":
         import torch
         return torch.cat(hs, dim=-1)                                          # (B, T, 4H)
-    weights = sel.weights if sel.mode == "weighted" else (1.0,) * len(hs)
+    weights = sel.weights if sel.mode == "weighted" and sel.weights else (1.0,) * len(hs)
     out = hs[0] * weights[0]
     for w, h in zip(weights[1:], hs[1:]):
         out = out + w * h

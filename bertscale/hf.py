@@ -182,12 +182,12 @@ def _read_weights(folder: Path) -> tuple[dict[str, Tensor], Path]:
         files = [folder / name for name in sorted(set(weight_map.values()))]
     elif pt.is_file():
         try:
-            sd = torch.load(pt, map_location="cpu", weights_only=True)
+            loaded = torch.load(pt, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
             raise UserError(f"{pt}: cannot read the PyTorch weights ({e})") from None
-        if not isinstance(sd, dict):
-            raise UserError(f"{pt}: expected a state dict, got {type(sd).__name__}")
-        return sd, pt
+        if not isinstance(loaded, dict):
+            raise UserError(f"{pt}: expected a state dict, got {type(loaded).__name__}")
+        return loaded, pt
     else:
         raise UserError(f"{folder}: no model.safetensors, model.safetensors.index.json or "
                         f"pytorch_model.bin")

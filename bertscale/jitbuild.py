@@ -34,7 +34,7 @@ import hashlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,12 +46,12 @@ STALE_AFTER_S = 10.0
 Python work before and after ninja, under the lock, takes well under a second)."""
 
 
-def cache_dir(environ: dict[str, str] | None = None) -> Path:
+def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
     """Where DeepSpeed's ops are built: TORCH_EXTENSIONS_DIR, else one folder per Python
     environment (the module docstring says which)."""
-    environ = os.environ if environ is None else environ  # type: ignore[assignment]
-    if environ.get("TORCH_EXTENSIONS_DIR"):
-        return Path(environ["TORCH_EXTENSIONS_DIR"])
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    if env.get("TORCH_EXTENSIONS_DIR"):
+        return Path(env["TORCH_EXTENSIONS_DIR"])
     prefix = Path(sys.prefix)
     if os.access(prefix, os.W_OK):
         return prefix / "torch_extensions"

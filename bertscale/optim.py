@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -94,8 +94,11 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optim
                                  weight_decay=cfg.weight_decay,
                                  foreach=cfg.implementation == "foreach",
                                  fused=True if cfg.implementation == "fused" else None)
+    impl = cfg.implementation
+    if impl == "fused":  # OptimizerConfig.validate says so first, naming the field
+        raise ConfigError("optimizer.implementation = 'fused' exists only for adamw")
     return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                implementation=cfg.implementation)
+                implementation=impl)
 
 
 # --------------------------------------------------------------------------------- LAMB
@@ -169,7 +172,7 @@ class Lamb(torch.optim.Optimizer):
     # -- step -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -222,7 +225,7 @@ class Lamb(torch.optim.Optimizer):
         if foreach:
             torch._foreach_add_(steps, 1.0)
             if grad_scale is not None:
-                grads = torch._foreach_mul(grads, grad_scale.to(grads[0].device))
+                grads = list(torch._foreach_mul(grads, grad_scale.to(grads[0].device)))
             bc1 = [1.0 - beta1 ** s.item() for s in steps]
             bc2 = [1.0 - beta2 ** s.item() for s in steps]
             torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
@@ -231,7 +234,7 @@ class Lamb(torch.optim.Optimizer):
             denom = torch._foreach_div(exp_avg_sqs, bc2)
             torch._foreach_sqrt_(denom)
             torch._foreach_add_(denom, eps)
-            updates = torch._foreach_div(exp_avgs, bc1)
+            updates = list(torch._foreach_div(exp_avgs, bc1))
             torch._foreach_div_(updates, denom)
             del denom
             if wd != 0:
@@ -322,8 +325,8 @@ def _comm_device(device: torch.device, pg: Any) -> torch.device:
     names = set(str(dist.get_backend(pg)).lower().replace(":", ",").split(","))
     if names & {"gloo", "mpi", "ccl"}:
         return device
-    if hasattr(torch, "accelerator") and torch.accelerator.current_accelerator() is not None:
-        acc = torch.accelerator.current_accelerator()
+    acc = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+    if acc is not None:
         return torch.device(acc.type, torch.accelerator.current_device_index())
     return torch.device("cuda", torch.cuda.current_device())
 
@@ -409,13 +412,22 @@ def _layout_stage3(params: list[Tensor], flat: Tensor, pg: Any) -> _FlatLayout:
     # slice padded), and the sub-group's fp32 partition concatenates those slices.
     rank = dist.get_rank(group=pg)
     fragments, offset = [], 0
-    for index, p in enumerate(params):
+    zero3 = [cast(_Zero3Param, p) for p in params]
+    for index, p in enumerate(zero3):
         n = int(p.partition_numel())
         valid = max(0, min(n, int(p.ds_numel) - rank * n))
         if valid:
             fragments.append((offset, valid, index))
         offset += n
-    return _build_layout(fragments, flat, [int(p.ds_numel) for p in params], pg)
+    return _build_layout(fragments, flat, [int(p.ds_numel) for p in zero3], pg)
+
+
+class _Zero3Param(Protocol):
+    """What ZeRO-3 adds to a parameter it partitions."""
+
+    ds_numel: int
+
+    def partition_numel(self) -> int: ...
 
 
 def _build_layout(fragments: list[tuple[int, int, int]], flat: Tensor, numels: list[int],
@@ -506,7 +518,7 @@ def follow_recipe_after_load(scheduler: torch.optim.lr_scheduler.LambdaLR,
     for group, recipe in zip(groups, recipe_groups):
         group.update(recipe)
     scheduler.base_lrs = [g["initial_lr"] for g in groups]
-    lrs = [base * factor(scheduler.last_epoch)
+    lrs = [float(base) * factor(scheduler.last_epoch)
            for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(groups, lrs):
         group["lr"] = lr

@@ -36,7 +36,7 @@ import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.utils.checkpoint
@@ -145,7 +145,7 @@ def apply_fast_paths(model: nn.Module, fast: FastPaths) -> None:
         for layer in bert.encoder.layer:
             layer.__dict__.pop("forward", None)  # back to the class's forward
             if fast.compile or fast.checkpoint_activations:
-                layer.forward = _LayerForward(layer, fast, state)
+                layer.forward = _LayerForward(cast(BertLayer, layer), fast, state)
 
 
 def compile_failure(model: nn.Module) -> str | None:

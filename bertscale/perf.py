@@ -275,24 +275,3 @@ def find_micro_batch(try_step: Callable[[int], None], global_batch: int, world_s
     best = find_max_micro_batch(fits, start=start, limit=max(limit, 1), tried=tried)
     micro, accum = plan_accumulation(global_batch, world_size, best)
     return MicroBatchPlan(best, micro, accum, tried)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m bertscale.perf [--device cuda] [--dtype bf16]`: print the matmul peak."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m bertscale.perf")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
-    p.add_argument("--n", type=int, default=None)
-    a = p.parse_args(argv)
-    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    # Best of two medians: a busy device only ever lowers the figure.
-    peak = max(measure_matmul_peak(a.device, dtype, a.n) for _ in range(2))
-    name = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu"
-    print(f"matmul peak on {a.device} ({name}) {a.dtype}: {peak / 1e12:.3f} TFLOP/s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -97,6 +97,7 @@ def load_checkpoint(path: str | Path) -> Pretrained:
     if p.is_dir() and (p / "config.json").is_file():
         from bertscale.hf import load_hf_folder
         ck = load_hf_folder(p)
+        config, weights, vocab, lowercase = ck.config, ck.state_dict, ck.vocab_path, ck.lowercase
         kind, architecture = "huggingface", ck.architecture
         resolved, step = str(p), None
     else:
@@ -110,7 +111,9 @@ def load_checkpoint(path: str | Path) -> Pretrained:
                             f"installation cannot read bertscale checkpoints") from None
         # Resolved once: a run folder's newest checkpoint can change while this loads.
         committed = resolve(p)
-        ck = load_consolidated(committed.path)
+        model = load_consolidated(committed.path)
+        config, weights, vocab, lowercase = (model.config, model.state_dict, model.vocab_path,
+                                             model.lowercase)
         kind, architecture = "bertscale", "BertForPreTraining"
         resolved, step = str(committed.path), committed.step
     task = None
@@ -119,8 +122,8 @@ def load_checkpoint(path: str | Path) -> Pretrained:
             task = json.loads((p / TASK_FILE).read_text(encoding="utf-8"))
         except ValueError as e:
             raise UserError(f"{p / TASK_FILE}: not valid JSON ({e})") from None
-    return Pretrained(config=ck.config, state_dict=dict(ck.state_dict),
-                      vocab_path=Path(ck.vocab_path), lowercase=bool(ck.lowercase),
+    return Pretrained(config=config, state_dict=dict(weights),
+                      vocab_path=Path(vocab), lowercase=bool(lowercase),
                       source=str(p), kind=kind, architecture=architecture, task=task,
                       resolved=resolved, step=step)
 

@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO, cast
 
 
 def hms(seconds: float) -> str:
@@ -352,8 +352,11 @@ def init_wandb(folder: Path, *, project: str, name: str | None, group: str | Non
         return None
     for attempt in ([chosen, "offline"] if chosen == "online" else [chosen]):
         try:
+            # online / offline from the recipe (validated), or None: WANDB_MODE decides.
             run = wandb.init(project=project, name=name, group=group, id=run_id,
-                              resume="allow", dir=str(folder), mode=attempt, config=config,
+                              resume="allow", dir=str(folder),
+                              mode=cast("Literal['online', 'offline'] | None", attempt),
+                              config=config,
                               settings=wandb.Settings(console="off", init_timeout=90,
                                                       quiet=not VERBOSE))
             if run is not None and getattr(run.settings, "mode", None) == "offline":

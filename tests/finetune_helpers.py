@@ -22,7 +22,7 @@ def tiny_hf_checkpoint(folder: Path, vocab: Path, lowercase: bool = True) -> Pat
 def finetune_cli(argv: list[str]) -> int:
     """`bertscale <argv>` through the fine-tuning parser, in this process; a UserError is raised
     (not turned into an exit status) so that tests can match its message."""
-    from bertscale.finetune.cli import register
+    from bertscale.commands.finetune import register
     parser = argparse.ArgumentParser(prog="bertscale")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)

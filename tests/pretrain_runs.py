@@ -41,7 +41,7 @@ def prepare_wiki(shared_data: Path, out: Path, *, vocab: str = "bert-base-uncase
 
 
 def pretrain_argv(run_dir: Path, manifest: Path, *sets: str, extra: tuple[str, ...] = ()) -> list[str]:
-    argv = ["-m", "bertscale.pretrain", "tiny_ci", "--run-dir", str(run_dir),
+    argv = ["-m", "bertscale.commands.pretrain", "tiny_ci", "--run-dir", str(run_dir),
             "--set", f"data.manifest={json.dumps(str(manifest))}"]
     for s in sets:
         argv += ["--set", s]
@@ -69,14 +69,14 @@ def plain_eval(model, manifest: Path, micro: int, seed: int, samples: int,
                masking=None) -> dict[str, float]:
     """The run's held-out evaluation (the first `samples` of the eval split) redone in one
     process without DeepSpeed: one rank, since the eval set does not depend on the ranks."""
-    from bertscale.data.loader import PretrainLoader
+    from bertscale.data.loader import LoaderConfig, open_loader
     from bertscale.model import pretraining_loss
 
     sums = torch.zeros(6, dtype=torch.float64)
     model.eval()
-    loader = PretrainLoader(manifest, split="eval", global_batch_size=micro, micro_batch_size=micro,
-                            rank=0, world_size=1, seed=seed, masking=masking, verify_sha256=False,
-                            max_samples=samples)
+    loader = open_loader(manifest, LoaderConfig(
+        split="eval", global_batch_size=micro, micro_batch_size=micro, rank=0, world_size=1,
+        seed=seed, masking=masking, verify_sha256=False, max_samples=samples))
     with torch.no_grad():
         for b in loader:
             out = model(b["input_ids"], b["token_type_ids"], b["attention_mask"],

@@ -13,8 +13,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from bertscale import bench
 from bertscale.bench import model as bench_model
+from bertscale.commands import bench
 from bertscale.config import preset
 from bertscale.errors import UserError
 from bertscale.model import BertForPreTraining, pretraining_loss

@@ -6,10 +6,11 @@
   the fix each printed a traceback (`OSError: [Errno 22] Invalid argument` from torch's zip
   reader inside `checkpoint.load_consolidated`);
 - a full disk (a real, small tmpfs): `export` (safetensors), `finetune --checkpoint-every`
-  (the training state) and `prepare` (spools and shards) each stop with exit 2 and one line
-  saying the disk is full, and leave what was there intact: no partial export folder, the
-  previous training state still resumable, and a prepare re-run after freeing space that gives
-  the shards of an uninterrupted one. Before the fix each printed a traceback.
+  (the run's committed checkpoints) and `prepare` (spools and shards) each stop with exit 2 and
+  one line saying what there is no room for, and leave what was there intact: no partial export
+  folder, the previous checkpoint still committed and resumable, and a prepare re-run after
+  freeing space that gives the shards of an uninterrupted one. Before the fix each printed a
+  traceback.
 """
 
 from __future__ import annotations
@@ -96,18 +97,19 @@ def test_a_full_disk_is_one_line_in_export_finetune_and_prepare(zero3_run, manif
         print(line)
         assert sorted(p.name for p in disk.iterdir()) == [".filler"], "nothing half-written left"
 
-        # finetune --checkpoint-every 1: room for one training state (~53 MB) and its
-        # replacement's first half, so the first save commits and the second fails.
+        # finetune --checkpoint-every 1: room for one checkpoint (~53 MB) and half another, so
+        # the first save commits and the second is refused (the core's free-space check).
         fill(disk, 80 << 20)
         out = disk / "ft"
+        folder = out / "RTE" / "runs" / "lr2e-05-seed1"
         line = one_line_error(bertscale(*finetune_args(shared_data, zero3_run, out, "--max-steps",
                                                        "3", "--checkpoint-every", "1"),
-                                        cwd=tmp_path), "finetune", "train_state.pt",
-                              "disk is full")
+                                        cwd=tmp_path), "finetune",
+                              str(folder / "checkpoints"), "free, about", "are needed")
         print(line)
-        folder = out / "RTE" / "runs" / "lr2e-05-seed1"
-        assert (folder / "train_state.pt").is_file()
-        assert [p.name for p in folder.iterdir() if ".tmp" in p.name] == []
+        assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_1"]
+        assert (folder / "checkpoints" / "step_1" / "commit.json").is_file()
+        assert [p for p in folder.rglob("*") if ".tmp" in p.name] == []
         (disk / ".filler").unlink()
         resumed = bertscale(*finetune_args(shared_data, zero3_run, out, "--max-steps", "3",
                                            "--checkpoint-every", "1"), cwd=tmp_path)

@@ -22,7 +22,7 @@ from launch import free_port, run_ranks
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory, shared_data) -> Path:
     out = tmp_path_factory.mktemp("shards")
-    from bertscale.data.prepare import main as prepare
+    from bertscale.commands.prepare import main as prepare
     rc = prepare([str(shared_data / "wikipedia" / "wiki_00.gz"), "--out", str(out),
                   "--vocab", str(shared_data / "vocab" / "bert-base-uncased-vocab.txt"),
                   "--seq-len", "64", "--samples-per-shard", "500", "--progress", "none"])

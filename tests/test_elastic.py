@@ -230,7 +230,7 @@ def test_one_rank_to_two_zero3_bf16(tmp_path):
 
 def _pretrain_available() -> str | None:
     try:
-        import bertscale.pretrain
+        import bertscale.pretraining.train
         import bertscale.data.prepare  # noqa: F401
     except ImportError as e:
         return f"the trainer or data preparation is not importable yet ({e})"
@@ -320,7 +320,7 @@ def tiny_shards(tmp_path_factory, shared_data) -> Path:
     """Shards prepared by `bertscale prepare` from a real Wikipedia file (a small vocabulary
     trained on it keeps the model fast)."""
     out = tmp_path_factory.mktemp("shards")
-    from bertscale.data.prepare import main as prepare
+    from bertscale.commands.prepare import main as prepare
     rc = prepare([str(shared_data / "wikipedia" / "wiki_00.gz"), "--out", str(out),
                   "--train-vocab", "2000", "--seq-len", "64", "--samples-per-shard", "200",
                   "--progress", "none"])

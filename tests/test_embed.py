@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from bertscale import embed, features
+from bertscale.commands import embed as embed_command
 from bertscale.errors import UserError
-from bertscale.finetune import common
+from bertscale.finetune.models import Pretrained, load_checkpoint
 
 from launch import run_ranks
 
@@ -37,8 +38,8 @@ def sentences(shared_data: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def pretrained(minilm_dir: Path) -> common.Pretrained:
-    return common.load_checkpoint(minilm_dir)
+def pretrained(minilm_dir: Path) -> Pretrained:
+    return load_checkpoint(minilm_dir)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def test_words_the_tokenizer_drops_and_long_inputs(pretrained) -> None:
 
 def _embed(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bertscale")
-    embed.register(parser.add_subparsers(dest="command"))
+    embed_command.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["embed", *argv])
     return args.func(args)
 
@@ -276,7 +277,7 @@ def test_bad_input_names_the_line_and_leaves_nothing(tmp_path, minilm_dir, input
 def test_two_ranks_write_the_same_features_in_the_same_order(tmp_path, minilm_dir, inputs,
                                                               one_rank_output) -> None:
     out = tmp_path / "two"
-    run_ranks(["-m", "bertscale.embed", "--checkpoint", str(minilm_dir), "--input",
+    run_ranks(["-m", "bertscale.cli", "embed", "--checkpoint", str(minilm_dir), "--input",
                str(inputs["text"]), "--output-dir", str(out), "--layers", "concat-last-four",
                "--pooling", "mean", "--batch-size", "4", "--shard-size", "5"], 2, timeout=240)
     manifest = embed.read_manifest(out)

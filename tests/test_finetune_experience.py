@@ -193,8 +193,8 @@ def _bertscale(argv: list[str], cwd: Path) -> subprocess.Popen:
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path: Path, shared_data: Path,
                                                minilm_no_dropout: Path) -> None:
-    """Real MiniLM weights with dropout off, 8 steps, a training-state checkpoint every 2:
-    a run SIGKILLed right after its first checkpoint and started again continues from it and
+    """Real MiniLM weights with dropout off, 8 steps, a committed checkpoint every 2: a run
+    SIGKILLed right after its first checkpoint and started again continues from it and
     ends with the same dev metrics and losses as a run never interrupted. Then the finished grid
     is skipped on a re-run, and the same folder with another setting is refused, naming it.
     One seed: the console shows no spread."""
@@ -211,7 +211,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, shared_data: Path
     run_dir = tmp_path / "b" / "MRPC" / "runs" / "lr5e-05-seed1"
     victim = _bertscale([*args, "--output-dir", str(tmp_path / "b")], tmp_path)
     deadline = time.monotonic() + 600
-    while not (run_dir / "train_state.pt").is_file():
+    while not list((run_dir / "checkpoints").glob("step_*/commit.json")):
         assert victim.poll() is None, "the run ended before its first checkpoint"
         assert time.monotonic() < deadline
         time.sleep(0.02)
@@ -230,7 +230,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, shared_data: Path
     assert b["metrics"] == a["metrics"]
     assert math.isclose(b["train_loss_last_step"], a["train_loss_last_step"], rel_tol=1e-5)
     assert math.isclose(b["train_loss_last20_mean"], a["train_loss_last20_mean"], rel_tol=1e-5)
-    assert not (run_dir / "train_state.pt").exists(), "a finished run keeps no training state"
+    assert not (run_dir / "checkpoints").exists(), "a finished run keeps no checkpoint"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     straight_records = [json.loads(line) for line in
                         (tmp_path / "a" / "MRPC" / "runs" / "lr5e-05-seed1" / "metrics.jsonl")
@@ -255,7 +255,7 @@ def test_every_finetune_flag_has_help_and_says_its_default() -> None:
     its default; --lr gives the actual grid (the GLUE default is 4 runs per seed)."""
     import argparse
 
-    from bertscale.finetune.cli import register
+    from bertscale.commands.finetune import register
     parser = argparse.ArgumentParser(prog="bertscale")
     register(parser.add_subparsers(dest="command"))
     finetune = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["finetune"]

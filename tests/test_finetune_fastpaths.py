@@ -18,21 +18,26 @@ import pytest
 import torch
 
 from bertscale.cli import main as bertscale
-from bertscale.finetune import common, glue, squad
+from bertscale.finetune import glue, squad
+from bertscale.finetune.data import collate
+from bertscale.finetune.models import (Pretrained, build_model, load_checkpoint,
+                                       load_task_tokenizer)
+from bertscale.finetune.predict import predict
+from bertscale.finetune.runtime import start as runtime_on
 from bertscale.model import BertForQuestionAnswering, BertForSequenceClassification
 
 
 @pytest.fixture(scope="module")
-def pretrained(minilm_dir: Path) -> common.Pretrained:
-    return common.load_checkpoint(minilm_dir)
+def pretrained(minilm_dir: Path) -> Pretrained:
+    return load_checkpoint(minilm_dir)
 
 
 @pytest.fixture(scope="module")
-def mrpc_features(pretrained: common.Pretrained, shared_data: Path) -> list[dict]:
+def mrpc_features(pretrained: Pretrained, shared_data: Path) -> list[dict]:
     task = glue.task_by_name("MRPC")
     folder = glue.find_task_dir(shared_data / "glue", task)
     ex = glue.read_tsv(folder / "dev.tsv", task, task.train, labelled=True)[:40]
-    tok = common.load_task_tokenizer(pretrained, 128)
+    tok = load_task_tokenizer(pretrained, 128)
     return glue.featurize(tok, ex, regression=False)
 
 
@@ -42,7 +47,7 @@ def _one_by_one(model: torch.nn.Module, features: list[dict], forward) -> list[t
     out = []
     with torch.no_grad():
         for f in features:
-            b = common.collate([f])
+            b = collate([f])
             r = forward(model, b)
             out.append(tuple(x[0].numpy() for x in (r if isinstance(r, tuple) else (r,))))
     return out
@@ -52,9 +57,9 @@ def test_length_sorted_prediction_comes_back_in_input_order(pretrained, mrpc_fea
     lengths = [len(f["input_ids"]) for f in mrpc_features]
     assert len(set(lengths)) > 10 and lengths != sorted(lengths), "needs varied, unsorted lengths"
     torch.manual_seed(0)
-    model = common.build_model(BertForSequenceClassification, pretrained, num_labels=2).eval()
-    cfg = common.TrainConfig(eval_batch_size=6, device="cpu", precision="fp32")
-    (batched,) = common.predict(model, mrpc_features, glue.logits_of, cfg)
+    rt = runtime_on("cpu", "fp32")
+    model = build_model(BertForSequenceClassification, pretrained, rt, num_labels=2).eval()
+    (batched,) = predict(model, mrpc_features, glue.logits_of, rt, batch_size=6)
     reference = np.stack([r[0] for r in _one_by_one(model, mrpc_features, glue.logits_of)])
     assert batched.shape == reference.shape == (len(mrpc_features), 2)
     np.testing.assert_allclose(batched, reference, atol=2e-5, rtol=0)
@@ -67,8 +72,8 @@ def test_ragged_outputs_are_restored_per_example(pretrained, mrpc_features) -> N
     returned in input order; each example's first len(input_ids) values are its own."""
     torch.manual_seed(0)
     model = BertForQuestionAnswering(pretrained.config).eval()
-    cfg = common.TrainConfig(eval_batch_size=7, device="cpu", precision="fp32")
-    start, end = common.predict(model, mrpc_features, squad.logits_of, cfg)
+    start, end = predict(model, mrpc_features, squad.logits_of, runtime_on("cpu", "fp32"),
+                         batch_size=7)
     assert start.shape == end.shape == (len(mrpc_features),
                                         max(len(f["input_ids"]) for f in mrpc_features))
     reference = _one_by_one(model, mrpc_features, squad.logits_of)

@@ -23,7 +23,7 @@ pa = pytest.importorskip("pyarrow", reason="needs the parquet extra (pyarrow)")
 pq = pytest.importorskip("pyarrow.parquet")
 datasets = pytest.importorskip("datasets", reason="needs the test extra (datasets)")
 
-from bertscale.data.prepare import main as prepare  # noqa: E402
+from bertscale.commands.prepare import main as prepare  # noqa: E402
 from bertscale.data.shards import read_manifest  # noqa: E402
 from bertscale.data.text import read_documents  # noqa: E402
 from stores import KINDS  # noqa: E402
@@ -147,7 +147,7 @@ def test_parquet_prepare_resumes_after_a_crash(shared_data, corpus, jsonl_shards
     the finished unit and ends with the JSON lines' shards."""
     out = tmp_path / "crash"
     argv = _prepare_argv(shared_data, out, corpus["hub"])
-    proc = subprocess.Popen([sys.executable, "-m", "bertscale.data.prepare", *argv],
+    proc = subprocess.Popen([sys.executable, "-m", "bertscale.commands.prepare", *argv],
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list((out / ".work" / "units").glob("u*/done.json")) and time.time() < deadline:
@@ -171,7 +171,7 @@ def test_missing_pyarrow_is_one_line(shared_data, corpus, tmp_path) -> None:
     (fake / "__init__.py").write_text("raise ImportError(\"No module named 'pyarrow'\")\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(fake.parent), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-m", "bertscale.data.prepare",
+    r = subprocess.run([sys.executable, "-m", "bertscale.commands.prepare",
                         *_prepare_argv(shared_data, tmp_path / "out", corpus["hub"])],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2

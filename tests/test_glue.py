@@ -17,7 +17,10 @@ import sklearn.metrics
 
 from bertscale.devices import resolve_device, resolve_precision
 from bertscale.errors import UserError
-from bertscale.finetune import common, glue
+from bertscale.finetune import glue
+from bertscale.finetune.models import (build_model, check_casing, load_checkpoint,
+                                       load_task_tokenizer, unk_fraction)
+from bertscale.finetune.runtime import start
 from finetune_helpers import finetune_cli, tiny_hf_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "finetune"
@@ -197,39 +200,39 @@ def test_all_nine_tasks_end_to_end_with_submission_files(tmp_path: Path, shared_
 
 def test_casing_mismatch_is_warned(tmp_path: Path, shared_data: Path, minilm_dir: Path) -> None:
     """An uncased vocabulary read case-sensitively turns capitalised words into [UNK]."""
-    cased_reading = common.load_checkpoint(tiny_hf_checkpoint(
+    cased_reading = load_checkpoint(tiny_hf_checkpoint(
         tmp_path / "c", minilm_dir / "vocab.txt", lowercase=False))
     texts = [e.text_a for e in _read(shared_data / "glue", "STS-B", "dev.tsv")[:300]]
-    tok = common.load_task_tokenizer(cased_reading, 128)
-    rate = common.unk_fraction(tok, (enc.ids for enc in tok.encode_batch(texts)))
+    tok = load_task_tokenizer(cased_reading, 128)
+    rate = unk_fraction(tok, (enc.ids for enc in tok.encode_batch(texts)))
     assert rate > 0.05
     with pytest.warns(UserWarning) as caught:
-        common.check_casing(cased_reading, rate, "STS-B dev")
+        check_casing(cased_reading, rate, "STS-B dev")
     messages = " | ".join(str(w.message) for w in caught)
     assert "lowercase=False but its vocabulary looks uncased" in messages
     assert "% of word pieces are [UNK]" in messages
-    right = common.load_checkpoint(minilm_dir)       # the same vocab, lower-cased: no warning
-    tok = common.load_task_tokenizer(right, 128)
-    rate = common.unk_fraction(tok, (enc.ids for enc in tok.encode_batch(texts)))
+    right = load_checkpoint(minilm_dir)       # the same vocab, lower-cased: no warning
+    tok = load_task_tokenizer(right, 128)
+    rate = unk_fraction(tok, (enc.ids for enc in tok.encode_batch(texts)))
     assert rate < 0.01
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        common.check_casing(right, rate, "STS-B dev")
+        check_casing(right, rate, "STS-B dev")
     # The text itself: real MRPC news sentences are cased (names, places: 14% of later words
     # capitalised), which an uncased checkpoint lower-cases away; STS-B's image captions are
     # not (under 5%); text lower-cased, given a cased reading, is the reverse mismatch.
     news = [e.text_a for e in _read(shared_data / "glue", "MRPC", "dev.tsv")[:300]]
     with pytest.warns(UserWarning, match=r"MRPC dev is cased \(\d+% of words .* is uncased"):
-        common.check_casing(right, rate, "MRPC dev", news)
+        check_casing(right, rate, "MRPC dev", news)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        common.check_casing(right, rate, "STS-B dev", texts)
+        check_casing(right, rate, "STS-B dev", texts)
     with pytest.warns(UserWarning, match=r"STS-B dev is all lower-case but .* is cased"):
-        common.check_casing(cased_reading, 0.0, "STS-B dev", [t.lower() for t in texts])
+        check_casing(cased_reading, 0.0, "STS-B dev", [t.lower() for t in texts])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        common.check_casing(right, rate, "STS-B dev", [t.lower() for t in texts])
+        check_casing(right, rate, "STS-B dev", [t.lower() for t in texts])
 
 
 def test_real_weights_learn_sts_b(tmp_path: Path, shared_data: Path, minilm_dir: Path) -> None:
@@ -243,10 +246,13 @@ def test_real_weights_learn_sts_b(tmp_path: Path, shared_data: Path, minilm_dir:
     a broken metric, loader or schedule) and not for seed noise. (The full recipe on a GPU, 3
     epochs of all 5,749 pairs, reached Spearman 0.855 on the whole dev set.)"""
     t0 = time.perf_counter()
-    summary = glue.run(glue.GlueArgs(
-        task="STS-B", data_dir=shared_data / "glue", checkpoint=minilm_dir, output_dir=tmp_path,
-        lrs=[5e-5], seeds=[1], train=common.TrainConfig(epochs=1, batch_size=8, log_every=0),
-        max_train_samples=800, max_eval_samples=400, predict_test=False))
+    assert finetune_cli(["finetune", "glue", "--task", "STS-B", "--data-dir",
+                         str(shared_data / "glue"), "--checkpoint", str(minilm_dir),
+                         "--output-dir", str(tmp_path), "--lr", "5e-5", "--seeds", "1",
+                         "--epochs", "1", "--batch-size", "8", "--log-every", "0",
+                         "--max-train-samples", "800", "--max-eval-samples", "400",
+                         "--no-test"]) == 0
+    summary = json.loads((tmp_path / "STS-B" / "results.json").read_text())
     m = summary["metrics"]
     print(f"STS-B from real MiniLM weights: spearman {m['spearman']['mean']:.3f} pearson "
           f"{m['pearson']['mean']:.3f} in {time.perf_counter() - t0:.0f} s")
@@ -275,7 +281,7 @@ def test_every_entrypoint_from_a_bertscale_pretraining_run(tmp_path: Path, share
     exported to a Hugging Face folder by `bertscale export` and fine-tuned with the same seeds
     give identical metrics and byte-identical prediction files, so the run-folder loader (any
     ZeRO stage, consolidated on load) builds exactly the model the exported weights describe."""
-    pytest.importorskip("bertscale.pretrain", reason="needs the pretraining trainer")
+    pytest.importorskip("bertscale.pretraining.train", reason="needs the pretraining trainer")
     pytest.importorskip("bertscale.data.prepare", reason="needs the data preparation")
     corpus = tmp_path / "corpus.txt"    # ~2,000 lines of real Wikipedia prose (WikiText-2)
     corpus.write_text((shared_data / "wikitext-2-raw" / "wiki.valid.raw")
@@ -298,8 +304,8 @@ def test_every_entrypoint_from_a_bertscale_pretraining_run(tmp_path: Path, share
     from bertscale.training.checkpoint.consolidated import load_consolidated
     from bertscale.model import BertForSequenceClassification
     consolidated = load_consolidated(run).state_dict
-    model = common.build_model(BertForSequenceClassification, common.load_checkpoint(run),
-                               num_labels=2)
+    model = build_model(BertForSequenceClassification, load_checkpoint(run), start("cpu"),
+                        num_labels=2)
     encoder = {k: v for k, v in model.state_dict().items() if k.startswith("bert.")}
     assert len(encoder) > 30
     assert all(torch.equal(v, consolidated[k]) for k, v in encoder.items())

@@ -17,7 +17,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from bertscale import export as export_cmd  # noqa: E402
+from bertscale.commands import export as export_cmd  # noqa: E402
 from bertscale.errors import ConfigError, UserError  # noqa: E402
 from bertscale.hf import config_from_hf, export_hf, import_state_dict, load_hf_folder  # noqa: E402
 from bertscale.model import (  # noqa: E402

@@ -1,4 +1,4 @@
-"""The pretraining step does not wait for the GPU between reads (bertscale.pretraining.agreement):
+"""The pretraining step does not wait for the GPU between reads (bertscale.training.agreement):
 the step's statistics stay on the device until the loop reads them back, and the unpadded model
 sizes its packed tensors from the sequence lengths the host already knows.
 

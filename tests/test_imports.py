@@ -1,5 +1,6 @@
-"""Imports point down: no command module imports `bertscale.cli` or another command's module,
-`bertscale NAME` imports only NAME's module, and reading a recipe imports no torch.
+"""Imports point down: no library module imports the command layer, no command module imports
+`bertscale.cli` or another command's module, `bertscale NAME` imports only NAME's module, and
+reading a recipe imports no torch.
 
 The checks run in fresh interpreters (this test process has imported everything). Importing
 each command module in its own interpreter would import torch a dozen times (over a minute on
@@ -10,6 +11,7 @@ looks at; third-party modules (torch) stay loaded, which is not.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -21,7 +23,8 @@ from bertscale.commands import COMMANDS
 REPO = Path(__file__).resolve().parent.parent
 
 # Every module that is a command or a subcommand with its own handler. The finetune tasks are
-# siblings of one another (`finetune ner` must not load the GLUE code) and of finetune.cli.
+# siblings of one another (`finetune ner` must not load the GLUE code) and of the finetune
+# command (bertscale.commands.finetune).
 COMMAND_MODULES = sorted({*COMMANDS.values(), "bertscale.finetune.glue",
                           "bertscale.finetune.squad", "bertscale.finetune.swag",
                           "bertscale.finetune.ner"})
@@ -61,6 +64,57 @@ def _child(body: str) -> dict[str, dict]:
                           env=_env(), cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported(tree: ast.AST, module: str, is_package: bool) -> list[tuple[int, str]]:
+    """(line, module) of every import in a module's source, at any depth (the lazy ones in
+    functions too), relative ones resolved, and `importlib.import_module("...")` of a literal."""
+    package = module if is_package else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*up, base] if base else up)
+            # `from bertscale import commands` names a module too.
+            found += [(node.lineno, base)] + [(node.lineno, f"{base}.{a.name}") for a in node.names]
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", ""))
+              in ("import_module", "__import__") and node.args
+              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            found.append((node.lineno, node.args[0].value))
+    return found
+
+
+def test_no_library_module_imports_the_command_layer() -> None:
+    """The command layer (bertscale.commands, its `bertscale.cli` and `python -m bertscale`
+    entries, and the modules COMMANDS names) is imported by nothing below it: library modules
+    take typed configs. Read from the source, so an import inside a function or through
+    importlib counts as well. Failed before the command layer had a package of its own
+    (`pretrain.py`, `data/prepare.py`, `embed.py`, `launch.py` and `bench/__init__.py` each
+    imported `bertscale.commands` for their `python -m` entries)."""
+    layer = {"bertscale.commands", "bertscale.cli", "bertscale.__main__", *COMMANDS.values()}
+
+    def in_layer(module: str) -> bool:
+        return any(module == m or module.startswith(m + ".") for m in layer)
+
+    bad = []
+    for path in sorted((REPO / "bertscale").rglob("*.py")):
+        module = _module_name(path)
+        if in_layer(module):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for line, target in _imported(tree, module, path.name == "__init__.py"):
+            if in_layer(target):
+                bad.append(f"{path.relative_to(REPO)}:{line} imports {target}")
+    assert not bad, "\n".join(bad)
 
 
 def test_no_command_module_imports_the_cli_or_a_sibling_command() -> None:

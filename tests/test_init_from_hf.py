@@ -101,8 +101,8 @@ def test_minilm_encoder_continues_with_fresh_heads(manifest, minilm_dir: Path, t
 
 def test_shape_and_tokenizer_mismatches_are_one_line(manifest, minilm_dir: Path, tmp_path: Path,
                                                      shared_data: Path, capfd) -> None:
-    from bertscale.data.prepare import main as prepare
-    from bertscale.pretrain import main as pretrain_main
+    from bertscale.commands.prepare import main as prepare
+    from bertscale.commands.pretrain import main as pretrain_main
 
     def refused(*sets: str, shards: Path = manifest) -> str:
         argv = ["tiny_ci", "--run-dir", str(tmp_path / "run"),

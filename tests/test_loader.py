@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from bertscale.data.loader import GlobalOrder, MaskingConfig, PretrainLoader
-from bertscale.data.prepare import register
+from bertscale.commands.prepare import register
+from bertscale.data.cache import FetchSettings
+from bertscale.data.loader import LoaderConfig, MaskingConfig, PretrainLoader, open_loader
+from bertscale.data.order import GlobalOrder
 from bertscale.data.shards import decode_sample, read_manifest
 from bertscale.errors import UserError
 from bertscale.tokenizer import read_vocab
@@ -55,10 +57,12 @@ def originals(data: Path) -> dict[tuple[str, int], tuple[np.ndarray, int, int]]:
     return out
 
 
-def _loader(data, **kw) -> PretrainLoader:
+def _loader(data, cache_dir=None, **kw) -> PretrainLoader:
     args = dict(split="train", global_batch_size=24, micro_batch_size=4, rank=0, world_size=1, seed=5)
     args.update(kw)
-    return PretrainLoader(data, **args)
+    if cache_dir is not None:  # the node cache of shards in an object store
+        args["fetch"] = FetchSettings(cache_dir=cache_dir)
+    return open_loader(data, LoaderConfig(**args))
 
 
 def _within(observed: int, n: int, p: float, sigmas: float = 4.5) -> bool:

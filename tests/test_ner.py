@@ -27,7 +27,9 @@ import pytest
 import torch
 
 from bertscale.errors import UserError
-from bertscale.finetune import common, ner
+from bertscale.finetune import ner
+from bertscale.finetune.data import collate, model_inputs
+from bertscale.finetune.models import load_checkpoint, load_task_tokenizer
 from bertscale.finetune.seqeval import evaluate, get_entities, to_iob2
 from finetune_helpers import finetune_cli
 
@@ -135,7 +137,7 @@ def test_bad_files_name_the_line(tmp_path: Path) -> None:
 
 
 def test_only_the_first_sub_token_carries_the_label(minilm_dir: Path) -> None:
-    tok = common.load_task_tokenizer(common.load_checkpoint(minilm_dir))
+    tok = load_task_tokenizer(load_checkpoint(minilm_dir))
     s = ner.Sentence(["Schwarzenegger", "visited", "Heidelberg", "."],
                      ["I-PER", "O", "I-LOC", "O"], 1)
     labels = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
@@ -163,12 +165,12 @@ def test_bilstm_tagger_ignores_padding() -> None:
     torch.manual_seed(0)
     table = torch.randn(20, 8)
     tagger = ner.FeatureTagger(table, 5, "bilstm", hidden=6, layers=2, dropout=0.0).eval()
-    batch = common.collate([{"input_ids": [3, 4, 5], "token_type_ids": [0] * 3},
+    batch = collate([{"input_ids": [3, 4, 5], "token_type_ids": [0] * 3},
                             {"input_ids": list(range(6, 14)), "token_type_ids": [0] * 8}])
-    alone = common.collate([{"input_ids": [3, 4, 5], "token_type_ids": [0] * 3}])
+    alone = collate([{"input_ids": [3, 4, 5], "token_type_ids": [0] * 3}])
     with torch.no_grad():
-        padded = tagger(**common.model_inputs(batch))
-        single = tagger(**common.model_inputs(alone))
+        padded = tagger(**model_inputs(batch))
+        single = tagger(**model_inputs(alone))
         unmasked = tagger(batch["input_ids"])            # as if the padding were words
     assert padded.shape == (2, 8, 5)
     torch.testing.assert_close(padded[0, :3], single[0], atol=1e-6, rtol=0)

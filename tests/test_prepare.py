@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bertscale.data.prepare import PrepareConfig, Progress, register, run_prepare
+from bertscale.commands.prepare import register
+from bertscale.data.prepare import PrepareConfig, Progress, run_prepare
 from bertscale.data.shards import decode_sample, member_name, read_manifest, sha256_file
 from bertscale.errors import UserError
 from bertscale.tokenizer import vocab_hash
@@ -74,7 +75,7 @@ def _mpirun() -> str | None:
 def test_same_shards_with_2_processes_and_mpirun(shared_data: Path, reference: Path, tmp_path: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     two = tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "bertscale.data.prepare",
+    subprocess.run([sys.executable, "-m", "bertscale.commands.prepare",
                     *_args(shared_data, two, "--workers", "2")], check=True, env=env)
     _same_tree(reference, two)
 
@@ -85,7 +86,7 @@ def test_same_shards_with_2_processes_and_mpirun(shared_data: Path, reference: P
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     proc = subprocess.run([mpirun, "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader",
                            "--mca", "oob_tcp_if_include", "lo", "-np", "2",
-                           sys.executable, "-m", "bertscale.data.prepare", *_args(shared_data, mpi)],
+                           sys.executable, "-m", "bertscale.commands.prepare", *_args(shared_data, mpi)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Both ranks worked (each reports its own share) and the result is the same shards.
@@ -209,7 +210,7 @@ def test_webdataset_reads_the_shards(reference: Path) -> None:
 def test_resume_after_a_crash(shared_data: Path, reference: Path, tmp_path: Path, capfd) -> None:
     out = tmp_path / "crash"
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, "-m", "bertscale.data.prepare", *_args(shared_data, out)],
+    proc = subprocess.Popen([sys.executable, "-m", "bertscale.commands.prepare", *_args(shared_data, out)],
                             env=env, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list((out / ".work" / "units").glob("u*/done.json")) and time.time() < deadline:

@@ -151,7 +151,7 @@ def test_bf16_resume_within_tolerance(manifest, tmp_path):
 
 
 def test_nan_loss_stops_every_rank_without_a_checkpoint(manifest, tmp_path, monkeypatch):
-    from bertscale.data.loader import PretrainLoader
+    from bertscale.data.loader import LoaderConfig, open_loader
 
     run = tmp_path / "nan"
     monkeypatch.delenv("WANDB_MODE", raising=False)  # the recipe decides: W&B offline
@@ -168,9 +168,9 @@ def test_nan_loss_stops_every_rank_without_a_checkpoint(manifest, tmp_path, monk
     # The ids reported are those of rank 0's micro-batches of step 3 (global batch 2).
     line = next(x for x in results[0].stderr.splitlines() if "non-finite loss; batch sample_ids" in x)
     reported = json.loads(line.split("sample_ids ", 1)[1])
-    loader = PretrainLoader(manifest, split="train", global_batch_size=32, micro_batch_size=8,
-                            rank=0, world_size=2, seed=1234, consumed_samples=2 * 32,
-                            verify_sha256=False)
+    loader = open_loader(manifest, LoaderConfig(
+        split="train", global_batch_size=32, micro_batch_size=8, rank=0, world_size=2, seed=1234,
+        consumed_samples=2 * 32, verify_sha256=False))
     batches = iter(loader)
     expected = [i for _ in range(2) for i in next(batches)["sample_ids"].tolist()]
     assert reported == expected

@@ -64,12 +64,12 @@ def _corrupt_sample_at(manifest: Path, position: int) -> tuple[str, int]:
     and the shard index to find the bytes; the command cannot say where a sample lives."""
     import numpy as np
 
-    from bertscale.data.loader import PretrainLoader
+    from bertscale.data.loader import LoaderConfig, open_loader
     from bertscale.data.shards import HEADER, ShardFile, index_tar, read_manifest
 
     m = read_manifest(manifest)
-    loader = PretrainLoader(m, split="train", global_batch_size=8, micro_batch_size=2, rank=0,
-                            world_size=1, seed=1234, verify_sha256=False)
+    loader = open_loader(m, LoaderConfig(split="train", global_batch_size=8, micro_batch_size=2,
+                                         rank=0, world_size=1, seed=1234, verify_sha256=False))
     shard, offset = (int(x[0]) for x in loader.order.locate(np.array([position])))
     path = Path(m.shard_location("train", shard))
     f = ShardFile(path)

@@ -145,8 +145,9 @@ def test_every_field_has_a_bad_value():
     # Every recipe dataclass is reached by the walk (a new section must be wired in too).
     sections = {tp for _, tp in typing.get_type_hints(config_lib.PretrainRecipe).items()
                 if dataclasses.is_dataclass(tp)}
-    defined = {v for v in vars(config_lib).values() if dataclasses.is_dataclass(v)
-               and v.__module__ == config_lib.__name__} - {config_lib.PretrainRecipe}
+    modules = (config_lib.model, config_lib.optim, config_lib.pretrain)  # the recipe's classes
+    defined = {v for m in modules for v in vars(m).values() if dataclasses.is_dataclass(v)
+               and v.__module__ == m.__name__} - {config_lib.PretrainRecipe}
     assert defined <= sections, defined - sections
 
 

@@ -60,7 +60,7 @@ def uploaded(uploads: dict[str, str], store: Store, shared_data: Path, local: Pa
 
 def _prepare(shared_data: Path, stage: Path, url: str, *files: str, per_shard: int) -> str:
     """`bertscale prepare --out s3://…` with pretrain_runs.prepare_wiki's settings."""
-    from bertscale.data.prepare import main as prepare
+    from bertscale.commands.prepare import main as prepare
     rc = prepare([*(str(shared_data / "wikipedia" / f) for f in files), "--out", url,
                   "--stage", str(stage), "--vocab",
                   str(shared_data / "vocab" / "bert-base-uncased-vocab.txt"),
@@ -200,7 +200,7 @@ def test_cache_bound_holds_every_step(store, shared_data, tmp_path):
     command does not show. Many small shards and windows of about one shard, over 3 epochs.
     On S3 only: the bound is the node cache's, whatever client fills it."""
     from bertscale.data.cache import FetchSettings
-    from bertscale.data.loader import PretrainLoader
+    from bertscale.data.loader import LoaderConfig, open_loader
     from bertscale.data.shards import read_manifest
     from bertscale.errors import UserError
 
@@ -213,13 +213,14 @@ def test_cache_bound_holds_every_step(store, shared_data, tmp_path):
     biggest = sorted((i.bytes for i in infos), reverse=True)
     limit = sum(biggest[:6])  # a window of one shard's samples touches <= 3 shards
     with pytest.raises(UserError, match=r"data.cache_limit_gb = .* smaller than two shuffle windows"):
-        PretrainLoader(m, split="train", global_batch_size=30, micro_batch_size=30, rank=0,
-                       world_size=1, seed=3, shuffle_window=window,
-                       fetch=FetchSettings(cache_dir=tmp_path / "c", limit_bytes=limit - 1))
+        open_loader(m, LoaderConfig(
+            split="train", global_batch_size=30, micro_batch_size=30, rank=0, world_size=1, seed=3,
+            shuffle_window=window,
+            fetch=FetchSettings(cache_dir=tmp_path / "c", limit_bytes=limit - 1)))
     cache = tmp_path / "cache"
-    loader = PretrainLoader(m, split="train", global_batch_size=30, micro_batch_size=30, rank=0,
-                            world_size=1, seed=3, shuffle_window=window,
-                            fetch=FetchSettings(cache_dir=cache, limit_bytes=limit))
+    loader = open_loader(m, LoaderConfig(
+        split="train", global_batch_size=30, micro_batch_size=30, rank=0, world_size=1, seed=3,
+        shuffle_window=window, fetch=FetchSettings(cache_dir=cache, limit_bytes=limit)))
     fetcher, order = loader.fetcher, loader.order
     store.server.reset_counts()
     steps = 3 * m.num_samples("train") // 30
@@ -281,7 +282,7 @@ def test_refused_credentials_fail_at_once(store, shared_data, tmp_path, monkeypa
     before "after 4 attempts": only FileNotFoundError and PermissionError counted as permanent,
     and adlfs raises azure-core's HttpResponseError (status 403) for a refused key."""
     from bertscale.data.cache import NodeCache
-    from bertscale.data.prepare import main as prepare
+    from bertscale.commands.prepare import main as prepare
     from bertscale.errors import UserError
     from stores import clear_clients
 
@@ -337,7 +338,7 @@ def test_a_large_shard_round_trips_once(store, tmp_path):
 def _prepare_rc(shared_data: Path, stage: Path, url: str, seed: int, capfd,
                 progress: str = "none") -> tuple[int, str]:
     """`bertscale prepare --out URL` of one Wikipedia file; (exit code, stderr)."""
-    from bertscale.data.prepare import main as prepare
+    from bertscale.commands.prepare import main as prepare
     capfd.readouterr()
     rc = prepare([str(shared_data / "wikipedia" / "wiki_00.gz"), "--out", url, "--stage",
                   str(stage), "--vocab", str(shared_data / "vocab" / "bert-base-uncased-vocab.txt"),

@@ -7,7 +7,7 @@ What may change, and what the resumed run must then do:
   universal checkpoint, the run continues.
 What may not, refused in one line naming the key before any engine exists:
 - anything that decides which sample sits at which global position or how it is masked
-  (`train.seed`, the masking settings: bertscale.resume.STREAM_KEYS);
+  (`train.seed`, the masking settings: bertscale.training.checkpoint.resume.STREAM_KEYS);
 - the optimizer (`optimizer.name`): its state belongs to the optimizer that wrote it.
 """
 
@@ -133,7 +133,7 @@ def test_a_resume_that_changes_the_stream_or_the_optimizer_is_refused(
     Failed before the fix: another train.seed (or masking) resumed and reordered the data
     (step 76 loss 7.87 against 8.36 uninterrupted; samples of the epoch repeated or skipped);
     another optimizer.name failed at the first step with KeyError: 'implementation'."""
-    from bertscale.resume import STREAM_KEYS
+    from bertscale.training.checkpoint.resume import STREAM_KEYS
     run, _, _ = extended
     before = [c.step for c in ckpt_lib.list_committed(run)]
     sets = [*QUIET, "train.steps=14", f"{key}={value}"]
@@ -222,13 +222,13 @@ def test_stream_keys_are_every_loader_setting_that_moves_a_sample_or_a_mask(mani
     loader reads ([data], [train]; any other section raises if touched) is changed in turn, and
     the loader built by bertscale.pretraining.build.train_loader reads the same 64 global
     positions from a resumed position across an epoch boundary. The fields that change a token,
-    a pair label or a mask must be exactly bertscale.resume.STREAM_KEYS, the keys a resume
+    a pair label or a mask must be exactly bertscale.training.checkpoint.resume.STREAM_KEYS, the keys a resume
     refuses to change: a new loader setting that moves the stream fails here until it is
     listed there."""
     from bertscale.config import load_pretrain_recipe
     from bertscale.data.shards import read_manifest
     from bertscale.pretraining import build
-    from bertscale.resume import STREAM_KEYS
+    from bertscale.training.checkpoint.resume import STREAM_KEYS
 
     recipe = load_pretrain_recipe("tiny_ci", [f"data.manifest={json.dumps(str(manifest))}"])
     m = read_manifest(manifest)

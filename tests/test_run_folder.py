@@ -107,7 +107,7 @@ def test_second_writer_refused_and_stale_locks_never_block(manifest, tmp_path):
 
 
 def torchrun(run: Path, manifest: Path, log: Path, *sets: str) -> subprocess.Popen:
-    """`torchrun --nproc-per-node 2 -m bertscale.pretrain tiny_ci ...` on loopback."""
+    """`torchrun --nproc-per-node 2 -m bertscale.commands.pretrain tiny_ci ...` on loopback."""
     return start([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                   "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                   *pretrain_argv(run, manifest, *LIVE, *sets)], log)
@@ -161,7 +161,7 @@ def test_workers_die_with_a_killed_torchrun(manifest, tmp_path):
     workers: list[psutil.Process] = []
     try:
         wait_for(log, "checkpoint step 2 committed", proc)
-        workers = [p for p in psutil.Process(proc.pid).children() if "bertscale.pretrain" in " ".join(p.cmdline())]
+        workers = [p for p in psutil.Process(proc.pid).children() if "bertscale.commands.pretrain" in " ".join(p.cmdline())]
         assert len(workers) == 2, workers
         t0 = time.monotonic()
         proc.kill()
@@ -204,7 +204,7 @@ def test_workers_die_with_torchrun_killed_during_their_start_up(manifest, tmp_pa
         while len(workers) < 2:
             assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
             workers = [p for p in psutil.Process(proc.pid).children()
-                       if "bertscale.pretrain" in " ".join(p.cmdline())]
+                       if "bertscale.commands.pretrain" in " ".join(p.cmdline())]
             time.sleep(0.05)
         time.sleep(1.0)
         assert not (run / "lock.json").exists(), "too late: the workers are past their start-up"

@@ -191,7 +191,7 @@ def test_prepare_runs_as_one_mpi_job_across_both_nodes(mpi_prepare, tmp_path):
     assert "2 MPI rank(s) on 2 node(s) [n[1-2]]" in text
     assert "[rank 1] prepare phase 1" in text             # rank 1 did its share of the work
     # The same shards as one process on this machine: the rank count does not change the data.
-    from bertscale.data.prepare import main as prepare
+    from bertscale.commands.prepare import main as prepare
     assert prepare([*map(str, mpi_prepare["inputs"]), "--out", str(tmp_path),
                     *mpi_prepare["args"].split(), "--progress", "none"]) == 0
     mpi, single = mpi_prepare["out"] / "seq64", tmp_path / "seq64"
@@ -296,6 +296,23 @@ def test_two_node_pretraining_job_completes(slurm, reference_job):
           f"loss {curve[1]:.4f} -> {curve[STEPS]:.4f}")
 
 
+def test_master_is_the_first_node_of_the_step_resolved_through_the_controller(slurm, monkeypatch):
+    """The rendezvous host every srun task computes: the first node of the step's node list,
+    expanded by the real controller's `scontrol show hostnames`, and, where DNS does not know the
+    node name (n1 here), its NodeAddr from `scontrol show node`. Called as a function because the
+    jobs above only show that the ranks met, not which address they chose. (Until now this was an
+    always-skipped test in test_distributed.py: it needed a configured scontrol.)"""
+    from bertscale import distributed
+    monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
+    base = {"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "41",
+            "SLURM_STEP_NODELIST": "n[1-2]"}
+    ranks = [distributed.discover({**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": "0"})
+             for r in (0, 1)]
+    assert [e.rank for e in ranks] == [0, 1]
+    assert {(e.master_addr, e.master_port) for e in ranks} == {("127.0.0.1", ranks[0].master_port)}
+    assert distributed.slurm_hostnames("n[1-2]") == ["n1", "n2"]
+
+
 # ------------------------------------------------------------------------------ deepspeed launcher
 
 
@@ -320,9 +337,9 @@ def test_deepspeed_launcher_with_a_hostfile_from_the_allocation(slurm, tmp_path)
 
 
 def test_finetune_array_runs_one_glue_task_per_index(slurm, reference_job, shared_data, tmp_path):
-    from bertscale.cli import COMMANDS
+    from bertscale.commands import COMMANDS
     if "finetune" not in COMMANDS:
-        pytest.skip("`bertscale finetune` is not registered in bertscale/cli.py yet")
+        pytest.skip("`bertscale finetune` is not registered in bertscale/commands/__init__.py yet")
     wait_done(slurm, reference_job["id"], reference_job["log"], 400)
     t0 = time.monotonic()
     job_id = sbatch(slurm, "finetune.sbatch", "--array=0-1", "--gpus-per-node=0",

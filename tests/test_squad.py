@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bertscale.errors import UserError
-from bertscale.finetune import common, squad
+from bertscale.finetune import squad
+from bertscale.finetune.models import load_checkpoint, load_task_tokenizer
 from bertscale.finetune import metrics as M
 from finetune_helpers import finetune_cli, tiny_hf_checkpoint
 
@@ -24,7 +25,7 @@ def dev11(shared_data: Path) -> squad.SquadFile:
 
 @pytest.fixture(scope="module")
 def tokenizer(minilm_dir: Path):
-    return common.load_task_tokenizer(common.load_checkpoint(minilm_dir))
+    return load_task_tokenizer(load_checkpoint(minilm_dir))
 
 
 def test_gold_answers_score_100_on_the_real_dev_set(dev11: squad.SquadFile) -> None:

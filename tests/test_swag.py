@@ -12,7 +12,10 @@ import sklearn.metrics
 import torch
 
 from bertscale.errors import UserError
-from bertscale.finetune import common, swag
+from bertscale.finetune import swag
+from bertscale.finetune.models import build_model, load_checkpoint, load_task_tokenizer
+from bertscale.finetune.predict import predict
+from bertscale.finetune.runtime import start
 from finetune_helpers import finetune_cli, tiny_hf_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "finetune" / "swag"
@@ -49,7 +52,7 @@ def test_bad_rows_name_file_and_line(tmp_path: Path) -> None:
 
 
 def test_each_example_becomes_four_pairs(minilm_dir: Path) -> None:
-    tok = common.load_task_tokenizer(common.load_checkpoint(minilm_dir), 128)
+    tok = load_task_tokenizer(load_checkpoint(minilm_dir), 128)
     ex = swag.read_swag(FIXTURES / "val.csv", labelled=True)[:1]
     (f,) = swag.featurize(tok, ex)
     assert len(f["input_ids"]) == 4 and f["label"] == 0
@@ -84,11 +87,11 @@ def test_swag_entrypoint_end_to_end(tmp_path: Path, minilm_dir: Path) -> None:
     val = swag.read_swag(FIXTURES / "val.csv", labelled=True)
     for run in results["runs"]:
         folder = out / "SWAG" / "runs" / run["folder"]
-        saved = common.load_checkpoint(folder / "model")
-        model = common.build_model(BertForMultipleChoice, saved)
+        saved = load_checkpoint(folder / "model")
+        model = build_model(BertForMultipleChoice, saved, start("cpu"))
         assert torch.equal(model.classifier.weight, saved.state_dict["classifier.weight"])
-        feats = swag.featurize(common.load_task_tokenizer(saved, 128), val)
-        (logits,) = common.predict(model, feats, swag.logits_of, common.TrainConfig())
+        feats = swag.featurize(load_task_tokenizer(saved, 128), val)
+        (logits,) = predict(model, feats, swag.logits_of, start("auto"), batch_size=64)
         rows = list(csv.DictReader((folder / "val_predictions.csv").open()))
         assert logits.argmax(-1).tolist() == [int(r["pred"]) for r in rows]
     preds = list(csv.DictReader((out / "SWAG" / "predictions.csv").open()))

@@ -20,7 +20,7 @@ def test_trainer_mfu_is_the_shared_count_on_real_tokens(manifest, tmp_path):
     from bertscale.training.checkpoint.layout import latest_committed
     from bertscale.training.checkpoint.state import read_state
     from bertscale.config import ModelConfig, from_dict
-    from bertscale.data.loader import MaskingConfig, PretrainLoader
+    from bertscale.data.loader import LoaderConfig, MaskingConfig, open_loader
     from bertscale.data.shards import read_manifest
     from bertscale.perf import step_flops
 
@@ -31,9 +31,9 @@ def test_trainer_mfu_is_the_shared_count_on_real_tokens(manifest, tmp_path):
     assert "MFU against 0.25 TFLOP/s per device (logging.peak_tflops, fp32)" in res.stdout
     state = read_state(latest_committed(run))
     cfg = from_dict(ModelConfig, state.run["model_config"])
-    loader = PretrainLoader(read_manifest(manifest), split="train", global_batch_size=G,
-                            micro_batch_size=MICRO, rank=0, world_size=1, seed=1234,
-                            masking=MaskingConfig(), verify_sha256=False)
+    loader = open_loader(read_manifest(manifest), LoaderConfig(
+        split="train", global_batch_size=G, micro_batch_size=MICRO, rank=0, world_size=1,
+        seed=1234, masking=MaskingConfig(), verify_sha256=False))
     batches = iter(loader)
     flops, padded_like = {}, 0
     for step in range(1, 5):

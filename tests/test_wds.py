@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bertscale.data.loader import PretrainLoader
+from bertscale.data.loader import LoaderConfig, open_loader
 from bertscale.data.masking import MaskingConfig
 from bertscale.data.shards import read_manifest
 from bertscale.data.wds import ShardPipeline, shard_pipeline
@@ -27,9 +27,9 @@ MASKING = MaskingConfig(max_predictions_per_seq=20)
 def _loader_samples(m, split: str, first: int, count: int) -> dict[str, dict]:
     """Positions [first, first + count) as the trainer's loader reads and masks them, by key."""
     G = 128
-    loader = PretrainLoader(m, split=split, global_batch_size=G, micro_batch_size=G, rank=0,
-                            world_size=1, seed=SEED, masking=MASKING, verify_sha256=False,
-                            consumed_samples=first - first % G)
+    loader = open_loader(m, LoaderConfig(
+        split=split, global_batch_size=G, micro_batch_size=G, rank=0, world_size=1, seed=SEED,
+        masking=MASKING, verify_sha256=False, consumed_samples=first - first % G))
     out: dict[str, dict] = {}
     k = 0
     while len(out) < count:
@@ -123,3 +123,23 @@ def test_shards_in_an_object_store(store, manifest, tmp_path) -> None:
     for key in local:
         assert np.array_equal(remote[key]["input_ids"], local[key]["input_ids"])
         assert remote[key]["__url__"].startswith(store.url("seq128/eval-"))
+
+
+def test_shards_behind_a_pipe_command(manifest, tmp_path) -> None:
+    """Shard locations of `pipe:COMMAND` (WebDataset's convention, which the trainer's loader
+    reads too): the same samples as the local copy, and a command that fails is one error naming
+    the shard. Failed before the fix with an AttributeError: the pipeline closed every shard's
+    stream, and the pipe reader had no `close` (mypy found it)."""
+    local = {s["__key__"]: s for s in shard_pipeline(manifest, "eval")}
+    m = read_manifest(manifest, shard_base=f"pipe:cat {manifest.parent}/{{name}}")
+    assert m.shard_location("eval", 0).startswith("pipe:cat ")
+    piped = {s["__key__"]: s for s in shard_pipeline(m, "eval")}
+    assert piped.keys() == local.keys()
+    for key in local:
+        assert np.array_equal(piped[key]["input_ids"], local[key]["input_ids"])
+    # A command that writes the whole shard and then fails (a copy tool that reports an error
+    # at the end): its status is the error, not a silent success.
+    failing = read_manifest(manifest, shard_base=f"pipe:cat {manifest.parent}/{{name}}; exit 3")
+    with pytest.raises(UserError, match=r"shard pipe:cat .*eval-000000\.tar; exit 3: .*exited "
+                                        r"with status 3"):
+        list(shard_pipeline(failing, "eval"))

@@ -26,12 +26,13 @@ recorded in the JSON: they agree, which shows the variants compute the same mode
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,15 @@ import torch.nn.functional as F
 
 from bertscale.config import ModelConfig, preset
 from bertscale.devices import resolve_device
+from bertscale.distributed import discover
 from bertscale.errors import UserError
-from bertscale.finetune import common, glue
+from bertscale.devices import to_device
+from bertscale.finetune import glue
+from bertscale.finetune.data import Batch, collate, model_inputs
+from bertscale.finetune.models import load_checkpoint, load_task_tokenizer
+from bertscale.finetune.predict import predict
+from bertscale.finetune.runtime import Runtime
+from bertscale.training.torch_engine import adamw
 from bertscale.model import BertForSequenceClassification
 from bertscale.parallelize import FastPaths, apply_fast_paths
 from bertscale.seeding import seed_all
@@ -51,7 +59,42 @@ TRAIN_VARIANTS = ("max_length", "dynamic", "unpad", "transformers")
 PREDICT_VARIANTS = ("input_order", "sorted", "sorted_unpad")
 
 
-def _pad_to(batch: common.Batch, length: int, pad_id: int) -> common.Batch:
+@dataclass
+class FinetuneBenchConfig:
+    """One `bertscale bench finetune` run."""
+
+    data_dir: Path
+    """The GLUE folder."""
+    task: str = "MRPC"
+    checkpoint: Path | None = None
+    """A Hugging Face or bertscale checkpoint; None: `preset` with random weights."""
+    preset: str = "base"
+    vocab: str | None = None
+    """vocab.txt for `preset` (casing guessed from it)."""
+    max_seq_length: int = 128
+    batch: int = 32
+    """Training examples per step."""
+    eval_batch_size: int = 64
+    max_eval_samples: int = 256
+    """Dev examples per prediction pass."""
+    num_batches: int = 4
+    """Distinct training batches."""
+    repeats: int = 5
+    warmup: int = 1
+    device: str = "cpu"
+    threads: int | None = None
+    seed: int = 0
+    no_transformers: bool = False
+    no_predict: bool = False
+    """Time the training step only."""
+
+    def validate(self) -> None:
+        for flag in ("batch", "eval_batch_size", "repeats", "num_batches", "max_seq_length"):
+            if getattr(self, flag) <= 0:
+                raise UserError(f"--{flag.replace('_', '-')} must be positive")
+
+
+def _pad_to(batch: Batch, length: int, pad_id: int) -> Batch:
     """Pad a dynamically padded batch on to `length` positions."""
     extra = length - batch["input_ids"].shape[-1]
     if extra <= 0:
@@ -63,12 +106,12 @@ def _pad_to(batch: common.Batch, length: int, pad_id: int) -> common.Batch:
     return out
 
 
-def _load(args: argparse.Namespace) -> tuple[ModelConfig, dict[str, torch.Tensor] | None, Any, str]:
+def _load(args: FinetuneBenchConfig) -> tuple[ModelConfig, dict[str, torch.Tensor] | None, Any, str]:
     """(config, weights or None for random, tokenizer, description of the model)."""
     from bertscale.tokenizer import guess_lowercase, load_tokenizer
     if args.checkpoint:
-        pre = common.load_checkpoint(args.checkpoint)
-        tok = common.load_task_tokenizer(pre, args.max_seq_length)
+        pre = load_checkpoint(args.checkpoint)
+        tok = load_task_tokenizer(pre, args.max_seq_length)
         return pre.config, pre.state_dict, tok, str(args.checkpoint)
     if not args.vocab:
         raise UserError("give --checkpoint, or --preset with --vocab (the vocabulary that "
@@ -106,9 +149,9 @@ class _Bench:
     weights), their optimizers, and the batches of every variant, built once; one method per
     thing that is timed."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: FinetuneBenchConfig):
         self.args = args
-        self.device = device = resolve_device(args.device, common.ranks().local_rank)
+        self.device = device = resolve_device(args.device)
         self.task = task = glue.task_by_name(args.task)
         folder = glue.find_task_dir(args.data_dir, task)
         self.cfg, weights, tok, self.what = _load(args)
@@ -129,17 +172,18 @@ class _Bench:
         self.hf = None if args.no_transformers else _transformers_copy(self.ours, self.cfg,
                                                                        num_labels)
         self.ours.to(device).train()
-        opt_cfg = common.TrainConfig(lr=1e-5, device=str(device), precision="fp32")
-        self.opt_ours, _ = common.build_optimizer(self.ours, opt_cfg, device, 1000)
+        self.opt_ours, _ = adamw(self.ours, lr=1e-5, weight_decay=0.01, warmup=0.1,
+                                 total_steps=1000, device=device)
         if self.hf is not None:
             self.hf.to(device).train()
-            self.opt_hf, _ = common.build_optimizer(self.hf, opt_cfg, device, 1000)
+            self.opt_hf, _ = adamw(self.hf, lr=1e-5, weight_decay=0.01, warmup=0.1,
+                                   total_steps=1000, device=device)
         self.loss = glue.loss_fn(regression)
 
         rng = np.random.default_rng(args.seed)
         draws = [rng.choice(len(train), size=min(args.batch, len(train)), replace=False)
                  for _ in range(args.num_batches)]
-        self.dynamic = dynamic = [common.to_device(common.collate([train[i] for i in d], pad_id),
+        self.dynamic = dynamic = [to_device(collate([train[i] for i in d], pad_id),
                                                    device) for d in draws]
         self.shaped = {"max_length": [_pad_to(b, args.max_seq_length, pad_id) for b in dynamic],
                        "dynamic": dynamic, "unpad": dynamic, "transformers": dynamic}
@@ -147,13 +191,13 @@ class _Bench:
                         "unpad": FastPaths(unpad=True)}
         self.train_names = [n for n in TRAIN_VARIANTS if n != "transformers" or self.hf is not None]
 
-    def hf_loss(self, model: Any, batch: common.Batch) -> torch.Tensor:
-        logits = model(**common.model_inputs(batch)).logits
+    def hf_loss(self, model: Any, batch: Batch) -> torch.Tensor:
+        logits = model(**model_inputs(batch)).logits
         if self.regression:
             return F.mse_loss(logits.squeeze(-1).float(), batch["label"].float())
         return F.cross_entropy(logits.float(), batch["label"])
 
-    def train_step(self, name: str, batch: common.Batch) -> None:
+    def train_step(self, name: str, batch: Batch) -> None:
         if name == "transformers":
             self.hf_loss(self.hf, batch).backward()
             self.opt_hf.step()
@@ -171,15 +215,14 @@ class _Bench:
             ours.eval()
             with torch.no_grad():
                 for i in range(0, len(dev), args.eval_batch_size):
-                    b = common.to_device(common.collate(dev[i:i + args.eval_batch_size],
+                    b = to_device(collate(dev[i:i + args.eval_batch_size],
                                                         self.pad_id), self.device)
                     glue.logits_of(ours, b).float().cpu()
             ours.train()
             return
         fast = FastPaths(unpad=name == "sorted_unpad")
-        common.predict(ours, dev, glue.logits_of, common.TrainConfig(
-            eval_batch_size=args.eval_batch_size, device=str(self.device), precision="fp32",
-            fast=fast), self.pad_id)
+        predict(ours, dev, glue.logits_of, Runtime(discover({}), self.device, None),
+                batch_size=args.eval_batch_size, fast=fast, pad_id=self.pad_id)
 
     def first_losses(self) -> dict[str, float]:
         """Each training variant's loss on the same first batch, before any step: the variants
@@ -188,6 +231,7 @@ class _Bench:
         with torch.no_grad():
             for name in self.train_names:
                 model = self.hf if name == "transformers" else self.ours
+                assert model is not None  # "transformers" is a variant only with self.hf
                 if model is self.ours:
                     apply_fast_paths(self.ours, self.fast_of[name])
                 model.eval()
@@ -216,12 +260,12 @@ class _Bench:
             order = self.train_names if r % 2 == 0 else self.train_names[::-1]
             for name in order:
                 b = self.shaped[name][r % args.num_batches]
-                t = self.timed(lambda name=name, b=b: self.train_step(name, b))
+                t = self.timed(partial(self.train_step, name, b))
                 if r >= args.warmup:
                     train_s[name].append(t)
             if not args.no_predict:
                 for name in (PREDICT_VARIANTS if r % 2 == 0 else PREDICT_VARIANTS[::-1]):
-                    t = self.timed(lambda name=name: self.predict_pass(name))
+                    t = self.timed(partial(self.predict_pass, name))
                     if r >= args.warmup:
                         predict_s[name].append(t)
         return train_s, predict_s
@@ -233,10 +277,10 @@ def _paired(times: dict[str, list[float]], base: str, name: str) -> float:
     return statistics.median(b / t for b, t in zip(times[base], times[name]))
 
 
-def bench_finetune(args: argparse.Namespace) -> dict[str, Any]:
-    for flag in ("batch", "eval_batch_size", "repeats", "num_batches", "max_seq_length"):
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be positive")
+def bench_finetune(args: FinetuneBenchConfig) -> dict[str, Any]:
+    """Time the training step and the dev prediction of every variant (module docstring); the
+    results as a JSON-ready dict."""
+    args.validate()
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = _Bench(args)
@@ -299,12 +343,3 @@ def format_table(r: dict[str, Any]) -> str:
         f"{k} {v:.6f}" for k, v in r["first_batch_eval_loss"].items()))
     lines.append(f"load average {r['load_avg_before'][0]:.1f} -> {r['load_avg_after'][0]:.1f}")
     return "\n".join(lines)
-
-
-def handle(args: argparse.Namespace) -> int:
-    from bertscale.bench.model import write_json
-    r = bench_finetune(args)
-    print(format_table(r), flush=True)
-    if args.out:
-        write_json(args.out, r)
-    return 0

@@ -25,7 +25,6 @@ the bench runs bertscale alone and says so.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import json
@@ -44,6 +43,7 @@ import torch
 
 from bertscale.config import ModelConfig, preset
 from bertscale.errors import UserError
+from bertscale.perf import MicroBatchPlan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -142,16 +142,16 @@ def make_batches(cfg: ModelConfig, batch: int, seq_len: int, count: int, seed: i
                                 [pool[int(i)] for i in torch.randint(len(pool), (batch,),
                                                                      generator=g)], P, g)
                 for _ in range(count)]
-    from bertscale.data.loader import MaskingConfig, PretrainLoader
+    from bertscale.data.loader import LoaderConfig, MaskingConfig, open_loader
     from bertscale.data.shards import read_manifest
 
     manifest = read_manifest(lengths_from)
     if manifest.seq_len != seq_len:
         raise UserError(f"{lengths_from}: prepared at seq len {manifest.seq_len}, but "
                         f"--seq-len is {seq_len}")
-    loader = PretrainLoader(manifest, split="train", global_batch_size=batch,
-                            micro_batch_size=batch, rank=0, world_size=1, seed=seed,
-                            masking=MaskingConfig(max_predictions_per_seq=P))
+    loader = open_loader(manifest, LoaderConfig(
+        split="train", global_batch_size=batch, micro_batch_size=batch, seed=seed,
+        masking=MaskingConfig(max_predictions_per_seq=P)))
     out = []
     for b, _ in zip(loader, range(count)):
         out.append(Batch(b["input_ids"], b["token_type_ids"], b["attention_mask"],
@@ -187,6 +187,7 @@ def build_models(cfg: ModelConfig, fast: Any, device: torch.device, with_hf: boo
     hf_model = None
     if with_hf:
         transformers = import_transformers()
+        assert transformers is not None, "with_hf only when transformers imports"
         hf_cfg = transformers.BertConfig(**config_to_hf(cfg))
         hf_cfg._attn_implementation = "sdpa"  # PyTorch's fused attention, as ours
         with device:
@@ -205,12 +206,12 @@ def build_models(cfg: ModelConfig, fast: Any, device: torch.device, with_hf: boo
 
 
 def make_step(model: torch.nn.Module, kind: str, optimizer: torch.optim.Optimizer,
-              device: torch.device, dtype: torch.dtype) -> Callable[[Batch], float]:
+              device: torch.device, dtype: torch.dtype) -> Callable[[Batch], torch.Tensor]:
     from bertscale.model import pretraining_loss
 
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def step(b: Batch) -> float:
+    def step(b: Batch) -> torch.Tensor:
         with autocast:
             if kind == "bertscale":
                 out = model(b.input_ids, b.token_type_ids, b.attention_mask,
@@ -236,17 +237,97 @@ def _sync(device: torch.device) -> None:
 # ---------------------------------------------------------------------------- the bench
 
 
-def bench_model(args: argparse.Namespace) -> dict[str, Any]:
-    from bertscale.optim import OptimizerConfig, build_optimizer
-    from bertscale.parallelize import FastPaths, compile_failure
-    from bertscale.perf import datasheet_peak, measure_matmul_peak, step_flops
+@dataclass
+class ModelBenchConfig:
+    """One `bertscale bench model` run."""
 
+    preset: str = "base"
+    seq_len: int = 128
+    batch: int = 8
+    """Sequences per step (micro-batch)."""
+    dtype: str = "fp32"
+    """fp32, or bf16 autocast over fp32 weights (both models alike)."""
+    device: str = "cpu"
+    repeats: int = 5
+    """Timed repeats per implementation."""
+    warmup: int = 1
+    """Untimed repeats first."""
+    steps: int = 1
+    """Training steps per timed repeat."""
+    num_batches: int = 4
+    """Distinct batches the steps cycle through."""
+    lengths_from: Path | None = None
+    """Real lengths: a prepared manifest.json or a lengths JSON ({"<seq_len>": [...]})."""
+    unpad: bool = False
+    checkpoint_activations: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    optimizer: str = "adamw"
+    optimizer_impl: str | None = None
+    """foreach, fused or loop; default fused for adamw, foreach for lamb (both models alike)."""
+    threads: int | None = None
+    seed: int = 0
+    no_transformers: bool = False
+    """Time bertscale alone."""
+    peak_n: int | None = None
+    """Size of the square matmul that measures the peak (default: by device)."""
+
+    def validate(self) -> None:
+        if self.seq_len < 8 or self.batch < 1 or self.repeats < 1 or self.steps < 1:
+            raise UserError("--seq-len must be >= 8; --batch, --repeats and --steps >= 1")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype!r}: choose {' or '.join(DTYPES)}")
+
+
+Timing = tuple[float, float, float, float]
+"""(wall seconds, process CPU seconds, model FLOPs, real tokens) per step of one repeat."""
+
+
+@dataclass
+class _Setup:
+    """What the timed repeats run: each implementation's step, the batches, their FLOPs."""
+
+    model_config: ModelConfig
+    fast: Any
+    ours: torch.nn.Module
+    runs: dict[str, Callable[[Batch], Any]]
+    batches: list[Batch]
+    flops_of: dict[int, int]
+    initial_loss: dict[str, float]
+    with_hf: bool
+    note: str
+    impl: str
+
+
+def bench_model(args: ModelBenchConfig) -> dict[str, Any]:
+    """Time one training step of bertscale and transformers alike (module docstring); the
+    results as a JSON-ready dict."""
+    from bertscale.perf import measure_matmul_peak
+
+    args.validate()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to torch")
     dtype = DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
+    setup = _set_up(args, device, dtype)
+    timer = _Timer(args, setup, device)
+    load_before = os.getloadavg()
+    timer.warm_up()
+    peak = measure_matmul_peak(device, dtype, n=args.peak_n)
+    samples = timer.repeats()
+    load_after = os.getloadavg()
+    # The best of two peak measurements: a busy machine only ever lowers it.
+    peak = max(peak, measure_matmul_peak(device, dtype, n=args.peak_n))
+    return _summary(args, setup, samples, peak, device, dtype, (load_before, load_after))
+
+
+def _set_up(args: ModelBenchConfig, device: torch.device, dtype: torch.dtype) -> _Setup:
+    from bertscale.optim import OptimizerConfig, build_optimizer
+    from bertscale.parallelize import FastPaths
+    from bertscale.perf import step_flops
+
     cfg = preset(args.preset, max_position_embeddings=max(512, args.seq_len))
     with_hf = not args.no_transformers
     hf_note = ""
@@ -254,14 +335,12 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
         with_hf = False
         hf_note = "transformers is not installed: timing bertscale alone"
         print(f"bench: {hf_note}", file=sys.stderr)
-
     fast = FastPaths(unpad=args.unpad, checkpoint_activations=args.checkpoint_activations,
-                     compile=args.compile,
-                     compile_backend=getattr(args, "compile_backend", "inductor"))
+                     compile=args.compile, compile_backend=args.compile_backend)
     ours, hf_model = build_models(cfg, fast, device, with_hf, seed=args.seed)
     # torch has fused AdamW kernels on CPU and CUDA; LAMB (ours) is foreach.
     impl = args.optimizer_impl or ("fused" if args.optimizer == "adamw" else "foreach")
-    opt_cfg = OptimizerConfig(name=args.optimizer, lr=1e-4, implementation=impl)
+    opt_cfg = OptimizerConfig(name=args.optimizer, lr=1e-4, implementation=impl)  # type: ignore[arg-type]
     batches = [b.to(device) for b in make_batches(cfg, args.batch, args.seq_len,
                                                   args.num_batches, args.seed,
                                                   args.lengths_from)]
@@ -270,54 +349,72 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     if hf_model is not None:
         runs["transformers"] = make_step(hf_model, "transformers",
                                          build_optimizer(opt_cfg, hf_model), device, dtype)
-    names = list(runs)
-    load_before = os.getloadavg()
-
-    def timed(name: str, i: int) -> tuple[float, float, float, float]:
-        """(wall seconds, process CPU seconds, model FLOPs, real tokens) per step of repeat i."""
-        chosen = [batches[(i * args.steps + k) % len(batches)] for k in range(args.steps)]
-        _sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        for b in chosen:
-            runs[name](b)
-        _sync(device)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        work = sum(flops_of[id(b)] for b in chosen)
-        tokens = sum(sum(b.lengths) for b in chosen)
-        return wall / args.steps, cpu / args.steps, work / args.steps, tokens / args.steps
-
     flops_of = {id(b): step_flops(cfg, b.lengths, b.num_predictions).train for b in batches}
     initial_loss = {name: _eval_loss(model, name, batches[0], device, dtype)
                     for name, model in (("bertscale", ours), ("transformers", hf_model))
                     if model is not None}
-    for name in names:  # warm-up: allocator, kernels, compilation
-        for i in range(args.warmup):
-            timed(name, i)
-    peak = measure_matmul_peak(device, dtype, n=args.peak_n)
-    samples: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n in names}
-    for r in range(args.repeats):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            samples[name].append(timed(name, r))
-    load_after = os.getloadavg()
-    # The best of two peak measurements: a busy machine only ever lowers it.
-    peak = max(peak, measure_matmul_peak(device, dtype, n=args.peak_n))
+    return _Setup(cfg, fast, ours, runs, batches, flops_of, initial_loss, with_hf, hf_note, impl)
+
+
+class _Timer:
+    """Times the implementations' steps: a warm-up, then repeats in which they alternate (A B,
+    then B A, ...) so that drifting machine load hits both alike."""
+
+    def __init__(self, args: ModelBenchConfig, setup: _Setup, device: torch.device):
+        self.args, self.setup, self.device = args, setup, device
+        self.names = list(setup.runs)
+
+    def timed(self, name: str, i: int) -> Timing:
+        args, batches = self.args, self.setup.batches
+        chosen = [batches[(i * args.steps + k) % len(batches)] for k in range(args.steps)]
+        _sync(self.device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for b in chosen:
+            self.setup.runs[name](b)
+        _sync(self.device)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        work = sum(self.setup.flops_of[id(b)] for b in chosen)
+        tokens = sum(sum(b.lengths) for b in chosen)
+        return wall / args.steps, cpu / args.steps, work / args.steps, tokens / args.steps
+
+    def warm_up(self) -> None:
+        """Allocator, kernels, compilation."""
+        for name in self.names:
+            for i in range(self.args.warmup):
+                self.timed(name, i)
+
+    def repeats(self) -> dict[str, list[Timing]]:
+        samples: dict[str, list[Timing]] = {n: [] for n in self.names}
+        for r in range(self.args.repeats):
+            order = self.names if r % 2 == 0 else self.names[::-1]
+            for name in order:
+                samples[name].append(self.timed(name, r))
+        return samples
+
+
+def _summary(args: ModelBenchConfig, setup: _Setup, samples: dict[str, list[Timing]],
+             peak: float, device: torch.device, dtype: torch.dtype,
+             load: tuple[tuple[float, float, float], tuple[float, float, float]]
+             ) -> dict[str, Any]:
+    """Medians, throughput, TFLOP/s and MFU per implementation, and the speed-ups."""
+    from bertscale.parallelize import compile_failure
+    from bertscale.perf import datasheet_peak
 
     sheet = datasheet_peak(device_name(device), "fp32" if dtype == torch.float32 else "bf16")
-    flops = statistics.fmean(flops_of.values())
-    tokens = statistics.fmean(sum(b.lengths) for b in batches)
+    flops = statistics.fmean(setup.flops_of.values())
+    tokens = statistics.fmean(sum(b.lengths) for b in setup.batches)
     results: dict[str, Any] = {}
-    for name in names:
-        walls = [w for w, *_ in samples[name]]
+    for name, timings in samples.items():
+        walls = [w for w, *_ in timings]
         t = statistics.median(walls)
-        achieved = statistics.median(f / w for w, _, f, _ in samples[name])
+        achieved = statistics.median(f / w for w, _, f, _ in timings)
         results[name] = dict(step_s=t, times_s=walls,
-                             cpu_s=statistics.median(c for _, c, _, _ in samples[name]),
+                             cpu_s=statistics.median(c for _, c, _, _ in timings),
                              seq_per_s=args.batch / t,
-                             tokens_per_s=statistics.median(n / w for w, _, _, n in samples[name]),
+                             tokens_per_s=statistics.median(n / w for w, _, _, n in timings),
                              tflops=achieved / 1e12, mfu=achieved / peak,
                              mfu_datasheet=achieved / (sheet[0] * 1e12) if sheet else None)
-    if len(names) == 2:
+    if len(samples) == 2:
         results["speedup"] = results["transformers"]["step_s"] / results["bertscale"]["step_s"]
         # Each repeat ran the two back to back on the same batch: the median of those paired
         # ratios is the estimate least moved by load that drifts from one repeat to the next.
@@ -326,31 +423,32 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cpu":
             results["speedup_cpu_time"] = (results["transformers"]["cpu_s"]
                                            / results["bertscale"]["cpu_s"])
-    transformers = import_transformers() if with_hf else None
+    transformers = import_transformers() if setup.with_hf else None
     # What ran, not what was asked: a compile that fell back to eager is not reported compiled.
-    fast_paths = dataclasses.asdict(fast)
+    fast_paths = dataclasses.asdict(setup.fast)
     fast_paths.pop("compile_backend", None)
-    compile_error = compile_failure(ours)
+    compile_error = compile_failure(setup.ours)
     if compile_error:
         fast_paths["compile"] = False
     return dict(
         argv=sys.argv[1:],
         date=time.strftime("%Y-%m-%d"),
         device=device_name(device), threads=torch.get_num_threads(),
-        load_avg_before=load_before, load_avg_after=load_after,
+        load_avg_before=load[0], load_avg_after=load[1],
         torch=torch.__version__, transformers=getattr(transformers, "__version__", None),
-        note=hf_note or None,
+        note=setup.note or None,
         preset=args.preset, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype,
         precision=("fp32" if dtype == torch.float32 else "bf16 autocast, fp32 weights and "
                    "optimizer state"),
-        optimizer=f"{args.optimizer} ({impl})", fast_paths=fast_paths,
-        compile_error=compile_error, compile_backend=fast.compile_backend if fast.compile else None,
+        optimizer=f"{args.optimizer} ({setup.impl})", fast_paths=fast_paths,
+        compile_error=compile_error,
+        compile_backend=setup.fast.compile_backend if setup.fast.compile else None,
         lengths_from=str(args.lengths_from) if args.lengths_from else None,
         mean_real_tokens=tokens, fill=tokens / (args.batch * args.seq_len),
         flops_per_step=flops, peak_tflops=peak / 1e12, peak_source="measured matmul",
         datasheet_tflops=sheet[0] if sheet else None, datasheet_source=sheet[1] if sheet else None,
         warmup=args.warmup, repeats=args.repeats, steps_per_repeat=args.steps,
-        initial_loss=initial_loss, results=results)
+        initial_loss=setup.initial_loss, results=results)
 
 
 @torch.no_grad()
@@ -409,26 +507,28 @@ def format_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    from bertscale.files import write_text_atomic
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
-
-
-def handle_model(args: argparse.Namespace) -> int:
-    if args.seq_len < 8 or args.batch < 1 or args.repeats < 1 or args.steps < 1:
-        raise UserError("--seq-len must be >= 8; --batch, --repeats and --steps >= 1")
-    result = bench_model(args)
-    print(format_table(result))
-    if args.out:
-        write_json(args.out, result)
-    return 0
-
-
 # --------------------------------------------------------------------------- micro-batch
 
 
-def handle_microbatch(args: argparse.Namespace) -> int:
+@dataclass
+class MicroBatchBenchConfig:
+    """One `bertscale bench microbatch` run (CUDA)."""
+
+    global_batch: int
+    preset: str = "large"
+    seq_len: int = 512
+    world_size: int = 1
+    start: int = 8
+    """The first micro-batch tried."""
+    dtype: str = "bf16"
+    device: str = "cuda"
+    unpad: bool = False
+    checkpoint_activations: bool = False
+
+
+def bench_microbatch(args: MicroBatchBenchConfig) -> MicroBatchPlan:
+    """The largest micro-batch of real training steps that fits the device, and the gradient
+    accumulation that keeps the global batch; printed and returned."""
     from bertscale.model import BertForPreTraining, pretraining_loss
     from bertscale.parallelize import FastPaths, apply_fast_paths
     from bertscale.perf import find_micro_batch
@@ -470,4 +570,4 @@ def handle_microbatch(args: argparse.Namespace) -> int:
           f"micro-batch that fits {plan.max_fits} (tried {plan.tried}); for global batch "
           f"{args.global_batch} on {args.world_size} ranks: micro-batch {plan.micro_batch} x "
           f"gradient accumulation {plan.grad_accum}")
-    return 0
+    return plan

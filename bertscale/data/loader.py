@@ -54,10 +54,9 @@ rank check its share (``verify_shards``) and sets it off.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -66,21 +65,20 @@ import torch
 
 from bertscale.data.cache import FetchSettings, ShardFetcher
 from bertscale.data.masking import Masker, MaskingConfig
+from bertscale.data.order import GlobalOrder
 from bertscale.data.remote import is_remote as _is_remote
 from bertscale.data.shards import (Manifest, SampleError, ShardFile, TarIndex, count_members,
                                    decode_sample, index_tar, read_manifest, sha256_file)
 from bertscale.errors import UserError
 from bertscale.tokenizer import read_vocab
 
-__all__ = ["MaskingConfig", "PretrainLoader"]
+__all__ = ["LoaderConfig", "MaskingConfig", "PretrainLoader", "open_loader"]
 
 log = logging.getLogger("bertscale.data")
 
 EVAL_ID_BIT = 1 << 62
 PAD_SAMPLE_ID = -1
 BAD_SAMPLE_ID = -2
-
-
 
 
 @dataclass
@@ -166,95 +164,6 @@ def read_sample(shard: _Shard, offset: int) -> tuple[np.ndarray, int, int] | str
         return str(e)
 
 
-class GlobalOrder:
-    """Global position -> (shard index, sample offset) for one split."""
-
-    def __init__(self, counts: list[int], seed: int, shuffle: bool, window: int):
-        self.counts = np.asarray(counts, dtype=np.int64)
-        self.n = int(self.counts.sum())
-        self.seed = seed
-        self.shuffle = shuffle
-        self.window = max(1, min(window, self.n)) if self.n else 1
-        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._windows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._inverse: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-
-    def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
-        got = self._epochs.get(e)
-        if got is None:
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, 0x5EED, e]).permutation(len(self.counts))
-            else:
-                order = np.arange(len(self.counts))
-            ends = np.cumsum(self.counts[order])
-            got = (order, ends)
-            self._epochs[e] = got
-            if len(self._epochs) > 2:
-                self._epochs.popitem(last=False)
-        return got
-
-    def _perm(self, e: int, w: int) -> np.ndarray:
-        got = self._windows.get((e, w))
-        if got is None:
-            size = min(self.window, self.n - w * self.window)
-            got = np.random.default_rng([self.seed, 0x3A7D, e, w]).permutation(size)
-            self._windows[(e, w)] = got
-            if len(self._windows) > 8:
-                self._windows.popitem(last=False)
-        return got
-
-    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        epoch = positions // self.n
-        j = positions % self.n
-        shard = np.empty_like(positions)
-        offset = np.empty_like(positions)
-        for e in np.unique(epoch).tolist():
-            sel = epoch == e
-            jj = j[sel]
-            if self.shuffle:
-                w = jj // self.window
-                for ww in np.unique(w).tolist():
-                    ws = w == ww
-                    jj[ws] = ww * self.window + self._perm(e, ww)[jj[ws] - ww * self.window]
-            order, ends = self._epoch(e)
-            k = np.searchsorted(ends, jj, side="right")
-            shard[sel] = order[k]
-            offset[sel] = jj - (ends[k] - self.counts[order[k]])
-        return shard, offset
-
-    def position_of(self, epoch: int, shard: int, offset: int) -> int:
-        """The global position at which `epoch` reads sample `offset` of `shard`: the inverse
-        of `locate` (bertscale.data.wds masks a sample as the trainer does in that epoch)."""
-        order, ends = self._epoch(epoch)
-        k = int(np.flatnonzero(order == shard)[0])
-        jj = int(ends[k] - self.counts[shard]) + offset    # index in the shard concatenation
-        if self.shuffle:
-            w = jj // self.window
-            inverse = self._inverse.get((epoch, w))
-            if inverse is None:
-                inverse = self._inverse[(epoch, w)] = np.argsort(self._perm(epoch, w))
-                if len(self._inverse) > 2:
-                    self._inverse.popitem(last=False)
-            jj = w * self.window + int(inverse[jj - w * self.window])
-        return epoch * self.n + jj
-
-    def window_of(self, position: int) -> tuple[int, int]:
-        """(epoch, window) of a global position."""
-        return position // self.n, position % self.n // self.window
-
-    def next_window(self, epoch: int, window: int) -> tuple[int, int]:
-        return (epoch, window + 1) if (window + 1) * self.window < self.n else (epoch + 1, 0)
-
-    def window_shards(self, epoch: int, window: int) -> list[int]:
-        """The shards a window reads: a window shuffles a contiguous range of the epoch's shard
-        concatenation, so they are the shards that range overlaps (what `locate` maps to)."""
-        order, ends = self._epoch(epoch)
-        lo = window * self.window
-        hi = min(lo + self.window, self.n) - 1
-        a, b = np.searchsorted(ends, [lo, hi], side="right").tolist()
-        return order[a:b + 1].tolist()
-
-
 def verify_shards(m: Manifest, split: str, rank: int = 0, world_size: int = 1, *,
                   sha256: bool = True) -> list[str]:
     """The local shards of `split` against the manifest, one message per bad shard: present,
@@ -295,97 +204,132 @@ def verify_shards(m: Manifest, split: str, rank: int = 0, world_size: int = 1, *
     return problems
 
 
-class PretrainLoader:
-    """This rank's masked micro-batches; see the module docstring for the stream's definition."""
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Which samples a loader yields and how (module docstring); `validate` checks it against
+    the manifest before anything is opened."""
 
-    # Over ruff's complexity limit on purpose: one check per argument that can be wrong (each with
-    # its message), then the stream's parts; splitting it would scatter the checks.
-    def __init__(self, manifest: Manifest | str | Path, *, split: str,  # noqa: C901
-                 global_batch_size: int,
-                 micro_batch_size: int, rank: int, world_size: int, seed: int,
-                 consumed_samples: int = 0, masking: MaskingConfig | None = None,
-                 num_workers: int = 0, bad_sample_policy: str = "raise",
-                 max_bad_samples: int = 100, verify_sha256: bool = True,
-                 shuffle_window: int | None = None, cache_dir: str | Path | None = None,
-                 max_samples: int = 0, fetch: FetchSettings | None = None):
-        self.manifest = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
-        m = self.manifest
-        if split not in m.shards:
-            raise UserError(f"{m.path}: no split {split!r} (has {', '.join(m.shards)})")
-        G, mb, W = global_batch_size, micro_batch_size, world_size
+    split: str
+    global_batch_size: int
+    micro_batch_size: int
+    seed: int
+    """Orders the samples and draws the masks."""
+    rank: int = 0
+    world_size: int = 1
+    consumed_samples: int = 0
+    """The global position to start from (a resume sets it through `load_state_dict`)."""
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    num_workers: int = 0
+    """DataLoader worker processes (0: batches are made in this process)."""
+    bad_sample_policy: str = "raise"
+    """raise: a damaged sample is an error; skip: replaced by a void sample, logged, counted."""
+    max_bad_samples: int = 100
+    """With skip: more damaged samples than this (per process) is an error."""
+    verify_sha256: bool = True
+    """Check every shard of the split against the manifest's sha256 first."""
+    shuffle_window: int | None = None
+    """Samples shuffled together; None: 4 shards' worth."""
+    max_samples: int = 0
+    """Eval only: the first max_samples of the split in stored order (0: all)."""
+    fetch: FetchSettings = field(default_factory=FetchSettings)
+    """The node cache and prefetch of shards in an object store."""
+
+    def validate(self, m: Manifest) -> None:
+        if self.split not in m.shards:
+            raise UserError(f"{m.path}: no split {self.split!r} (has {', '.join(m.shards)})")
+        G, mb, W = self.global_batch_size, self.micro_batch_size, self.world_size
         if G <= 0 or mb <= 0 or W <= 0:
             raise UserError(f"global batch {G}, micro-batch {mb} and world size {W} must be positive")
-        if not 0 <= rank < W:
-            raise UserError(f"rank {rank} is outside world size {W}")
+        if not 0 <= self.rank < W:
+            raise UserError(f"rank {self.rank} is outside world size {W}")
         if G % (mb * W):
             raise UserError(f"global batch {G} is not divisible by micro-batch {mb} × {W} ranks "
                             f"(= {mb * W})")
-        if bad_sample_policy not in ("raise", "skip"):
-            raise UserError(f"bad_sample_policy {bad_sample_policy!r}: choose raise or skip")
-        if consumed_samples < 0:
-            raise UserError(f"consumed_samples {consumed_samples} is negative")
-        if num_workers < 0:
-            raise UserError(f"num_workers {num_workers} is negative")
-        self.n = m.num_samples(split)
-        if self.n == 0:
-            raise UserError(f"{m.path}: split {split!r} has no samples")
-        if max_samples < 0:
-            raise UserError(f"max_samples {max_samples} is negative")
-        if max_samples and split == "train":
+        if self.bad_sample_policy not in ("raise", "skip"):
+            raise UserError(f"bad_sample_policy {self.bad_sample_policy!r}: choose raise or skip")
+        if self.consumed_samples < 0:
+            raise UserError(f"consumed_samples {self.consumed_samples} is negative")
+        if self.num_workers < 0:
+            raise UserError(f"num_workers {self.num_workers} is negative")
+        if m.num_samples(self.split) == 0:
+            raise UserError(f"{m.path}: split {self.split!r} has no samples")
+        if self.max_samples < 0:
+            raise UserError(f"max_samples {self.max_samples} is negative")
+        if self.max_samples and self.split == "train":
             raise UserError("max_samples limits one pass over an eval split; train is infinite")
-        if max_samples:
+        if self.shuffle_window is not None and self.shuffle_window < 1:
+            raise UserError(f"shuffle_window {self.shuffle_window} must be >= 1")
+        remote = _is_remote(m.shard_location(self.split, 0))
+        if remote and self.num_workers:
+            # A forked worker hung in the store client (fsspec's I/O loop) in one of three tries
+            # here; reading in the rank's process is fast enough (see benchmarks).
+            raise UserError(f"data.num_workers = {self.num_workers} with shards in an object "
+                            f"store ({m.shard_location(self.split, 0)}) is not supported yet: set "
+                            f"it to 0")
+
+
+def open_loader(manifest: Manifest | str | Path, config: LoaderConfig) -> PretrainLoader:
+    """The loader of `config` over a manifest (or its path): checked, then built."""
+    m = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
+    config.validate(m)
+    return PretrainLoader(m, config)
+
+
+class PretrainLoader:
+    """This rank's masked micro-batches; see the module docstring for the stream's definition.
+    Built by `open_loader` (which checks the config first)."""
+
+    def __init__(self, manifest: Manifest, config: LoaderConfig):
+        self.manifest = m = manifest
+        self.config = c = config
+        self.split = c.split
+        self.n = m.num_samples(c.split)
+        if c.max_samples:
             # The first max_samples of the split in stored order: the same samples on any
             # number of ranks (a count of global batches would depend on the world size).
-            self.n = min(self.n, max_samples)
-        self.split = split
-        self.G, self.mb, self.W, self.rank = G, mb, W, rank
-        self.micro_per_batch = G // (mb * W)
-        self.seed = seed
-        self.start = consumed_samples
-        self.consumed_samples = consumed_samples
-        self.masking = masking or MaskingConfig()
-        self.num_workers = num_workers
-        self.policy = bad_sample_policy
-        self.max_bad = max_bad_samples
+            self.n = min(self.n, c.max_samples)
+        self.G, self.mb, self.W, self.rank = (c.global_batch_size, c.micro_batch_size,
+                                              c.world_size, c.rank)
+        self.micro_per_batch = self.G // (self.mb * self.W)
+        self.seed = c.seed
+        self.start = self.consumed_samples = c.consumed_samples
+        self.masking = c.masking
+        self.num_workers = c.num_workers
+        self.policy = c.bad_sample_policy
+        self.max_bad = c.max_bad_samples
         self.bad_samples = 0
         self.fingerprint = m.fingerprint
         self.seq_len = m.seq_len
+        self.vocab = self._vocab()
+        self.cls_id, self.sep_id, self.pad_id = (self.vocab["[CLS]"], self.vocab["[SEP]"],
+                                                 self.vocab["[PAD]"])
+        self.masker = Masker(self.masking, self.vocab, c.seed)
+        self.is_train = c.split == "train"
+        self.order = GlobalOrder([s.samples for s in m.shards[c.split]], c.seed, self.is_train,
+                                 c.shuffle_window or 4 * m.samples_per_shard)
+        # Remote shards: the node cache (fetch.cache_dir: its root) and the prefetcher.
+        self.fetcher = (ShardFetcher(m, c.split, c.fetch, c.rank)
+                        if _is_remote(m.shard_location(c.split, 0)) else None)
+        if self.fetcher is not None and c.fetch.limit_bytes:
+            self._check_cache_bound(c.fetch.limit_bytes)
+        self._window: tuple[tuple[int, int], tuple[int, int]] | None = None
+        self.store = ShardStore(m, c.split, self.fetcher)
+        self.id_base = 0 if self.is_train else EVAL_ID_BIT
+        if c.verify_sha256:
+            self._verify()
+
+    def _vocab(self) -> dict[str, int]:
+        m = self.manifest
         vocab = read_vocab(m.vocab_file)
         if len(vocab) != m.vocab_size:
             raise UserError(f"{m.vocab_file}: {len(vocab)} tokens, the manifest says {m.vocab_size}")
-        self.vocab = vocab
-        self.cls_id, self.sep_id, self.pad_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[PAD]"]
-        self.masker = Masker(self.masking, vocab, seed)
         expected = round(m.seq_len * self.masking.mask_prob)
         if self.masking.max_predictions_per_seq < expected:
             log.warning("max_predictions_per_seq=%d caps masking below %.0f%% of %d tokens "
                         "(the paper uses 20 at seq 128 and 80 at seq 512)",
-                        self.masking.max_predictions_per_seq, 100 * self.masking.mask_prob, m.seq_len)
-        self.is_train = split == "train"
-        if shuffle_window is None:
-            shuffle_window = 4 * m.samples_per_shard
-        if shuffle_window < 1:
-            raise UserError(f"shuffle_window {shuffle_window} must be >= 1")
-        self.order = GlobalOrder([s.samples for s in m.shards[split]], seed, self.is_train,
-                                 shuffle_window)
-        # Remote shards: the node cache (cache_dir: its root) and the prefetcher.
-        fetch = fetch or FetchSettings()
-        if cache_dir is not None:
-            fetch = dataclasses.replace(fetch, cache_dir=Path(cache_dir))
-        self.fetcher = (ShardFetcher(m, split, fetch, rank)
-                        if _is_remote(m.shard_location(split, 0)) else None)
-        if self.fetcher is not None and num_workers:
-            # A forked worker hung in the store client (fsspec's I/O loop) in one of three tries
-            # here; reading in the rank's process is fast enough (see benchmarks).
-            raise UserError(f"data.num_workers = {num_workers} with shards in an object store "
-                            f"({m.shard_location(split, 0)}) is not supported yet: set it to 0")
-        if self.fetcher is not None and fetch.limit_bytes:
-            self._check_cache_bound(fetch.limit_bytes)
-        self._window: tuple | None = None
-        self.store = ShardStore(m, split, self.fetcher)
-        self.id_base = 0 if split == "train" else EVAL_ID_BIT
-        if verify_sha256:
-            self._verify()
+                        self.masking.max_predictions_per_seq, 100 * self.masking.mask_prob,
+                        m.seq_len)
+        return vocab
 
     # -- integrity --------------------------------------------------------------------------
 

@@ -124,10 +124,17 @@ class _PipeReader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._finish(check=exc[0] is None)
+
+    def close(self) -> None:
+        """Stop reading; the command's non-zero exit is then an error."""
+        self._finish(check=True)
+
+    def _finish(self, check: bool) -> None:
         assert self.proc.stdout is not None
         self.proc.stdout.close()
         rc = self.proc.wait()
-        if rc and exc[0] is None:
+        if rc and check:
             raise OSError(f"command exited with status {rc}")
 
 

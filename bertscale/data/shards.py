@@ -137,7 +137,7 @@ class TarWriter:
         self.bytes = 0
         self.count = 0
 
-    def _write(self, b: bytes) -> None:
+    def _write(self, b: bytes | memoryview) -> None:
         self.f.write(b)
         self.sha.update(b)
         self.bytes += len(b)

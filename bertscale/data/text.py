@@ -53,7 +53,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from bertscale.errors import UserError
 
@@ -231,7 +231,7 @@ def compression_of(path: Path) -> str | None:
 def open_text(path: Path) -> IO[str]:
     """Open a possibly compressed UTF-8 text file for reading."""
     kind = compression_of(path)
-    raw: IO[bytes]
+    raw: BinaryIO | gzip.GzipFile | bz2.BZ2File | lzma.LZMAFile
     if kind == "gzip":
         raw = gzip.open(path, "rb")
     elif kind == "bzip2":

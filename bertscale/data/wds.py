@@ -36,6 +36,7 @@ shards are streamed, not cached per node.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -67,10 +68,19 @@ def _open_shards(source: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
             raise
         except Exception as e:  # noqa: BLE001 - any store client error becomes one line
             raise UserError(f"shard {url}: {remote.reason(e)}") from None
+        read = False
         try:
             yield dict(sample, stream=stream)
+            read = True
         finally:
-            stream.close()
+            if read:  # the whole shard: a command that failed (pipe:) is an error now
+                try:
+                    stream.close()
+                except Exception as e:  # noqa: BLE001 - any store client error becomes one line
+                    raise UserError(f"shard {url}: {remote.reason(e)}") from None
+            else:  # the reader stopped early: a pipe's command may have died of SIGPIPE
+                with contextlib.suppress(Exception):
+                    stream.close()
 
 
 def _raise(exc: Exception) -> bool:
@@ -84,7 +94,7 @@ class _Decoder:
 
     def __init__(self, manifest: Manifest, split: str, seed: int | None, epoch: int,
                  masking: MaskingConfig | None, shuffle_window: int | None):
-        from bertscale.data.loader import GlobalOrder
+        from bertscale.data.order import GlobalOrder
 
         self.no_pair = manifest.pair_objective == "mlm"
         self.width = np.dtype(manifest.token_dtype).itemsize

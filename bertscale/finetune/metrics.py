@@ -249,7 +249,7 @@ def best_threshold(predictions: Mapping[str, str], scores: Mapping[str, float],
                    na_probs: Mapping[str, float], has_ans: Mapping[str, bool]) -> tuple[float, float]:
     """(best score in %, threshold): start from "every question answered empty" (all NoAns
     correct), then answer questions in increasing no-answer score, keeping the best total."""
-    cur = sum(1 for k in has_ans if not has_ans[k])
+    cur: float = sum(1 for k in has_ans if not has_ans[k])
     best, best_thresh = cur, 0.0
     for qid in sorted(na_probs, key=lambda k: na_probs[k]):   # stable: ties in mapping order
         if qid not in scores:

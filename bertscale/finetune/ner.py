@@ -2,8 +2,12 @@
 2018, Section 5.3): fine-tuning BertForTokenClassification, or a tagger on frozen features.
 
 What it does and its limits are the `bertscale finetune ner --help` text
-(`bertscale.finetune.cli.NER_DESCRIPTION`); its flags are parsed in that module too, so that
-`bertscale --help` does not import torch.
+(`bertscale.commands.finetune.NER_DESCRIPTION`); its recipe is bertscale.finetune.recipe's
+NerRecipe.
+
+`run` trains the recipe's grid in either mode (`token_splits`: word pieces for fine-tuning;
+`feature_splits`: frozen-BERT features for the tagger, extracted once for every run);
+`evaluate_saved` re-scores a saved model (--eval-only); `predict_file` tags a new file.
 
 Fine-tune mode only: --save-model writes each run's BertForTokenClassification (head included)
 with bertscale_task.json (labels, tag scheme, length, recipe); `--eval-only` re-scores a dev
@@ -15,10 +19,9 @@ with bertscale_task.json (labels, tag scheme, length, recipe); `--eval-only` re-
 from __future__ import annotations
 
 import collections
-import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +32,18 @@ from torch import Tensor, nn
 
 from bertscale.errors import UserError
 from bertscale.files import read_text
-from bertscale.finetune import common
 from bertscale.finetune import seqeval
+from bertscale.finetune.data import model_inputs
+from bertscale.finetune.grid import check_eval_dir, run_grid
+from bertscale.finetune.models import (Pretrained, build_model, check_casing, check_length,
+                                       finetuned_task, load_checkpoint, load_task_tokenizer,
+                                       pad_id_of, save_model, unk_fraction)
+from bertscale.finetune.predict import predict
+from bertscale.finetune.recipe import NerRecipe
+from bertscale.finetune.results import finish
+from bertscale.finetune.runtime import Runtime
+from bertscale.finetune.train import RunSpec, fit
+from bertscale.parallelize import FastPaths
 
 IGNORE = -100
 
@@ -145,6 +158,7 @@ class FeatureTagger(nn.Module):
     def __init__(self, table: Tensor, num_labels: int, kind: str = "bilstm", hidden: int = 768,
                  layers: int = 2, dropout: float = 0.5):
         super().__init__()
+        self.table: Tensor
         self.register_buffer("table", table, persistent=False)                # (rows, D)
         self.dropout = nn.Dropout(dropout)
         D = table.shape[1]
@@ -157,7 +171,7 @@ class FeatureTagger(nn.Module):
             self.lstm = None
             width = D
         else:
-            raise UserError(f"--tagger {kind!r}: choose bilstm or linear")
+            raise UserError(f"ner.tagger {kind!r}: choose bilstm or linear")
         self.classifier = nn.Linear(width, num_labels)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
@@ -176,7 +190,7 @@ class FeatureTagger(nn.Module):
 
 
 def _loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    logits = model(**common.model_inputs(batch)).float()                       # (B, T, C)
+    logits = model(**model_inputs(batch)).float()                              # (B, T, C)
     labels = batch["labels"][:, :logits.shape[1]]                               # (B, T)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE)
@@ -185,39 +199,11 @@ def _loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 def _argmax(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     # The argmax, not the logits: predict() pads a ragged LAST axis, which for (B, T, C)
     # logits would be the label axis; (B, T) predictions have T last.
-    return model(**common.model_inputs(batch)).argmax(-1)                       # (B, T)
+    predicted: Tensor = model(**model_inputs(batch)).argmax(-1)                # (B, T)
+    return predicted
 
 
 # --------------------------------------------------------------------------------- running
-
-
-@dataclass
-class NerArgs:
-    train_file: Path | None
-    dev_file: Path
-    checkpoint: Path
-    output_dir: Path
-    test_file: Path | None = None
-    mode: str = "finetune"
-    """"finetune" (the whole model) or "feature" (frozen BERT + a tagger)."""
-    lrs: list[float] = field(default_factory=lambda: [5e-5])
-    seeds: list[int] = field(default_factory=lambda: [1])
-    train: common.TrainConfig = field(default_factory=common.TrainConfig)
-    max_seq_length: int = 256
-    tag_scheme: str = "iob2"
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    layers: str = "concat-last-four"
-    """Feature mode: which hidden states (see `bertscale.embed`)."""
-    layer_weights: list[float] | None = None
-    tagger: str = "bilstm"
-    tagger_hidden: int = 768
-    tagger_layers: int = 2
-    tagger_dropout: float = 0.5
-    save_model: bool = False
-    """Fine-tune mode: write each run's model with its labels (bertscale_task.json)."""
-    eval_only: bool = False
-    """Score dev (and test) with a --save-model folder in `checkpoint`; no training."""
 
 
 @dataclass
@@ -260,9 +246,14 @@ def _tagged_text(sentences: Sequence[Sentence], pred: Sequence[Sequence[str]]) -
     return "\n".join(lines) + "\n"
 
 
-def score_and_write(model: nn.Module, splits: dict[str, Split], labels: list[str],
-                    scheme: str, cfg: common.TrainConfig, pad_id: int,
-                    run_dir: Path) -> dict[str, float]:
+def _fast(recipe: NerRecipe) -> FastPaths:
+    f = recipe.fast
+    return FastPaths(unpad=f.unpad, compile=f.compile, checkpoint_activations=f.checkpoint_activations)
+
+
+def score_and_write(model: nn.Module, splits: dict[str, Split], labels: list[str], scheme: str,
+                    rt: Runtime, batch_size: int, fast: FastPaths | None, pad_id: int,
+                    run_dir: Path, label: str) -> dict[str, float]:
     """Predict and score the dev (and test) split, writing <split>_predictions.txt into
     `run_dir`; test metrics are prefixed test_. Training and --eval-only share it, which is why
     re-scoring a saved model gives the run's own numbers."""
@@ -271,22 +262,21 @@ def score_and_write(model: nn.Module, splits: dict[str, Split], labels: list[str
         if name not in splits:
             continue
         sp = splits[name]
-        (preds,) = common.predict(model, sp.features, _argmax, cfg, pad_id, what=name)
+        (preds,) = predict(model, sp.features, _argmax, rt, batch_size=batch_size, fast=fast,
+                           pad_id=pad_id, label=label, what=name)
         tags = decode_tags(sp, preds, labels)
         gold = [_scheme(s.tags, scheme) for s in sp.sentences]
         prefix = "" if name == "dev" else "test_"
         metrics.update({prefix + k: v for k, v in seqeval.evaluate(gold, tags).as_metrics().items()})
-        common.write_text_on_main(run_dir / f"{name}_predictions.txt",
-                                  _predictions_text(sp.sentences, gold, tags))
+        rt.write_text(run_dir / f"{name}_predictions.txt", _predictions_text(sp.sentences, gold, tags))
     return metrics
 
 
-def load_saved(checkpoint: Path) -> tuple[nn.Module, Any, dict[str, Any], common.Pretrained]:
+def load_saved(checkpoint: Path, rt: Runtime) -> tuple[nn.Module, Any, dict[str, Any], Pretrained]:
     """A `--save-model` folder: (model with its trained head, tokenizer, saved task)."""
-    pretrained = common.load_checkpoint(checkpoint)
-    saved = common.finetuned_task(pretrained, "ner")
-    return common.build_model(None, pretrained), common.load_task_tokenizer(pretrained), saved, \
-        pretrained
+    pretrained = load_checkpoint(checkpoint)
+    saved = finetuned_task(pretrained, "ner")
+    return build_model(None, pretrained, rt), load_task_tokenizer(pretrained), saved, pretrained
 
 
 def _token_split(tok: Any, name: str, sents: list[Sentence], labels: list[str],
@@ -296,59 +286,57 @@ def _token_split(tok: Any, name: str, sents: list[Sentence], labels: list[str],
     return Split(name, sents, feats, first), cut
 
 
-def _warn_cut(cut: int, max_length: int) -> None:
+def _warn_cut(cut: int, max_length: int, rt: Runtime) -> None:
     if cut:
-        common.log(f"warning: {cut} sentences exceed --max-seq-length {max_length} "
-                   f"word pieces; their last words are predicted as O")
+        rt.log(f"warning: {cut} sentences exceed --max-seq-length {max_length} "
+               f"word pieces; their last words are predicted as O")
 
 
-def evaluate_saved(a: NerArgs, t0: float) -> dict[str, Any]:
-    """--eval-only: score --dev-file (and --test-file) with a saved fine-tuned model, its labels,
-    tag scheme and length from bertscale_task.json."""
-    model, tok, saved, pretrained = load_saved(a.checkpoint)
+def evaluate_saved(recipe: NerRecipe, rt: Runtime) -> dict[str, Any]:
+    """--eval-only: score data.dev_file (and data.test_file) with a saved fine-tuned model, its
+    labels, tag scheme and length from bertscale_task.json."""
+    t0 = time.perf_counter()
+    d = recipe.data
+    assert recipe.pretrained is not None and d.dev_file is not None
+    model, tok, saved, pretrained = load_saved(recipe.pretrained, rt)
     labels, scheme, length = saved["labels"], saved["tag_scheme"], saved["max_seq_length"]
-    named = [("dev", read_conll(a.dev_file)[:a.max_eval_samples or None])]
-    named += [("test", read_conll(a.test_file))] if a.test_file else []
+    named = [("dev", read_conll(d.dev_file)[:d.max_eval_samples or None])]
+    named += [("test", read_conll(d.test_file))] if d.test_file else []
     splits, cut_total = {}, 0
     for name, sents in named:
         splits[name], cut = _token_split(tok, name, sents, labels, length, scheme)
         cut_total += cut
-    _warn_cut(cut_total, length)
-    out_dir = Path(a.output_dir) / "NER"
-    common.check_eval_dir(out_dir)
-    cfg = dataclasses.replace(a.train)
-    cfg.run = common.RunContext(out_dir, "NER eval-only")
-    metrics = score_and_write(model, splits, labels, scheme, cfg, tok.token_to_id("[PAD]"),
-                              out_dir)
+    _warn_cut(cut_total, length, rt)
+    out_dir = Path(recipe.output_dir or ".") / "NER"
+    check_eval_dir(out_dir)
+    metrics = score_and_write(model, splits, labels, scheme, rt, recipe.train.eval_batch_size,
+                              _fast(recipe), pad_id_of(tok), out_dir, "NER eval-only")
     summary = {"task": "NER", "eval_only": True, "checkpoint": pretrained.source,
-               "trained": saved, "metrics": metrics, "dev_file": str(a.dev_file),
-               "test_file": str(a.test_file) if a.test_file else None,
-               "max_eval_samples": a.max_eval_samples, "truncated_sentences": cut_total,
+               "trained": saved, "metrics": metrics, "dev_file": str(d.dev_file),
+               "test_file": str(d.test_file) if d.test_file else None,
+               "max_eval_samples": d.max_eval_samples or None, "truncated_sentences": cut_total,
                "seconds": time.perf_counter() - t0}
-    common.write_json_on_main(out_dir / "results.json", summary)
-    if common.ranks().is_main:
+    rt.write_json(out_dir / "results.json", summary)
+    if rt.is_main:
         shown = "  ".join(f"{k} {100 * metrics[k]:.2f}" for k in ("f1", "precision", "recall",
                                                                    "accuracy"))
         print(f"NER (eval-only, {pretrained.source})  {shown}", flush=True)
     return summary
 
 
-def predict_file(checkpoint: Path, input_file: Path, output: Path,
-                 cfg: common.TrainConfig) -> Path:
+def predict_file(checkpoint: Path, input_file: Path, output: Path, rt: Runtime,
+                 batch_size: int) -> Path:
     """`finetune predict` for a NER model: a CoNLL-style file (the word first on each line; tag
     and other columns ignored) -> `word<TAB>predicted tag` lines, a blank line between
     sentences (tags in the scheme the model was trained on)."""
-    model, tok, saved, _ = load_saved(checkpoint)
+    model, tok, saved, _ = load_saved(checkpoint, rt)
     labels, length = saved["labels"], saved["max_seq_length"]
     split, cut = _token_split(tok, "predict", read_conll(input_file, tagged=False), labels,
                               length, saved["tag_scheme"])
-    _warn_cut(cut, length)
-    cfg = dataclasses.replace(cfg)
-    cfg.run = common.RunContext(output.parent, "NER predict")
-    (preds,) = common.predict(model, split.features, _argmax, cfg, tok.token_to_id("[PAD]"),
-                              what=input_file.name)
-    common.write_text_on_main(output, _tagged_text(split.sentences,
-                                                   decode_tags(split, preds, labels)))
+    _warn_cut(cut, length, rt)
+    (preds,) = predict(model, split.features, _argmax, rt, batch_size=batch_size,
+                       pad_id=pad_id_of(tok), label="NER predict", what=input_file.name)
+    rt.write_text(output, _tagged_text(split.sentences, decode_tags(split, preds, labels)))
     return output
 
 
@@ -361,113 +349,128 @@ def _majority(train: Sequence[Sentence], gold: Sequence[Sequence[str]], scheme: 
     return tag, sum(t == tag for g in gold for t in g) / max(total, 1)
 
 
-# Over ruff's complexity limit on purpose: the NER command's modes (train, eval-only, predict) in
-# one outline.
-def run(a: NerArgs) -> dict[str, Any]:  # noqa: C901
-    common.ranks(a.train.device)  # one process, or the data-parallel group of a launcher
+Named = list[tuple[str, list[Sentence]]]
+
+
+def run(recipe: NerRecipe, rt: Runtime) -> dict[str, Any]:
+    """Train the recipe's lr x seed grid in its mode (ner.mode: fine-tuning, or a tagger on
+    frozen features), score dev (and test), and return the summary."""
     t0 = time.perf_counter()
-    if a.mode not in ("finetune", "feature"):
-        raise UserError(f"--mode {a.mode!r}: choose finetune or feature")
-    if a.mode == "feature" and (a.save_model or a.eval_only):
-        raise UserError("--save-model and --eval-only are for --mode finetune (feature mode's "
-                        "tagger is not saved)")
-    if a.eval_only:
-        return evaluate_saved(a, t0)
-    if a.train_file is None:
-        raise UserError("--train-file is required (unless --eval-only)")
-    if a.tag_scheme not in ("iob2", "keep"):
-        raise UserError(f"--tag-scheme {a.tag_scheme!r}: choose iob2 or keep")
-    if a.max_seq_length < 3:
-        raise UserError(f"--max-seq-length {a.max_seq_length}: needs room for [CLS], a word "
-                        f"and [SEP] (at least 3)")
-    train_s = read_conll(a.train_file)[:a.max_train_samples or None]
-    dev_s = read_conll(a.dev_file)[:a.max_eval_samples or None]
-    test_s = read_conll(a.test_file) if a.test_file else []
-    labels = label_list([_scheme(s.tags, a.tag_scheme) for s in train_s])
-    label_to_id = {t: i for i, t in enumerate(labels)}
-    unseen = sorted({t for s in dev_s + test_s for t in _scheme(s.tags, a.tag_scheme)}
-                    - set(labels))
+    d, scheme = recipe.data, recipe.data.tag_scheme
+    assert d.train_file is not None and d.dev_file is not None and recipe.pretrained is not None
+    train_s = read_conll(d.train_file)[:d.max_train_samples or None]
+    dev_s = read_conll(d.dev_file)[:d.max_eval_samples or None]
+    test_s = read_conll(d.test_file) if d.test_file else []
+    labels = label_list([_scheme(s.tags, scheme) for s in train_s])
+    unseen = sorted({t for s in dev_s + test_s for t in _scheme(s.tags, scheme)} - set(labels))
     if unseen:
-        common.log(f"note: tags {', '.join(unseen)} of the dev/test files never occur in "
-                   f"{a.train_file}; they are scored but cannot be predicted")
-    pretrained = common.load_checkpoint(a.checkpoint)
-    common.check_length(pretrained, a.max_seq_length)
-    tok = common.load_task_tokenizer(pretrained)   # no truncation: encode_words cuts and counts
-    common.check_casing(pretrained, common.unk_fraction(
+        rt.log(f"note: tags {', '.join(unseen)} of the dev/test files never occur in "
+               f"{d.train_file}; they are scored but cannot be predicted")
+    pretrained = load_checkpoint(recipe.pretrained)
+    check_length(pretrained, d.max_seq_length)
+    tok = load_task_tokenizer(pretrained)   # no truncation: encode_words cuts and counts
+    check_casing(pretrained, unk_fraction(
         tok, (e.ids for e in tok.encode_batch([s.words for s in train_s], is_pretokenized=True))),
-        str(a.train_file), [" ".join(s.words) for s in train_s[:2000]])
-
-    named = [("train", train_s), ("dev", dev_s)] + ([("test", test_s)] if test_s else [])
-    splits: dict[str, Split] = {}
-    cut_total = 0
-    if a.mode == "finetune":
-        for name, sents in named:
-            splits[name], cut = _token_split(tok, name, sents, labels, a.max_seq_length,
-                                             a.tag_scheme)
-            cut_total += cut
-        pad_id = tok.token_to_id("[PAD]")
-        table = None
+        str(d.train_file), [" ".join(s.words) for s in train_s[:2000]])
+    named: Named = [("train", train_s), ("dev", dev_s)] + ([("test", test_s)] if test_s else [])
+    if recipe.ner.mode == "finetune":
+        splits, cut_total = token_splits(tok, named, labels, recipe)
+        table, pad_id = None, pad_id_of(tok)
     else:
-        from bertscale.devices import resolve_device
-        from bertscale.features import FeatureExtractor
-        device = resolve_device(a.train.device, common.ranks().local_rank)
-        ex = FeatureExtractor(pretrained, a.layers, a.layer_weights, a.max_seq_length,
-                              str(device), a.train.precision, unpad=a.train.fast.unpad)
-        rows: list[np.ndarray] = [np.zeros((1, ex.dim), np.float32)]            # row 0: padding
-        t_feat = time.perf_counter()
-        for name, sents in named:
-            vectors: list[np.ndarray] = []
-            for i in range(0, len(sents), a.train.eval_batch_size):
-                vecs, cut = ex.embed_words([s.words for s in sents[i:i + a.train.eval_batch_size]])
-                vectors += vecs
-                cut_total += cut
-            splits[name] = Split(name, sents, word_features(
-                sum(len(r) for r in rows), vectors, sents, label_to_id, a.tag_scheme))
-            rows += [v for v in vectors if len(v)]
-        table = torch.from_numpy(np.concatenate(rows))
-        common.log(f"NER features: {len(table) - 1} words x {ex.dim} ({a.layers}) in "
-                   f"{time.perf_counter() - t_feat:.1f} s")
-        del ex
+        splits, cut_total, table = feature_splits(pretrained, named, labels, recipe, rt)
         pad_id = 0
-    _warn_cut(cut_total, a.max_seq_length)
+    _warn_cut(cut_total, d.max_seq_length, rt)
+    return train_grid(recipe, rt, splits, labels, pretrained, table, pad_id, cut_total, t0)
 
-    gold = {name: [_scheme(s.tags, a.tag_scheme) for s in sp.sentences]
-            for name, sp in splits.items()}
-    majority_tag, majority_acc = _majority(train_s, gold["dev"], a.tag_scheme)
-    task = "NER" if a.mode == "finetune" else "NER-feature"
-    out_dir = Path(a.output_dir) / task
+
+def token_splits(tok: Any, named: Named, labels: list[str],
+                 recipe: NerRecipe) -> tuple[dict[str, Split], int]:
+    """Fine-tune mode's inputs: each split's sentences as word pieces (the first piece of each
+    word labelled), and how many sentences were cut to data.max_seq_length."""
+    splits, cut_total = {}, 0
+    for name, sents in named:
+        splits[name], cut = _token_split(tok, name, sents, labels, recipe.data.max_seq_length,
+                                         recipe.data.tag_scheme)
+        cut_total += cut
+    return splits, cut_total
+
+
+def feature_splits(pretrained: Pretrained, named: Named, labels: list[str], recipe: NerRecipe,
+                   rt: Runtime) -> tuple[dict[str, Split], int, Tensor]:
+    """Feature mode's inputs: the frozen model's features of every word of every split,
+    computed once (`bertscale.embed`'s extractor) into one table the tagger indexes (row 0: the
+    padding row); each split's rows with their labels; the sentences cut by the length limit."""
+    from bertscale.features import FeatureExtractor
+
+    d, m, t = recipe.data, recipe.ner, recipe.train
+    label_to_id = {tag: i for i, tag in enumerate(labels)}
+    ex = FeatureExtractor(pretrained, m.layers, m.layer_weights or None, d.max_seq_length,
+                          str(rt.device), t.precision, unpad=recipe.fast.unpad)
+    rows: list[np.ndarray] = [np.zeros((1, ex.dim), np.float32)]            # row 0: padding
+    splits, cut_total = {}, 0
+    t_feat = time.perf_counter()
+    for name, sents in named:
+        vectors: list[np.ndarray] = []
+        for i in range(0, len(sents), t.eval_batch_size):
+            vecs, cut = ex.embed_words([s.words for s in sents[i:i + t.eval_batch_size]])
+            vectors += vecs
+            cut_total += cut
+        splits[name] = Split(name, sents, word_features(
+            sum(len(r) for r in rows), vectors, sents, label_to_id, d.tag_scheme))
+        rows += [v for v in vectors if len(v)]
+    table = torch.from_numpy(np.concatenate(rows))
+    rt.log(f"NER features: {len(table) - 1} words x {ex.dim} ({m.layers}) in "
+           f"{time.perf_counter() - t_feat:.1f} s")
+    return splits, cut_total, table
+
+
+def train_grid(recipe: NerRecipe, rt: Runtime, splits: dict[str, Split], labels: list[str],
+               pretrained: Pretrained, table: Tensor | None, pad_id: int, cut_total: int,
+               t0: float) -> dict[str, Any]:
+    """The lr x seed grid on the prepared splits: a BertForTokenClassification (`table` None)
+    or a FeatureTagger on the feature table per run; the summary."""
     from bertscale.model import BertForTokenClassification
 
-    def train_one(cfg: common.TrainConfig, run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    d, m = recipe.data, recipe.ner
+    gold = {name: [_scheme(s.tags, d.tag_scheme) for s in sp.sentences]
+            for name, sp in splits.items()}
+    majority_tag, majority_acc = _majority(splits["train"].sentences, gold["dev"], d.tag_scheme)
+    task = "NER" if m.mode == "finetune" else "NER-feature"
+    out_dir = Path(recipe.output_dir or ".") / task
+
+    def train_one(run: RunSpec) -> tuple[dict[str, float], dict[str, Any]]:
         if table is None:
-            model: nn.Module = common.build_model(BertForTokenClassification, pretrained,
-                                                  num_labels=len(labels))
+            model: nn.Module = build_model(BertForTokenClassification, pretrained, rt,
+                                           num_labels=len(labels))
         else:
-            model = FeatureTagger(table, len(labels), a.tagger, a.tagger_hidden,
-                                  a.tagger_layers, a.tagger_dropout)
-        stats = common.fit(model, splits["train"].features, _loss, cfg, pad_id)
-        metrics = score_and_write(model, splits, labels, a.tag_scheme, cfg, pad_id, run_dir)
-        if a.save_model:
-            common.save_model(model, pretrained, run_dir, "BertForTokenClassification",
-                              {"family": "ner", "task": "NER", "labels": labels,
-                               "tag_scheme": a.tag_scheme, "max_seq_length": a.max_seq_length,
-                               "lr": cfg.lr, "seed": cfg.seed, "recipe": common.recipe(cfg)})
+            model = FeatureTagger(table, len(labels), m.tagger, m.tagger_hidden, m.tagger_layers,
+                                  m.tagger_dropout)
+        stats = fit(model, splits["train"].features, _loss, recipe, run, rt, pad_id)
+        metrics = score_and_write(model, splits, labels, d.tag_scheme, rt,
+                                  recipe.train.eval_batch_size, _fast(recipe), pad_id,
+                                  run.folder, run.name)
+        if recipe.output.save_model:
+            save_model(model, pretrained, run.folder, "BertForTokenClassification", rt,
+                       {"family": "ner", "task": "NER", "labels": labels,
+                        "tag_scheme": d.tag_scheme, "max_seq_length": d.max_seq_length,
+                        "lr": run.lr, "seed": run.seed, "recipe": recipe.summary()})
         return metrics, stats
 
     extra: dict[str, Any] = dict(
         **pretrained.identity(),
-        lowercase=pretrained.lowercase, mode=a.mode, labels=labels, tag_scheme=a.tag_scheme,
-        train_file=str(a.train_file), dev_file=str(a.dev_file),
-        test_file=str(a.test_file) if a.test_file else None,
-        train_sentences=len(train_s), dev_sentences=len(dev_s),
+        lowercase=pretrained.lowercase, mode=m.mode, labels=labels, tag_scheme=d.tag_scheme,
+        train_file=str(d.train_file), dev_file=str(d.dev_file),
+        test_file=str(d.test_file) if d.test_file else None,
+        train_sentences=len(splits["train"].sentences),
+        dev_sentences=len(splits["dev"].sentences),
         majority_tag=majority_tag, majority_accuracy=majority_acc,
-        max_seq_length=a.max_seq_length, truncated_sentences=cut_total,
-        max_eval_samples=a.max_eval_samples, save_model=a.save_model)
-    if a.mode == "feature":
-        extra.update(layers=a.layers, layer_weights=a.layer_weights, tagger=a.tagger,
-                     tagger_hidden=a.tagger_hidden, tagger_layers=a.tagger_layers,
-                     tagger_dropout=a.tagger_dropout)
-    runs = common.run_grid(task, out_dir, a.lrs, a.seeds, a.train,
-                           len(splits["train"].features), "sentences", train_one, extra)
-    return common.finish(task, "f1", runs, out_dir, ["dev_predictions.txt", "test_predictions.txt"],
-                         a.train, t0, ("f1", "precision", "recall", "accuracy"), **extra)
+        max_seq_length=d.max_seq_length, truncated_sentences=cut_total,
+        max_eval_samples=d.max_eval_samples or None, save_model=recipe.output.save_model)
+    if m.mode == "feature":
+        extra.update(layers=m.layers, layer_weights=m.layer_weights or None, tagger=m.tagger,
+                     tagger_hidden=m.tagger_hidden, tagger_layers=m.tagger_layers,
+                     tagger_dropout=m.tagger_dropout)
+    runs = run_grid(task, out_dir, recipe, len(splits["train"].features), "sentences", train_one,
+                    extra, rt)
+    return finish(task, "f1", runs, out_dir, ["dev_predictions.txt", "test_predictions.txt"],
+                  recipe, rt, t0, ("f1", "precision", "recall", "accuracy"), **extra)

@@ -1,13 +1,7 @@
-"""SQuAD v1.1 and v2.0: reading the official JSON, windowed features, n-best span decoding,
-the official EM / F1 (v2.0: with the no-answer threshold search), and prediction files in the
-official formats.
+"""SQuAD v1.1 and v2.0: windowed features, n-best span decoding, the official EM / F1 (v2.0:
+with the no-answer threshold search), and prediction files in the official formats.
 
-Files: the official JSON, or Hugging Face's SQuAD (rajpurkar/squad, squad_v2): a split's
-Parquet file (`plain_text/validation-00000-of-00001.parquet`) or `save_to_disk` folder with
-columns id, title, context, question and answers {text: [...], answer_start: [...]}. Its rows
-are grouped back into articles (consecutive equal titles) and paragraphs (consecutive equal
-contexts), the layout the official evaluation reads; in v2.0 a question without answers is
-unanswerable.
+Files: bertscale.finetune.squad_files reads them.
 
 Features follow Google's run_squad: [CLS] question [SEP] context-window [SEP], the question cut
 to --max-query-length word pieces (64), windows of the context every --doc-stride tokens (128)
@@ -34,9 +28,6 @@ Limits: answers whose text does not match the context at answer_start are skippe
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,176 +39,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bertscale.errors import UserError
-from bertscale.files import read_text
-from bertscale.finetune import common
 from bertscale.finetune import metrics as M
-
-# ------------------------------------------------------------------------------ reading
-
-
-@dataclass
-class SquadExample:
-    qid: str
-    question: str
-    context_index: int
-    """Index into SquadFile.contexts (questions of one paragraph share it)."""
-    answers: list[tuple[str, int]]
-    """(text, character start) of each gold answer; empty for an unanswerable question."""
-    is_impossible: bool = False
-
-
-@dataclass
-class SquadFile:
-    path: Path
-    version: str
-    dataset: list[dict[str, Any]]
-    """The file's "data" list, as the official evaluation reads it."""
-    contexts: list[str]
-    examples: list[SquadExample]
-
-    @property
-    def has_answers(self) -> bool:
-        """Whether the file can be scored: v2.0 always (an empty list means "no answer");
-        v1.1 when every question has gold answers (a file without them is a test set)."""
-        return self.version == "2.0" or all(e.answers for e in self.examples)
-
-
-_VERSIONS = ("1.1", "2.0")
-
-
-def _line_of(text: str, qid: str) -> int | None:
-    m = re.search(r'"id"\s*:\s*' + re.escape(json.dumps(qid)), text)
-    return text.count("\n", 0, m.start()) + 1 if m else None
-
-
-def _table_files(path: Path) -> list[Path] | None:
-    """The Parquet / Arrow files of Hugging Face's SQuAD at `path` (a file, or a save_to_disk
-    folder), or None for the official JSON."""
-    from bertscale.data import tables
-
-    if path.is_dir() and tables.is_saved_dataset(path):
-        return tables.saved_dataset_files(path)
-    if path.is_file() and tables.file_kind(path) is not None:
-        return [path]
-    return None
-
-
-def _squad_from_table(files: list[Path], version: str) -> dict[str, Any]:
-    """Hugging Face's SQuAD rows -> the official JSON layout (articles, paragraphs, qas)."""
-    from bertscale.data import tables
-
-    articles: list[dict[str, Any]] = []
-    empty = answered = 0
-    for path in files:
-        rows = tables.iter_rows(path, ["id", "title", "context", "question", "answers"],
-                                "; is this Hugging Face's SQuAD?")
-        for row, (qid, title, context, question, answers) in rows:
-            if isinstance(answers, dict):   # datasets' Sequence of a dict: a struct of lists
-                texts, starts = answers.get("text") or [], answers.get("answer_start") or []
-                if len(texts) != len(starts):
-                    raise UserError(f"{path}: row {row} (question {qid}): answers has "
-                                    f"{len(texts)} texts but {len(starts)} answer_starts")
-                answers = [{"text": t, "answer_start": a} for t, a in zip(texts, starts)]
-            elif not isinstance(answers, list):
-                raise UserError(f"{path}: row {row} (question {qid}): answers is "
-                                f"{type(answers).__name__}, not a struct of lists")
-            if not articles or articles[-1]["title"] != title:
-                articles.append({"title": title, "paragraphs": []})
-            paras = articles[-1]["paragraphs"]
-            if not paras or paras[-1]["context"] != context:
-                paras.append({"context": context, "qas": []})
-            qa: dict[str, Any] = {"id": qid, "question": question, "answers": answers}
-            if version == "2.0":
-                qa["is_impossible"] = not answers
-            paras[-1]["qas"].append(qa)
-            empty += not answers
-            answered += bool(answers)
-    if version == "1.1" and empty and answered:
-        raise UserError(f"{files[0]}: {empty} questions have no answer: this is SQuAD v2.0; run "
-                        f"with --version 2.0")
-    return {"version": version if version == "1.1" else "v2.0", "data": articles}
-
-
-# Over ruff's complexity limit on purpose: one check per malformed field of a SQuAD file.
-def read_squad(path: str | Path, version: str) -> SquadFile:  # noqa: C901
-    """Read and check an official SQuAD JSON file of the stated version."""
-    path = Path(path)
-    if version not in _VERSIONS:
-        raise UserError(f"--version {version!r}: choose 1.1 or 2.0")
-    table = _table_files(path)
-    if table is not None:
-        text, top = "", _squad_from_table(table, version)
-    else:
-        text = read_text(path)
-        try:
-            top = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column "
-                            f"{e.colno})") from None
-    if not isinstance(top, dict) or not isinstance(top.get("data"), list):
-        raise UserError(f"{path}: not a SQuAD file (expected an object with a \"data\" list of "
-                        f"articles)")
-
-    def where(qid: str | None, article: int, para: int) -> str:
-        line = _line_of(text, qid) if qid is not None else None
-        loc = f"{path}:{line}" if line else str(path)
-        title = top["data"][article].get("title", article) if article < len(top["data"]) else article
-        return f"{loc}: article {title!r}, paragraph {para}" + (f", question {qid}" if qid else "")
-
-    file_version = str(top.get("version", "")).lstrip("v")
-    contexts: list[str] = []
-    examples: list[SquadExample] = []
-    seen: set[str] = set()
-    for ai, article in enumerate(top["data"]):
-        if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
-            raise UserError(f"{path}: article {ai} has no \"paragraphs\" list")
-        for pi, para in enumerate(article["paragraphs"]):
-            if not isinstance(para.get("context"), str) or not isinstance(para.get("qas"), list):
-                raise UserError(f"{where(None, ai, pi)}: needs a \"context\" string and a "
-                                f"\"qas\" list")
-            context = para["context"]
-            contexts.append(context)
-            for qa in para["qas"]:
-                qid = qa.get("id")
-                if not isinstance(qid, str) or not isinstance(qa.get("question"), str):
-                    raise UserError(f"{where(None, ai, pi)}: a question lacks its \"id\" or "
-                                    f"\"question\" string")
-                if qid in seen:
-                    raise UserError(f"{where(qid, ai, pi)}: question id appears twice")
-                seen.add(qid)
-                impossible = qa.get("is_impossible")
-                if version == "1.1" and (impossible is not None or file_version == "2.0"):
-                    raise UserError(f"{where(qid, ai, pi)}: this is a SQuAD v2.0 file "
-                                    f"(is_impossible fields / version {top.get('version')!r}); "
-                                    f"run with --version 2.0")
-                if version == "2.0" and not isinstance(impossible, bool):
-                    hint = ("this looks like a SQuAD v1.1 file; run with --version 1.1"
-                            if impossible is None else "it must be true or false")
-                    raise UserError(f"{where(qid, ai, pi)}: no boolean \"is_impossible\" field "
-                                    f"({hint})")
-                answers_raw = qa.get("answers")
-                if not isinstance(answers_raw, list):
-                    raise UserError(f"{where(qid, ai, pi)}: \"answers\" must be a list")
-                if impossible and answers_raw:
-                    raise UserError(f"{where(qid, ai, pi)}: is_impossible is true but it has "
-                                    f"answers (unanswerable questions keep their spans in "
-                                    f"\"plausible_answers\")")
-                answers = []
-                for a in answers_raw:
-                    if (not isinstance(a, dict) or not isinstance(a.get("text"), str)
-                            or not isinstance(a.get("answer_start"), int)):
-                        raise UserError(f"{where(qid, ai, pi)}: each answer needs \"text\" and "
-                                        f"an integer \"answer_start\"")
-                    if not 0 <= a["answer_start"] <= len(context):
-                        raise UserError(f"{where(qid, ai, pi)}: answer_start {a['answer_start']} "
-                                        f"is outside the context ({len(context)} characters)")
-                    answers.append((a["text"], a["answer_start"]))
-                examples.append(SquadExample(qid, qa["question"], len(contexts) - 1, answers,
-                                             bool(impossible)))
-    if not examples:
-        raise UserError(f"{path}: the file has no questions")
-    return SquadFile(path, version, top["data"], contexts, examples)
-
+from bertscale.finetune.data import model_inputs
+from bertscale.finetune.grid import check_eval_dir, run_grid
+from bertscale.finetune.models import (Pretrained, build_model, check_casing, check_length,
+                                       finetuned_task, load_checkpoint, load_task_tokenizer,
+                                       pad_id_of, save_model, unk_fraction)
+from bertscale.finetune.predict import predict
+from bertscale.finetune.recipe import SquadDecode, SquadRecipe
+from bertscale.finetune.results import finish
+from bertscale.finetune.runtime import Runtime
+from bertscale.finetune.squad_files import SquadFile, read_squad
+from bertscale.finetune.train import RunSpec, fit
+from bertscale.parallelize import FastPaths
 
 # --------------------------------------------------------------------------- features
 
@@ -347,7 +181,7 @@ def decode(data: SquadFile, feats: Features, start_logits: Sequence[np.ndarray],
         context = data.contexts[ex.context_index]
         off = feats.offsets[ex.context_index]
         candidates: list[tuple[float, float, float, int, int]] = []  # score, s, e, char s, char e
-        null_score = None
+        null_score: float | None = None
         null_pair = (0.0, 0.0)
         for fi in by_example.get(ei, []):
             m = feats.meta[fi]
@@ -405,6 +239,7 @@ def decode(data: SquadFile, feats: Features, start_logits: Sequence[np.ndarray],
             out.null_odds[ex.qid] = 1e9
             out.predictions[ex.qid] = ""
             continue
+        assert null_score is not None   # every window scores its [CLS]
         diff = float(null_score) - non_null["start_logit"] - non_null["end_logit"]
         out.null_odds[ex.qid] = diff
         out.predictions[ex.qid] = "" if diff > null_score_diff_threshold else non_null["text"]
@@ -423,37 +258,14 @@ def evaluate(data: SquadFile, decoded: Decoded) -> dict[str, float]:
 
 
 def _loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    start, end = model(**common.model_inputs(batch))                  # (B, T) each
+    start, end = model(**model_inputs(batch))                         # (B, T) each
     return (F.cross_entropy(start.float(), batch["start_positions"])
             + F.cross_entropy(end.float(), batch["end_positions"])) / 2
 
 
 def logits_of(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    return model(**common.model_inputs(batch))
-
-
-@dataclass
-class SquadArgs:
-    version: str
-    train_file: Path
-    predict_file: Path
-    checkpoint: Path
-    output_dir: Path
-    lrs: list[float] = field(default_factory=lambda: [5e-5])
-    seeds: list[int] = field(default_factory=lambda: [1])
-    train: common.TrainConfig = field(default_factory=common.TrainConfig)
-    max_seq_length: int = 384
-    doc_stride: int = 128
-    max_query_length: int = 64
-    n_best_size: int = 20
-    max_answer_length: int = 30
-    null_score_diff_threshold: float = 0.0
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    write_nbest: bool = False
-    save_model: bool = False
-    eval_only: bool = False
-    """Score --predict-file with the fine-tuned model in `checkpoint` (a --save-model folder)."""
+    start, end = model(**model_inputs(batch))
+    return start, end
 
 
 def subset(data: SquadFile, n: int | None) -> SquadFile:
@@ -479,111 +291,108 @@ SUBSET_FILE = "predict_subset.json"
 layout, so that the official script reproduces the printed score from predictions.json."""
 
 
-def run(a: SquadArgs) -> dict[str, Any]:
-    common.ranks(a.train.device)  # one process, or the data-parallel group of a launcher
+def run(recipe: SquadRecipe, rt: Runtime) -> dict[str, Any]:
+    """Fine-tune and evaluate SQuAD over the recipe's lr x seed grid; the summary."""
     t0 = time.perf_counter()
-    name = f"SQuAD-v{a.version}"
-    if a.eval_only:
-        return evaluate_saved(a, name, t0)
-    train_data = subset(read_squad(a.train_file, a.version), a.max_train_samples)
-    full_eval = read_squad(a.predict_file, a.version)
-    eval_data = subset(full_eval, a.max_eval_samples)
-    pretrained = common.load_checkpoint(a.checkpoint)
-    tok = common.load_task_tokenizer(pretrained)
-    common.check_length(pretrained, a.max_seq_length)
-    shape = dict(max_seq_length=a.max_seq_length, doc_stride=a.doc_stride,
-                 max_query_length=a.max_query_length)
+    d = recipe.data
+    name = f"SQuAD-v{d.version}"
+    assert d.train_file is not None and d.predict_file is not None
+    assert recipe.pretrained is not None
+    train_data = subset(read_squad(d.train_file, d.version), d.max_train_samples)
+    full_eval = read_squad(d.predict_file, d.version)
+    eval_data = subset(full_eval, d.max_eval_samples)
+    pretrained = load_checkpoint(recipe.pretrained)
+    tok = load_task_tokenizer(pretrained)
+    check_length(pretrained, d.max_seq_length)
+    shape = dict(max_seq_length=d.max_seq_length, doc_stride=d.doc_stride,
+                 max_query_length=d.max_query_length)
     train_f = featurize(tok, train_data, training=True, **shape)
     if train_f.skipped:
-        common.log(f"{a.train_file}: {train_f.skipped} questions skipped for training: their "
-                   f"answer text does not match the context at answer_start")
+        rt.log(f"{d.train_file}: {train_f.skipped} questions skipped for training: their "
+               f"answer text does not match the context at answer_start")
     eval_f = featurize(tok, eval_data, training=False, **shape)
-    common.check_casing(pretrained, common.unk_fraction(tok, (f["input_ids"] for f in train_f.inputs)),
-                        f"{a.train_file}", [e.question for e in train_data.examples[:2000]])
-    pad_id = tok.token_to_id("[PAD]")
+    check_casing(pretrained, unk_fraction(tok, (f["input_ids"] for f in train_f.inputs)),
+                 f"{d.train_file}", [e.question for e in train_data.examples[:2000]])
+    pad_id = pad_id_of(tok)
     from bertscale.model import BertForQuestionAnswering
-    out_dir = Path(a.output_dir) / name
-    files = _files(a)
+    out_dir = Path(recipe.output_dir or ".") / name
+    files = _files(d.version, recipe.decode.write_nbest)
     extra = dict(**pretrained.identity(),
-                 lowercase=pretrained.lowercase, train_file=str(a.train_file),
-                 predict_file=str(a.predict_file),
+                 lowercase=pretrained.lowercase, train_file=str(d.train_file),
+                 predict_file=str(d.predict_file),
                  train_questions=len(train_data.examples),
                  train_windows=len(train_f.inputs), skipped_train_questions=train_f.skipped,
                  scored_questions=len(eval_data.examples),
                  predict_file_questions=len(full_eval.examples),
-                 max_eval_samples=a.max_eval_samples, save_model=a.save_model,
-                 **shape, **_decoding(a))
+                 max_eval_samples=d.max_eval_samples or None,
+                 save_model=recipe.output.save_model, **shape, **_decoding(recipe.decode))
 
-    def train_one(cfg: common.TrainConfig, run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
-        model = common.build_model(BertForQuestionAnswering, pretrained)
-        stats = common.fit(model, train_f.inputs, _loss, cfg, pad_id)
-        metrics = predict_and_write(model, eval_data, eval_f, cfg, pad_id, run_dir, a)
-        if a.save_model:
-            common.save_model(model, pretrained, run_dir, "BertForQuestionAnswering",
-                              {"family": "squad", "task": name, "version": a.version, **shape,
-                               **_decoding(a), "lr": cfg.lr, "seed": cfg.seed,
-                               "recipe": common.recipe(cfg)})
+    def train_one(run: RunSpec) -> tuple[dict[str, float], dict[str, Any]]:
+        model = build_model(BertForQuestionAnswering, pretrained, rt)
+        stats = fit(model, train_f.inputs, _loss, recipe, run, rt, pad_id)
+        metrics = predict_and_write(model, eval_data, eval_f, rt, pad_id, run.folder,
+                                    recipe.decode, recipe.train.eval_batch_size, _fast(recipe),
+                                    run.name)
+        if recipe.output.save_model:
+            save_model(model, pretrained, run.folder, "BertForQuestionAnswering", rt,
+                       {"family": "squad", "task": name, "version": d.version, **shape,
+                        **_decoding(recipe.decode), "lr": run.lr, "seed": run.seed,
+                        "recipe": recipe.summary()})
         return metrics, stats
 
     if len(eval_data.examples) < len(full_eval.examples):
-        common.write_json_on_main(out_dir / SUBSET_FILE, {"version": a.version,
-                                                           "data": eval_data.dataset})
-        common.log(f"{name}: scoring the first {len(eval_data.examples)} of the "
-                   f"{len(full_eval.examples)} questions of {a.predict_file} (--max-eval-samples); "
-                   f"{out_dir / SUBSET_FILE} holds them for the official script")
-    runs = common.run_grid(name, out_dir, a.lrs, a.seeds, a.train, len(train_f.inputs),
-                           f"windows of {len(train_data.examples)} questions", train_one, extra)
-    names = ("exact_match", "f1") if a.version == "1.1" else ("exact", "f1", "best_f1")
-    return common.finish(name, "f1", runs, out_dir, files, a.train, t0, names, scale=1.0, **extra)
+        rt.write_json(out_dir / SUBSET_FILE, {"version": d.version, "data": eval_data.dataset})
+        rt.log(f"{name}: scoring the first {len(eval_data.examples)} of the "
+               f"{len(full_eval.examples)} questions of {d.predict_file} (--max-eval-samples); "
+               f"{out_dir / SUBSET_FILE} holds them for the official script")
+    runs = run_grid(name, out_dir, recipe, len(train_f.inputs),
+                    f"windows of {len(train_data.examples)} questions", train_one, extra, rt)
+    names = ("exact_match", "f1") if d.version == "1.1" else ("exact", "f1", "best_f1")
+    return finish(name, "f1", runs, out_dir, files, recipe, rt, t0, names, scale=1.0, **extra)
 
 
-def _files(a: SquadArgs) -> list[str]:
-    return ["predictions.json"] + (["null_odds.json"] if a.version == "2.0" else []) \
-        + (["nbest_predictions.json"] if a.write_nbest else [])
+def _files(version: str, write_nbest: bool) -> list[str]:
+    return ["predictions.json"] + (["null_odds.json"] if version == "2.0" else []) \
+        + (["nbest_predictions.json"] if write_nbest else [])
 
 
-def _decoding(a: Any) -> dict[str, Any]:
-    return dict(n_best_size=a.n_best_size, max_answer_length=a.max_answer_length,
-                null_score_diff_threshold=a.null_score_diff_threshold)
+def _decoding(decoding: SquadDecode) -> dict[str, Any]:
+    return dict(n_best_size=decoding.n_best_size, max_answer_length=decoding.max_answer_length,
+                null_score_diff_threshold=decoding.null_score_diff_threshold)
 
 
-def predict_and_write(model: nn.Module, data: SquadFile, feats: Features, cfg: common.TrainConfig,
-                      pad_id: int, folder: Path, a: Any, write_nbest: bool | None = None
-                      ) -> dict[str, float]:
+def _fast(recipe: SquadRecipe) -> FastPaths:
+    f = recipe.fast
+    return FastPaths(unpad=f.unpad, compile=f.compile, checkpoint_activations=f.checkpoint_activations)
+
+
+def predict_and_write(model: nn.Module, data: SquadFile, feats: Features, rt: Runtime,
+                      pad_id: int, folder: Path, decoding: SquadDecode, batch_size: int,
+                      fast: FastPaths | None, label: str) -> dict[str, float]:
     """Predict `data`, decode, write predictions.json (null_odds.json for v2.0, the n-best with
-    --write-nbest) into `folder`; returns the official metrics (empty-file: {"f1": nan})."""
+    decoding.write_nbest) into `folder`; returns the official metrics (empty-file: {"f1": nan})."""
     version = data.version
-    start, end = common.predict(model, feats.inputs, logits_of, cfg, pad_id,
-                                what=Path(data.path).name)
+    start, end = predict(model, feats.inputs, logits_of, rt, batch_size=batch_size, fast=fast,
+                         pad_id=pad_id, label=label, what=Path(data.path).name)
     n = [len(f["input_ids"]) for f in feats.inputs]
     decoded = decode(data, feats, [s[:k] for s, k in zip(start, n)],
                      [e[:k] for e, k in zip(end, n)], version_2=version == "2.0",
-                     n_best=a.n_best_size, max_answer_length=a.max_answer_length,
-                     null_score_diff_threshold=a.null_score_diff_threshold)
-    common.write_json_on_main(folder / "predictions.json", decoded.predictions)
+                     n_best=decoding.n_best_size, max_answer_length=decoding.max_answer_length,
+                     null_score_diff_threshold=decoding.null_score_diff_threshold)
+    rt.write_json(folder / "predictions.json", decoded.predictions)
     if version == "2.0":
-        common.write_json_on_main(folder / "null_odds.json", decoded.null_odds)
-    if getattr(a, "write_nbest", False) if write_nbest is None else write_nbest:
-        common.write_json_on_main(folder / "nbest_predictions.json", decoded.nbest)
+        rt.write_json(folder / "null_odds.json", decoded.null_odds)
+    if decoding.write_nbest:
+        rt.write_json(folder / "nbest_predictions.json", decoded.nbest)
     # A predict file without answers (a test set) has nothing to score.
     metrics = evaluate(data, decoded) if data.has_answers else {}
     return {k: float(v) for k, v in metrics.items()} or {"f1": float("nan")}
 
 
-@dataclass
-class _Saved:
-    """A --save-model folder's decoding settings, as predict_and_write reads them."""
-
-    n_best_size: int
-    max_answer_length: int
-    null_score_diff_threshold: float
-
-
-def load_saved(checkpoint: Path) -> tuple[nn.Module, Any, dict[str, Any], common.Pretrained]:
-    pretrained = common.load_checkpoint(checkpoint)
-    saved = common.finetuned_task(pretrained, "squad")
-    return common.build_model(None, pretrained), common.load_task_tokenizer(pretrained), saved, \
-        pretrained
+def load_saved(checkpoint: Path, rt: Runtime) -> tuple[nn.Module, Any, dict[str, Any], Pretrained]:
+    pretrained = load_checkpoint(checkpoint)
+    saved = finetuned_task(pretrained, "squad")
+    return build_model(None, pretrained, rt), load_task_tokenizer(pretrained), saved, pretrained
 
 
 def _saved_features(tok: Any, data: SquadFile, saved: dict[str, Any]) -> Features:
@@ -591,45 +400,51 @@ def _saved_features(tok: Any, data: SquadFile, saved: dict[str, Any]) -> Feature
                      doc_stride=saved["doc_stride"], max_query_length=saved["max_query_length"])
 
 
-def evaluate_saved(a: SquadArgs, name: str, t0: float) -> dict[str, Any]:
-    """--eval-only: score --predict-file with a saved fine-tuned model (its saved windowing and
-    decoding settings), through the same code as training."""
-    model, tok, saved, pretrained = load_saved(a.checkpoint)
-    if saved["version"] != a.version:
-        raise UserError(f"{a.checkpoint}: fine-tuned for SQuAD v{saved['version']}, not "
-                        f"--version {a.version}")
-    data = subset(read_squad(a.predict_file, a.version), a.max_eval_samples)
-    out_dir = Path(a.output_dir) / name
-    common.check_eval_dir(out_dir)
-    cfg = dataclasses.replace(a.train)
-    cfg.run = common.RunContext(out_dir, f"{name} eval-only")
-    metrics = predict_and_write(model, data, _saved_features(tok, data, saved), cfg,
-                                tok.token_to_id("[PAD]"), out_dir, _Saved(
-                                    saved["n_best_size"], saved["max_answer_length"],
-                                    saved["null_score_diff_threshold"]), a.write_nbest)
+def _saved_decoding(saved: dict[str, Any], write_nbest: bool) -> SquadDecode:
+    """A --save-model folder's decoding settings."""
+    return SquadDecode(saved["n_best_size"], saved["max_answer_length"],
+                       saved["null_score_diff_threshold"], write_nbest)
+
+
+def evaluate_saved(recipe: SquadRecipe, rt: Runtime) -> dict[str, Any]:
+    """--eval-only: score data.predict_file with a saved fine-tuned model (its saved windowing
+    and decoding settings), through the same code as training."""
+    t0 = time.perf_counter()
+    d = recipe.data
+    name = f"SQuAD-v{d.version}"
+    assert recipe.pretrained is not None and d.predict_file is not None
+    model, tok, saved, pretrained = load_saved(recipe.pretrained, rt)
+    if saved["version"] != d.version:
+        raise UserError(f"{recipe.pretrained}: fine-tuned for SQuAD v{saved['version']}, not "
+                        f"--version {d.version}")
+    data = subset(read_squad(d.predict_file, d.version), d.max_eval_samples)
+    out_dir = Path(recipe.output_dir or ".") / name
+    check_eval_dir(out_dir)
+    metrics = predict_and_write(model, data, _saved_features(tok, data, saved), rt,
+                                pad_id_of(tok), out_dir,
+                                _saved_decoding(saved, recipe.decode.write_nbest),
+                                recipe.train.eval_batch_size, _fast(recipe), f"{name} eval-only")
     summary = {"task": name, "eval_only": True, "checkpoint": pretrained.source, "trained": saved,
-               "metrics": metrics, "predict_file": str(a.predict_file),
+               "metrics": metrics, "predict_file": str(d.predict_file),
                "scored_questions": len(data.examples), "seconds": time.perf_counter() - t0}
-    common.write_json_on_main(out_dir / "results.json", summary)
-    if common.ranks().is_main:
+    rt.write_json(out_dir / "results.json", summary)
+    if rt.is_main:
         shown = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
                           if k in ("exact_match", "exact", "f1", "best_f1"))
         print(f"{name} (eval-only, {pretrained.source})  {shown}", flush=True)
     return summary
 
 
-def predict_file(checkpoint: Path, input_file: Path, output: Path, cfg: common.TrainConfig) -> Path:
+def predict_file(checkpoint: Path, input_file: Path, output: Path, rt: Runtime,
+                 batch_size: int) -> Path:
     """`finetune predict` for a SQuAD model: a SQuAD JSON file (answers not needed) ->
     predictions.json ({id: answer}, the official format; v2.0 also null_odds.json beside it)."""
-    model, tok, saved, _ = load_saved(checkpoint)
+    model, tok, saved, _ = load_saved(checkpoint, rt)
     data = read_squad(input_file, saved["version"])
-    cfg = dataclasses.replace(cfg)
-    cfg.run = common.RunContext(output.parent, f"{saved['task']} predict")
     tmp_dir = output.parent
-    predict_and_write(model, data, _saved_features(tok, data, saved), cfg,
-                      tok.token_to_id("[PAD]"), tmp_dir, _Saved(
-                          saved["n_best_size"], saved["max_answer_length"],
-                          saved["null_score_diff_threshold"]), False)
-    if output.name != "predictions.json" and common.ranks().is_main:
+    predict_and_write(model, data, _saved_features(tok, data, saved), rt,
+                      pad_id_of(tok), tmp_dir, _saved_decoding(saved, False),
+                      batch_size, None, f"{saved['task']} predict")
+    if output.name != "predictions.json" and rt.is_main:
         (tmp_dir / "predictions.json").replace(output)
     return output

@@ -24,10 +24,9 @@ this layout (its label column, if any, is ignored).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bertscale.errors import UserError
-from bertscale.finetune import common
 from bertscale.finetune import metrics as M
+from bertscale.finetune.data import Feature, model_inputs
+from bertscale.finetune.grid import check_eval_dir, run_grid
+from bertscale.finetune.models import (Pretrained, build_model, check_casing, finetuned_task,
+                                       load_checkpoint, load_task_tokenizer, save_model,
+                                       pad_id_of, unk_fraction)
+from bertscale.finetune.predict import predict
+from bertscale.finetune.recipe import SwagRecipe
+from bertscale.finetune.results import finish
+from bertscale.finetune.runtime import Runtime
+from bertscale.finetune.train import RunSpec, fit
+from bertscale.parallelize import FastPaths
 
 NUM_CHOICES = 4
 _TEXT_COLUMNS = ("sent1", "sent2", *(f"ending{i}" for i in range(NUM_CHOICES)))
@@ -170,27 +179,15 @@ def featurize(tok: Any, examples: Sequence[SwagExample]) -> list[dict[str, Any]]
 
 
 def _loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    return F.cross_entropy(model(**common.model_inputs(batch)).float(), batch["label"])  # (B, 4)
+    return F.cross_entropy(model(**model_inputs(batch)).float(), batch["label"])  # (B, 4)
 
 
 def logits_of(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    return model(**common.model_inputs(batch))
+    logits: Tensor = model(**model_inputs(batch))
+    return logits
 
 
-@dataclass
-class SwagArgs:
-    data_dir: Path
-    checkpoint: Path
-    output_dir: Path
-    lrs: list[float] = field(default_factory=lambda: [2e-5])
-    seeds: list[int] = field(default_factory=lambda: [1])
-    train: common.TrainConfig = field(default_factory=lambda: common.TrainConfig(batch_size=16))
-    max_seq_length: int = 128
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    predict_test: bool = True
-    save_model: bool = False
-    eval_only: bool = False
+Split = tuple[list[SwagExample], Sequence[Feature]]
 
 
 def predictions_csv(examples: Sequence[SwagExample], preds: np.ndarray,
@@ -202,128 +199,131 @@ def predictions_csv(examples: Sequence[SwagExample], preds: np.ndarray,
     return "\n".join(rows) + "\n"
 
 
-def score_and_write(model: nn.Module, val: tuple[list[SwagExample], list[dict[str, Any]]],
-                    test: tuple[list[SwagExample], list[dict[str, Any]]],
-                    cfg: common.TrainConfig, pad_id: int, run_dir: Path) -> dict[str, float]:
+def _fast(recipe: SwagRecipe) -> FastPaths:
+    f = recipe.fast
+    return FastPaths(unpad=f.unpad, compile=f.compile, checkpoint_activations=f.checkpoint_activations)
+
+
+def score_and_write(model: nn.Module, val: Split, test: Split, recipe: SwagRecipe, rt: Runtime,
+                    pad_id: int, run_dir: Path, label: str) -> dict[str, float]:
     """Predict val (scored; val_predictions.csv) and test (predictions.csv) into `run_dir`;
     returns the val metrics. Training and --eval-only share it, which is why re-scoring a saved
     model gives the run's own numbers."""
     (val_ex, val_f), (test_ex, test_f) = val, test
-    (logits,) = common.predict(model, val_f, logits_of, cfg, pad_id, what="val")
+    batch_size, fast = recipe.train.eval_batch_size, _fast(recipe)
+    (logits,) = predict(model, val_f, logits_of, rt, batch_size=batch_size, fast=fast,
+                        pad_id=pad_id, label=label, what="val")
     gold = [f["label"] for f in val_f]
     metrics = {"accuracy": M.accuracy(logits.argmax(-1), gold)}
-    _warn_one_ending(logits.argmax(-1), "val.csv", cfg, gold)
-    common.write_text_on_main(run_dir / "val_predictions.csv",
-                              predictions_csv(val_ex, logits.argmax(-1), with_label=True))
+    _warn_one_ending(logits.argmax(-1), "val.csv", rt, label, gold)
+    rt.write_text(run_dir / "val_predictions.csv",
+                  predictions_csv(val_ex, logits.argmax(-1), with_label=True))
     if test_f:
-        (logits,) = common.predict(model, test_f, logits_of, cfg, pad_id, what="test")
-        _warn_one_ending(logits.argmax(-1), "test.csv", cfg)
-        common.write_text_on_main(run_dir / "predictions.csv",
-                                  predictions_csv(test_ex, logits.argmax(-1)))
+        (logits,) = predict(model, test_f, logits_of, rt, batch_size=batch_size, fast=fast,
+                            pad_id=pad_id, label=label, what="test")
+        _warn_one_ending(logits.argmax(-1), "test.csv", rt, label)
+        rt.write_text(run_dir / "predictions.csv", predictions_csv(test_ex, logits.argmax(-1)))
     return metrics
 
 
-def _warn_one_ending(preds: np.ndarray, what: str, cfg: common.TrainConfig,
+def _warn_one_ending(preds: np.ndarray, what: str, rt: Runtime, label: str,
                      gold: Sequence[int] | None = None) -> None:
     """One line when the model chose the same ending for every example of a file."""
     found = M.one_class(preds, [f"ending {k}" for k in range(4)], gold)
     if found:
-        common.log(f"warning: {cfg.run.name if cfg.run else 'SWAG'}, {what}: {found}: the model "
-                   f"chooses by position only")
+        rt.log(f"warning: {label}, {what}: {found}: the model chooses by position only")
 
 
-def _eval_sets(a: SwagArgs, tok: Any) -> tuple[tuple[list, list], tuple[list, list]]:
-    """(val examples, features) cut to --max-eval-samples, and test's (empty without test.csv
-    or with --no-test)."""
-    d = Path(a.data_dir)
-    val_ex = _need_split(d, "val", labelled=True)[:a.max_eval_samples or None]
-    test_ex = (read_split(d, "test", labelled=False) or []) if a.predict_test else []
+def _eval_sets(recipe: SwagRecipe, tok: Any) -> tuple[Split, Split]:
+    """(val examples, features) cut to data.max_eval_samples, and test's (empty without
+    test.csv or with data.predict_test off)."""
+    d = recipe.data
+    assert d.data_dir is not None
+    val_ex = _need_split(d.data_dir, "val", labelled=True)[:d.max_eval_samples or None]
+    test_ex = (read_split(d.data_dir, "test", labelled=False) or []) if d.predict_test else []
     return (val_ex, featurize(tok, val_ex)), (test_ex, featurize(tok, test_ex))
 
 
-def load_saved(checkpoint: Path) -> tuple[nn.Module, Any, dict[str, Any], common.Pretrained]:
+def load_saved(checkpoint: Path, rt: Runtime) -> tuple[nn.Module, Any, dict[str, Any], Pretrained]:
     """A `--save-model` folder: (model with its trained head, tokenizer, saved task)."""
-    pretrained = common.load_checkpoint(checkpoint)
-    saved = common.finetuned_task(pretrained, "swag")
-    model = common.build_model(None, pretrained)
-    return model, common.load_task_tokenizer(pretrained, saved["max_seq_length"]), saved, pretrained
+    pretrained = load_checkpoint(checkpoint)
+    saved = finetuned_task(pretrained, "swag")
+    model = build_model(None, pretrained, rt)
+    return model, load_task_tokenizer(pretrained, saved["max_seq_length"]), saved, pretrained
 
 
-def evaluate_saved(a: SwagArgs, t0: float) -> dict[str, Any]:
+def evaluate_saved(recipe: SwagRecipe, rt: Runtime) -> dict[str, Any]:
     """--eval-only: score val.csv (and predict test.csv) with a saved fine-tuned model."""
-    model, tok, saved, pretrained = load_saved(a.checkpoint)
-    val, test = _eval_sets(a, tok)
-    out_dir = Path(a.output_dir) / "SWAG"
-    common.check_eval_dir(out_dir)
-    cfg = dataclasses.replace(a.train)
-    cfg.run = common.RunContext(out_dir, "SWAG eval-only")
-    metrics = score_and_write(model, val, test, cfg, tok.token_to_id("[PAD]"), out_dir)
+    t0 = time.perf_counter()
+    assert recipe.pretrained is not None
+    model, tok, saved, pretrained = load_saved(recipe.pretrained, rt)
+    val, test = _eval_sets(recipe, tok)
+    out_dir = Path(recipe.output_dir or ".") / "SWAG"
+    check_eval_dir(out_dir)
+    metrics = score_and_write(model, val, test, recipe, rt, pad_id_of(tok), out_dir,
+                              "SWAG eval-only")
     summary = {"task": "SWAG", "eval_only": True, "checkpoint": pretrained.source,
-               "trained": saved, "metrics": metrics, "data": str(a.data_dir),
-               "max_eval_samples": a.max_eval_samples,
+               "trained": saved, "metrics": metrics, "data": str(recipe.data.data_dir),
+               "max_eval_samples": recipe.data.max_eval_samples or None,
                "predictions": ["predictions.csv"] if test[1] else [],
                "seconds": time.perf_counter() - t0}
-    common.write_json_on_main(out_dir / "results.json", summary)
-    if common.ranks().is_main:
+    rt.write_json(out_dir / "results.json", summary)
+    if rt.is_main:
         print(f"SWAG (eval-only, {pretrained.source})  accuracy {100 * metrics['accuracy']:.2f}",
               flush=True)
     return summary
 
 
-def predict_file(checkpoint: Path, input_file: Path, output: Path,
-                 cfg: common.TrainConfig) -> Path:
+def predict_file(checkpoint: Path, input_file: Path, output: Path, rt: Runtime,
+                 batch_size: int) -> Path:
     """`finetune predict` for a SWAG model: a CSV in the official layout (a label column, if
     any, is ignored) -> `index,pred` (the chosen ending 0-3 per example id), as predictions.csv."""
     from bertscale.data import tables
 
-    model, tok, _, _ = load_saved(checkpoint)
+    model, tok, _, _ = load_saved(checkpoint, rt)
     examples = (read_swag_hf([input_file], labelled=False)
                 if input_file.is_file() and tables.file_kind(input_file) is not None
                 else read_swag(input_file, labelled=False))
-    cfg = dataclasses.replace(cfg)
-    cfg.run = common.RunContext(output.parent, "SWAG predict")
-    (logits,) = common.predict(model, featurize(tok, examples), logits_of, cfg,
-                               tok.token_to_id("[PAD]"), what=input_file.name)
-    common.write_text_on_main(output, predictions_csv(examples, logits.argmax(-1)))
+    (logits,) = predict(model, featurize(tok, examples), logits_of, rt, batch_size=batch_size,
+                        pad_id=pad_id_of(tok), label="SWAG predict",
+                        what=input_file.name)
+    rt.write_text(output, predictions_csv(examples, logits.argmax(-1)))
     return output
 
 
-def run(a: SwagArgs) -> dict[str, Any]:
-    common.ranks(a.train.device)  # one process, or the data-parallel group of a launcher
+def run(recipe: SwagRecipe, rt: Runtime) -> dict[str, Any]:
+    """Fine-tune and evaluate SWAG over the recipe's lr x seed grid; the summary."""
     t0 = time.perf_counter()
-    if a.eval_only:
-        return evaluate_saved(a, t0)
-    d = Path(a.data_dir)
-    train_ex = _need_split(d, "train", labelled=True)[:a.max_train_samples or None]
-    pretrained = common.load_checkpoint(a.checkpoint)
-    tok = common.load_task_tokenizer(pretrained, a.max_seq_length)
+    d = recipe.data
+    assert d.data_dir is not None and recipe.pretrained is not None
+    train_ex = _need_split(d.data_dir, "train", labelled=True)[:d.max_train_samples or None]
+    pretrained = load_checkpoint(recipe.pretrained)
+    tok = load_task_tokenizer(pretrained, d.max_seq_length)
     train_f = featurize(tok, train_ex)
-    val, test = _eval_sets(a, tok)
-    common.check_casing(pretrained, common.unk_fraction(
-        tok, (ids for f in train_f for ids in f["input_ids"])), f"{d / 'train.csv'}",
+    val, test = _eval_sets(recipe, tok)
+    check_casing(pretrained, unk_fraction(
+        tok, (ids for f in train_f for ids in f["input_ids"])), f"{d.data_dir / 'train.csv'}",
         [e.context for e in train_ex[:2000]])
-    pad_id = tok.token_to_id("[PAD]")
+    pad_id = pad_id_of(tok)
     from bertscale.model import BertForMultipleChoice
-    out_dir = Path(a.output_dir) / "SWAG"
+    out_dir = Path(recipe.output_dir or ".") / "SWAG"
 
-    def train_one(cfg: common.TrainConfig, run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
-        model = common.build_model(BertForMultipleChoice, pretrained)
-        stats = common.fit(model, train_f, _loss, cfg, pad_id)
-        metrics = score_and_write(model, val, test, cfg, pad_id, run_dir)
-        if a.save_model:
-            common.save_model(model, pretrained, run_dir, "BertForMultipleChoice",
-                              {"family": "swag", "task": "SWAG",
-                               "labels": [str(i) for i in range(NUM_CHOICES)], "lr": cfg.lr,
-                               "seed": cfg.seed, "max_seq_length": a.max_seq_length,
-                               "recipe": common.recipe(cfg)})
+    def train_one(run: RunSpec) -> tuple[dict[str, float], dict[str, Any]]:
+        model = build_model(BertForMultipleChoice, pretrained, rt)
+        stats = fit(model, train_f, _loss, recipe, run, rt, pad_id)
+        metrics = score_and_write(model, val, test, recipe, rt, pad_id, run.folder, run.name)
+        if recipe.output.save_model:
+            save_model(model, pretrained, run.folder, "BertForMultipleChoice", rt,
+                       {"family": "swag", "task": "SWAG",
+                        "labels": [str(i) for i in range(NUM_CHOICES)], "lr": run.lr,
+                        "seed": run.seed, "max_seq_length": d.max_seq_length,
+                        "recipe": recipe.summary()})
         return metrics, stats
 
     extra = dict(**pretrained.identity(),
-                 lowercase=pretrained.lowercase, data=str(d), train_examples=len(train_f),
-                 max_seq_length=a.max_seq_length, max_eval_samples=a.max_eval_samples,
-                 save_model=a.save_model, predict_test=a.predict_test)
-    runs = common.run_grid("SWAG", out_dir, a.lrs, a.seeds, a.train, len(train_f), "examples",
-                           train_one, extra)
-    return common.finish("SWAG", "accuracy", runs, out_dir,
-                         ["predictions.csv"] if test[1] else [], a.train, t0, ("accuracy",),
-                         **extra)
+                 lowercase=pretrained.lowercase, data=str(d.data_dir), train_examples=len(train_f),
+                 max_seq_length=d.max_seq_length, max_eval_samples=d.max_eval_samples or None,
+                 save_model=recipe.output.save_model, predict_test=d.predict_test)
+    runs = run_grid("SWAG", out_dir, recipe, len(train_f), "examples", train_one, extra, rt)
+    return finish("SWAG", "accuracy", runs, out_dir, ["predictions.csv"] if test[1] else [],
+                  recipe, rt, t0, ("accuracy",), **extra)

@@ -95,27 +95,26 @@ def train_loader(plan: Plan) -> PretrainLoader:
     """This rank's train stream from position 0; a resume moves it (`load_state_dict`): the
     loader alone holds the data position."""
     from bertscale.data.cache import FetchSettings
-    from bertscale.data.loader import PretrainLoader
+    from bertscale.data.loader import LoaderConfig, open_loader
 
     r, t, env = plan.recipe, plan.recipe.train, plan.env
-    return PretrainLoader(plan.manifest, split="train", global_batch_size=t.global_batch_size,
-                          micro_batch_size=t.micro_batch_size, rank=env.rank,
-                          world_size=env.world_size, seed=t.seed, masking=_masking(plan),
-                          num_workers=r.data.num_workers,
-                          bad_sample_policy=r.data.bad_sample_policy,
-                          max_bad_samples=r.data.max_bad_samples,
-                          verify_sha256=False,  # check_shards did, a share per rank
-                          fetch=FetchSettings.of(r.data))
+    return open_loader(plan.manifest, LoaderConfig(
+        split="train", global_batch_size=t.global_batch_size,
+        micro_batch_size=t.micro_batch_size, rank=env.rank, world_size=env.world_size,
+        seed=t.seed, masking=_masking(plan), num_workers=r.data.num_workers,
+        bad_sample_policy=r.data.bad_sample_policy, max_bad_samples=r.data.max_bad_samples,
+        verify_sha256=False,  # check_shards did, a share per rank
+        fetch=FetchSettings.of(r.data)))
 
 
 def eval_loader(plan: Plan) -> PretrainLoader:
     """One pass over the first eval.samples of the eval split (see bertscale.pretraining.evaluator)."""
     from bertscale.data.cache import FetchSettings
-    from bertscale.data.loader import PretrainLoader
+    from bertscale.data.loader import LoaderConfig, open_loader
 
     r, env = plan.recipe, plan.env
     micro = r.eval.micro_batch_size or r.train.micro_batch_size
-    return PretrainLoader(plan.manifest, split="eval", global_batch_size=micro * env.world_size,
-                          micro_batch_size=micro, rank=env.rank, world_size=env.world_size,
-                          seed=r.train.seed, masking=_masking(plan), verify_sha256=False,
-                          max_samples=r.eval.samples, fetch=FetchSettings.of(r.data))
+    return open_loader(plan.manifest, LoaderConfig(
+        split="eval", global_batch_size=micro * env.world_size, micro_batch_size=micro,
+        rank=env.rank, world_size=env.world_size, seed=r.train.seed, masking=_masking(plan),
+        verify_sha256=False, max_samples=r.eval.samples, fetch=FetchSettings.of(r.data)))

@@ -81,7 +81,7 @@ class SyncCheck:
         self.enabled = bool(enabled) and getattr(device, "type", str(device)) == "cuda"
         if enabled and not self.enabled:
             warn(f"debug.forbid_host_syncs: no CUDA device ({device}); nothing is checked")
-        self.active, self.steps, self.explicit = False, 0, []
+        self.active, self.steps, self.explicit = False, 0, list[str]()
         if self.enabled:
             import torch
             from torch.cuda import _gpu_trace

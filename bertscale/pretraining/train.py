@@ -146,8 +146,9 @@ def train(plan: Plan) -> int:
                 preemption.maybe_exit(state.step, read.preempted)
             reads.restart_clock()
         reporter.finished(state.step, loader.consumed_samples)
-        if sync_check.summary():
-            reporter.info(sync_check.summary())
+        summary = sync_check.summary()
+        if summary:
+            reporter.info(summary)
     except StopTraining as stop:  # said why already; every rank stops at the same step
         exit_code = stop.exit_code
     finally:

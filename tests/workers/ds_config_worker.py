@@ -24,8 +24,8 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param
 from torch import nn
 
+from bertscale.commands.pretrain import quiet_deepspeed
 from bertscale.config import load_pretrain_recipe
-from bertscale.pretrain import quiet_deepspeed
 from bertscale.pretraining.plan import deepspeed_config
 
 ACCUM = 64

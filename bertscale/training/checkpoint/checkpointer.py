@@ -95,6 +95,15 @@ class Checkpointer:
         return saved
 
 
+def _place() -> tuple[int, int]:
+    """(rank, world size): (0, 1) for a single process without a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def checkpoint_bytes_estimate(run_dir: Path, engine: Engine) -> int:
     """What the next checkpoint will take: the newest committed one's size, else an estimate
     from the parameter count (ZeRO-3 parameters report their full size as ds_numel)."""
@@ -111,9 +120,7 @@ def _write_partition(engine: Engine, root: Path, tag: str,
     state), fsynced; what failed, if anything. An engine whose save is collective joins its
     collectives even when its own write fails (Engine.save), so the others hear of it here
     rather than die on a collective this rank never joins."""
-    import torch.distributed as dist
-
-    rank = dist.get_rank()
+    rank, _ = _place()
     tag_dir = root / tag
     try:
         written = engine.save(root, tag)
@@ -140,12 +147,10 @@ def save(engine: Engine, run_dir: str | Path, step: int, state: TrainerState, *,
          check_free_space: bool = True, log: Callable[[str], None] = print) -> Committed:
     """Save and commit checkpoint `step_<step>` (module docstring). Collective: every rank must
     call it."""
-    import torch.distributed as dist
-
-    from bertscale.distributed import gather_problems
+    from bertscale.distributed import barrier, gather_problems
 
     run_dir = Path(run_dir)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = _place()
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)
     tag_dir = root / tag
@@ -162,7 +167,8 @@ def save(engine: Engine, run_dir: str | Path, step: int, state: TrainerState, *,
         if tag_dir.exists() and read_commit(tag_dir) is None:
             shutil.rmtree(tag_dir)
         shutil.rmtree(universal_path(root, tag), ignore_errors=True)
-    dist.barrier()
+        tag_dir.mkdir()   # before any rank writes into it
+    barrier()
     error = _write_partition(engine, root, tag, state)
     failure = _describe_failure(error, root) if error else None
     problems = gather_problems([failure] if failure else [])

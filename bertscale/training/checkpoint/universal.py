@@ -35,7 +35,7 @@ Limits (honest):
 - Conversion runs in one process (no worker pool, so it is safe inside a distributed job) and
   needs about the checkpoint's size again on disk. Measured on a busy 2-core CPU machine: BERT-Base
   (110M parameters, ZeRO-2 fp32) 43 s, 2.1 GB written; expect about 3x for BERT-Large. It happens
-  once per resized resume; `python -m bertscale.elastic DIR TAG` does it ahead, e.g. in a CPU job.
+  once per resized resume; `python -m bertscale.commands.elastic DIR TAG` does it ahead, e.g. in a CPU job.
 - Per-rank RNG states cannot be mapped onto a different number of ranks; the trainer reseeds.
 """
 
@@ -111,7 +111,7 @@ def inspect_checkpoint(checkpoint_dir: str | Path, tag: str) -> CheckpointLayout
     folder = Path(checkpoint_dir) / tag
     if not folder.is_dir():
         raise UserError(f"{folder}: checkpoint folder not found")
-    optim = {}
+    optim: dict[int, Path] = {}
     for p in folder.iterdir():
         m = _ZERO_OPTIM_FILE.match(p.name)
         if m:
@@ -149,7 +149,9 @@ def inspect_checkpoint(checkpoint_dir: str | Path, tag: str) -> CheckpointLayout
 def _load(path: Path) -> dict[str, Any]:
     import torch
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False,
+                                            mmap=True)
+        return loaded
     except Exception as e:  # a torn file must name itself, not crash obscurely
         raise UserError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
 
@@ -346,7 +348,7 @@ def _per_parameter_files_for_every_stage(folder: Path, step: Any) -> None:
 
 def _deepspeed_version() -> str:
     import deepspeed
-    return deepspeed.__version__
+    return str(deepspeed.__version__)
 
 
 def _quiet(fn: Callable[..., Any], *args: Any) -> Any:

@@ -1,7 +1,5 @@
-"""`bertscale pretrain`: the command line of pretraining (its parser, handler and `python -m`
-entry). The run itself is bertscale.pretraining.train (`run`, `train`), an outline over the trainer
-core (bertscale.training).
-"""
+"""`bertscale pretrain`: BERT's masked-LM + next-sentence pretraining through DeepSpeed ZeRO, from a
+typed TOML recipe (`--set` overrides, `--list`, `--print-config`)."""
 
 from __future__ import annotations
 
@@ -12,16 +10,12 @@ import shutil
 import sys
 import textwrap
 
-from bertscale import distributed
+from bertscale.commands.args import Subparsers
 from bertscale.config import PretrainRecipe, load_pretrain_recipe, recipe_to_dict
 from bertscale.errors import ConfigError
-from bertscale.pretraining.plan import deepspeed_config
-from bertscale.pretraining.train import run
-
-# ================================================================================ the CLI
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain", help="pretrain BERT (MLM + NSP) with DeepSpeed ZeRO",
         description="Pretrain BERT from prepared shards. Launch one process per device with "
@@ -71,6 +65,7 @@ def _handle(args: argparse.Namespace) -> int:
         print(_resolved_config(recipe))
         return 0
     quiet_deepspeed(args.verbose)
+    from bertscale.pretraining.train import run
     return run(recipe, run_dir=args.run_dir, resume=args.resume, stop_at_step=args.stop_at_step)
 
 
@@ -115,6 +110,9 @@ def _resolved_config(recipe: PretrainRecipe) -> str:
     """`pretrain --print-config`: the recipe as the run would use it and its DeepSpeed JSON
     (batch fields injected for the world size a launcher gives, 1 alone)."""
     import torch
+
+    from bertscale import distributed
+    from bertscale.pretraining.plan import deepspeed_config
     world = distributed.discover().world_size
     ds, path, _, _, _ = deepspeed_config(recipe, world, torch.cuda.is_available())
     return json.dumps({"recipe": recipe_to_dict(recipe), "world_size": world,
@@ -133,7 +131,7 @@ def quiet_deepspeed(verbose: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bertscale.pretrain ...`: the same command, without importing the other subcommands."""
+    """`python -m bertscale.commands.pretrain ...`: the command without the other commands' imports."""
     from bertscale.commands import run_subcommand
     return run_subcommand("pretrain", argv)
 

@@ -1,288 +1,26 @@
-"""Typed configuration: dataclasses, presets, TOML recipes and command-line overrides.
+"""The pretraining recipe: one TOML file per recipe (bertscale/recipes/*.toml), its sections as
+the classes below, validated before any process group starts.
 
-Every field has a docstring-style comment beside it; `docs/configuration.md` is generated from
-these classes, so they are the single source of truth. Validation happens here, before any
-process group starts, and every error names the field and what would be accepted.
+Relative paths in a recipe are read from the directory the command runs in (like every other CLI
+path). Two phases (the paper's 128 then 512 tokens) are two recipes: phase 2 names phase 1's run
+folder in `train.init_from` and takes its final weights only, with its own optimizer, schedule,
+batch and shards; each phase is then an ordinary, separately resumable and requeueable job with
+its own run folder.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 import re
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, Literal
 
+from bertscale.config.model import ModelConfig, model_config_from
+from bertscale.config.optim import OptimizerConfig, ScheduleConfig
+from bertscale.config.schema import (apply_overrides, builtin_recipe, coerce, from_dict,
+                                     load_toml, parse_override, to_dict)
 from bertscale.errors import ConfigError
-
-T = TypeVar("T")
-
-
-# ----------------------------------------------------------------------------------- model
-
-
-@dataclass
-class ModelConfig:
-    """Shape of the BERT encoder. Field names follow Google's / Hugging Face's bert_config.json,
-    so a Hugging Face config.json maps onto this class key for key."""
-
-    vocab_size: int = 30522
-    """WordPiece vocabulary size (the embedding and MLM decoder rows)."""
-    hidden_size: int = 768
-    """Width H of every layer."""
-    num_hidden_layers: int = 12
-    """Number of Transformer layers L."""
-    num_attention_heads: int = 12
-    """Attention heads A; hidden_size must be divisible by it."""
-    intermediate_size: int = 3072
-    """Feed-forward inner width (4H in the paper)."""
-    hidden_act: Literal["gelu", "gelu_new", "relu"] = "gelu"
-    """Feed-forward activation. "gelu" is the exact erf form Google's release uses."""
-    hidden_dropout_prob: float = 0.1
-    """Dropout on embeddings, attention output and feed-forward output."""
-    attention_probs_dropout_prob: float = 0.1
-    """Dropout on the attention probabilities."""
-    max_position_embeddings: int = 512
-    """Learned absolute positions; the longest sequence the model accepts."""
-    type_vocab_size: int = 2
-    """Segment (token type) embeddings: A and B (at least 2 for NSP or SOP shards)."""
-    initializer_range: float = 0.02
-    """Std of the truncated normal used for every weight matrix (positive)."""
-    layer_norm_eps: float = 1e-12
-    """LayerNorm epsilon, positive (Google's release uses 1e-12)."""
-    pad_token_id: int = 0
-    """Id of [PAD]; its embedding row is not special-cased beyond initialisation."""
-
-    def validate(self) -> None:
-        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "intermediate_size", "max_position_embeddings", "type_vocab_size")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"model.hidden_size {self.hidden_size} is not divisible by "
-                f"model.num_attention_heads {self.num_attention_heads}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            p = getattr(self, name)
-            if not 0.0 <= p < 1.0:
-                raise ConfigError(f"model.{name} must be in [0, 1), got {p}")
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise ConfigError(f"model.pad_token_id {self.pad_token_id} is outside the vocabulary "
-                              f"(size {self.vocab_size})")
-        # The std of the weights' truncated normal, and the LayerNorm epsilon under a square
-        # root: zero or negative is a crash at initialisation, or NaN from the first step.
-        for name in ("initializer_range", "layer_norm_eps"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                raise ConfigError(f"model.{name} must be positive, got {v}")
-
-
-# (layers, hidden, heads); intermediate is 4 x hidden as in the paper and Turc et al. 2019.
-# The Hugging Face architectures a checkpoint can be exported as / read from (config.json's
-# "architectures"), each with the key prefixes of its head. Here rather than in hf.py so
-# that argument parsers can list them without importing torch.
-HEADS: dict[str, tuple[str, ...]] = {
-    "BertModel": (),
-    "BertForPreTraining": ("cls.predictions.", "cls.seq_relationship."),
-    "BertForMaskedLM": ("cls.predictions.",),
-    "BertForNextSentencePrediction": ("cls.seq_relationship.",),
-    "BertForSequenceClassification": ("classifier.",),
-    "BertForMultipleChoice": ("classifier.",),
-    "BertForTokenClassification": ("classifier.",),
-    "BertForQuestionAnswering": ("qa_outputs.",),
-}
-
-_PRESET_SHAPES: dict[str, tuple[int, int, int]] = {
-    "tiny": (2, 128, 2),
-    "mini": (4, 256, 4),
-    "small": (4, 512, 8),
-    "medium": (8, 512, 8),
-    "base": (12, 768, 12),
-    "large": (24, 1024, 16),
-}
-PRESETS = tuple(_PRESET_SHAPES)
-
-
-def preset(name: str, **overrides: Any) -> ModelConfig:
-    """The paper's BERT-Base / BERT-Large, or a small size from Turc et al. 2019."""
-    if name not in _PRESET_SHAPES:
-        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-    layers, hidden, heads = _PRESET_SHAPES[name]
-    cfg = ModelConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                      intermediate_size=4 * hidden)
-    cfg = dataclasses.replace(cfg, **overrides)
-    cfg.validate()
-    return cfg
-
-
-# ------------------------------------------------------------------------ generic machinery
-
-
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass `cls` from a plain dict, checking names and types.
-
-    `where` is the dotted path used in error messages ("train.optimizer").
-    """
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a table, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{where}.{key}" if where else key
-        if key not in fields:
-            raise ConfigError(f"unknown field {name!r}; allowed: {', '.join(sorted(fields))}")
-        kwargs[key] = _coerce(hints[key], value, name)
-    return cls(**kwargs)
-
-
-# Over ruff's complexity limit on purpose: one branch per supported field type.
-def _coerce(tp: Any, value: Any, name: str) -> Any:  # noqa: C901
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, name)
-    if origin is Literal:
-        allowed = get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{name} = {value!r} is not allowed; choose one of "
-                              f"{', '.join(repr(a) for a in allowed)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, name)
-            except ConfigError as e:
-                errors.append(str(e))
-                if isinstance(arg, type) and type(value) is arg:
-                    raise  # the value has this type: its own complaint says what is wrong
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{name} = {value!r} matches none of the accepted types")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        (item_tp, *_) = get_args(tp) or (Any,)
-        items = [_coerce(item_tp, v, f"{name}[{i}]") for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name} must be a table, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if tp is float and isinstance(value, float) and not math.isfinite(value):
-        # No field wants NaN or infinity, and TOML writes both (`nan`, `inf`).
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
-    if tp is Path and isinstance(value, str):
-        return Path(value)
-    if tp in (int, float, str, bool):
-        if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):
-            raise ConfigError(f"{name} must be {tp.__name__}, got {value!r}")
-        return value
-    return value
-
-
-def to_dict(obj: Any) -> Any:
-    """Plain-data view of a config (Paths as strings), for checkpoints and logs."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a", "b", "c"], value); the value is read as TOML when it parses
-    (numbers, booleans, lists, quoted strings) and as a bare string otherwise."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.field=value")
-    key, raw = text.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise ConfigError(f"override {text!r} has an empty field name")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return path, value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=value` overrides to a nested dict (before it becomes dataclasses)."""
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
-        node[path[-1]] = value
-    return data
-
-
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML recipe, with the file named in every error."""
-    path = Path(path)
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: recipe file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-
-
-def builtin_recipe(name: str) -> Path:
-    """Path of a recipe shipped inside the package (bertscale/recipes/NAME.toml)."""
-    path = Path(__file__).parent / "recipes" / f"{name}.toml"
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.toml"))
-        raise ConfigError(f"no built-in recipe {name!r}; built-in: {', '.join(known)}")
-    return path
-
-
-def model_config_from(data: dict[str, Any] | str, where: str = "model") -> ModelConfig:
-    """A model section: either a preset name, or a table with an optional `preset` key plus
-    field overrides (`{preset = "base", vocab_size = 28996}`)."""
-    if isinstance(data, str):
-        return preset(data)
-    data = dict(data)
-    base = data.pop("preset", None)
-    cfg = from_dict(ModelConfig, data, where)
-    if base is not None:
-        explicit = {k: getattr(cfg, k) for k in data}
-        cfg = preset(base, **explicit)
-    cfg.validate()
-    return cfg
-
-
-# ------------------------------------------------------------------------ pretraining recipe
-#
-# One TOML file per recipe (bertscale/recipes/*.toml). Sections map onto the classes below;
-# bertscale.optim builds the torch optimizer and schedule from [optimizer] and [schedule]. Relative
-# paths in a recipe are read from the directory the command runs in (like every other CLI path).
-#
-# Two phases (the paper's 128 then 512 tokens) are two recipes: phase 2 names phase 1's run folder
-# in `train.init_from` and takes its final weights only, with its own optimizer, schedule, batch
-# and shards. Chosen over one recipe with [[phases]] because each phase is then an ordinary,
-# separately resumable and requeueable job with its own run folder.
 
 
 @dataclass
@@ -334,86 +72,6 @@ class DataSection:
     fetch_retries: int = 5
     """Remote shards: retries of a transient failure (reset connection, timeout, 5xx, short
     read), with backoff from 0.5 s doubling; a missing object or a sha256 mismatch fails at once."""
-
-
-@dataclass
-class OptimizerConfig:
-    """Which optimizer, and its hyperparameters (defaults: the paper's Adam)."""
-
-    name: Literal["adamw", "lamb"] = "adamw"
-    """"adamw" (the paper's Adam with decoupled weight decay) or "lamb" (You et al. 2019, for
-    large batches; made correct under ZeRO by `make_zero_aware`)."""
-    lr: float = 1e-4
-    """Peak learning rate, reached at the end of warmup (the paper: 1e-4 for Adam at batch 256)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """Decay rates of the first and second moment estimates."""
-    eps: float = 1e-6
-    """Added to sqrt(v_hat) in the denominator (the paper's BERT uses 1e-6)."""
-    weight_decay: float = 0.01
-    """Decoupled weight decay on weight matrices and embeddings; never on biases or LayerNorm."""
-    implementation: Literal["foreach", "fused", "loop"] = "foreach"
-    """"foreach": multi-tensor kernels; "fused": torch's fused AdamW (AdamW only); "loop": one
-    tensor at a time, the slow reference the fast paths are tested against."""
-
-    def validate(self, where: str = "optimizer") -> None:
-        if self.name not in ("adamw", "lamb"):
-            raise ConfigError(f"{where}.name = {self.name!r} is not allowed; choose one of "
-                              f"'adamw', 'lamb'")
-        if self.implementation not in ("foreach", "fused", "loop"):
-            raise ConfigError(f"{where}.implementation = {self.implementation!r} is not allowed; "
-                              f"choose one of 'foreach', 'fused', 'loop'")
-        if self.name == "lamb" and self.implementation == "fused":
-            raise ConfigError(f"{where}.implementation = 'fused' exists only for adamw; "
-                              f"for lamb choose 'foreach' or 'loop'")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"{where}.lr must be a positive number, got {self.lr!r}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"{where}.betas must be two numbers in [0, 1), got {self.betas!r}")
-        if not self.eps > 0:
-            raise ConfigError(f"{where}.eps must be positive, got {self.eps!r}")
-        if not self.weight_decay >= 0:
-            raise ConfigError(f"{where}.weight_decay must be >= 0, got {self.weight_decay!r}")
-
-
-@dataclass
-class ScheduleConfig:
-    """Learning-rate schedule: linear warmup, then decay (the paper: 10k warmup, linear decay)."""
-
-    warmup: int | float = 10000
-    """Warmup length: an integer number of optimizer steps, or a float in [0, 1) giving a
-    fraction of the total steps (0.01 = the first 1%)."""
-    decay: Literal["linear", "poly", "constant"] = "linear"
-    """After warmup: "linear" to min_lr_ratio at the last step, "poly" with exponent `power`
-    (NVIDIA's BERT uses 0.5 for LAMB), or "constant" at the peak."""
-    power: float = 1.0
-    """Exponent of the "poly" decay (1.0 is linear)."""
-    min_lr_ratio: float = 0.0
-    """Final learning rate as a fraction of the peak, for "linear" and "poly"."""
-
-    def validate(self, where: str = "schedule") -> None:
-        w = self.warmup
-        if isinstance(w, bool) or not isinstance(w, (int, float)):
-            raise ConfigError(f"{where}.warmup must be an integer number of steps or a fraction "
-                              f"in [0, 1), got {w!r}")
-        if isinstance(w, float) and not 0.0 <= w < 1.0:
-            raise ConfigError(f"{where}.warmup = {w!r}: a float is a fraction of the total steps "
-                              f"and must be in [0, 1); give a step count as an integer")
-        if isinstance(w, int) and w < 0:
-            raise ConfigError(f"{where}.warmup must be >= 0 steps, got {w}")
-        if self.decay not in ("linear", "poly", "constant"):
-            raise ConfigError(f"{where}.decay = {self.decay!r} is not allowed; choose one of "
-                              f"'linear', 'poly', 'constant'")
-        if not self.power > 0:
-            raise ConfigError(f"{where}.power must be positive, got {self.power!r}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"{where}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-
-
-def warmup_steps(cfg: ScheduleConfig, total_steps: int) -> int:
-    """Warmup length in optimizer steps (a fraction is rounded to the nearest step)."""
-    if isinstance(cfg.warmup, float):
-        return int(round(cfg.warmup * total_steps))
-    return int(cfg.warmup)
 
 
 @dataclass
@@ -527,11 +185,6 @@ class FastSection:
     padded rows are never predicted: the MLM loss and accuracy use the tokenizer's vocabulary
     only, so the loss equals the unpadded model's; `export` writes the real vocabulary size.
     1: no padding. Ignored when [model] sets vocab_size itself."""
-
-
-def padded_vocab_size(vocab_size: int, multiple: int) -> int:
-    """`vocab_size` rounded up to a multiple of `multiple`."""
-    return -(-vocab_size // multiple) * multiple
 
 
 @dataclass
@@ -677,15 +330,16 @@ def load_pretrain_recipe(source: str | Path | dict[str, Any],
             raise ConfigError("missing [model] section (a preset name or a table)")
         model_raw = data["model"]
         model = model_config_from(model_raw)
-        sections = {key: from_dict(cls, data.get(key, {}), key) for key, cls in _RECIPE_SECTIONS.items()}
+        sections: dict[str, Any] = {key: from_dict(cls, data.get(key, {}), key)
+                                    for key, cls in _RECIPE_SECTIONS.items()}
         if "optimizer" not in data:
             raise ConfigError("missing [optimizer] section (name, lr, ...)")
         recipe = PretrainRecipe(
-            name=_coerce(str, data.get("name", default_name), "name"),
+            name=coerce(str, data.get("name", default_name), "name"),
             model=model,
             optimizer=from_dict(OptimizerConfig, data["optimizer"], "optimizer"),
             schedule=from_dict(ScheduleConfig, data.get("schedule", {}), "schedule"),
-            run_dir=_coerce(Path | None, data.get("run_dir"), "run_dir"),
+            run_dir=coerce(Path | None, data.get("run_dir"), "run_dir"),
             vocab_size_explicit=isinstance(model_raw, dict) and "vocab_size" in model_raw,
             **sections)
         recipe.validate()
@@ -715,6 +369,6 @@ def _blame(message: str, origin: str, overrides: list[str], as_written: dict[str
 
 def recipe_to_dict(recipe: PretrainRecipe) -> dict[str, Any]:
     """The recipe as plain data (for checkpoints, logs and W&B), in its TOML layout."""
-    out = to_dict(recipe)
+    out: dict[str, Any] = to_dict(recipe)
     out.pop("vocab_size_explicit", None)
     return out

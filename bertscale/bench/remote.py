@@ -18,13 +18,14 @@ request-rate limits or tail latencies.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bertscale.data.shards import Manifest
 
 
 def bench_remote(files: list[Path], vocab: Path, *, samples_per_shard: int, window_shards: int,
@@ -33,8 +34,6 @@ def bench_remote(files: list[Path], vocab: Path, *, samples_per_shard: int, wind
     import fsspec
 
     from bertscale.bench.s3_server import LocalS3
-    from bertscale.data.cache import FetchSettings
-    from bertscale.data.loader import PretrainLoader
     from bertscale.data.prepare import PrepareConfig, run_prepare, upload_prepared
     from bertscale.data.shards import read_manifest
 
@@ -68,65 +67,43 @@ def bench_remote(files: list[Path], vocab: Path, *, samples_per_shard: int, wind
             print(f"{'prefetch':>8} | {'first window wait':>17} | {'later windows wait':>18} | "
                   f"{'longest later wait':>18} | {'steps waiting >1 ms':>19} | {'wall':>6}")
             for prefetch in (False, True):
-                loader = PretrainLoader(m, split="train", global_batch_size=global_batch,
-                                        micro_batch_size=global_batch, rank=0, world_size=1,
-                                        seed=1, shuffle_window=window, verify_sha256=False,
-                                        fetch=FetchSettings(cache_dir=Path(tmp) / f"c{prefetch}",
-                                                            prefetch=prefetch,
-                                                            concurrency=concurrency))
-                waits = []
-                it = iter(loader)
-                start = time.perf_counter()
-                for _ in range(steps):
-                    before = loader.fetch_wait_s
-                    next(it)
-                    waits.append(loader.fetch_wait_s - before)
-                    time.sleep(step_ms / 1e3)  # the device's step
-                wall = time.perf_counter() - start
-                loader.close()
-                first = int(steps_per_window)
-                later = waits[first:]
-                row = {"first_window_wait_s": sum(waits[:first]),
-                       "later_wait_s": sum(later), "later_max_wait_ms": 1e3 * max(later, default=0),
-                       "later_steps_waiting": sum(w > 1e-3 for w in later),
-                       "later_steps": len(later), "wall_s": wall}
+                row = _timed_pass(m, prefetch, steps=steps, first=int(steps_per_window),
+                                  global_batch=global_batch, window=window, step_ms=step_ms,
+                                  concurrency=concurrency, cache_dir=Path(tmp) / f"c{prefetch}")
                 result["prefetch_on" if prefetch else "prefetch_off"] = row
                 print(f"{'on' if prefetch else 'off':>8} | {row['first_window_wait_s']:15.2f} s | "
                       f"{row['later_wait_s']:16.2f} s | {row['later_max_wait_ms']:15.1f} ms | "
                       f"{row['later_steps_waiting']:>9} of {row['later_steps']:<6} | "
-                      f"{wall:5.1f}s")
+                      f"{row['wall_s']:5.1f}s")
     finally:
         server.stop()
     return result
 
 
-def handle(args: argparse.Namespace) -> int:
-    from bertscale.data.bench import shared_data_dir
+def _timed_pass(m: Manifest, prefetch: bool, *, steps: int, first: int, global_batch: int,
+                window: int, step_ms: float, concurrency: int, cache_dir: Path) -> dict[str, Any]:
+    """`steps` training steps' worth of batches from the store, each followed by `step_ms` of
+    (simulated) device work: the time the steps waited for shards, the first window (`first`
+    steps, fetched cold) apart from the later ones (where prefetch should hide the fetches)."""
+    from bertscale.data.cache import FetchSettings
+    from bertscale.data.loader import LoaderConfig, open_loader
 
-    shared = shared_data_dir()
-    files = [Path(f) for f in args.files] if args.files else [
-        shared / "wikipedia" / f"wiki_0{i}.gz" for i in range(4)]
-    vocab = Path(args.vocab) if args.vocab else shared / "vocab" / "bert-base-uncased-vocab.txt"
-    res = bench_remote(files, vocab, samples_per_shard=args.samples_per_shard,
-                       window_shards=args.window_shards, global_batch=args.global_batch,
-                       step_ms=args.step_ms, windows=args.windows,
-                       bandwidth_mbs=args.bandwidth_mbs, latency_ms=args.latency_ms,
-                       concurrency=args.concurrency)
-    if args.out:
-        args.out.write_text(json.dumps(res, indent=1) + "\n")
-    return 0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--files", nargs="+", help="raw text (default: wiki_00..03 of the shared "
-                   "Wikipedia sample)")
-    p.add_argument("--vocab", help="vocab.txt (default: the sample's uncased BERT vocab)")
-    p.add_argument("--samples-per-shard", type=int, default=500)
-    p.add_argument("--window-shards", type=int, default=2, help="shuffle window, in shards")
-    p.add_argument("--global-batch", type=int, default=64)
-    p.add_argument("--step-ms", type=float, default=100.0, help="simulated compute per step")
-    p.add_argument("--windows", type=int, default=6, help="shuffle windows to read")
-    p.add_argument("--bandwidth-mbs", type=float, default=2.0, help="link bandwidth, MB/s")
-    p.add_argument("--latency-ms", type=float, default=100.0, help="before each response")
-    p.add_argument("--concurrency", type=int, default=4, help="data.fetch_concurrency")
-    p.add_argument("--out", type=Path, help="write the result as JSON")
+    loader = open_loader(m, LoaderConfig(
+        split="train", global_batch_size=global_batch, micro_batch_size=global_batch,
+        seed=1, shuffle_window=window, verify_sha256=False,
+        fetch=FetchSettings(cache_dir=cache_dir, prefetch=prefetch, concurrency=concurrency)))
+    waits = []
+    it = iter(loader)
+    start = time.perf_counter()
+    for _ in range(steps):
+        before = loader.fetch_wait_s
+        next(it)
+        waits.append(loader.fetch_wait_s - before)
+        time.sleep(step_ms / 1e3)  # the device's step
+    wall = time.perf_counter() - start
+    loader.close()
+    later = waits[first:]
+    return {"first_window_wait_s": sum(waits[:first]),
+            "later_wait_s": sum(later), "later_max_wait_ms": 1e3 * max(later, default=0),
+            "later_steps_waiting": sum(w > 1e-3 for w in later),
+            "later_steps": len(later), "wall_s": wall}

@@ -1,4 +1,4 @@
-"""Data throughput benchmark (`bertscale bench data`, benchmarks/bench_data.py).
+"""Data throughput benchmark (`bertscale bench data`, also `python benchmarks/bench_data.py`).
 
 Prints, for one process:
 - tokenizer alone: MB/s of raw text through `encode_batch` (single-threaded), the floor of
@@ -35,7 +35,7 @@ def bench_data(files: list[str | Path], vocab: str | Path, loader_seconds: float
                work_dir: str | Path | None = None) -> dict[str, float]:
     """Run the three measurements on `files` with `vocab`; print and return the numbers."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process, one thread: per-process rates
-    from bertscale.data.loader import MaskingConfig, PretrainLoader
+    from bertscale.data.loader import LoaderConfig, MaskingConfig, open_loader
     from bertscale.data.prepare import PrepareConfig, run_prepare
 
     files = [Path(f) for f in files]
@@ -72,8 +72,8 @@ def bench_data(files: list[str | Path], vocab: str | Path, loader_seconds: float
         data = Path(tmp) / "128" / "seq128"
         for label, masking in (("token masking", MaskingConfig()),
                                ("whole-word masking", MaskingConfig(whole_word=True))):
-            loader = PretrainLoader(data, split="train", global_batch_size=256, micro_batch_size=64,
-                                    rank=0, world_size=1, seed=1, masking=masking)
+            loader = open_loader(data, LoaderConfig(
+                split="train", global_batch_size=256, micro_batch_size=64, seed=1, masking=masking))
             it = iter(loader)
             for _ in range(8):
                 next(it)  # warm-up: open and index the first shards
@@ -94,27 +94,3 @@ def shared_data_dir() -> Path:
     """Default inputs: the real Wikipedia sample beside a source checkout (../shared/data)."""
     return Path(os.environ.get("BERTSCALE_SHARED_DATA",
                                Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`bertscale bench data [--files F ...] [--vocab V] [--seconds S]`."""
-    import argparse
-    import sys
-
-    shared = shared_data_dir()
-    p = argparse.ArgumentParser(prog="bertscale bench data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--files", nargs="+", help="raw text files (default: wiki_00..07 of the "
-                                              "Wikipedia sample in ../shared/data)")
-    p.add_argument("--vocab", help="vocab.txt (default: the sample's uncased BERT vocab)")
-    p.add_argument("--seconds", type=float, default=3.0, help="loader measurement time")
-    args = p.parse_args(argv)
-    files = args.files or [shared / "wikipedia" / f"wiki_0{i}.gz" for i in range(8)]
-    vocab = args.vocab or shared / "vocab" / "bert-base-uncased-vocab.txt"
-    missing = [str(f) for f in [*files, vocab] if not Path(f).is_file()]
-    if missing:
-        print(f"bench data: missing {', '.join(missing)} (set BERTSCALE_SHARED_DATA or pass "
-              f"--files and --vocab)", file=sys.stderr)
-        return 2
-    bench_data(files, vocab, loader_seconds=args.seconds)
-    return 0

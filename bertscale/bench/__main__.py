@@ -1,5 +1,0 @@
-import sys
-
-from bertscale.bench import main
-
-sys.exit(main())
