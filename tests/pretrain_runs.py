@@ -70,13 +70,14 @@ def plain_eval(model, manifest: Path, micro: int, seed: int, samples: int,
     """The run's held-out evaluation (the first `samples` of the eval split) redone in one
     process without DeepSpeed: one rank, since the eval set does not depend on the ranks."""
     from bertscale.data.loader import LoaderConfig, open_loader
+    from bertscale.data.masking import MaskingConfig
     from bertscale.model import pretraining_loss
 
     sums = torch.zeros(6, dtype=torch.float64)
     model.eval()
     loader = open_loader(manifest, LoaderConfig(
         split="eval", global_batch_size=micro, micro_batch_size=micro, rank=0, world_size=1,
-        seed=seed, masking=masking, verify_sha256=False, max_samples=samples))
+        seed=seed, masking=masking or MaskingConfig(), verify_sha256=False, max_samples=samples))
     with torch.no_grad():
         for b in loader:
             out = model(b["input_ids"], b["token_type_ids"], b["attention_mask"],

@@ -337,9 +337,6 @@ def test_deepspeed_launcher_with_a_hostfile_from_the_allocation(slurm, tmp_path)
 
 
 def test_finetune_array_runs_one_glue_task_per_index(slurm, reference_job, shared_data, tmp_path):
-    from bertscale.commands import COMMANDS
-    if "finetune" not in COMMANDS:
-        pytest.skip("`bertscale finetune` is not registered in bertscale/commands/__init__.py yet")
     wait_done(slurm, reference_job["id"], reference_job["log"], 400)
     t0 = time.monotonic()
     job_id = sbatch(slurm, "finetune.sbatch", "--array=0-1", "--gpus-per-node=0",
