@@ -75,7 +75,7 @@ from types import FrameType
 
 from bertscale.errors import UserError
 from bertscale.files import write_json_atomic
-from bertscale.training.stop import PREEMPTED_EXIT_CODE
+from bertscale.exitcodes import PREEMPTED_EXIT_CODE
 
 PREEMPTED_RECORD_ENV = "BERTSCALE_PREEMPTED_RECORD"
 """Names a node-local file that every worker which stops for preemption after the commit writes

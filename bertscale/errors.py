@@ -6,7 +6,7 @@ traceback.
 """
 
 
-from bertscale.training.stop import BAD_INPUT_EXIT_CODE
+from bertscale.exitcodes import BAD_INPUT_EXIT_CODE
 
 
 class UserError(Exception):

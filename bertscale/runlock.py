@@ -47,7 +47,7 @@ from typing import Any
 from bertscale import distributed
 from bertscale.errors import UserError
 from bertscale.files import write_json_atomic
-from bertscale.training.stop import PREEMPTED_EXIT_CODE
+from bertscale.exitcodes import PREEMPTED_EXIT_CODE
 
 LOCK_FILE = ".lock"
 HOLDER_FILE = "lock.json"

@@ -26,7 +26,7 @@ import torch
 
 from bertscale.training.checkpoint import layout as ckpt_lib
 from bertscale.config import DebugSection, preset
-from bertscale.training.stop import NONFINITE_EXIT_CODE
+from bertscale.exitcodes import NONFINITE_EXIT_CODE
 from bertscale.model import BertForPreTraining, pretraining_loss
 from bertscale.parallelize import FastPaths, apply_fast_paths
 from pretrain_runs import manifest, pretrain, pretrain_argv, train_losses  # noqa: F401

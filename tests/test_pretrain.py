@@ -29,7 +29,7 @@ import torch
 from bertscale.training.checkpoint import layout as ckpt_lib
 from bertscale.training.checkpoint.consolidated import load_consolidated
 from bertscale.training.checkpoint.state import read_state
-from bertscale.training.stop import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
+from bertscale.exitcodes import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
 from launch import free_port
 from pretrain_runs import (BF16, BF16_RTOL, WS2, manifest, plain_eval, prepare_wiki,  # noqa: F401
                            pretrain, pretrain_argv, records, train_losses, two_rank_env,

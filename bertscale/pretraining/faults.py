@@ -19,7 +19,12 @@ from __future__ import annotations
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+if TYPE_CHECKING:
+    import torch
+
+    from bertscale.config import DebugSection
 
 
 @dataclass
@@ -28,9 +33,9 @@ class OverflowInjector:
     computed, the gradient of one parameter is inf, once per time N is listed (so the retry,
     with the next batch, succeeds unless N is listed again). Empty: does nothing."""
 
-    model: Any
+    model: torch.nn.Module
     steps: list[int]
-    _pending: Counter = field(init=False)
+    _pending: Counter[int] = field(init=False)
     _armed: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
@@ -40,7 +45,8 @@ class OverflowInjector:
 
             param = next(p for p in self.model.parameters() if p.requires_grad)
             # A tensor hook runs before DeepSpeed's accumulation hooks see the gradient.
-            param.register_hook(lambda g: torch.full_like(g, float("inf")) if self._armed else g)
+            param.register_hook(  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+                lambda g: torch.full_like(g, float("inf")) if self._armed else g)
 
     def arm(self, next_step: int) -> None:
         """Call before the micro-batches of the update that would become step `next_step`."""
@@ -53,7 +59,7 @@ class DebugHooks:
     """The `[debug]` faults, on rank 0 only (one rank's fault is what the agreement paths must
     spread to the others)."""
 
-    def __init__(self, debug: Any, model: Any, *, active: bool):
+    def __init__(self, debug: DebugSection, model: torch.nn.Module, *, active: bool):
         self.nan_loss_at_step = debug.nan_loss_at_step if active else 0
         self.overflow = OverflowInjector(model, debug.overflow_at_steps if active else [])
 
@@ -61,7 +67,7 @@ class DebugHooks:
         """Before the micro-batches of the update that would become step `next_step`."""
         self.overflow.arm(next_step)
 
-    def loss(self, next_step: int, loss: Any) -> Any:
+    def loss(self, next_step: int, loss: torch.Tensor) -> torch.Tensor:
         """The loss a micro-batch of step `next_step` backpropagates."""
         if self.nan_loss_at_step == next_step:
             return loss * float("nan")
@@ -77,7 +83,7 @@ class SyncCheck:
     guard: the reads, the optimizer update (DeepSpeed's overflow check reads the gradient norm
     back), evals and saves. Off (or on a CPU) it does nothing."""
 
-    def __init__(self, enabled: bool, device: Any, warn: Any):
+    def __init__(self, enabled: bool, device: torch.device, warn: Callable[[str], None]):
         self.enabled = bool(enabled) and getattr(device, "type", str(device)) == "cuda"
         if enabled and not self.enabled:
             warn(f"debug.forbid_host_syncs: no CUDA device ({device}); nothing is checked")

@@ -22,7 +22,8 @@ from dataclasses import replace
 from bertscale.training.deepspeed_engine import DeepSpeedEngine
 from bertscale.training.engine import Update
 from bertscale.training.state import Skips
-from bertscale.training.stop import NONFINITE_EXIT_CODE, StopTraining
+from bertscale.exitcodes import NONFINITE_EXIT_CODE
+from bertscale.training.stop import StopTraining
 
 
 class Updater:

@@ -30,8 +30,8 @@ from bertscale import distributed
 from bertscale.errors import UserError
 from bertscale.training.checkpoint.layout import latest_committed
 from bertscale.training.stats import StepRecord
-from bertscale.training.stop import (INTERRUPTED_EXIT_CODE, NONFINITE_EXIT_CODE,
-                                     PREEMPTED_EXIT_CODE, StopTraining)
+from bertscale.exitcodes import INTERRUPTED_EXIT_CODE, NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
+from bertscale.training.stop import StopTraining
 
 if TYPE_CHECKING:
     import torch
