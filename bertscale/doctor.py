@@ -7,7 +7,7 @@ launcher or mpirun), it checks, with a clear one-line message per failure and a 
               as the trainer discovers it), on which hosts
   launch      how the ranks were started (torchrun and its rendezvous id and restart count, srun,
               mpirun, ...) and what the cluster scheduler says of the nodes (Kubeflow's PET_*, an
-              Indexed Job or JobSet pod, SkyPilot, SLURM: bertscale.distributed.discover_node);
+              Indexed Job or JobSet pod, SkyPilot, SLURM: bertscale.nodes.discover_node);
               FAIL when nodes disagree on the job (node count, rendezvous host) or two nodes
               claim one node rank
   all-reduce  a 4 MiB all-reduce completes within --timeout with the right sum (on the GPUs
@@ -120,9 +120,9 @@ def _how_started(env, environ) -> str:
 def check_launch(dist, env, rank: int, world: int) -> list[Finding]:
     """How the ranks were started and what the scheduler says of the nodes; the nodes must agree
     on the job and hold distinct node ranks."""
-    from bertscale import distributed
+    from bertscale import nodes
     try:
-        node = distributed.discover_node()
+        node = nodes.discover_node()
         job = (node.scheduler, node.nnodes, f"{node.master_addr}:{node.master_port}", node.rdzv_id)
         mine: tuple[str | None, tuple[str, str, str, str] | None, int | None, str | None] = (
             None, job, node.node_rank, node.source)

@@ -3,7 +3,7 @@ command on Kubernetes (JobSet, Kubeflow TrainJob / PyTorchJob), SkyPilot or any 
 
     bertscale launch [--nnodes N|MIN:MAX] [--nproc-per-node N] [--max-restarts K] pretrain ...
 
-It reads where this node sits from the scheduler's environment (`distributed.discover_node`),
+It reads where this node sits from the scheduler's environment (`nodes.discover_node`),
 runs `torchrun` with a c10d rendezvous on node 0's stable address, and turns what happened into
 the exit code the scheduler's failure policy acts on:
 
@@ -42,12 +42,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bertscale import distributed
+from bertscale import distributed, nodes
 
 DEFAULT_SHUTDOWN_TIMEOUT = 300
 
 
-def torchrun_argv(node: distributed.NodeEnv, command: list[str], *, max_restarts: int,
+def torchrun_argv(node: nodes.NodeEnv, command: list[str], *, max_restarts: int,
                   python: str = sys.executable) -> list[str]:
     """The torchrun command line for this node (one node: standalone, no rendezvous host)."""
     argv = [python, "-m", "torch.distributed.run", "--nproc-per-node", node.nproc_per_node,
@@ -61,7 +61,7 @@ def torchrun_argv(node: distributed.NodeEnv, command: list[str], *, max_restarts
     return [*argv, "-m", "bertscale", *command]
 
 
-def run(node: distributed.NodeEnv, command: list[str], *, max_restarts: int,
+def run(node: nodes.NodeEnv, command: list[str], *, max_restarts: int,
         shutdown_timeout: int, preempted_exit: int = distributed.PREEMPTED_EXIT_CODE) -> int:
     """Run torchrun for this node; the exit code for the scheduler (module docstring)."""
     argv = torchrun_argv(node, command, max_restarts=max_restarts)

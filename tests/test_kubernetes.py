@@ -1,6 +1,6 @@
 """The cloud launch files (kubernetes/, skypilot/) and the discovery behind them, without a cloud.
 
-1. Discovery: `bertscale.distributed.discover_node` / `discover` on the environments the
+1. Discovery: `bertscale.nodes.discover_node` / `discover` on the environments the
    controllers set, variable for variable as their sources set them (Kubeflow Trainer v2's torch
    plugin, training-operator v1.9's PyTorchJob env generator, Kubernetes' Indexed Job and JobSet's
    pod naming, SkyPilot's documented variables).
@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bertscale import distributed
+from bertscale import distributed, nodes
 from bertscale.errors import UserError
 from launch import free_port
 from pretrain_runs import cached, manifest, pretrain, train_losses  # noqa: F401
@@ -61,7 +61,7 @@ def test_kubeflow_trainer_v2_environment():
     env = {"PET_NNODES": "4", "PET_NPROC_PER_NODE": "8", "PET_NODE_RANK": "2",
            "PET_MASTER_ADDR": "bert-node-0-0.bert", "PET_MASTER_PORT": "29500",
            "JOB_COMPLETION_INDEX": "2"}
-    node = distributed.discover_node(env)
+    node = nodes.discover_node(env)
     assert (node.node_rank, node.nnodes, node.nproc_per_node, node.master_addr,
             node.master_port, node.scheduler) == (2, "4", "8", "bert-node-0-0.bert", 29500,
                                                   "kubeflow")
@@ -81,7 +81,7 @@ def test_pytorchjob_v1_environment():
               "PET_MASTER_ADDR": "bert-master-0", "PET_MASTER_PORT": "23456",
               "WORLD_SIZE": "16", "RANK": "1", "PET_NODE_RANK": "1", "PET_NPROC_PER_NODE": "8",
               "PET_NNODES": "2", "PYTHONUNBUFFERED": "1"}
-    node = distributed.discover_node(worker)
+    node = nodes.discover_node(worker)
     assert (node.node_rank, node.nnodes, node.master_addr, node.master_port) == \
         (1, "2", "bert-master-0", 23456)
     assert "PyTorchJob" in node.source
@@ -90,7 +90,7 @@ def test_pytorchjob_v1_environment():
         distributed.discover(worker)
     elastic = {"PET_RDZV_ENDPOINT": "bert-worker-0:23456", "PET_RDZV_BACKEND": "c10d",
                "PET_NNODES": "2:4", "PET_MAX_RESTARTS": "3", "PET_NPROC_PER_NODE": "8"}
-    node = distributed.discover_node(elastic)
+    node = nodes.discover_node(elastic)
     assert (node.node_rank, node.nnodes, node.elastic, node.master_addr, node.master_port) == \
         (None, "2:4", True, "bert-worker-0", 23456)
     with pytest.raises(UserError, match="elastic node range"):
@@ -102,26 +102,26 @@ def test_jobset_and_indexed_job_environment():
     headless service <jobset> (jobset_types.go, Network); pod 0 is named from this pod's name."""
     env = {"JOB_COMPLETION_INDEX": "3", "PET_NNODES": "4", "PET_NPROC_PER_NODE": "8",
            "JOBSET_NAME": "bert"}
-    node = distributed.discover_node(
+    node = nodes.discover_node(
         env, hostname="bert-node-0-3", fqdn="bert-node-0-3.bert.default.svc.cluster.local")
     assert (node.node_rank, node.nnodes, node.master_addr, node.master_port, node.rdzv_id,
             node.scheduler) == (3, "4", "bert-node-0-0.bert.default.svc.cluster.local",
                                 29500, "bert", "jobset")
     # /etc/hosts without the domain: JobSet's default subdomain is the JobSet's name.
-    assert distributed.discover_node(env, hostname="bert-node-0-3", fqdn="bert-node-0-3") \
+    assert nodes.discover_node(env, hostname="bert-node-0-3", fqdn="bert-node-0-3") \
         .master_addr == "bert-node-0-0.bert"
     # A plain Indexed Job with a headless service `train` (pod names job-<index>).
-    plain = distributed.discover_node({"JOB_COMPLETION_INDEX": "12", "PET_NNODES": "16"},
+    plain = nodes.discover_node({"JOB_COMPLETION_INDEX": "12", "PET_NNODES": "16"},
                                       hostname="train-12", fqdn="train-12.train.ns.svc")
     assert (plain.master_addr, plain.scheduler, plain.rdzv_id) == \
         ("train-0.train.ns.svc", "indexed-job", "train-0")
     with pytest.raises(UserError, match="subdomain"):
-        distributed.discover_node({"JOB_COMPLETION_INDEX": "1", "PET_NNODES": "2"},
+        nodes.discover_node({"JOB_COMPLETION_INDEX": "1", "PET_NNODES": "2"},
                                   hostname="x-1", fqdn="x-1")
     with pytest.raises(UserError, match="PET_NNODES is not"):
-        distributed.discover_node({"JOB_COMPLETION_INDEX": "1"}, hostname="x-1", fqdn="x-1.s")
+        nodes.discover_node({"JOB_COMPLETION_INDEX": "1"}, hostname="x-1", fqdn="x-1.s")
     with pytest.raises(UserError, match="PET_NNODES='two'"):
-        distributed.discover_node({**env, "PET_NNODES": "two"}, hostname="bert-node-0-3",
+        nodes.discover_node({**env, "PET_NNODES": "two"}, hostname="bert-node-0-3",
                                   fqdn="bert-node-0-3.bert")
     one = distributed.discover({**env, "PET_NPROC_PER_NODE": "1", "HOSTNAME": "bert-node-0-3"})
     assert (one.rank, one.world_size, one.launcher) == (3, 4, "jobset")
@@ -131,7 +131,7 @@ def test_skypilot_environment():
     env = {"SKYPILOT_NODE_RANK": "1", "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.9\n",
            "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "8",
            "SKYPILOT_TASK_ID": "sky-managed-2026-12-01_job_7"}
-    node = distributed.discover_node(env)
+    node = nodes.discover_node(env)
     assert (node.node_rank, node.nnodes, node.nproc_per_node, node.master_addr,
             node.rdzv_id, node.scheduler) == (1, "2", "8", "10.0.0.5",
                                               "sky-managed-2026-12-01_job_7", "skypilot")
@@ -139,7 +139,7 @@ def test_skypilot_environment():
     assert distributed.discover(cpu) == distributed.DistEnv(1, 2, 0, 1, "10.0.0.5", 29500,
                                                             "skypilot")
     with pytest.raises(UserError, match="SKYPILOT_NODE_IPS is empty"):
-        distributed.discover_node({"SKYPILOT_NODE_RANK": "0"})
+        nodes.discover_node({"SKYPILOT_NODE_RANK": "0"})
 
 
 def test_launch_builds_the_torchrun_command():

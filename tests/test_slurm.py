@@ -302,7 +302,7 @@ def test_master_is_the_first_node_of_the_step_resolved_through_the_controller(sl
     node name (n1 here), its NodeAddr from `scontrol show node`. Called as a function because the
     jobs above only show that the ranks met, not which address they chose. (Until now this was an
     always-skipped test in test_distributed.py: it needed a configured scontrol.)"""
-    from bertscale import distributed
+    from bertscale import distributed, nodes
     monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
     base = {"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "41",
             "SLURM_STEP_NODELIST": "n[1-2]"}
@@ -310,7 +310,7 @@ def test_master_is_the_first_node_of_the_step_resolved_through_the_controller(sl
              for r in (0, 1)]
     assert [e.rank for e in ranks] == [0, 1]
     assert {(e.master_addr, e.master_port) for e in ranks} == {("127.0.0.1", ranks[0].master_port)}
-    assert distributed.slurm_hostnames("n[1-2]") == ["n1", "n2"]
+    assert nodes.slurm_hostnames("n[1-2]") == ["n1", "n2"]
 
 
 # ------------------------------------------------------------------------------ deepspeed launcher

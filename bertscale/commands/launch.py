@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 import sys
 
-from bertscale import distributed
+from bertscale import distributed, nodes
 from bertscale.commands.args import Subparsers
 from bertscale.errors import UserError
 from bertscale.launch import DEFAULT_SHUTDOWN_TIMEOUT, run, torchrun_argv
@@ -50,9 +50,9 @@ def _handle(args: argparse.Namespace) -> int:
     if not command:
         raise UserError("give the bertscale command to launch, e.g. `bertscale launch pretrain "
                         "bert_large_phase1 --run-dir /runs/p1`")
-    node = distributed.discover_node()
+    node = nodes.discover_node()
     if args.nnodes:
-        node = dataclasses.replace(node, nnodes=distributed.check_nnodes(args.nnodes, "--nnodes"))
+        node = dataclasses.replace(node, nnodes=nodes.check_nnodes(args.nnodes, "--nnodes"))
     if args.nproc_per_node:
         node = dataclasses.replace(node, nproc_per_node=args.nproc_per_node)
     restarts = args.max_restarts if args.max_restarts is not None else (3 if node.elastic else 0)
