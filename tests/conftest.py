@@ -101,9 +101,10 @@ def store(request, store_servers, monkeypatch):
 
 # The longest files, longest first (measured with --durations on 2 cores); the others follow.
 LONGEST_FIRST = ("test_resume_matrix.py", "test_pretrain.py", "test_gpu_check.py",
-                 "test_bench_quality.py", "test_remote.py", "test_pretrain_failures.py",
-                 "test_docs.py", "test_glue.py", "test_elastic.py", "test_checkpoint.py",
-                 "test_slurm.py")
+                 "test_kubernetes.py", "test_elastic_membership.py", "test_bench_quality.py",
+                 "test_remote.py", "test_store_checkpoints.py", "test_pretrain_failures.py",
+                 "test_docs.py", "test_glue.py", "test_wheel.py", "test_elastic.py",
+                 "test_finetune_resume.py", "test_checkpoint.py", "test_slurm.py")
 
 
 def pytest_collection_modifyitems(config, items):
