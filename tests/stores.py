@@ -1,14 +1,15 @@
 """The three object stores the tests run against, each a real server on 127.0.0.1:
 
 - S3: moto's server (`bertscale.bench.s3_server.LocalS3`, which counts, throttles and cuts reads
-  in a WSGI layer of its own);
+  and throttles uploads in a WSGI layer of its own);
 - GCS: `gcp-storage-emulator` (PyPI, the test extra), started as its own process;
 - Azure Blob: Azurite (npm), installed on first use into ``.cache/azurite`` of the repository
   (git-ignored; `make test` installs it first through ``make azurite``).
 
 GCS and Azure sit behind `MeteredProxy`, a small HTTP proxy that gives them LocalS3's metering:
-bytes served per object, a throttled link, and a transfer cut midway. The proxy forwards every
-request unchanged; the store semantics are the emulator's.
+bytes served per object, a throttled link down and up (`bandwidth`, `put_bandwidth`), and a
+transfer cut midway. The proxy forwards every request unchanged; the store semantics are the
+emulator's.
 
 A test reaches a store through `Store`: its scheme, a bucket of its own, and the environment a
 user sets to point bertscale at that store (the same variables, documented in docs/data.md).
@@ -98,16 +99,22 @@ _HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te
 class MeteredProxy:
     """An HTTP/1.1 proxy on 127.0.0.1 in front of a store emulator, with LocalS3's metering:
     `gets` / `served` count object reads and body bytes per ``bucket/key`` (`object_key` tells an
-    object read from the rest), `bandwidth` throttles object bodies on one shared link, and
-    `cut_next` closes the connection after a share of the next read of a key. Responses are read
-    whole from the emulator first (shards here are small), so a slow client never holds a
-    single-threaded emulator up; `upstream_slots` bounds the requests sent to it at once."""
+    object read from the rest), `bandwidth` throttles the bodies of object reads (responses) on
+    one shared link down, and `cut_next` closes the connection after a share of the next read of
+    a key. `put_bandwidth` (bytes/s, 0: unthrottled; LocalS3's name) throttles what clients send:
+    every request body (PUT/POST/PATCH: GCS simple, multipart and resumable uploads, Azure blob
+    and block puts, commits) is read from the client at that rate on one shared link up, and only
+    a body that arrived whole is sent on, so a client killed mid-upload leaves the emulator
+    nothing of that request, as a real store. Responses are read whole from the emulator first
+    (shards here are small), so a slow client never holds a single-threaded emulator up;
+    `upstream_slots` bounds the requests sent to it at once."""
 
     def __init__(self, upstream_port: int, object_key: Callable[[str, str, str], str | None],
                  upstream_slots: int = 8):
         self.upstream_port = upstream_port
         self.object_key = object_key
         self.bandwidth = 0.0
+        self.put_bandwidth = 0.0
         self.gets: Counter[str] = Counter()
         self.served: Counter[str] = Counter()
         self.active = 0
@@ -115,6 +122,7 @@ class MeteredProxy:
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(upstream_slots)
         self._link_free = 0.0
+        self._up_free = 0.0
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -154,19 +162,47 @@ class MeteredProxy:
         self.server.shutdown()
         self.server.server_close()
 
+    def _pace(self, n: int, rate: float, up: bool) -> None:
+        """Sleep until `n` more bytes have crossed the shared link (up or down) at `rate`."""
+        with self._lock:
+            free = self._up_free if up else self._link_free
+            done = max(time.monotonic(), free) + n / rate
+            if up:
+                self._up_free = done
+            else:
+                self._link_free = done
+        time.sleep(max(0.0, done - time.monotonic()))
+
+    def _read(self, h: http.server.BaseHTTPRequestHandler, n: int) -> bytes:
+        """`n` bytes of the request body, at `put_bandwidth` when set; a client that goes away
+        first (a short read) raises ConnectionError, so nothing of the request is sent on."""
+        out = bytearray()
+        while len(out) < n:
+            want = min(1 << 16, n - len(out))
+            if self.put_bandwidth:
+                self._pace(want, self.put_bandwidth, up=True)
+            chunk = h.rfile.read(want)
+            if not chunk:
+                raise ConnectionError(f"the client sent {len(out)} of {n} body bytes")
+            out += chunk
+        return bytes(out)
+
     def _body(self, h: http.server.BaseHTTPRequestHandler) -> bytes:
         if h.headers.get("Transfer-Encoding", "").lower() == "chunked":
             out = bytearray()
             while True:
-                size = int(h.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                line = h.rfile.readline()
+                if not line:
+                    raise ConnectionError("the client went away mid-body")
+                size = int(line.split(b";")[0].strip() or b"0", 16)
                 if size == 0:
                     while h.rfile.readline().strip():  # trailers
                         pass
                     return bytes(out)
-                out += h.rfile.read(size)
+                out += self._read(h, size)
                 h.rfile.readline()
         n = int(h.headers.get("Content-Length") or 0)
-        return h.rfile.read(n) if n else b""
+        return self._read(h, n) if n else b""
 
     def _forward(self, h: http.server.BaseHTTPRequestHandler) -> None:
         try:
@@ -213,11 +249,7 @@ class MeteredProxy:
             for pos in range(0, limit, 1 << 16):
                 chunk = data[pos:min(pos + (1 << 16), limit)]
                 if self.bandwidth:
-                    with self._lock:
-                        begin = max(time.monotonic(), self._link_free)
-                        self._link_free = begin + len(chunk) / self.bandwidth
-                        done = self._link_free
-                    time.sleep(max(0.0, done - time.monotonic()))
+                    self._pace(len(chunk), self.bandwidth, up=False)
                 h.wfile.write(chunk)
                 with self._lock:
                     self.served[key] += len(chunk)
@@ -381,7 +413,8 @@ class Store:
     """One bucket of one store kind: `url()` for bertscale; `env`, the variables that point
     bertscale at the store (the `store` fixture puts them in this process's environment, which
     the processes a test starts inherit; pass them on explicitly to a clean environment);
-    `server` for the metering (gets, served, cut_next, bandwidth, reset_counts, wait_idle)."""
+    `server` for the metering (gets, served, cut_next, bandwidth, put_bandwidth, reset_counts,
+    wait_idle)."""
 
     kind: str
     bucket: str

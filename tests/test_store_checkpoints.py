@@ -2,10 +2,15 @@
 the command, on real text, against real store servers on 127.0.0.1 (tests/stores.py: moto's S3,
 gcp-storage-emulator, Azurite).
 
-Suite time: the complete scenario (kill -9 mid-upload, resume on another rank count) runs on S3
-only; GCS and Azure run the cheaper round trip (train, resume on a new node from the store alone,
-keep-K in the store). The S3 and the GCS/Azure paths are the same code (fsspec); what differs
-per store is the client, which the round trip exercises.
+What runs on which store (suite time): every store runs the kill -9 during an upload (uploads
+throttled by the server: LocalS3's or the proxy's put_bandwidth), the resume from the store's
+newest commit (not the partial checkpoint), losses equal to an uninterrupted run's step by step,
+and keep-K in the store. S3 does it on 2 ranks with the resume on 1 (the universal conversion)
+on the same node (whose staging holds the trap: step 4 committed locally), and the lease
+refusing a second trainer; GCS and Azure on one rank with the resume on a new node (an empty
+staging folder: everything downloaded), which takes over the killed holder's lease. The
+rank-count change and the conversion are the same code whatever the store; what differs per
+store is the client (its uploads, listings, deletes, reads), which the GCS/Azure kill exercises.
 
 Before this work `--run-dir s3://bucket/run` trained into a local folder named `s3:/bucket/run`
 (argparse made it a Path, which folds "//"); `test_bad_store_locations_stop_with_one_line`'s
@@ -34,6 +39,7 @@ BASE = (f"train.steps={STEPS}", "train.global_batch_size=8", "train.micro_batch_
         "eval.at_start=false", "model.hidden_dropout_prob=0.0",
         "model.attention_probs_dropout_prob=0.0", "data.verify_sha256=false")
 RTOL = 2e-5  # as tests/test_resume_matrix.py: same samples, only the order of sums differs
+UP_RATE = 16e6  # bytes/s of uploads in the GCS/Azure kill test: one rank's 71 MB take ~4.5 s
 
 
 def torchrun(nproc: int, argv: list[str], *, staging: Path, log: Path, cwd: Path,
@@ -95,6 +101,19 @@ def listing(store, run: str) -> list[str]:
     fs.invalidate_cache()
     prefix = store.key(store.url(run)) + "/"
     return sorted(p.split(prefix, 1)[1] for p in fs.find(store.url(run)))
+
+
+def wait_for_object(proc: subprocess.Popen, store, run: str, prefix: str,
+                    timeout: float = 120) -> None:
+    """Until an object under `prefix` of the run is in the store (while `proc` runs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(f.startswith(prefix) for f in listing(store, run)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before {prefix} was in the store")
+        time.sleep(0.1)
+    raise AssertionError(f"nothing under {prefix} in the store within {timeout}s")
 
 
 def committed(files: list[str]) -> list[int]:
@@ -173,20 +192,49 @@ def test_killed_mid_upload_resumes_on_another_rank_count_from_s3(
 
 
 @pytest.mark.parametrize("store", ["gs", "az"], indirect=True)
-def test_store_round_trip_on_a_new_node(store, manifest, reference, tmp_path):
-    """One rank trains steps 1-4 into the store and stops (--stop-at-step 4: a synchronous
-    upload and commit before exit); a run on a NEW node (an empty staging folder) resumes from
-    the store alone: it downloads step 4 (the proxy counts the reads), trains 5-6, and its
-    losses equal the uninterrupted run's; keep=2 pruned step 2 from the store."""
+def test_killed_mid_upload_resumes_on_a_new_node(store, manifest, reference, tmp_path):
+    """The S3 test's kill on GCS and Azure, on one rank (the rank-count change is the store's
+    no more than the conversion is; S3 covers both). One rank trains into the store with
+    uploads slowed to UP_RATE by the proxy (tests/stores.py, put_bandwidth: every request body,
+    so GCS's and Azure's own upload protocols); it is killed -9 while step 4 uploads, after step
+    2 was committed: step 4 is in the store in part, with no commit.json. A run on a NEW node (an
+    empty staging folder) resumes from the store's newest commit, step 2, downloads it (the
+    proxy counts the reads: the optimizer states), re-uploads step 4 over the leftovers, and
+    every step's loss (1-2 of the killed run, 3-6 of the resume, from the metrics.jsonl in the
+    store) equals the uninterrupted run's; keep=2 leaves steps 4 and 6 in the store."""
     url = store.url("runs", "p1")
-    run_ranks(pretrain_argv(url, manifest, *BASE, extra=("--stop-at-step", "4")), 1,
-              timeout=400, env={"BERTSCALE_STAGING_DIR": str(tmp_path / "node-a")})
-    assert committed(listing(store, "runs/p1")) == [2, 4]
+    argv = pretrain_argv(url, manifest, *BASE)
+    store.server.put_bandwidth = UP_RATE
+    log_a = tmp_path / "a.log"
+    node_a = tmp_path / "node-a"
+    job = torchrun(1, argv, staging=node_a, log=log_a, cwd=tmp_path)
+    try:
+        wait_for_line(job, log_a, "checkpoint step 4: the loop stalled")
+        # Killed once the first of step 4's files is in the store (the model states, 18 MB,
+        # ~1 s at UP_RATE), while the optimizer states (53 MB) still upload.
+        wait_for_object(job, store, "runs/p1", "checkpoints/step_4/")
+    finally:
+        kill_job(job)
+        job.wait(timeout=30)
+        store.server.put_bandwidth = 0.0
+    out_a = log_a.read_text()
+    assert "checkpoint step 2 committed in " in out_a
+    assert "checkpoint step 4 committed in " not in out_a
+    files = listing(store, "runs/p1")
+    assert committed(files) == [2]
+    partial = [f for f in files if f.startswith("checkpoints/step_4/")]
+    assert partial and "checkpoints/step_4/commit.json" not in partial, files  # a killed upload
+    assert not [f for f in partial if f.endswith("optim_states.pt")], partial  # cut mid-body
+    local = node_a / next(p.name for p in node_a.iterdir() if p.is_dir())
+    assert (local / "checkpoints" / "step_4" / "commit.json").is_file()  # on node A only
+
     store.server.reset_counts()
-    res = run_ranks(pretrain_argv(url, manifest, *BASE), 1, timeout=400,
-                    env={"BERTSCALE_STAGING_DIR": str(tmp_path / "node-b")})
-    assert "(step 4" in res[0].stdout, res[0].stdout[-3000:]
-    fetched = {k for k, n in store.server.gets.items() if "/checkpoints/step_4/" in k and n}
+    log_b = tmp_path / "b.log"
+    out_b = finish(torchrun(1, argv, staging=tmp_path / "node-b", log=log_b, cwd=tmp_path),
+                   log_b)
+    assert "(step 2, 16 samples consumed)" in out_b, out_b[-3000:]
+    assert "taking over the run lock" in out_b  # the killed holder's lease
+    fetched = {k for k, n in store.server.gets.items() if "/checkpoints/step_2/" in k and n}
     assert any(k.endswith("optim_states.pt") for k in fetched), fetched
     losses = store_losses(store, "runs/p1")
     assert sorted(losses) == list(range(1, STEPS + 1))
@@ -195,6 +243,7 @@ def test_store_round_trip_on_a_new_node(store, manifest, reference, tmp_path):
     files = listing(store, "runs/p1")
     assert committed(files) == [4, 6]
     assert not [f for f in files if f.startswith("checkpoints/step_2")]
+    assert "lock.json" not in files and "metrics.jsonl" in files
 
 
 def test_bad_store_locations_stop_with_one_line(store, manifest, tmp_path):
