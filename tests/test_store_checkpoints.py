@@ -156,7 +156,9 @@ def test_killed_mid_upload_resumes_on_another_rank_count_from_s3(
         lines = [s for s in second[0].stderr.splitlines() if s.strip()]
         assert len(lines) == 1 and url in lines[0] and "another `bertscale pretrain`" in lines[0]
         wait_for_line(job, log_a, "checkpoint step 4: the loop stalled")
-        time.sleep(0.5)
+        # Killed once part of step 4 is in the store (a fixed pause could land before the
+        # first object is listed, or after the commit on a faster machine).
+        wait_for_object(job, store, "runs/p1", "checkpoints/step_4/")
     finally:
         kill_job(job)
         job.wait(timeout=30)
