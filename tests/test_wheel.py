@@ -67,6 +67,11 @@ def installed(built) -> tuple[Path, dict[str, str]]:
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     _run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], base, env, 300)
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    # DeepSpeed's op as this environment built it (same torch and DeepSpeed through deps.pth):
+    # a fresh venv would otherwise build it again (bertscale.jitbuild: one cache per
+    # environment, tested in test_build_lock.py), a minute of this test spent in the compiler.
+    from bertscale import jitbuild
+    env["TORCH_EXTENSIONS_DIR"] = str(jitbuild.cache_dir())
     return venv / "bin", env
 
 
