@@ -121,6 +121,19 @@ def committed(files: list[str]) -> list[int]:
                   if f.startswith("checkpoints/step_") and f.endswith("/commit.json"))
 
 
+def check_the_resumed_run(store, reference: dict[int, float]) -> list[str]:
+    """After the resume: every step's loss, from the metrics.jsonl in the store, equals the
+    uninterrupted run's; keep=2 left steps 4 and 6 and pruned step 2. The store's listing."""
+    losses = store_losses(store, "runs/p1")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert losses[step] == pytest.approx(reference[step], rel=RTOL), step
+    files = listing(store, "runs/p1")
+    assert committed(files) == [4, 6]
+    assert not [f for f in files if f.startswith("checkpoints/step_2")]
+    return files
+
+
 @pytest.fixture(scope="module")
 def reference(manifest, tmp_path_factory) -> dict[int, float]:
     """The uninterrupted run: one rank, a local folder, every step's loss."""
@@ -178,13 +191,7 @@ def test_killed_mid_upload_resumes_on_another_rank_count_from_s3(
     assert "(step 2, 16 samples consumed, converted from 2 ranks through a universal " \
         "checkpoint)" in out_b, out_b[-3000:]
     assert "taking over the run lock" in out_b  # the killed holder's lease, same host
-    losses = store_losses(store, "runs/p1")
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
-        assert losses[step] == pytest.approx(reference[step], rel=RTOL), step
-    files = listing(store, "runs/p1")
-    assert committed(files) == [4, 6]
-    assert not [f for f in files if f.startswith("checkpoints/step_2")]
+    files = check_the_resumed_run(store, reference)
     assert "lock.json" not in files and "metrics.jsonl" in files and "vocab.txt" in files
     assert not any(p.name.startswith("s3:") for p in tmp_path.iterdir())
     # What the loop saw at each save is recorded: stall, and the previous upload's speed.
@@ -238,13 +245,7 @@ def test_killed_mid_upload_resumes_on_a_new_node(store, manifest, reference, tmp
     assert "taking over the run lock" in out_b  # the killed holder's lease
     fetched = {k for k, n in store.server.gets.items() if "/checkpoints/step_2/" in k and n}
     assert any(k.endswith("optim_states.pt") for k in fetched), fetched
-    losses = store_losses(store, "runs/p1")
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
-        assert losses[step] == pytest.approx(reference[step], rel=RTOL), step
-    files = listing(store, "runs/p1")
-    assert committed(files) == [4, 6]
-    assert not [f for f in files if f.startswith("checkpoints/step_2")]
+    files = check_the_resumed_run(store, reference)
     assert "lock.json" not in files and "metrics.jsonl" in files
 
 
