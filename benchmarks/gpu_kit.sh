@@ -9,7 +9,8 @@
 #   hjson            DeepSpeed's config reader (pure Python)
 #   pydantic         DeepSpeed's config models, with pydantic-core (a cp312 manylinux wheel),
 #                    annotated-types and typing-inspection (pure Python)
-# bertscale itself never imports webdataset, and the GPU check runs with W&B off.
+# The trainer never imports webdataset (only bertscale.data.wds, the pipeline for other loops,
+# does), and the GPU check runs with W&B off.
 #
 #   bash benchmarks/gpu_kit.sh [OUT]      # OUT defaults to benchmarks/wheels
 #   GPU_KIT_PYTHON=3.12 GPU_KIT_ABI=cp312  # the target interpreter (the device's), by default
