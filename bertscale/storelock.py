@@ -94,9 +94,7 @@ class StoreLock:
             if holder is not None:
                 why = self._stale(holder)
                 if why is None:
-                    return (f"{self.url}: another `bertscale pretrain` is writing this run "
-                            f"({runlock.describe(holder)}); wait for it to end or stop it, or "
-                            f"use another --run-dir")
+                    return _held(self.url, holder)
                 print(f"warning: {self.url}: taking over the run lock of "
                       f"{runlock.describe(holder)} ({why})", file=sys.stderr, flush=True)
             self._put()
@@ -133,6 +131,12 @@ class StoreLock:
         self.main = False
 
 
+def _held(url: str, holder: dict[str, Any]) -> str:
+    return (f"{url}: another `bertscale pretrain` is writing this run "
+            f"({runlock.describe(holder)}); wait for it to end or stop it, or use another "
+            f"--run-dir")
+
+
 def refuse_if_held(url: str) -> None:
     """Before a start touches anything (its staging copy included): one line when a live
     trainer holds the run's lease. Every rank checks, read-only; `acquire` then takes it."""
@@ -142,9 +146,7 @@ def refuse_if_held(url: str) -> None:
     except Exception as e:  # noqa: BLE001 - any store client error becomes one line
         raise UserError(f"{url}: cannot read the run lock ({remote.reason(e)})") from None
     if holder is not None and lock._stale(holder) is None:
-        raise UserError(f"{url}: another `bertscale pretrain` is writing this run "
-                        f"({runlock.describe(holder)}); wait for it to end or stop it, or use "
-                        f"another --run-dir")
+        raise UserError(_held(url, holder))
 
 
 def acquire(url: str, is_main: bool) -> StoreLock:

@@ -154,8 +154,7 @@ def train(plan: Plan) -> int:
     finally:
         reporter.close()
         loader.close()
-        if plan.store is not None:  # an upload in flight commits; the final records go up
-            saver.close()  # type: ignore[attr-defined]
+        saver.close()  # a store run: the upload in flight commits, the final records go up
     distributed.barrier()
     run_lock.release()
     if store_lock is not None:

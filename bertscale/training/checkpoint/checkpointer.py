@@ -94,8 +94,12 @@ class Checkpointer:
         self.last_saved = step
         return saved
 
+    def close(self) -> None:
+        """At the end of the run (any end). A local folder has nothing in flight; a store's
+        checkpointer finishes its upload here (bertscale.training.checkpoint.upload)."""
 
-def _place() -> tuple[int, int]:
+
+def rank_and_world() -> tuple[int, int]:
     """(rank, world size): (0, 1) for a single process without a process group."""
     import torch.distributed as dist
 
@@ -120,7 +124,7 @@ def _write_partition(engine: Engine, root: Path, tag: str,
     state), fsynced; what failed, if anything. An engine whose save is collective joins its
     collectives even when its own write fails (Engine.save), so the others hear of it here
     rather than die on a collective this rank never joins."""
-    rank, _ = _place()
+    rank, _ = rank_and_world()
     tag_dir = root / tag
     try:
         written = engine.save(root, tag)
@@ -150,7 +154,7 @@ def save(engine: Engine, run_dir: str | Path, step: int, state: TrainerState, *,
     from bertscale.distributed import barrier, gather_problems
 
     run_dir = Path(run_dir)
-    rank, world = _place()
+    rank, world = rank_and_world()
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)
     tag_dir = root / tag

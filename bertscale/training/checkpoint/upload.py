@@ -41,7 +41,7 @@ from typing import Any
 from bertscale.data import remote
 from bertscale.errors import UserError
 from bertscale.files import human_size
-from bertscale.training.checkpoint.checkpointer import Checkpointer
+from bertscale.training.checkpoint.checkpointer import Checkpointer, rank_and_world
 from bertscale.training.checkpoint.layout import Committed, tag_for
 from bertscale.training.checkpoint.marker import COMMIT_FILE
 from bertscale.training.checkpoint.store import (RECORD_FILES, UPLOADED_DIR, RunStore,
@@ -179,10 +179,6 @@ class StoreCheckpointer(Checkpointer):
         self.upload: Upload | None = None
         self.last_stall: float | None = None
 
-    def _rank_world(self) -> tuple[int, int]:
-        import torch.distributed as dist
-        return dist.get_rank(), dist.get_world_size()
-
     def _finish(self) -> tuple[float, Upload | None]:
         """Wait for the upload in flight, then share every rank's outcome (collective)."""
         from bertscale.distributed import gather_problems
@@ -207,7 +203,7 @@ class StoreCheckpointer(Checkpointer):
     def maybe_save(self, step: int, *, preempted: bool) -> Committed | None:
         if not self.due(step, preempted=preempted) or self.last_saved == step:
             return None
-        rank, world = self._rank_world()
+        rank, world = rank_and_world()
         t0 = time.monotonic()
         waited, previous = self._finish()
         if rank == 0:
@@ -243,7 +239,7 @@ class StoreCheckpointer(Checkpointer):
     def close(self) -> None:
         """At the end of the run (any end): the upload still running finishes and commits,
         then rank 0 puts the final records. Collective."""
-        rank, _ = self._rank_world()
+        rank, _ = rank_and_world()
         if self.upload is not None:
             upload = self.upload
             upload.wait()
