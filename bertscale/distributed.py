@@ -33,6 +33,13 @@ leaving them in the rendezvous until its timeout; once `install_signal_handlers(
 same signal takes the preemption path (checkpoint, exit 75) instead of leaving orphans that train
 on.
 
+Ending: `shutdown()` ends the groups while the interpreter is whole, and runs at exit too (after an
+error). A group outlives destroy_process_group while anything still references it (DeepSpeed's
+engine and module globals, torch.distributed.nn's default arguments), and its threads then die in
+the interpreter's teardown, in no set order: now and then the process aborts there, after a
+finished run ("terminate called without an active exception", exit -6), and the launcher, the
+scheduler or the job controller count a failed node.
+
 Limits: one process per accelerator; the local world size from SLURM is only known when
 `SLURM_STEP_TASKS_PER_NODE` is uniform (used for logging only). The parent-death signal is Linux
 only (elsewhere a killed launcher still orphans its workers); a launcher that dies before the
@@ -43,7 +50,9 @@ when their collectives time out.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -242,6 +251,7 @@ def init(env: DistEnv, timeout_s: float = 1800) -> None:
 
     if dist.is_available() and dist.is_initialized():
         return
+    _before_the_first_group()
     accel = get_accelerator()
     if accel.device_name() != "cpu":
         accel.set_device(device_index(env.local_rank, accel.device_count()))
@@ -310,6 +320,7 @@ def init_torch(env: DistEnv, backend: str, timeout_s: float = 1800) -> None:
 
     if dist.is_initialized():
         return
+    _before_the_first_group()
     dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
                             rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(seconds=timeout_s))
@@ -335,10 +346,36 @@ def gather_problems(problems: list[str]) -> list[str]:
 
 
 def shutdown() -> None:
+    """End this process's groups now, while the interpreter is whole (module docstring,
+    "Ending"): through DeepSpeed when it started them, so that its references to them go too,
+    then a collection for what the run left in reference cycles. Idempotent."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm")
+        if ds_comm is not None and ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+    gc.collect()
+
+
+def _before_the_first_group() -> None:
+    """torch.distributed.nn takes the default group as a default argument when it is imported;
+    DeepSpeed imports it once the group exists, which would keep the group for the life of the
+    process. Imported first, its defaults stay None. And `shutdown` runs at exit in any case."""
+    import torch.distributed.nn  # noqa: F401
+
+    atexit.unregister(_release_at_exit)
+    atexit.register(_release_at_exit)
+
+
+def _release_at_exit() -> None:
+    # After an uncaught exception, sys.last_traceback holds the frames that hold the engine.
+    for name in ("last_exc", "last_type", "last_value", "last_traceback"):
+        if hasattr(sys, name):
+            delattr(sys, name)
+    shutdown()
 
 
 # ------------------------------------------------------------------------------ preemption

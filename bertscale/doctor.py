@@ -48,7 +48,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -469,9 +468,7 @@ def run_checks(cfg: DoctorConfig) -> int:
     t0 = time.monotonic()
     with _Watchdog(cfg.timeout_s, env.rank) as dog:
         # torch's own timeout is later than the watchdog's, so the clear message comes first.
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=env.rank,
-                                world_size=env.world_size,
-                                timeout=timedelta(seconds=cfg.timeout_s + 60))
+        distributed.init_torch(env, "nccl" if use_cuda else "gloo", timeout_s=cfg.timeout_s + 60)
         rank, world = dist.get_rank(), dist.get_world_size()
         dog.stage("exchanging host names", cfg.timeout_s)
         findings = [check_ranks(dist, world)]
@@ -497,7 +494,7 @@ def run_checks(cfg: DoctorConfig) -> int:
         if rank == 0:
             _report(findings, failed, time.monotonic() - t0)
         dist.barrier()
-        dist.destroy_process_group()
+        distributed.shutdown()
     return 1 if failed else 0
 
 

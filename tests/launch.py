@@ -20,12 +20,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Run in front of `-m module args...`: the module as `python -m` would run it, then, at exit,
+# after every exit handler of the code under test has run (atexit calls this one last), a line
+# naming the threads the process still has. What the interpreter's teardown would then have to
+# end: a process group's threads there abort the process now and then (bertscale.distributed,
+# "Ending"). A line in the test's output, not a helper of the product.
+EXIT_WATCH = """
+import atexit, os, runpy, sys
+def _threads():
+    names = sorted(open(f"/proc/self/task/{t}/comm").read().strip()
+                   for t in os.listdir("/proc/self/task"))
+    print("threads at exit: " + " ".join(names), file=sys.stderr, flush=True)
+atexit.register(_threads)
+assert sys.argv[1] == "-m", sys.argv
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+# Threads of torch.distributed's gloo / NCCL process groups and their TCP store.
+GROUP_THREADS = ("gloo", "pt_gloo", "pt_nccl", "pt_tcpstore")
+
+
 @dataclass
 class RankResult:
     rank: int
     returncode: int
     stdout: str
     stderr: str
+
+    @property
+    def group_threads_at_exit(self) -> list[str]:
+        """Under `watch_exit`: the process-group threads still there when the rank exited."""
+        line = next(x for x in self.stderr.splitlines() if x.startswith("threads at exit: "))
+        return [n for n in line.split(": ", 1)[1].split() if n.startswith(GROUP_THREADS)]
 
 
 def start_ranks(argv: list[str], world_size: int, *, env: dict[str, str] | None = None,
@@ -48,9 +74,13 @@ def start_ranks(argv: list[str], world_size: int, *, env: dict[str, str] | None 
 
 
 def run_ranks(argv: list[str], world_size: int, *, env: dict[str, str] | None = None,
-              timeout: float = 300, cwd: str | Path | None = None, check: bool = True) -> list[RankResult]:
+              timeout: float = 300, cwd: str | Path | None = None, check: bool = True,
+              watch_exit: bool = False) -> list[RankResult]:
     """Start `python argv...` once per rank and wait for all. With check=True a failing rank
-    raises with every rank's stderr tail, so a test failure shows what went wrong."""
+    raises with every rank's stderr tail, so a test failure shows what went wrong. With
+    `watch_exit` (argv: `-m module ...`) each rank reports its threads at exit (EXIT_WATCH)."""
+    if watch_exit:
+        argv = ["-c", EXIT_WATCH, *argv]
     procs = start_ranks(argv, world_size, env=env, cwd=cwd)
     results = []
     try:

@@ -49,10 +49,10 @@ def pretrain_argv(run_dir: Path, manifest: Path, *sets: str, extra: tuple[str, .
 
 
 def pretrain(run_dir: Path, manifest: Path, world: int, *sets: str, extra: tuple[str, ...] = (),
-             check: bool = True) -> list[RankResult]:
+             check: bool = True, watch_exit: bool = False) -> list[RankResult]:
     """`bertscale pretrain tiny_ci` as `world` real rank processes on loopback."""
     return run_ranks(pretrain_argv(run_dir, manifest, *sets, extra=extra), world, check=check,
-                     timeout=400)
+                     timeout=400, watch_exit=watch_exit)
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:

@@ -49,7 +49,8 @@ def test_two_ranks_fine_tune_like_one_process(minilm_no_dropout: Path, shared_da
     losses1 = _step_losses(tmp_path / "one")
     results = run_ranks(["-m", "bertscale.cli", *_argv(minilm_no_dropout, tmp_path / "two",
                                                        glue_dir)],
-                        2, env={"OMP_NUM_THREADS": "1"}, timeout=400)
+                        2, env={"OMP_NUM_THREADS": "1"}, timeout=400, watch_exit=True)
+    assert [r.group_threads_at_exit for r in results] == [[], []]  # see test_pretrain's preemption test
     one = json.loads((tmp_path / "one" / "STS-B" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "STS-B" / "results.json").read_text())
     assert one["world_size"] == 1 and two["world_size"] == 2

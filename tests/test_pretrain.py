@@ -115,8 +115,12 @@ def test_preemption_signal_to_one_rank_then_exact_resume(ws2_straight, manifest,
     assert stopped.step % 2 == 0                    # at a read
     assert max(train_losses(run)) == stopped.step  # stopped at that step boundary
 
-    results = pretrain(run, manifest, 2, *WS2, "logging.every=2", extra=("--resume", "require"))
+    results = pretrain(run, manifest, 2, *WS2, "logging.every=2", extra=("--resume", "require"),
+                       watch_exit=True)
     assert f"resumed from {stopped.path} (step {stopped.step}" in results[0].stdout
+    # The finished ranks ended their process groups before the interpreter's teardown, where
+    # their threads abort the process now and then (exit -6 after a finished run).
+    assert [r.group_threads_at_exit for r in results] == [[], []]
     a, b = train_losses(ws2_straight), train_losses(run)
     # Even steps, step 1, and the first step after the resume.
     assert sorted(b) == sorted({1, 2, 4, 6, 8, stopped.step + 1})
@@ -159,8 +163,10 @@ def test_nan_loss_stops_every_rank_without_a_checkpoint(manifest, tmp_path, monk
     results = pretrain(run, manifest, 2, "optimizer.name=\"lamb\"", "optimizer.lr=1e-3",
                        "train.deepspeed=\"zero1_fp32\"", "train.steps=6", "checkpoint.every=1",
                        "eval.at_start=false", "eval.every=0", "debug.nan_loss_at_step=3",
-                       "logging.wandb=true", "logging.wandb_mode=\"offline\"", check=False)
+                       "logging.wandb=true", "logging.wandb_mode=\"offline\"", check=False,
+                       watch_exit=True)
     assert [r.returncode for r in results] == [NONFINITE_EXIT_CODE] * 2, results[0].stderr[-2000:]
+    assert [r.group_threads_at_exit for r in results] == [[], []]  # also on the error path
     assert "error: step 3: loss is NaN/inf in 2 micro-batch(es)" in results[0].stdout
     assert [c.step for c in ckpt_lib.list_committed(run)] == [1, 2]
     assert not (run / "checkpoints" / "step_3").exists()

@@ -105,8 +105,8 @@ class _Group:
 
     def close(self) -> None:
         if self.active:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+            from bertscale.distributed import shutdown
+            shutdown()
 
 
 def run(a: EmbedConfig) -> dict[str, Any]:

@@ -201,6 +201,7 @@ def fit(model: nn.Module, features: Sequence[Feature], loss_fn: LossFn, recipe: 
             saver.maybe_save(state.step, preempted=read.preempted)
             preemption.maybe_exit(state.step, read.preempted)
         reads.restart_clock()
+    engine.close()  # DDP's hold on the process group (the model stays, for predictions)
     n = min(len(losses.values), LAST)
     seconds = report.bar.close(f"loss {losses.mean(n):.4f} (mean of the last {n} steps)")
     return {"steps": state.step, "loss_last_step": losses.values[-1],

@@ -155,6 +155,7 @@ def train(plan: Plan) -> int:
         reporter.close()
         loader.close()
         saver.close()  # a store run: the upload in flight commits, the final records go up
+        engine.close()  # its hold on the process groups, which end below
     distributed.barrier()
     run_lock.release()
     if store_lock is not None:

@@ -116,6 +116,11 @@ class DeepSpeedEngine:
                 return float(value)
         return None
 
+    def close(self) -> None:
+        """Drop DeepSpeed's gradient hooks: they keep the engine, and through it its process
+        groups, alive past the end of the run into the interpreter's teardown."""
+        self.ds.destroy()
+
     def save(self, root: Path, tag: str) -> list[Path]:
         """DeepSpeed's files of checkpoint `root/tag` (every rank its partition). Whatever fails,
         this rank still joins the barrier that ends DeepSpeed's save_checkpoint (its last

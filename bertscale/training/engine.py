@@ -78,6 +78,11 @@ class Engine(Protocol):
         ...
 
 
+    def close(self) -> None:
+        """Let go of what ties the engine to the process groups (hooks on the parameters), so
+        that they end with the run (bertscale.distributed.shutdown). The last call on it."""
+        ...
+
 E = TypeVar("E", bound=Engine, covariant=True)
 
 

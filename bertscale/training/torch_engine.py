@@ -88,6 +88,10 @@ class TorchEngine:
         applied = scale is None or self.scaler.get_scale() >= scale
         return Update(applied, lr, scale, grad_norm=grad_norm.detach())
 
+    def close(self) -> None:
+        """DDP's reducer holds the process group; the plain model is what stays."""
+        self.net = self.model
+
     def save(self, root: Path, tag: str) -> list[Path]:
         import torch.distributed as dist
 
