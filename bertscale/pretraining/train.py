@@ -41,6 +41,8 @@ Honest limits:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bertscale import distributed, runlock, storelock
@@ -75,16 +77,34 @@ class Counters:
 
 def train(plan: Plan) -> int:
     """Train from the plan's start to `plan.stop_at`; the exit code (module docstring)."""
-    recipe, env, t = plan.recipe, plan.env, plan.recipe.train
-    distributed.init(env)
+    distributed.init(plan.env)
     distributed.install_signal_handlers()
-    # One writer per run folder: a second live trainer stops here, on every rank (exit 2).
-    run_lock = runlock.acquire(plan.run_dir, env.is_main)
-    # A run folder in an object store: the same, as a lease there (bertscale.storelock).
-    store_lock = storelock.acquire(plan.store.url, env.is_main) if plan.store else None
-    build.check_shards(plan)
-    build.write_run_files(plan)
+    with _sole_writer(plan) as run_lock:
+        build.check_shards(plan)
+        build.write_run_files(plan)
+        exit_code = _train(plan, run_lock)
+    distributed.shutdown()
+    return exit_code
 
+
+@contextmanager
+def _sole_writer(plan: Plan) -> Iterator[runlock.RunLock]:
+    """One writer per run folder: a second live trainer stops here, on every rank (exit 2); a
+    run folder in an object store takes a lease there too (bertscale.storelock). Released once
+    every rank is through; after an error, the process's end lets go of them."""
+    run_lock = runlock.acquire(plan.run_dir, plan.env.is_main)
+    store_lock = storelock.acquire(plan.store.url, plan.env.is_main) if plan.store else None
+    yield run_lock
+    distributed.barrier()
+    run_lock.release()
+    if store_lock is not None:
+        store_lock.release()
+
+
+def _train(plan: Plan, run_lock: runlock.RunLock) -> int:
+    """The run in the folder `train` holds: the model and its engine (fresh or restored), the
+    loop's parts, the loop; the exit code."""
+    recipe, env, t = plan.recipe, plan.env, plan.recipe.train
     model, optimizer = build.model(plan)
     from bertscale.model import count_parameters
     n_params = count_parameters(model)  # now: ZeRO-3 moves the parameters out of the module
@@ -155,12 +175,7 @@ def train(plan: Plan) -> int:
         reporter.close()
         loader.close()
         saver.close()  # a store run: the upload in flight commits, the final records go up
-        engine.close()  # its hold on the process groups, which end below
-    distributed.barrier()
-    run_lock.release()
-    if store_lock is not None:
-        store_lock.release()
-    distributed.shutdown()
+        engine.close()  # its hold on the process groups, which end after the run
     return exit_code
 
 
