@@ -82,9 +82,7 @@ def train(plan: Plan) -> int:
     with _sole_writer(plan) as run_lock:
         build.check_shards(plan)
         build.write_run_files(plan)
-        exit_code = _train(plan, run_lock)
-    distributed.shutdown()
-    return exit_code
+        return _train(plan, run_lock)  # `run` then ends the process groups, on every path
 
 
 @contextmanager

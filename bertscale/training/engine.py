@@ -77,11 +77,11 @@ class Engine(Protocol):
         recipe's schedule and hyperparameters back in force. Collective."""
         ...
 
-
     def close(self) -> None:
         """Let go of what ties the engine to the process groups (hooks on the parameters), so
         that they end with the run (bertscale.distributed.shutdown). The last call on it."""
         ...
+
 
 E = TypeVar("E", bound=Engine, covariant=True)
 
