@@ -8,6 +8,7 @@ tests of both files look at the same few runs from different sides.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,27 @@ def prepare_wiki(shared_data: Path, out: Path, *, vocab: str = "bert-base-uncase
         vocab=shared_data / "vocab" / vocab, seq_lens=[seq_len], samples_per_shard=1000,
         eval_fraction=0.05, seed=seed, progress="none"))
     return manifests[seq_len]
+
+
+def last_error_line(stderr: str) -> str:
+    """The last line a rank wrote, without the "[rank N] " the CLI puts before other ranks'
+    messages than rank 0's (so the same message compares equal)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return re.sub(r"^(bertscale \w+: error: )\[rank \d+\] ", r"\1", lines[-1]) if lines else ""
+
+
+def same_error_line(results: list[RankResult], *needles: str) -> str:
+    """Every rank exited 2 with the same last line (returned), which holds every needle, and no
+    traceback."""
+    assert [r.returncode for r in results] == [2] * len(results), \
+        [r.stderr[-1500:] for r in results]
+    assert not [r.rank for r in results if "Traceback" in r.stderr], results[0].stderr[-3000:]
+    lines = {last_error_line(r.stderr) for r in results}
+    assert len(lines) == 1, lines           # the same one line on every rank
+    line = lines.pop()
+    for needle in needles:
+        assert needle in line, line
+    return line
 
 
 def pretrain_argv(run_dir: Path, manifest: Path, *sets: str, extra: tuple[str, ...] = ()) -> list[str]:

@@ -8,8 +8,10 @@
 
 GCS and Azure sit behind `MeteredProxy`, a small HTTP proxy that gives them LocalS3's metering:
 bytes served per object, a throttled link down and up (`bandwidth`, `put_bandwidth`), and a
-transfer cut midway. The proxy forwards every request unchanged; the store semantics are the
-emulator's.
+transfer cut midway, and writes denied (`deny_writes`: the store's own 403, what a revoked or
+expired credential gets; neither emulator enforces permissions, so the proxy stands in for the
+store's access check). Otherwise the proxy forwards every request unchanged; the store
+semantics are the emulator's.
 
 A test reaches a store through `Store`: its scheme, a bucket of its own, and the environment a
 user sets to point bertscale at that store (the same variables, documented in docs/data.md).
@@ -24,6 +26,7 @@ import fcntl
 import http.client
 import http.server
 import itertools
+import json
 import os
 import re
 import shutil
@@ -119,6 +122,7 @@ class MeteredProxy:
         self.served: Counter[str] = Counter()
         self.active = 0
         self._cuts: dict[str, float] = {}
+        self._denied: re.Pattern[str] | None = None
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(upstream_slots)
         self._link_free = 0.0
@@ -147,6 +151,16 @@ class MeteredProxy:
         """The next read of `key` (bucket/key) stops after `share` of its body."""
         with self._lock:
             self._cuts[key] = share
+
+    def deny_writes(self, pattern: str | None) -> None:
+        """Writes (PUT, POST, PATCH) of an object whose name matches `pattern` (a regex searched in
+        the request's unquoted target and the start of its body, where GCS uploads name their
+        object) are answered with the store's 403; None lets every write through again."""
+        with self._lock:
+            self._denied = re.compile(pattern) if pattern else None
+
+    # The store's answer to a write its credential may not make (subclasses: GCS's, Azure's).
+    DENIED: tuple[dict[str, str], bytes] = ({"Content-Type": "text/plain"}, b"Forbidden")
 
     def reset_counts(self) -> None:
         with self._lock:
@@ -212,6 +226,17 @@ class MeteredProxy:
 
     def _exchange(self, h: http.server.BaseHTTPRequestHandler) -> None:
         body = self._body(h)
+        if self._denied is not None and h.command in ("PUT", "POST", "PATCH"):
+            target = urllib.parse.unquote(h.path) + "\n" + body[:65536].decode("latin-1")
+            if self._denied.search(target):
+                said, text = self.DENIED
+                h.send_response(403, "Forbidden")
+                for k, v in said.items():
+                    h.send_header(k, v)
+                h.send_header("Content-Length", str(len(text)))
+                h.end_headers()
+                h.wfile.write(text)
+                return
         headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
         if body or h.command in ("PUT", "POST", "PATCH"):
             headers["Content-Length"] = str(len(body))
@@ -319,6 +344,12 @@ class GcsEmulator(MeteredProxy):
     """`gcp-storage-emulator start` (in memory) behind the metering proxy. Its server handles
     one request at a time (http.server's HTTPServer), so the proxy sends it one at a time."""
 
+    DENIED = ({"Content-Type": "application/json"}, json.dumps({"error": {
+        "code": 403, "message": "bertscale-ci@example.iam.gserviceaccount.com does not have "
+        "storage.objects.create access to the Google Cloud Storage object. Permission "
+        "'storage.objects.create' denied on resource (or it may not exist).",
+        "errors": [{"reason": "forbidden", "domain": "global"}]}}).encode())
+
     def __init__(self, workdir: Path):
         for attempt in range(3):  # the port is picked free, then bound by another process
             port = _free_port()
@@ -354,6 +385,12 @@ class GcsEmulator(MeteredProxy):
 class AzuriteBlob(MeteredProxy):
     """Azurite's blob service (data in a folder of its own, telemetry off) behind the metering
     proxy, reached with the development account's connection string."""
+
+    DENIED = ({"Content-Type": "application/xml",
+               "x-ms-error-code": "AuthorizationPermissionMismatch"},
+              b'<?xml version="1.0" encoding="utf-8"?><Error><Code>AuthorizationPermission'
+              b"Mismatch</Code><Message>This request is not authorized to perform this "
+              b"operation using this permission.</Message></Error>")
 
     def __init__(self, workdir: Path):
         binary = install_azurite()

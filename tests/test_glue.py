@@ -281,8 +281,6 @@ def test_every_entrypoint_from_a_bertscale_pretraining_run(tmp_path: Path, share
     exported to a Hugging Face folder by `bertscale export` and fine-tuned with the same seeds
     give identical metrics and byte-identical prediction files, so the run-folder loader (any
     ZeRO stage, consolidated on load) builds exactly the model the exported weights describe."""
-    pytest.importorskip("bertscale.pretraining.train", reason="needs the pretraining trainer")
-    pytest.importorskip("bertscale.data.prepare", reason="needs the data preparation")
     corpus = tmp_path / "corpus.txt"    # ~2,000 lines of real Wikipedia prose (WikiText-2)
     corpus.write_text((shared_data / "wikitext-2-raw" / "wiki.valid.raw")
                       .read_text(encoding="utf-8")[:300_000], encoding="utf-8")

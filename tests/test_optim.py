@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from bertscale import model as model_mod
 from bertscale.config import ModelConfig, from_dict
 from bertscale.errors import ConfigError
 from bertscale.optim import (Lamb, OptimizerConfig, ScheduleConfig, build_optimizer,
@@ -64,7 +65,6 @@ def test_param_groups_small_module():
 
 
 def test_param_groups_bert_model():
-    model_mod = pytest.importorskip("bertscale.model", reason="bertscale.model not available")
     cfg = ModelConfig(vocab_size=99, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=32, max_position_embeddings=24)
     model = model_mod.BertForPreTraining(cfg)

@@ -26,31 +26,13 @@ import pytest
 from bertscale.training.checkpoint import layout as ckpt_lib
 from bertscale.training.checkpoint.consolidated import load_consolidated
 from disk import tmpfs
-from pretrain_runs import WS2, manifest, pretrain, train_losses  # noqa: F401
+from pretrain_runs import (WS2, last_error_line, manifest, pretrain,  # noqa: F401
+                          same_error_line, train_losses)
 
 pytestmark = pytest.mark.slow
 
 SMALL = ("train.global_batch_size=8", "train.micro_batch_size=2", "train.steps=4",
          "checkpoint.every=2", "eval.every=0", "eval.at_start=false")
-
-
-def _last_line(stderr: str) -> str:
-    """The last line a rank wrote, without the "[rank N] " the CLI puts before other ranks'
-    messages than rank 0's (so the same message compares equal)."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    return re.sub(r"^(bertscale \w+: error: )\[rank \d+\] ", r"\1", lines[-1]) if lines else ""
-
-
-def _assert_same_clean_error(results, *needles: str) -> str:
-    assert [r.returncode for r in results] == [2, 2], [r.stderr[-1500:] for r in results]
-    lines = {_last_line(r.stderr) for r in results}
-    assert len(lines) == 1, lines           # the same one line on every rank
-    line = lines.pop()
-    for needle in needles:
-        assert needle in line, line
-    for r in results:
-        assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    return line
 
 
 def _copy_data(manifest: Path, dest: Path) -> Path:
@@ -92,7 +74,7 @@ def test_a_damaged_sample_mid_run_stops_every_rank_with_one_line(manifest, tmp_p
     # naming step 3, before anything is saved.
     results = pretrain(run, data, 2, *SMALL, "data.verify_sha256=false", "logging.every=4",
                        f"data.num_workers={workers}", check=False)
-    _assert_same_clean_error(results, "step 3:", f"shard {shard}", f"sample {offset} ",
+    same_error_line(results, "step 3:", f"shard {shard}", f"sample {offset} ",
                              f"(global position {position})", "checksum mismatch",
                              "(found by rank 1)")
     assert sorted(train_losses(run)) == [1]
@@ -135,7 +117,7 @@ def test_shards_cut_short_under_a_running_job_stop_every_rank_with_one_line(mani
                 p.kill()
     results = [RankResult(r, c, logs[r][0].read_text(), logs[r][1].read_text())
                for r, c in enumerate(codes)]
-    _assert_same_clean_error(results, "shard train-", "bytes now, ", "cut short")
+    same_error_line(results, "shard train-", "bytes now, ", "cut short")
     assert ckpt_lib.latest_committed(run).step >= 2
 
 
@@ -146,7 +128,7 @@ def test_a_manifest_whose_sample_counts_are_wrong_is_refused_at_start(manifest, 
     shard["samples"] -= 1
     data.write_text(json.dumps(raw))
     results = pretrain(tmp_path / "run", data, 2, *SMALL, "data.verify_sha256=false", check=False)
-    _assert_same_clean_error(results, f"shard {shard['name']} is listed with {shard['samples']} "
+    same_error_line(results, f"shard {shard['name']} is listed with {shard['samples']} "
                                       f"samples", f"holds {shard['samples'] + 1}",
                              "(found by rank 1)")
     assert ckpt_lib.latest_committed(tmp_path / "run") is None
@@ -165,7 +147,7 @@ def test_a_full_disk_stops_every_rank_with_one_line_and_keeps_the_checkpoint(man
     # The check before the save: step 2 fits, step 4 would not.
     run = small_disk / "checked"
     results = pretrain(run, manifest, 2, *SMALL, check=False)
-    line = _assert_same_clean_error(results, "checkpoint step 4:", str(run / "checkpoints"),
+    line = same_error_line(results, "checkpoint step 4:", str(run / "checkpoints"),
                                     "free, about", "are needed")
     assert "The newest committed checkpoint, step 2" in line and "is intact" in line
     assert ckpt_lib.latest_committed(run).step == 2
@@ -175,7 +157,7 @@ def test_a_full_disk_stops_every_rank_with_one_line_and_keeps_the_checkpoint(man
     results1 = pretrain(run, manifest, 1, *SMALL, check=False)
     assert results1[0].returncode == 2, results1[0].stderr[-2000:]
     assert "Traceback" not in results1[0].stderr
-    assert "for a resume on another number of ranks" in _last_line(results1[0].stderr)
+    assert "for a resume on another number of ranks" in last_error_line(results1[0].stderr)
     assert not [p for p in (run / "checkpoints").iterdir() if "universal" in p.name]
 
     # What the weights of the surviving checkpoint are: complete (DeepSpeed's consolidation reads
@@ -190,7 +172,7 @@ def test_a_full_disk_stops_every_rank_with_one_line_and_keeps_the_checkpoint(man
     # No check: the write itself fails on the full disk; same message, partial files removed.
     run = small_disk / "unchecked"
     results = pretrain(run, manifest, 2, *SMALL, "checkpoint.check_free_space=false", check=False)
-    line = _assert_same_clean_error(results, "checkpoint step 4: writing", "failed (",
+    line = same_error_line(results, "checkpoint step 4: writing", "failed (",
                                     "free there", "a checkpoint needs about")
     assert "The newest committed checkpoint, step 2" in line
     assert [c.step for c in ckpt_lib.list_committed(run)] == [2]
@@ -214,7 +196,7 @@ def test_check_free_space_false_also_lets_a_universal_conversion_try(manifest, s
     pretrain(run, manifest, 1, *SMALL, "train.steps=2", "schedule.warmup=1")
     assert ckpt_lib.latest_committed(run).step == 2
     results = pretrain(run, manifest, 2, *SMALL, "checkpoint.check_free_space=false", check=False)
-    line = _assert_same_clean_error(results, "writing the universal copy failed",
+    line = same_error_line(results, "writing the universal copy failed",
                                     "The checkpoint itself is intact")
     assert re.search(r" \d+(\.\d)? K?B free in ", line), line   # the disk really was full
     assert sorted(p.name for p in (run / "checkpoints").iterdir()

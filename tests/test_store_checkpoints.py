@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 
 from launch import free_port, run_ranks
-from pretrain_runs import manifest, pretrain_argv, train_losses  # noqa: F401
+from pretrain_runs import (manifest, pretrain_argv, same_error_line,  # noqa: F401
+                          train_losses)
 
 pytestmark = pytest.mark.slow
 
@@ -247,6 +248,42 @@ def test_killed_mid_upload_resumes_on_a_new_node(store, manifest, reference, tmp
     assert any(k.endswith("optim_states.pt") for k in fetched), fetched
     files = check_the_resumed_run(store, reference)
     assert "lock.json" not in files and "metrics.jsonl" in files
+
+
+@pytest.mark.parametrize("store", ["gs"], indirect=True)
+def test_a_denied_upload_stops_every_rank_with_one_line_and_the_rerun_resumes(
+        store, manifest, reference, tmp_path):
+    """Rank 1's credential loses write access mid-run (the store answers its step-4 puts with
+    403, as it does to a revoked or expired credential; the proxy stands in for GCS's access
+    check, tests/stores.py). Its upload fails in the background while training goes on; at the
+    next save (step 6) both ranks stop: exit 2, the same one line naming the step, the store,
+    the rank, the store's own reason and the newest commit (step 2), no traceback. Step 4 is
+    not committed in the store and nothing of step 6 is there. With access back, the same
+    command resumes from step 2 and every step's loss equals the uninterrupted run's."""
+    url = store.url("runs", "p1")
+    argv = pretrain_argv(url, manifest, *BASE)
+    env = {"BERTSCALE_STAGING_DIR": str(tmp_path / "staging")}
+    store.server.deny_writes(r"checkpoints/step_4/\S*zero_pp_rank_1_")
+    try:
+        results = run_ranks(argv, 2, check=False, timeout=400, env=env)
+    finally:
+        store.server.deny_writes(None)
+    line = same_error_line(results, "storage.objects.create",
+                           "The newest checkpoint committed in the store is step 2")
+    # Said once, by the rank it happened to (rank 0 also learns it, to stop waiting for it).
+    assert line.startswith(f"bertscale pretrain: error: checkpoint step 4: uploading to {url}/"
+                           "checkpoints/step_4 failed on rank 1: access denied, check the "
+                           "credentials"), line
+    assert line.count("checkpoint step 4") == 1 and "(found by rank 1)" in line, line
+    assert "checkpoint step 2 committed in " in results[0].stdout + results[0].stderr, line
+    files = listing(store, "runs/p1")
+    assert committed(files) == [2], files
+    assert not [f for f in files if f.startswith("checkpoints/step_6")], files
+
+    again = run_ranks(argv, 2, check=False, timeout=400, env=env)
+    assert [r.returncode for r in again] == [0, 0], again[0].stderr[-3000:]
+    assert "(step 2, 16 samples consumed)" in again[0].stdout + again[0].stderr
+    check_the_resumed_run(store, reference)
 
 
 def test_bad_store_locations_stop_with_one_line(store, manifest, tmp_path):

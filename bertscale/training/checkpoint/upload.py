@@ -62,6 +62,7 @@ class Upload:
         self.store, self.saved, self.rank, self.world = store, saved, rank, world
         self.keep, self.records, self.log = keep, dict(records), log
         self.error: str | None = None
+        self.relayed = False  # rank 0's error is another rank's, which that rank reports itself
         self.bytes = 0
         self.seconds = 0.0
         self.committed = False
@@ -92,6 +93,8 @@ class Upload:
                                            "seconds": round(self.seconds, 3)}).encode())
             if self.rank == 0:
                 self._commit(fs, base)
+        except _Failed as e:  # rank 0's commit: another rank failed, or never finished
+            self.error, self.relayed = str(e), e.relayed
         except Exception as e:  # noqa: BLE001 - reported on the main thread, on every rank
             self.error = (f"checkpoint step {self.saved.step}: uploading to {base} failed on "
                           f"rank {self.rank}: {remote.reason(e)}")
@@ -116,12 +119,12 @@ class Upload:
             failed = sorted(n for n in names if n.endswith(".error.json"))
             if failed:
                 said = json.loads(fs.cat_file(f"{base}/{UPLOADED_DIR}/{failed[0]}"))
-                raise _Failed(said.get("error") or failed[0])
+                raise _Failed(said.get("error") or failed[0], relayed=True)
             pending -= {r for r in pending if f"rank_{r}.json" in names}
             if pending:
                 if time.monotonic() > deadline:
-                    raise _Failed(f"rank(s) {sorted(pending)} did not finish their upload of "
-                                  f"checkpoint step {self.saved.step} within "
+                    raise _Failed(f"checkpoint step {self.saved.step}: rank(s) {sorted(pending)} "
+                                  f"did not finish their upload to {base} within "
                                   f"{COMMIT_TIMEOUT_S:.0f} s; it is not committed")
                 time.sleep(_POLL_S)
         fs.pipe_file(f"{base}/{COMMIT_FILE}", json.dumps(self.saved.marker, indent=2).encode())
@@ -150,6 +153,13 @@ def _put_retrying(fs: Any, path: Path, url: str) -> None:
 
 
 class _Failed(Exception):
+    """Rank 0 cannot commit: `relayed` when the cause is another rank's failed upload (its
+    `rank_R.error.json`), which that rank reports itself."""
+
+    def __init__(self, message: str, *, relayed: bool = False):
+        super().__init__(message)
+        self.relayed = relayed
+
     def __str__(self) -> str:
         return str(self.args[0])
 
@@ -187,7 +197,8 @@ class StoreCheckpointer(Checkpointer):
         if upload is not None:
             waited = upload.wait()
             self.upload = None
-        problems = gather_problems([upload.error] if upload and upload.error else [])
+        mine = upload.error if upload and not upload.relayed else None
+        problems = gather_problems([mine] if mine else [])
         if problems:
             raise UserError(problems[0] + self._newest_note())
         return waited, upload
