@@ -13,7 +13,14 @@ the exit code the scheduler's failure policy acts on:
       `distributed.PREEMPTED_RECORD_ENV`): the policy restarts the pod without counting a failure
       (`--preempted-exit` picks another code for a controller that retries only some: PyTorchJob
       v1 retries codes >= 128);
-  any other code: torchrun's.
+  2, 3  the first of this node's workers to fail exited with it (bad input, a non-finite loss):
+      a restart cannot fix these, and the manifests' pod failure policies fail the job on them;
+  any other code: torchrun's (1 for any other failed worker).
+
+torchrun runs in a child process of its own, as `python -m bertscale.launch TORCHRUN-ARGS`
+(`agent`): the same arguments and code as `torchrun`, which reports every failed worker as exit 1
+after a Python traceback of its own; the agent says which worker failed first, with what, in one
+line instead, and keeps the worker's code when it is one of the two above.
 
 SIGTERM and SIGINT go to torchrun, which forwards them to the workers and waits up to
 `--shutdown-timeout` seconds (torchrun's TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default) before
@@ -43,14 +50,19 @@ import tempfile
 from pathlib import Path
 
 from bertscale import distributed, nodes
+from bertscale.exitcodes import BAD_INPUT_EXIT_CODE, NONFINITE_EXIT_CODE
 
 DEFAULT_SHUTDOWN_TIMEOUT = 300
+KEPT_EXIT_CODES = (BAD_INPUT_EXIT_CODE, NONFINITE_EXIT_CODE)
+"""A worker's exit codes the node exits with: no restart can fix what they say."""
 
 
 def torchrun_argv(node: nodes.NodeEnv, command: list[str], *, max_restarts: int,
-                  python: str = sys.executable) -> list[str]:
-    """The torchrun command line for this node (one node: standalone, no rendezvous host)."""
-    argv = [python, "-m", "torch.distributed.run", "--nproc-per-node", node.nproc_per_node,
+                  python: str = sys.executable, module: str = "torch.distributed.run",
+                  ) -> list[str]:
+    """The torchrun command line for this node (one node: standalone, no rendezvous host);
+    `module` runs it (`bertscale.launch`: the same torchrun through `agent`)."""
+    argv = [python, "-m", module, "--nproc-per-node", node.nproc_per_node,
             "--max-restarts", str(max_restarts)]
     if node.node_range == (1, 1):
         argv += ["--standalone"]
@@ -64,7 +76,7 @@ def torchrun_argv(node: nodes.NodeEnv, command: list[str], *, max_restarts: int,
 def run(node: nodes.NodeEnv, command: list[str], *, max_restarts: int,
         shutdown_timeout: int, preempted_exit: int = distributed.PREEMPTED_EXIT_CODE) -> int:
     """Run torchrun for this node; the exit code for the scheduler (module docstring)."""
-    argv = torchrun_argv(node, command, max_restarts=max_restarts)
+    argv = torchrun_argv(node, command, max_restarts=max_restarts, module=__name__)
     with tempfile.TemporaryDirectory(prefix="bertscale-launch-") as tmp:
         record = Path(tmp) / "preempted.json"
         env = {**os.environ, distributed.PREEMPTED_RECORD_ENV: str(record),
@@ -99,3 +111,36 @@ def exit_code(rc: int, record: Path, preempted_exit: int = distributed.PREEMPTED
           f"(torchrun exited {rc}); exiting {preempted_exit} so that the scheduler restarts "
           f"this node", file=sys.stderr, flush=True)
     return preempted_exit
+
+
+def agent(argv: list[str]) -> int:
+    """torchrun with these arguments (this module's `__main__`, in `run`'s child process). A
+    failed worker ends it with one line naming the first one to fail and how, not torchrun's
+    traceback; the exit code is that worker's when it is one of KEPT_EXIT_CODES, else
+    torchrun's 1."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+
+    try:
+        record(torchrun)(parse_args(argv))
+    except ChildFailedError as e:
+        rank, first = e.get_first_failure()
+        code = first.exitcode if first.exitcode in KEPT_EXIT_CODES else 1
+        how = f"exited {first.exitcode}"
+        if first.exitcode < 0:
+            try:
+                how = f"was killed by {signal.Signals(-first.exitcode).name}"
+            except ValueError:
+                how = f"was killed by signal {-first.exitcode}"
+        more = len(e.failures) - 1
+        print(f"bertscale launch: rank {rank} (local rank {first.local_rank}, pid {first.pid}) "
+              f"{how} first (its own output is above)"
+              f"{f'; {more} other worker(s) of this node stopped after it' if more else ''}. "
+              f"This node exits {code}", file=sys.stderr, flush=True)
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(agent(sys.argv[1:]))

@@ -158,8 +158,10 @@ def test_a_new_worker_group_takes_over_the_lock_of_a_frozen_one(manifest, tmp_pa
     try:
         wait_for(first_log, "checkpoint step 2 committed", first)
         procs = tree(first)
-        worker = next(p for p in procs if "torch.distributed.run" not in " ".join(p.cmdline())
-                      and "launch" not in p.cmdline())
+        # The worker: not the launcher (`bertscale launch`) nor its torchrun agent
+        # (`python -m bertscale.launch`).
+        worker = next(p for p in procs if "pretrain" in p.cmdline()
+                      and not {"launch", "bertscale.launch"} & set(p.cmdline()))
         worker.suspend()                         # holds the run-folder lock, forever silent
         frozen = [worker]
         kill_all([p for p in procs if p.pid != worker.pid])   # its node's launcher and agent

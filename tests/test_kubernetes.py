@@ -621,17 +621,50 @@ def test_manifest_pods_preempt_and_resume(kind, manifest, reference, tmp_path):
                 "PyTorchJob": "bert-large-p1-master-0:23456"}[kind]
     assert endpoint == expected
     # ... and here, without cluster DNS, pod 0 is 127.0.0.1 on a free port.
+    here(envs, tmp_path / "run", manifest)
+    print(kind + ": " + run_preempt_resume(argv, envs, grace, lambda c: pod_action(kind, doc, c),
+                                           tmp_path, reference))
+
+
+def here(envs: list[dict[str, str]], run: Path, manifest: Path, train: str = TRAIN) -> None:
+    """The pods' environments on this machine: pod 0 is 127.0.0.1 on a free port (no cluster
+    DNS); the run folder, the recipe and its data."""
     port = str(free_port())
-    run = tmp_path / "run"
     for env in envs:
         env.update(BERTSCALE_RUN_DIR=str(run), BERTSCALE_RECIPE="tiny_ci",
-                   BERTSCALE_ARGS=f"--set data.manifest={json.dumps(str(manifest))} {TRAIN}",
+                   BERTSCALE_ARGS=f"--set data.manifest={json.dumps(str(manifest))} {train}",
                    PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=port, GLOO_SOCKET_IFNAME="lo")
         if "MASTER_ADDR" in env:
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    print(kind + ": " + run_preempt_resume(argv, envs, grace, lambda c: pod_action(kind, doc, c),
-                                           tmp_path, reference))
-    assert pod_action(kind, doc, 2) in ("FailJob",) and pod_action(kind, doc, 3) == "FailJob"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["JobSet", "TrainJob"])
+def test_bad_input_fails_the_job_instead_of_retrying_it(kind, tmp_path):
+    """A run that cannot start (here: its data manifest is missing) stops every worker with exit
+    2 and one line; the pod must exit 2 too, since that is the code on which the manifest's pod
+    failure policy fails the Job at once instead of recreating the pods backoffLimit times (and
+    the JobSet maxRestarts times more). Before the fix the pod exited 1 (torchrun's code for
+    any failed worker), which the policy counts and retries, after a Python traceback from
+    torchrun's agent."""
+    doc = shrink(kind, load_kind(kind))
+    envs, argv, grace = pods_of(kind, doc)
+    run = tmp_path / "run"
+    here(envs, run, tmp_path / "missing" / "manifest.json")
+    pods = Pods(argv, envs, tmp_path, "bad")
+    try:
+        codes = pods.wait(120)
+    finally:
+        pods.kill()
+    assert codes == [2, 2], pods.tails()
+    assert {pod_action(kind, doc, c) for c in codes} == {"FailJob"}
+    for i in range(len(envs)):
+        log = pods.text(i)
+        assert "Traceback" not in log, log[-3000:]
+        said = [x for x in log.splitlines() if "bertscale pretrain: error:" in x]
+        assert said and all("missing" in x and "manifest.json" in x for x in said), log[-3000:]
+        assert re.search(r"bertscale launch: .*exited 2", log), log[-3000:]
+    assert not run.exists()
 
 
 @pytest.mark.slow
