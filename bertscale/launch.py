@@ -115,17 +115,24 @@ def exit_code(rc: int, record: Path, preempted_exit: int = distributed.PREEMPTED
 
 def agent(argv: list[str]) -> int:
     """torchrun with these arguments (this module's `__main__`, in `run`'s child process). A
-    failed worker ends it with one line naming the first one to fail and how, not torchrun's
-    traceback; the exit code is that worker's when it is one of KEPT_EXIT_CODES, else
-    torchrun's 1."""
+    failed worker, or a signal that stopped them, ends it with one line, not torchrun's
+    traceback; the exit code is the first failed worker's when it is one of KEPT_EXIT_CODES,
+    else torchrun's 1."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun
 
     try:
         record(torchrun)(parse_args(argv))
+    except SignalException as e:  # SIGTERM (a preemption): the workers were stopped and waited for
+        print(f"bertscale launch: torchrun stopped this node's workers on {e.sigval.name}",
+              file=sys.stderr, flush=True)
+        return 1  # torchrun's code; `exit_code` makes it 75 when a worker committed and recorded
     except ChildFailedError as e:
         rank, first = e.get_first_failure()
+        if first.exitcode == distributed.PREEMPTED_EXIT_CODE:
+            return 1  # not a failure: `exit_code` reads the workers' record and says so
         code = first.exitcode if first.exitcode in KEPT_EXIT_CODES else 1
         how = f"exited {first.exitcode}"
         if first.exitcode < 0:
@@ -136,8 +143,8 @@ def agent(argv: list[str]) -> int:
         more = len(e.failures) - 1
         print(f"bertscale launch: rank {rank} (local rank {first.local_rank}, pid {first.pid}) "
               f"{how} first (its own output is above)"
-              f"{f'; {more} other worker(s) of this node stopped after it' if more else ''}. "
-              f"This node exits {code}", file=sys.stderr, flush=True)
+              f"{f'; {more} other worker(s) of this node stopped after it' if more else ''}",
+              file=sys.stderr, flush=True)
         return code
     return 0
 

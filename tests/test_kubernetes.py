@@ -569,6 +569,7 @@ def run_preempt_resume(argv: list[str], envs: list[dict[str, str]], grace: int,
     finally:
         pods.kill()
     assert None not in codes, f"pods still running {grace}s after SIGTERM:\n{pods.tails()}"
+    assert "Traceback" not in pods.text(0) + pods.text(1), pods.tails()  # lines, not tracebacks
     actions = {action(c) for c in codes}
     assert len(set(codes)) == 1 and actions <= {"Ignore", "Restart"}, (codes, pods.tails())
     if store is not None:  # rank 0's node: the rendezvous decides which pod that is
