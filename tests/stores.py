@@ -159,7 +159,7 @@ class MeteredProxy:
         with self._lock:
             self._denied = re.compile(pattern) if pattern else None
 
-    # The store's answer to a write its credential may not make (subclasses: GCS's, Azure's).
+    # The store's answer to a write its credential may not make (GcsEmulator: GCS's own).
     DENIED: tuple[dict[str, str], bytes] = ({"Content-Type": "text/plain"}, b"Forbidden")
 
     def reset_counts(self) -> None:
@@ -385,12 +385,6 @@ class GcsEmulator(MeteredProxy):
 class AzuriteBlob(MeteredProxy):
     """Azurite's blob service (data in a folder of its own, telemetry off) behind the metering
     proxy, reached with the development account's connection string."""
-
-    DENIED = ({"Content-Type": "application/xml",
-               "x-ms-error-code": "AuthorizationPermissionMismatch"},
-              b'<?xml version="1.0" encoding="utf-8"?><Error><Code>AuthorizationPermission'
-              b"Mismatch</Code><Message>This request is not authorized to perform this "
-              b"operation using this permission.</Message></Error>")
 
     def __init__(self, workdir: Path):
         binary = install_azurite()

@@ -622,18 +622,19 @@ def test_manifest_pods_preempt_and_resume(kind, manifest, reference, tmp_path):
                 "PyTorchJob": "bert-large-p1-master-0:23456"}[kind]
     assert endpoint == expected
     # ... and here, without cluster DNS, pod 0 is 127.0.0.1 on a free port.
-    here(envs, tmp_path / "run", manifest)
+    on_this_machine(envs, tmp_path / "run", manifest)
     print(kind + ": " + run_preempt_resume(argv, envs, grace, lambda c: pod_action(kind, doc, c),
                                            tmp_path, reference))
+    assert pod_action(kind, doc, 2) in ("FailJob",) and pod_action(kind, doc, 3) == "FailJob"
 
 
-def here(envs: list[dict[str, str]], run: Path, manifest: Path, train: str = TRAIN) -> None:
+def on_this_machine(envs: list[dict[str, str]], run: Path, manifest: Path) -> None:
     """The pods' environments on this machine: pod 0 is 127.0.0.1 on a free port (no cluster
     DNS); the run folder, the recipe and its data."""
     port = str(free_port())
     for env in envs:
         env.update(BERTSCALE_RUN_DIR=str(run), BERTSCALE_RECIPE="tiny_ci",
-                   BERTSCALE_ARGS=f"--set data.manifest={json.dumps(str(manifest))} {train}",
+                   BERTSCALE_ARGS=f"--set data.manifest={json.dumps(str(manifest))} {TRAIN}",
                    PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=port, GLOO_SOCKET_IFNAME="lo")
         if "MASTER_ADDR" in env:
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
@@ -651,7 +652,7 @@ def test_bad_input_fails_the_job_instead_of_retrying_it(kind, tmp_path):
     doc = shrink(kind, load_kind(kind))
     envs, argv, grace = pods_of(kind, doc)
     run = tmp_path / "run"
-    here(envs, run, tmp_path / "missing" / "manifest.json")
+    on_this_machine(envs, run, tmp_path / "missing" / "manifest.json")
     pods = Pods(argv, envs, tmp_path, "bad")
     try:
         codes = pods.wait(120)
