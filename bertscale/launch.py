@@ -115,11 +115,12 @@ def exit_code(rc: int, record: Path, preempted_exit: int = distributed.PREEMPTED
 
 def agent(argv: list[str]) -> int:
     """torchrun with these arguments (this module's `__main__`, in `run`'s child process). A
-    failed worker, or a signal that stopped them, ends it with one line, not torchrun's
-    traceback; the exit code is the first failed worker's when it is one of KEPT_EXIT_CODES,
+    failed worker, a signal that stopped them, or a rendezvous that failed (the node holding
+    its store gone first) ends it with one line, not torchrun's traceback; the exit code is the first failed worker's when it is one of KEPT_EXIT_CODES,
     else torchrun's 1."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun
 
@@ -129,6 +130,12 @@ def agent(argv: list[str]) -> int:
         print(f"bertscale launch: torchrun stopped this node's workers on {e.sigval.name}",
               file=sys.stderr, flush=True)
         return 1  # torchrun's code; `exit_code` makes it 75 when a worker committed and recorded
+    except RendezvousError as e:  # e.g. the node hosting the rendezvous store went away first
+        said = str(e.__cause__).strip().splitlines() if e.__cause__ else []
+        cause = f" ({type(e.__cause__).__name__}: {said[0]})" if said else ""
+        print(f"bertscale launch: torchrun's rendezvous failed: {e}{cause}".replace("\n", " "),
+              file=sys.stderr, flush=True)
+        return 1  # torchrun's code, as above
     except ChildFailedError as e:
         rank, first = e.get_first_failure()
         if first.exitcode == distributed.PREEMPTED_EXIT_CODE:
